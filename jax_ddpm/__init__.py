@@ -1,0 +1,1 @@
+"""jax_ddpm: denoising diffusion models (DDPM, DDIM) in JAX and Flax NNX."""
