@@ -1,0 +1,94 @@
+"""Every config key with its default; the per-setup configs override a few of them.
+
+Keys (override any on the command line: --config.training.batch_size=64):
+  seed                     base PRNG seed; data order, noise and dropout derive from it and the step
+  data.source              mnist_embedded | idx | folder | tfds | fake  (see input_pipeline.py)
+  data.tfds_name, .split, .data_dir   TFDS dataset, split and local data directory (source=tfds)
+  data.path                directory of IDX files or images (source=idx or folder)
+  data.image_size, .channels  shape the source must yield (H = W = image_size)
+  data.random_flip         random horizontal flips (DDPM Sec. 4 for CIFAR-10)
+  diffusion.schedule       linear | quadratic | cosine | sigmoid
+  diffusion.num_timesteps  T
+  diffusion.beta_start, .beta_end   endpoints of the linear/quadratic/sigmoid schedules
+  diffusion.prediction     eps | x0 | v: what the network predicts (eps in the paper)
+  model.*                  jax_ddpm.models.unet.UNetConfig fields (image size and channels follow data)
+  optim.learning_rate, .warmup_steps   Adam step size, linearly warmed up from 0
+  optim.grad_clip_norm     clip the global gradient norm (DDPM: 1.0); 0 disables
+  optim.adam_b1, .adam_b2, .adam_eps
+  optim.ema_decay          decay of the parameter EMA used for sampling (DDPM: 0.9999)
+  optim.ema_warmup         use min(decay, (1 + step) / (10 + step)) so short runs sample well
+  training.batch_size      global batch over all devices and processes
+  training.num_train_steps
+  training.steps_per_dispatch   k train steps per compiled call (lax.scan), for small models
+  training.log_every_steps, .checkpoint_every_steps, .keep_checkpoints
+  training.sample_every_steps, .num_sample_images, .sample_ddim_steps   DDIM (eta 0) sample
+                           grids from the EMA params, written during training
+  sampling.sampler         ddim | ddpm, with .num_steps (ddim), .eta, .spacing, .variance (ddpm)
+  sampling.clip_denoised   clip predicted x_0 to [-1, 1] while sampling
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  config.data = data = ml_collections.ConfigDict()
+  data.source = "mnist_embedded"
+  data.tfds_name = ""
+  data.split = "train"
+  data.data_dir = ""
+  data.path = ""
+  data.image_size = 28
+  data.channels = 1
+  data.random_flip = False
+  data.fake_size = 1024
+
+  config.diffusion = diffusion = ml_collections.ConfigDict()
+  diffusion.schedule = "linear"
+  diffusion.num_timesteps = 1000
+  diffusion.beta_start = 1e-4
+  diffusion.beta_end = 0.02
+  diffusion.prediction = "eps"
+
+  config.model = model = ml_collections.ConfigDict()
+  model.ch = 32
+  model.ch_mult = (1, 2, 2)
+  model.num_res_blocks = 1
+  model.attn_resolutions = (7,)
+  model.dropout = 0.0
+  model.num_groups = 8
+  model.attention_head_dim = ml_collections.config_dict.placeholder(int)
+  model.num_classes = ml_collections.config_dict.placeholder(int)
+  model.compute_dtype = "float32"
+
+  config.optim = optim = ml_collections.ConfigDict()
+  optim.learning_rate = 2e-4
+  optim.warmup_steps = 5000
+  optim.grad_clip_norm = 1.0
+  optim.adam_b1 = 0.9
+  optim.adam_b2 = 0.999
+  optim.adam_eps = 1e-8
+  optim.ema_decay = 0.9999
+  optim.ema_warmup = True
+
+  config.training = training = ml_collections.ConfigDict()
+  training.batch_size = 128
+  training.num_train_steps = 800_000
+  training.steps_per_dispatch = 1
+  training.log_every_steps = 100
+  training.checkpoint_every_steps = 5000
+  training.keep_checkpoints = 3
+  training.sample_every_steps = 10_000
+  training.num_sample_images = 64
+  training.sample_ddim_steps = 50
+
+  config.sampling = sampling = ml_collections.ConfigDict()
+  sampling.sampler = "ddim"
+  sampling.num_steps = 50
+  sampling.eta = 0.0
+  sampling.spacing = "uniform"
+  sampling.variance = "fixed_large"
+  sampling.clip_denoised = True
+  return config

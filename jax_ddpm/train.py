@@ -1,0 +1,277 @@
+"""Training: the TrainState, the pure train step, and `train_and_evaluate(config, workdir)`.
+
+One train step (DDPM Algorithm 1): x_0 from the data, t ~ U{0..T-1}, eps ~ N(0, I), a gradient
+step on |eps - eps_theta(x_t, t)|^2 (eq. 14), then the EMA of the parameters. The step is
+one jitted function of (state, batch): the batch is sharded over the mesh's 'data' axis, the
+state replicated, and its random keys are the run's key folded with the step, so a resumed run
+repeats an uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import time
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+
+from jax_ddpm import checkpointing, config_checks, diffusion, input_pipeline, parallel, sampling
+from jax_ddpm.models.unet import UNet
+from jax_ddpm.schedules import DiffusionSchedule, get_schedule
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything needed to continue a run exactly."""
+  step: jax.Array  # int32 scalar: steps taken
+  params: nnx.State
+  ema_params: nnx.State
+  opt_state: optax.OptState
+  rng: jax.Array  # uint32 key data of the run's base key; per-step keys fold in the step
+
+
+def schedule_from_config(config) -> DiffusionSchedule:
+  d = config.diffusion
+  return get_schedule(d.schedule, d.num_timesteps, beta_start=d.beta_start, beta_end=d.beta_end)
+
+
+def learning_rate_schedule(optim_config) -> optax.Schedule:
+  """Linear warm-up from 0 to the learning rate, then constant (DDPM Appendix B)."""
+  if optim_config.warmup_steps == 0:
+    return optax.constant_schedule(optim_config.learning_rate)
+  return optax.linear_schedule(0.0, optim_config.learning_rate, optim_config.warmup_steps)
+
+
+def create_optimizer(optim_config) -> optax.GradientTransformation:
+  """Adam with global-norm gradient clipping."""
+  adam = optax.adam(learning_rate_schedule(optim_config), b1=optim_config.adam_b1,
+                    b2=optim_config.adam_b2, eps=optim_config.adam_eps)
+  if optim_config.grad_clip_norm > 0:
+    return optax.chain(optax.clip_by_global_norm(optim_config.grad_clip_norm), adam)
+  return adam
+
+
+def ema_decay_at(step: jax.Array, optim_config) -> jax.Array:
+  """The EMA decay at `step`; with warm-up min(decay, (1 + step)/(10 + step))."""
+  decay = jnp.asarray(optim_config.ema_decay, jnp.float32)
+  if optim_config.ema_warmup:
+    step = step.astype(jnp.float32)
+    decay = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+  return decay
+
+
+def run_metadata(config) -> dict:
+  """The JSON saved beside each checkpoint: architecture, diffusion process and whole config."""
+  model = dataclasses.asdict(config_checks.unet_config(config))
+  for runtime_choice in ("dropout", "compute_dtype"):
+    model.pop(runtime_choice)
+  return {"model": model, "diffusion": config.diffusion.to_dict(),
+          "config": config.to_dict()}
+
+
+def create_model(config, seed: int) -> UNet:
+  return UNet(config_checks.unet_config(config), rngs=nnx.Rngs(params=seed))
+
+
+def create_train_state(config, mesh: jax.sharding.Mesh, optimizer: optax.GradientTransformation):
+  """(train-mode graphdef, eval-mode graphdef, TrainState replicated over the mesh)."""
+  abstract = nnx.eval_shape(lambda: create_model(config, config.seed))
+  abstract.train()
+  train_graphdef = nnx.graphdef(abstract)
+  abstract.eval()
+  eval_graphdef = nnx.graphdef(abstract)
+
+  @functools.partial(jax.jit, out_shardings=parallel.replicated(mesh))
+  def init():
+    params = nnx.state(create_model(config, config.seed), nnx.Param)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+                      opt_state=optimizer.init(params),
+                      rng=jax.random.key_data(jax.random.key(config.seed)))
+
+  return train_graphdef, eval_graphdef, init()
+
+
+def train_step(state: TrainState, x0: jax.Array, *, graphdef: nnx.GraphDef,
+               schedule: DiffusionSchedule, optimizer: optax.GradientTransformation,
+               config) -> tuple[TrainState, dict]:
+  """One step of DDPM Algorithm 1 plus the EMA update; returns (new state, metrics)."""
+  key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  t_key, eps_key, dropout_key = jax.random.split(key, 3)
+  batch = x0.shape[0]
+  t = diffusion.sample_timesteps(t_key, batch, schedule.num_timesteps)
+  eps = jax.random.normal(eps_key, x0.shape, jnp.float32)
+
+  def loss_fn(params):
+    model = nnx.merge(graphdef, params)
+    rngs = nnx.Rngs(dropout=dropout_key)
+    losses = diffusion.training_losses(schedule, lambda x_t, t: model(x_t, t, rngs=rngs), x0, t,
+                                       eps, config.diffusion.prediction)
+    return jnp.mean(losses)
+
+  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  decay = ema_decay_at(state.step, config.optim)
+  ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+  metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+             "learning_rate": learning_rate_schedule(config.optim)(state.step)}
+  new_state = state.replace(step=state.step + 1, params=params, ema_params=ema_params,
+                            opt_state=opt_state)
+  return new_state, metrics
+
+
+def make_train_fn(graphdef, schedule, optimizer, config, mesh) -> Callable:
+  """jit(state, batch) -> (state, metrics), k = steps_per_dispatch steps per call.
+
+  For k > 1 the batch is [k, B, H, W, C] and the steps run in one lax.scan; metrics are [k].
+  The incoming state's buffers are donated.
+  """
+  step = functools.partial(train_step, graphdef=graphdef, schedule=schedule,
+                           optimizer=optimizer, config=config)
+  k = config.training.steps_per_dispatch
+
+  def train_fn(state, batch):
+    if k == 1:
+      return step(state, batch)
+    return jax.lax.scan(step, state, batch)
+
+  replicated = parallel.replicated(mesh)
+  return jax.jit(train_fn, donate_argnums=(0,),
+                 in_shardings=(replicated, parallel.batch_sharding(mesh, int(k > 1))),
+                 out_shardings=(replicated, replicated))
+
+
+def write_sample_grid(sample_fn, state: TrainState, config, workdir: str, writer, step: int):
+  """DDIM samples from the EMA params: an image summary and samples/train_step_<step>.png."""
+  rng = jax.random.fold_in(jax.random.key(config.seed + 1), step)
+  images = sample_fn(state.ema_params, rng)
+  images = sampling.to_uint8(jax.device_get(images))[:config.training.num_sample_images]
+  grid = sampling.image_grid(images)
+  writer.write_images(step, {"samples": grid[None]})
+  if jax.process_index() == 0:
+    sampling.save_png(os.path.join(workdir, "samples", f"train_step_{step:08d}.png"), grid)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+  """Trains (or resumes training) a model as `config` says, writing everything under workdir."""
+  from clu import metric_writers, periodic_actions  # pylint: disable=g-import-not-at-top
+
+  mesh = parallel.data_mesh()
+  config_checks.validate_training(config, mesh.size, jax.process_count())
+  source = input_pipeline.create_source(config.data)
+  input_pipeline.check_source_shape(source, config.data)
+
+  meta = run_metadata(config)
+  checkpointer = checkpointing.Checkpointer(workdir, keep=config.training.keep_checkpoints)
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    checkpointer.check_compatible(latest, meta)
+
+  schedule = schedule_from_config(config)
+  optimizer = create_optimizer(config.optim)
+  train_graphdef, eval_graphdef, state = create_train_state(config, mesh, optimizer)
+  if latest is not None:
+    state = checkpointer.restore(latest, state)
+    logging.info("Resumed from the checkpoint of step %d in %s.", latest, checkpointer.directory)
+  start_step = int(state.step)
+  training = config.training
+  k = training.steps_per_dispatch
+
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  if start_step == 0:
+    writer.write_hparams(_flatten(config.to_dict()))
+  train_fn = make_train_fn(train_graphdef, schedule, optimizer, config, mesh)
+  num_images = sampling.padded_count(training.num_sample_images, mesh)
+  shape = (num_images, config.data.image_size, config.data.image_size, config.data.channels)
+  sample_fn = sampling.make_sample_fn(
+      eval_graphdef, schedule, shape, mesh, sampler="ddim", num_steps=training.sample_ddim_steps,
+      eta=0.0, prediction=config.diffusion.prediction,
+      clip_denoised=config.sampling.clip_denoised)
+  report_progress = periodic_actions.ReportProgress(
+      num_train_steps=training.num_train_steps, writer=writer,
+      every_steps=training.log_every_steps)
+
+  batches = input_pipeline.BatchIterator(
+      source, first_step=start_step, global_batch=training.batch_size, seed=config.seed,
+      random_flip=config.data.random_flip, sharding=parallel.batch_sharding(mesh, int(k > 1)),
+      steps_per_dispatch=k)
+  pending_metrics = []
+  step = start_step
+  wait_time = 0.0
+  try:
+    while step < training.num_train_steps:
+      waited = time.perf_counter()
+      batch = next(batches)
+      wait_time += time.perf_counter() - waited
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        state, metrics = train_fn(state, batch)
+      step += k
+      pending_metrics.append(metrics)
+      report_progress(step)
+      if step % training.log_every_steps == 0 or step == training.num_train_steps:
+        scalars = _mean_metrics(pending_metrics)
+        scalars["data_wait_seconds"] = wait_time  # time the step loop waited on the input
+        writer.write_scalars(step, scalars)
+        pending_metrics, wait_time = [], 0.0
+      if step % training.checkpoint_every_steps == 0 or step == training.num_train_steps:
+        checkpointer.save(step, state, meta)
+      if step % training.sample_every_steps == 0 or step == training.num_train_steps:
+        with report_progress.timed("sample"):
+          write_sample_grid(sample_fn, state, config, workdir, writer, step)
+  finally:
+    batches.close()
+    checkpointer.wait_until_finished()
+    writer.flush()
+  return state
+
+
+def _mean_metrics(metrics: list[dict]) -> dict[str, float]:
+  host = jax.device_get(metrics)
+  return {name: float(np.mean([np.mean(m[name]) for m in host])) for name in host[0]}
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+  flat = {}
+  for key, value in tree.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, dict):
+      flat.update(_flatten(value, name + "."))
+    else:
+      flat[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
+  return flat
+
+
+def import_diffusers_checkpoint(config: ml_collections.ConfigDict, workdir: str,
+                                diffusers_dir: str) -> int:
+  """Writes a diffusers UNet2DModel folder's weights as the step-0 checkpoint of `workdir`.
+
+  Params and EMA params both take the imported weights, so sampling and fine-tuning start from
+  them. Refuses a workdir that already holds checkpoints. Returns the step written (0).
+  """
+  from jax_ddpm import convert  # pylint: disable=g-import-not-at-top
+
+  config_checks.validate_model_and_diffusion(config)
+  _, params = convert.load_diffusers_unet(diffusers_dir, config_checks.unet_config(config))
+  existing = os.path.join(workdir, "checkpoints")
+  if os.path.isdir(existing) and os.listdir(existing):
+    raise FileExistsError(f"{existing} already holds checkpoints; import into an empty "
+                          "--workdir. Nothing was written.")
+  mesh = parallel.data_mesh()
+  optimizer = create_optimizer(config.optim)
+  _, _, state = create_train_state(config, mesh, optimizer)
+  params = jax.device_put(params, parallel.replicated(mesh))
+  state = state.replace(params=params, ema_params=params,
+                        opt_state=jax.jit(optimizer.init)(params))
+  checkpointer = checkpointing.Checkpointer(workdir, keep=config.training.keep_checkpoints)
+  checkpointer.save(0, state, run_metadata(config))
+  checkpointer.wait_until_finished()
+  return 0

@@ -1,0 +1,60 @@
+"""jax_ddpm's command line: parses flags and hands the config to the library.
+
+  python main.py --config=configs/mnist.py --workdir=runs/mnist            # train (or resume)
+  python main.py --mode=import --config=configs/cifar10.py --import_from=DIR --workdir=runs/x
+"""
+
+import os
+
+# On a CPU-only host XLA runs one device on all cores and uses the second core poorly; one CPU
+# device per core (up to 8, a power of two so batches divide) runs the same mesh code faster.
+# The flag only shapes the CPU backend: on GPU and TPU hosts jax.devices() is unaffected.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  _cores = min(os.cpu_count() or 1, 8)
+  _devices = 1 << (_cores.bit_length() - 1)
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + f" --xla_force_host_platform_device_count={_devices}").strip()
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
+import jax  # pylint: disable=g-import-not-at-top
+from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+MODES = ("train", "import")
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mnist.py.",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, summaries and samples.")
+flags.DEFINE_enum("mode", "train", MODES, "What to do.")
+flags.DEFINE_string("import_from", None, "--mode=import: a diffusers UNet2DModel folder.")
+flags.DEFINE_bool("distributed", False,
+                  "Call jax.distributed.initialize() (multi-host TPU/GPU; coordinator from the "
+                  "environment, or from the three flags below).")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (with --distributed).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (with --distributed).")
+flags.DEFINE_integer("process_id", None, "This process's index (with --distributed).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if FLAGS.distributed:
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+  logging.info("JAX process %d of %d; devices: %s", jax.process_index(), jax.process_count(),
+               jax.devices())
+  from jax_ddpm import train  # pylint: disable=g-import-not-at-top
+  if FLAGS.mode == "train":
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  elif FLAGS.mode == "import":
+    if not FLAGS.import_from:
+      raise app.UsageError("--mode=import needs --import_from=<diffusers UNet2DModel folder>.")
+    step = train.import_diffusers_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.import_from)
+    logging.info("Imported %s as the checkpoint of step %d in %s.", FLAGS.import_from, step,
+                 FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,146 @@
+"""Data sources, the deterministic batch order, and per-process slices of the global batch."""
+
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import tiny
+from jax_ddpm import input_pipeline, parallel
+
+FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+
+
+def test_each_epoch_visits_every_example_once_in_a_seeded_order():
+  n, batch = 40, 8
+  first_epoch = np.concatenate([input_pipeline.global_indices(s, batch, n, seed=3)
+                                for s in range(5)])
+  second_epoch = np.concatenate([input_pipeline.global_indices(s, batch, n, seed=3)
+                                 for s in range(5, 10)])
+  assert sorted(first_epoch) == list(range(n)) and sorted(second_epoch) == list(range(n))
+  assert not np.array_equal(first_epoch, second_epoch)
+  np.testing.assert_array_equal(input_pipeline.global_indices(7, batch, n, seed=3),
+                                input_pipeline.global_indices(7, batch, n, seed=3))
+  assert not np.array_equal(input_pipeline.global_indices(0, batch, n, seed=3),
+                            input_pipeline.global_indices(0, batch, n, seed=4))
+
+
+def test_batches_straddling_an_epoch_boundary_stay_deterministic():
+  indices = input_pipeline.global_indices(step=4, global_batch=12, num_examples=50, seed=0)
+  assert len(indices) == 12 and len(set(indices[:2])) == 2  # positions 48, 49 end epoch 0
+
+
+def test_process_slices_assemble_the_global_batch():
+  source = input_pipeline.ArraySource(input_pipeline.fake_images(30, 4, 1, seed=0))
+  whole = input_pipeline.local_batch(source, 3, 8, 0, True, process_index=0, process_count=1)
+  parts = [input_pipeline.local_batch(source, 3, 8, 0, True, process_index=p, process_count=4)
+           for p in range(4)]
+  np.testing.assert_array_equal(np.concatenate(parts), whole)
+  assert whole.dtype == np.float32 and whole.min() >= -1 and whole.max() <= 1
+
+
+def test_random_flip_mirrors_exactly_the_chosen_images():
+  images = input_pipeline.fake_images(16, 4, 1, seed=1)
+  source = input_pipeline.ArraySource(images)
+  flipped = input_pipeline.local_batch(source, 0, 16, 0, True, 0, 1)
+  plain = input_pipeline.local_batch(source, 0, 16, 0, False, 0, 1)
+  flips = input_pipeline.global_flips(0, 16, 0)
+  assert 0 < flips.sum() < 16
+  np.testing.assert_array_equal(flipped[flips], plain[flips][:, :, ::-1])
+  np.testing.assert_array_equal(flipped[~flips], plain[~flips])
+
+
+def test_embedded_mnist_holds_the_5000_real_digits():
+  images = input_pipeline.read_embedded_mnist()
+  assert images.shape == (5000, 28, 28, 1) and images.dtype == np.uint8
+  # Real digits: dark background, bright strokes covering roughly a fifth of the pixels.
+  assert images[:, 0, :, 0].max() == 0 and images.max() == 255
+  assert 0.1 < (images > 128).mean() < 0.3
+
+
+def test_batch_iterator_yields_sharded_global_batches_from_the_given_step():
+  mesh = parallel.data_mesh()
+  source = input_pipeline.ArraySource(input_pipeline.fake_images(20, 4, 1, seed=0))
+  for k in (1, 3):
+    iterator = input_pipeline.BatchIterator(
+        source, first_step=5, global_batch=8, seed=0, random_flip=False,
+        sharding=parallel.batch_sharding(mesh, int(k > 1)), steps_per_dispatch=k)
+    batch = next(iterator)
+    iterator.close()
+    expected = input_pipeline.local_batch(source, 5, 8, 0, False, 0, 1)
+    first = batch if k == 1 else batch[0]
+    np.testing.assert_array_equal(np.asarray(first), expected)
+    assert batch.shape == ((8, 4, 4, 1) if k == 1 else (3, 8, 4, 4, 1))
+    assert batch.sharding.spec == parallel.batch_sharding(mesh, int(k > 1)).spec
+
+
+def test_iterator_surfaces_errors_from_its_thread():
+  class Broken:
+    def __len__(self):
+      return 4
+
+    def read(self, indices):
+      raise OSError("disk gone")
+
+  iterator = input_pipeline.BatchIterator(
+      Broken(), first_step=0, global_batch=8, seed=0, random_flip=False,
+      sharding=parallel.batch_sharding(parallel.data_mesh()))
+  with pytest.raises(OSError, match="disk gone"):
+    next(iterator)
+  iterator.close()
+
+
+def test_image_folder_source_crops_resizes_and_checks_shape(tmp_path):
+  from PIL import Image
+  rng = np.random.default_rng(0)
+  for i, size in enumerate([(40, 30), (20, 20)]):
+    Image.fromarray(rng.integers(0, 255, size + (3,), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+  config = tiny.get_config().data
+  config.source, config.path, config.channels, config.image_size = "folder", str(tmp_path), 3, 16
+  source = input_pipeline.create_source(config)
+  assert source.read(np.arange(2)).shape == (2, 16, 16, 3)
+  input_pipeline.check_source_shape(source, config)
+  config.image_size = 8
+  with pytest.raises(ValueError, match=r"yields images of shape \(16, 16, 3\).*data.image_size=8"):
+    input_pipeline.check_source_shape(source, config)
+
+
+@pytest.mark.parametrize("name, shape", [("mnist", (28, 28, 1)), ("cifar10", (32, 32, 3))])
+def test_tfds_source_reads_by_index(name, shape):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  config = ml_collections.ConfigDict(dict(source="tfds", tfds_name=name, split="train",
+                                          data_dir="", image_size=shape[0], channels=shape[2]))
+  with tfds.testing.mock_data(num_examples=12):
+    source = input_pipeline.create_source(config)
+    input_pipeline.check_source_shape(source, config)
+    batch = input_pipeline.local_batch(source, 0, 8, 0, True, 0, 1)
+  assert len(source) == 12 and batch.shape == (8,) + shape
+
+
+def test_idx_source_reads_real_fashion_mnist():
+  if not os.path.isdir(FASHION_MNIST):
+    pytest.skip(f"{FASHION_MNIST} absent: apt-get install dataset-fashion-mnist (CI installs it)")
+  config = ml_collections.ConfigDict(dict(source="idx", path=FASHION_MNIST, split="test",
+                                          image_size=28, channels=1))
+  source = input_pipeline.create_source(config)
+  assert len(source) == 10_000
+  images = source.read(np.arange(100))
+  assert images.dtype == np.uint8 and images.shape == (100, 28, 28, 1)
+  assert 50 < images.mean() < 100  # clothing on black, not noise (~127) or blank
+
+
+def test_idx_reader_rejects_a_truncated_file(tmp_path):
+  header = b"\x00\x00\x08\x03" + (3).to_bytes(4, "big") + (2).to_bytes(4, "big") * 2
+  path = tmp_path / "train-images-idx3-ubyte"
+  path.write_bytes(header + bytes(5))
+  with pytest.raises(ValueError, match="header says 3 images of 2x2, but the file holds 5"):
+    input_pipeline.read_idx_images(str(path))
+
+
+def test_unknown_source_names_the_allowed_values():
+  config = tiny.get_config().data
+  config.source = "imagenet"
+  with pytest.raises(ValueError, match=r"Unknown data.source 'imagenet'.*mnist_embedded"):
+    input_pipeline.create_source(config)

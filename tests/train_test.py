@@ -1,0 +1,173 @@
+"""Training end to end: data-parallel equivalence, exact resume after SIGKILL, summaries, errors."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import cifar10, tiny
+from jax_ddpm import checkpointing, input_pipeline, parallel, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_steps(config, mesh, num_steps):
+  """Losses and final state of `num_steps` train steps on `mesh`, fed the pipeline's batches."""
+  optimizer = train.create_optimizer(config.optim)
+  graphdef, _, state = train.create_train_state(config, mesh, optimizer)
+  train_fn = train.make_train_fn(graphdef, train.schedule_from_config(config), optimizer, config,
+                                 mesh)
+  source = input_pipeline.create_source(config.data)
+  losses = []
+  for step in range(num_steps):
+    batch = input_pipeline.local_batch(source, step, config.training.batch_size, config.seed,
+                                       config.data.random_flip, 0, 1)
+    state, metrics = train_fn(state, jax.device_put(batch, parallel.batch_sharding(mesh)))
+    losses.append(float(metrics["loss"]))
+  return losses, jax.device_get(state)
+
+
+def test_one_device_and_eight_devices_train_identically():
+  config = tiny.get_config()
+  losses_1, state_1 = run_steps(config, parallel.data_mesh(jax.devices()[:1]), 3)
+  losses_8, state_8 = run_steps(config, parallel.data_mesh(), 3)
+  np.testing.assert_allclose(losses_8, losses_1, atol=1e-5, rtol=0)
+  assert losses_1[0] != losses_1[-1]  # the parameters did move
+  for a, b in zip(jax.tree.leaves(state_1.params), jax.tree.leaves(state_8.params)):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+
+def test_cifar10_config_takes_one_step_with_the_35m_model():
+  config = cifar10.get_config()
+  config.data.source = "fake"
+  config.data.fake_size = 16
+  config.training.batch_size = 8
+  losses, state = run_steps(config, parallel.data_mesh(), 1)
+  assert int(state.step) == 1 and np.isfinite(losses[0])
+  assert sum(x.size for x in jax.tree.leaves(state.params)) == 35_746_307
+
+
+def main_command(workdir, *overrides):
+  return [sys.executable, os.path.join(ROOT, "main.py"), "--config=" + os.path.join(
+      ROOT, "configs", "tiny.py"), f"--workdir={workdir}", *overrides]
+
+
+def saved_state(workdir, step):
+  return ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step),
+                                                         "state"))
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+  """The tiny config run to the end in one go, through the command line."""
+  workdir = str(tmp_path_factory.mktemp("straight"))
+  subprocess.run(main_command(workdir), check=True, cwd=ROOT, capture_output=True)
+  return workdir
+
+
+def test_resume_after_sigkill_reproduces_an_uninterrupted_run(straight_run, tmp_path):
+  workdir = str(tmp_path)
+  # Sampling at step 3 compiles for seconds right after checkpoint 3 is started: kill there.
+  command = main_command(workdir, "--config.training.sample_every_steps=3")
+  process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+  finished = os.path.join(workdir, "checkpoints", "3", "commit_success.txt")
+  deadline = time.time() + 240
+  while not os.path.exists(finished) and process.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  assert not os.path.isdir(os.path.join(workdir, "checkpoints", "6")), "killed too late"
+  subprocess.run(command, check=True, cwd=ROOT, capture_output=True)
+  resumed, straight = saved_state(workdir, 6), saved_state(straight_run, 6)
+  assert int(resumed["step"]) == 6
+  for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight)):
+    np.testing.assert_array_equal(a, b)  # bitwise: same data, keys and program
+
+
+def test_workdir_holds_summaries_checkpoints_and_sample_pngs(straight_run):
+  from tensorboard.backend.event_processing import event_accumulator
+  accumulator = event_accumulator.EventAccumulator(straight_run, size_guidance={"tensors": 0})
+  accumulator.Reload()
+  tags = accumulator.Tags()["tensors"]
+  for tag in ("loss", "grad_norm", "learning_rate", "steps_per_sec", "samples"):
+    assert tag in tags, (tag, tags)
+  losses = accumulator.Tensors("loss")
+  assert [event.step for event in losses] == [2, 4, 6]
+  image_event = accumulator.Tensors("samples")[0]
+  assert image_event.step == 6
+  assert sorted(int(s) for s in os.listdir(os.path.join(straight_run, "checkpoints"))) == [3, 6]
+  png = os.path.join(straight_run, "samples", "train_step_00000006.png")
+  from PIL import Image
+  with Image.open(png) as image:
+    assert image.size == (38, 38)  # 2 x 2 grid of 16 x 16 with 2-pixel padding
+
+
+def test_a_workdir_of_another_model_is_refused_and_left_untouched(straight_run, tmp_path):
+  workdir = str(tmp_path / "copy")
+  shutil.copytree(straight_run, workdir)
+  before = {path: os.path.getmtime(os.path.join(root, path))
+            for root, _, names in os.walk(workdir) for path in names}
+  config = tiny.get_config()
+  config.model.ch = 32
+  config.training.num_train_steps = 12
+  with pytest.raises(checkpointing.IncompatibleCheckpointError,
+                     match=r"latest step 6\) of a different model:\n  model.ch: config 32 vs "
+                           r"checkpoint 16"):
+    train.train_and_evaluate(config, workdir)
+  after = {path: os.path.getmtime(os.path.join(root, path))
+           for root, _, names in os.walk(workdir) for path in names}
+  assert before == after
+
+
+@pytest.mark.parametrize("change, message", [
+    (("training", "batch_size", 12), r"batch_size=12 \(the global batch\) must be divisible by "
+                                     r"the number of devices, 8"),
+    (("data", "image_size", 15), r"image_size=15 must be divisible by 2\^\(levels-1\) = 2"),
+    (("data", "source", "imagenet"), r"Unknown data.source 'imagenet'; allowed values"),
+    (("diffusion", "schedule", "cosin"), r"Unknown diffusion.schedule 'cosin'"),
+    (("training", "steps_per_dispatch", 4), r"num_train_steps=6 must be a multiple of "
+                                            r"training.steps_per_dispatch=4"),
+])
+def test_bad_config_fails_before_anything_is_written(tmp_path, change, message):
+  config = tiny.get_config()
+  section, key, value = change
+  config[section][key] = value
+  started = time.time()
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run")
+  assert time.time() - started < 5  # no compile happened
+
+
+def test_unknown_config_key_on_the_command_line_is_named(tmp_path):
+  result = subprocess.run(main_command(str(tmp_path), "--config.training.bogus_key=1"), cwd=ROOT,
+                          capture_output=True, text=True)
+  assert result.returncode != 0 and "bogus_key" in result.stderr
+  assert not os.listdir(tmp_path)
+
+
+def test_steps_per_dispatch_scan_matches_single_steps():
+  config = tiny.get_config()
+  config.training.num_train_steps = 2
+  mesh = parallel.data_mesh()
+  _, single = run_steps(config, mesh, 2)
+  config.training.steps_per_dispatch = 2
+  optimizer = train.create_optimizer(config.optim)
+  graphdef, _, state = train.create_train_state(config, mesh, optimizer)
+  train_fn = train.make_train_fn(graphdef, train.schedule_from_config(config), optimizer, config,
+                                 mesh)
+  source = input_pipeline.create_source(config.data)
+  batches = np.stack([input_pipeline.local_batch(source, s, 8, config.seed, True, 0, 1)
+                      for s in range(2)])
+  state, metrics = train_fn(state, jax.device_put(batches, parallel.batch_sharding(mesh, 1)))
+  assert metrics["loss"].shape == (2,) and int(state.step) == 2
+  for a, b in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(single.params)):
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
