@@ -1,6 +1,7 @@
 """jax_ddpm's command line: parses flags and hands the config to the library.
 
   python main.py --config=configs/mnist.py --workdir=runs/mnist            # train (or resume)
+  python main.py --mode=sample --config=configs/mnist.py --workdir=runs/mnist
   python main.py --mode=import --config=configs/cifar10.py --import_from=DIR --workdir=runs/x
 """
 
@@ -20,7 +21,7 @@ from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
 import jax  # pylint: disable=g-import-not-at-top
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
-MODES = ("train", "import")
+MODES = ("train", "sample", "visualize", "import")
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mnist.py.",
@@ -28,6 +29,7 @@ config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mnist
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, summaries and samples.")
 flags.DEFINE_enum("mode", "train", MODES, "What to do.")
 flags.DEFINE_string("import_from", None, "--mode=import: a diffusers UNet2DModel folder.")
+flags.DEFINE_integer("step", None, "--mode=sample/visualize: the checkpoint step (default: the latest).")
 flags.DEFINE_bool("distributed", False,
                   "Call jax.distributed.initialize() (multi-host TPU/GPU; coordinator from the "
                   "environment, or from the three flags below).")
@@ -37,21 +39,35 @@ flags.DEFINE_integer("process_id", None, "This process's index (with --distribut
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _QuietLibraries:
+  """Drops INFO lines from orbax (dozens per checkpoint); its warnings and errors still show."""
+
+  def filter(self, record):
+    return record.levelno > 20 or "/orbax/" not in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   if FLAGS.distributed:
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                                num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
   logging.info("JAX process %d of %d; devices: %s", jax.process_index(), jax.process_count(),
                jax.devices())
-  from jax_ddpm import train  # pylint: disable=g-import-not-at-top
+  from jax_ddpm import sampling, state, train  # pylint: disable=g-import-not-at-top
   if FLAGS.mode == "train":
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  elif FLAGS.mode == "sample":
+    sampling.sample_to_workdir(FLAGS.config, FLAGS.workdir, FLAGS.step)
+  elif FLAGS.mode == "visualize":
+    from jax_ddpm import visualize  # pylint: disable=g-import-not-at-top
+    for path in visualize.visualize(FLAGS.config, FLAGS.workdir, FLAGS.step):
+      logging.info("Wrote %s", path)
   elif FLAGS.mode == "import":
     if not FLAGS.import_from:
       raise app.UsageError("--mode=import needs --import_from=<diffusers UNet2DModel folder>.")
-    step = train.import_diffusers_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.import_from)
+    step = state.import_diffusers_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.import_from)
     logging.info("Imported %s as the checkpoint of step %d in %s.", FLAGS.import_from, step,
                  FLAGS.workdir)
 

@@ -25,6 +25,8 @@ Keys (override any on the command line: --config.training.batch_size=64):
                            grids from the EMA params, written during training
   sampling.sampler         ddim | ddpm, with .num_steps (ddim), .eta, .spacing, .variance (ddpm)
   sampling.clip_denoised   clip predicted x_0 to [-1, 1] while sampling
+  sampling.use_ema, .num_samples, .batch_size, .seed   --mode=sample: which weights, how many
+                           images, the global batch per compiled call, and the noise seed
 """
 
 import ml_collections
@@ -91,4 +93,8 @@ def get_config() -> ml_collections.ConfigDict:
   sampling.spacing = "uniform"
   sampling.variance = "fixed_large"
   sampling.clip_denoised = True
+  sampling.use_ema = True
+  sampling.num_samples = 64
+  sampling.batch_size = 64
+  sampling.seed = 0
   return config

@@ -18,13 +18,16 @@ class IncompatibleCheckpointError(ValueError):
 
 
 class Checkpointer:
-  """A CheckpointManager under `<workdir>/checkpoints` keeping the newest `keep` steps."""
+  """A CheckpointManager under `<workdir>/checkpoints` keeping the newest `keep` steps.
 
-  def __init__(self, workdir: str, keep: int = 3):
+  With create=False (readers) the directory must exist and nothing is created.
+  """
+
+  def __init__(self, workdir: str, keep: int = 3, create: bool = True):
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
     self._manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
                                              enable_async_checkpointing=True))
 
   def latest_step(self) -> Optional[int]:

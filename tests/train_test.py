@@ -13,25 +13,25 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import cifar10, tiny
-from jax_ddpm import checkpointing, input_pipeline, parallel, train
+from jax_ddpm import checkpointing, input_pipeline, parallel, state, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_steps(config, mesh, num_steps):
   """Losses and final state of `num_steps` train steps on `mesh`, fed the pipeline's batches."""
-  optimizer = train.create_optimizer(config.optim)
-  graphdef, _, state = train.create_train_state(config, mesh, optimizer)
-  train_fn = train.make_train_fn(graphdef, train.schedule_from_config(config), optimizer, config,
+  optimizer = state.create_optimizer(config.optim)
+  graphdef, _, current = state.create_train_state(config, mesh, optimizer)
+  train_fn = train.make_train_fn(graphdef, state.schedule_from_config(config), optimizer, config,
                                  mesh)
   source = input_pipeline.create_source(config.data)
   losses = []
   for step in range(num_steps):
     batch = input_pipeline.local_batch(source, step, config.training.batch_size, config.seed,
                                        config.data.random_flip, 0, 1)
-    state, metrics = train_fn(state, jax.device_put(batch, parallel.batch_sharding(mesh)))
+    current, metrics = train_fn(current, jax.device_put(batch, parallel.batch_sharding(mesh)))
     losses.append(float(metrics["loss"]))
-  return losses, jax.device_get(state)
+  return losses, jax.device_get(current)
 
 
 def test_one_device_and_eight_devices_train_identically():
@@ -49,9 +49,9 @@ def test_cifar10_config_takes_one_step_with_the_35m_model():
   config.data.source = "fake"
   config.data.fake_size = 16
   config.training.batch_size = 8
-  losses, state = run_steps(config, parallel.data_mesh(), 1)
-  assert int(state.step) == 1 and np.isfinite(losses[0])
-  assert sum(x.size for x in jax.tree.leaves(state.params)) == 35_746_307
+  losses, final = run_steps(config, parallel.data_mesh(), 1)
+  assert int(final.step) == 1 and np.isfinite(losses[0])
+  assert sum(x.size for x in jax.tree.leaves(final.params)) == 35_746_307
 
 
 def main_command(workdir, *overrides):
@@ -160,14 +160,14 @@ def test_steps_per_dispatch_scan_matches_single_steps():
   mesh = parallel.data_mesh()
   _, single = run_steps(config, mesh, 2)
   config.training.steps_per_dispatch = 2
-  optimizer = train.create_optimizer(config.optim)
-  graphdef, _, state = train.create_train_state(config, mesh, optimizer)
-  train_fn = train.make_train_fn(graphdef, train.schedule_from_config(config), optimizer, config,
+  optimizer = state.create_optimizer(config.optim)
+  graphdef, _, current = state.create_train_state(config, mesh, optimizer)
+  train_fn = train.make_train_fn(graphdef, state.schedule_from_config(config), optimizer, config,
                                  mesh)
   source = input_pipeline.create_source(config.data)
   batches = np.stack([input_pipeline.local_batch(source, s, 8, config.seed, True, 0, 1)
                       for s in range(2)])
-  state, metrics = train_fn(state, jax.device_put(batches, parallel.batch_sharding(mesh, 1)))
-  assert metrics["loss"].shape == (2,) and int(state.step) == 2
-  for a, b in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(single.params)):
+  current, metrics = train_fn(current, jax.device_put(batches, parallel.batch_sharding(mesh, 1)))
+  assert metrics["loss"].shape == (2,) and int(current.step) == 2
+  for a, b in zip(jax.tree.leaves(jax.device_get(current.params)), jax.tree.leaves(single.params)):
     np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)

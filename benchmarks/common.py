@@ -1,0 +1,43 @@
+"""Shared helpers of the benchmarks: timing by median of repeats, and naming the machine."""
+
+import os
+import platform
+import statistics
+import time
+
+
+def machine_description() -> str:
+  import jax  # pylint: disable=g-import-not-at-top
+  devices = jax.devices()
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          cpu = line.split(":", 1)[1].strip()
+          break
+  except OSError:
+    pass
+  return (f"{cpu}, {os.cpu_count()} cores; jax {jax.__version__} on {len(devices)} "
+          f"{devices[0].platform} device(s) ({devices[0].device_kind})")
+
+
+def time_call(fn, repeats: int = 5, warmup: int = 1) -> tuple[float, float, float]:
+  """(median, min, max) seconds of fn(), which must block until its result is ready."""
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times), min(times), max(times)
+
+
+def print_table(header: list[str], rows: list[list]) -> None:
+  widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
+  line = "| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |"
+  print(line)
+  print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+  for row in rows:
+    print("| " + " | ".join(str(x).ljust(w) for x, w in zip(row, widths)) + " |")

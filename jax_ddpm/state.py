@@ -1,0 +1,158 @@
+"""The TrainState: what a run consists of, how it is created, saved and read back.
+
+Shared by training (train.py), sampling (sampling.py) and weight import (main.py --mode=import).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+
+from jax_ddpm import checkpointing, config_checks, parallel
+from jax_ddpm.models.unet import UNet
+from jax_ddpm.schedules import DiffusionSchedule, get_schedule
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything needed to continue a run exactly."""
+  step: jax.Array  # int32 scalar: steps taken
+  params: nnx.State
+  ema_params: nnx.State
+  opt_state: optax.OptState
+  rng: jax.Array  # uint32 key data of the run's base key; per-step keys fold in the step
+
+
+def schedule_from_config(config) -> DiffusionSchedule:
+  d = config.diffusion
+  return get_schedule(d.schedule, d.num_timesteps, beta_start=d.beta_start, beta_end=d.beta_end)
+
+
+def learning_rate_schedule(optim_config) -> optax.Schedule:
+  """Linear warm-up from 0 to the learning rate, then constant (DDPM Appendix B)."""
+  if optim_config.warmup_steps == 0:
+    return optax.constant_schedule(optim_config.learning_rate)
+  return optax.linear_schedule(0.0, optim_config.learning_rate, optim_config.warmup_steps)
+
+
+def create_optimizer(optim_config) -> optax.GradientTransformation:
+  """Adam with global-norm gradient clipping."""
+  adam = optax.adam(learning_rate_schedule(optim_config), b1=optim_config.adam_b1,
+                    b2=optim_config.adam_b2, eps=optim_config.adam_eps)
+  if optim_config.grad_clip_norm > 0:
+    return optax.chain(optax.clip_by_global_norm(optim_config.grad_clip_norm), adam)
+  return adam
+
+
+def ema_decay_at(step: jax.Array, optim_config) -> jax.Array:
+  """The EMA decay at `step`; with warm-up min(decay, (1 + step)/(10 + step))."""
+  decay = jnp.asarray(optim_config.ema_decay, jnp.float32)
+  if optim_config.ema_warmup:
+    step = step.astype(jnp.float32)
+    decay = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+  return decay
+
+
+def run_metadata(config) -> dict:
+  """The JSON saved beside each checkpoint: architecture, diffusion process and whole config."""
+  model = dataclasses.asdict(config_checks.unet_config(config))
+  for runtime_choice in ("dropout", "compute_dtype"):
+    model.pop(runtime_choice)
+  return {"model": model, "diffusion": config.diffusion.to_dict(),
+          "config": config.to_dict()}
+
+
+def create_model(config, seed: int) -> UNet:
+  return UNet(config_checks.unet_config(config), rngs=nnx.Rngs(params=seed))
+
+
+def _graphdefs_and_init(config, mesh: jax.sharding.Mesh, optimizer: optax.GradientTransformation):
+  abstract = nnx.eval_shape(lambda: create_model(config, config.seed))
+  abstract.train()
+  train_graphdef = nnx.graphdef(abstract)
+  abstract.eval()
+  eval_graphdef = nnx.graphdef(abstract)
+
+  @functools.partial(jax.jit, out_shardings=parallel.replicated(mesh))
+  def init():
+    params = nnx.state(create_model(config, config.seed), nnx.Param)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+                      opt_state=optimizer.init(params),
+                      rng=jax.random.key_data(jax.random.key(config.seed)))
+
+  return train_graphdef, eval_graphdef, init
+
+
+def create_train_state(config, mesh: jax.sharding.Mesh, optimizer: optax.GradientTransformation):
+  """(train-mode graphdef, eval-mode graphdef, fresh TrainState replicated over the mesh)."""
+  train_graphdef, eval_graphdef, init = _graphdefs_and_init(config, mesh, optimizer)
+  return train_graphdef, eval_graphdef, init()
+
+
+def abstract_train_state(config, mesh: jax.sharding.Mesh, optimizer: optax.GradientTransformation):
+  """As create_train_state, but the state is shapes and shardings only: a restore target."""
+  train_graphdef, eval_graphdef, init = _graphdefs_and_init(config, mesh, optimizer)
+  replicated = parallel.replicated(mesh)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                          jax.eval_shape(init))
+  return train_graphdef, eval_graphdef, abstract
+
+
+def load_checkpoint(config, workdir: str, step: Optional[int] = None):
+  """(eval-mode graphdef, TrainState, step) of a workdir's checkpoint, latest unless `step`.
+
+  Fails, before anything is compiled or written, when the workdir has no checkpoint, lacks
+  `step`, or holds another model.
+  """
+  directory = os.path.join(workdir, "checkpoints")
+  checkpointer = (checkpointing.Checkpointer(workdir, create=False)
+                  if os.path.isdir(directory) else None)
+  steps = checkpointer.all_steps() if checkpointer else []
+  if not steps:
+    raise FileNotFoundError(f"No checkpoint in {os.path.abspath(directory)}: train first "
+                            "(--mode=train) or import weights (--mode=import).")
+  if step is None:
+    step = max(steps)
+  elif step not in steps:
+    raise ValueError(f"No checkpoint of step {step} in {directory}; available: {sorted(steps)}.")
+  checkpointer.check_compatible(step, run_metadata(config))
+  mesh = parallel.data_mesh()
+  _, eval_graphdef, abstract = abstract_train_state(config, mesh,
+                                                    create_optimizer(config.optim))
+  return eval_graphdef, checkpointer.restore(step, abstract), step
+
+
+def import_diffusers_checkpoint(config: ml_collections.ConfigDict, workdir: str,
+                                diffusers_dir: str) -> int:
+  """Writes a diffusers UNet2DModel folder's weights as the step-0 checkpoint of `workdir`.
+
+  Params and EMA params both take the imported weights, so sampling and fine-tuning start from
+  them. Refuses a workdir that already holds checkpoints. Returns the step written (0).
+  """
+  from jax_ddpm import convert  # pylint: disable=g-import-not-at-top
+
+  config_checks.validate_model_and_diffusion(config)
+  _, params = convert.load_diffusers_unet(diffusers_dir, config_checks.unet_config(config))
+  existing = os.path.join(workdir, "checkpoints")
+  if os.path.isdir(existing) and os.listdir(existing):
+    raise FileExistsError(f"{existing} already holds checkpoints; import into an empty "
+                          "--workdir. Nothing was written.")
+  mesh = parallel.data_mesh()
+  optimizer = create_optimizer(config.optim)
+  _, _, state = create_train_state(config, mesh, optimizer)
+  params = jax.device_put(params, parallel.replicated(mesh))
+  state = state.replace(params=params, ema_params=params,
+                        opt_state=jax.jit(optimizer.init)(params))
+  checkpointer = checkpointing.Checkpointer(workdir, keep=config.training.keep_checkpoints)
+  checkpointer.save(0, state, run_metadata(config))
+  checkpointer.wait_until_finished()
+  return 0

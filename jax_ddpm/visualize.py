@@ -1,0 +1,116 @@
+"""--mode=visualize: pictures of the schedules, the forward process and the reverse process.
+
+Writes, under <workdir>/visualize/ and as TensorBoard image summaries:
+  schedules.png        beta_t and alpha-bar_t of the linear, cosine and quadratic schedules
+  forward_process.png  one training image noised by q(x_t | x_0) (DDPM eq. 4) at increasing t
+  reverse_process.png  one sampling run: x_t (top row) and the predicted x_0 (bottom row)
+  reverse_process.gif  a grid of samples emerging from noise, one frame per recorded step
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_ddpm import diffusion, input_pipeline, parallel, sampling, schedules, state
+
+NUM_STRIP_FRAMES = 10
+NUM_GIF_FRAMES = 40
+GIF_GRID = 16
+
+
+def schedule_plot(num_timesteps: int) -> np.ndarray:
+  """beta_t and alpha-bar_t against t for three schedules, as a uint8 RGB image."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6), dpi=100)
+  t = np.arange(1, num_timesteps + 1)
+  for name in ("linear", "cosine", "quadratic"):
+    schedule = schedules.get_schedule(name, num_timesteps)
+    left.plot(t, np.asarray(schedule.betas), label=name)
+    right.plot(t, np.asarray(schedule.alphas_cumprod), label=name)
+  left.set(title=r"$\beta_t$", xlabel="t", yscale="log")
+  right.set(title=r"$\bar\alpha_t$", xlabel="t")
+  for axis in (left, right):
+    axis.grid(alpha=0.3)
+    axis.legend()
+  figure.tight_layout()
+  figure.canvas.draw()
+  image = np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
+  plt.close(figure)
+  return image
+
+
+def forward_strip(schedule: schedules.DiffusionSchedule, image: np.ndarray,
+                  seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """x_t of one image at NUM_STRIP_FRAMES timesteps from 0 to T-1, as a uint8 row."""
+  t = np.linspace(0, schedule.num_timesteps - 1, NUM_STRIP_FRAMES).round().astype(np.int32)
+  x0 = jnp.broadcast_to(jnp.asarray(input_pipeline.to_model_range(image)),
+                        (len(t),) + image.shape)
+  eps = jnp.broadcast_to(jax.random.normal(jax.random.key(seed), image.shape), x0.shape)
+  x_t = diffusion.q_sample(schedule, x0, jnp.asarray(t), eps)
+  return sampling.image_grid(sampling.to_uint8(jnp.clip(x_t, -1, 1)), columns=len(t)), t
+
+
+def visualize(config, workdir: str, step: int | None = None) -> list[str]:
+  """Writes the four pictures; returns their paths."""
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  eval_graphdef, train_state, step = state.load_checkpoint(config, workdir, step)
+  schedule = state.schedule_from_config(config)
+  source = input_pipeline.create_source(config.data)
+  input_pipeline.check_source_shape(source, config.data)
+  directory = os.path.join(workdir, "visualize")
+  mesh = parallel.data_mesh()
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  pictures = {"schedules": schedule_plot(schedule.num_timesteps)}
+  pictures["forward_process"], _ = forward_strip(schedule, source.read(np.array([0]))[0],
+                                                 config.seed)
+
+  size, channels = config.data.image_size, config.data.channels
+  gif_count = sampling.padded_count(GIF_GRID, mesh)
+  sampling_config = config.sampling
+  num_steps = (sampling_config.num_steps if sampling_config.sampler == "ddim"
+               else schedule.num_timesteps)
+  sample_fn = sampling.make_sample_fn(
+      eval_graphdef, schedule, (gif_count, size, size, channels), mesh,
+      sampler=sampling_config.sampler, num_steps=sampling_config.num_steps,
+      eta=sampling_config.eta, spacing=sampling_config.spacing,
+      variance=sampling_config.variance, prediction=config.diffusion.prediction,
+      clip_denoised=sampling_config.clip_denoised,
+      num_frames=min(NUM_GIF_FRAMES, num_steps))
+  params = train_state.ema_params if sampling_config.use_ema else train_state.params
+  final, trajectory = sample_fn(params, jax.random.key(sampling_config.seed))
+  x_t = sampling.to_uint8(jnp.clip(trajectory.x_t, -1, 1))  # [K, N, H, W, C]
+  x0 = sampling.to_uint8(trajectory.x0)
+  chosen = np.linspace(0, len(x_t) - 1, NUM_STRIP_FRAMES).round().astype(int)
+  strip = np.concatenate([x_t[chosen, 0], x0[chosen, 0]])
+  pictures["reverse_process"] = sampling.image_grid(strip, columns=len(chosen))
+
+  paths = []
+  if jax.process_index() == 0:
+    os.makedirs(directory, exist_ok=True)
+    for name, picture in pictures.items():
+      path = os.path.join(directory, f"{name}.png")
+      sampling.save_png(path, picture)
+      paths.append(path)
+    frames = [sampling.image_grid(frame[:GIF_GRID], columns=4) for frame in x_t]
+    frames.append(sampling.image_grid(sampling.to_uint8(final)[:GIF_GRID], columns=4))
+    scale = max(1, 256 // frames[0].shape[0])
+    gif = [Image.fromarray(np.repeat(np.repeat(f, scale, 0), scale, 1).squeeze(-1)
+                           if channels == 1 else np.repeat(np.repeat(f, scale, 0), scale, 1))
+           for f in frames]
+    path = os.path.join(directory, "reverse_process.gif")
+    durations = [80] * (len(gif) - 1) + [1500]  # hold the finished samples
+    gif[0].save(path, save_all=True, append_images=gif[1:], duration=durations, loop=0)
+    paths.append(path)
+  writer.write_images(step, {f"visualize/{name}": picture[None]
+                             for name, picture in pictures.items()})
+  writer.flush()
+  return paths

@@ -1,0 +1,138 @@
+"""--mode=sample: files, determinism, per-device noise, resuming, compile reuse, bad input."""
+
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from configs import tiny
+from jax_ddpm import checkpointing, parallel, sampling, state
+
+
+def sample_config(**overrides):
+  config = tiny.get_config()
+  config.sampling.num_samples = 10
+  config.sampling.batch_size = 8
+  for key, value in overrides.items():
+    config.sampling[key] = value
+  return config
+
+
+@pytest.fixture(scope="module")
+def checkpoint_dir(tmp_path_factory):
+  """A workdir with one checkpoint (step 1) of the tiny model."""
+  workdir = str(tmp_path_factory.mktemp("trained"))
+  config = sample_config()
+  _, _, fresh = state.create_train_state(config, parallel.data_mesh(),
+                                         state.create_optimizer(config.optim))
+  checkpointer = checkpointing.Checkpointer(workdir)
+  checkpointer.save(1, fresh.replace(step=fresh.step + 1), state.run_metadata(config))
+  checkpointer.wait_until_finished()
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def sampled(checkpoint_dir):
+  return sampling.sample_to_workdir(sample_config(), checkpoint_dir)
+
+
+def test_sample_mode_writes_npz_batches_grids_and_one_file_of_all_samples(sampled):
+  assert sampled.endswith(os.path.join("samples", "1_ddim_4"))
+  everything = np.load(os.path.join(sampled, "samples_10x16x16x1.npz"))["arr_0"]
+  assert everything.dtype == np.uint8 and everything.shape == (10, 16, 16, 1)
+  assert everything.min() < 64 and everything.max() > 192  # not blank
+  first, second = (np.load(os.path.join(sampled, f"batch_{i:05d}.npz"))["arr_0"] for i in (0, 1))
+  assert first.shape == (8, 16, 16, 1) and second.shape == (2, 16, 16, 1)
+  np.testing.assert_array_equal(np.concatenate([first, second]), everything)
+  for i in (0, 1):
+    assert os.path.getsize(os.path.join(sampled, f"grid_{i:05d}.png")) > 100
+
+
+def test_each_device_draws_different_noise(sampled):
+  batch = np.load(os.path.join(sampled, "batch_00000.npz"))["arr_0"]  # one image per device
+  flat = batch.reshape(len(batch), -1).astype(int)
+  assert len({row.tobytes() for row in flat}) == len(batch)
+
+
+def test_resuming_draws_exactly_the_missing_batches(checkpoint_dir, sampled, tmp_path):
+  copy = str(tmp_path / "copy")
+  shutil.copytree(checkpoint_dir, copy)
+  directory = os.path.join(copy, os.path.relpath(sampled, checkpoint_dir))
+  os.remove(os.path.join(directory, "batch_00001.npz"))
+  os.remove(os.path.join(directory, "samples_10x16x16x1.npz"))
+  kept = os.path.getmtime(os.path.join(directory, "batch_00000.npz"))
+  sampling.sample_to_workdir(sample_config(), copy)
+  assert os.path.getmtime(os.path.join(directory, "batch_00000.npz")) == kept
+  for name in ("batch_00001.npz", "samples_10x16x16x1.npz"):
+    np.testing.assert_array_equal(np.load(os.path.join(directory, name))["arr_0"],
+                                  np.load(os.path.join(sampled, name))["arr_0"])
+
+
+def test_other_settings_do_not_mix_into_an_existing_sample_directory(checkpoint_dir, sampled):
+  before = sorted(os.listdir(sampled))
+  with pytest.raises(ValueError, match=r"other settings:\n  sampling.seed: now 5, before 0"):
+    sampling.sample_to_workdir(sample_config(seed=5), checkpoint_dir)
+  assert sorted(os.listdir(sampled)) == before
+
+
+def test_the_sampling_program_compiles_once_for_any_weights(checkpoint_dir):
+  config = sample_config()
+  eval_graphdef, loaded, _ = state.load_checkpoint(config, checkpoint_dir)
+  mesh = parallel.data_mesh()
+  sample_fn = sampling.make_sample_fn(eval_graphdef, state.schedule_from_config(config),
+                                      (8, 16, 16, 1), mesh, sampler="ddpm")
+  first = sample_fn(loaded.ema_params, jax.random.key(0))
+  other_weights = jax.tree.map(lambda x: x + 0.01, loaded.params)
+  second = sample_fn(other_weights, jax.random.key(1))
+  assert sample_fn._cache_size() == 1
+  assert first.shape == second.shape == (8, 16, 16, 1)
+  assert float(np.abs(np.asarray(first)).max()) <= 1.0
+  again = sample_fn(loaded.ema_params, jax.random.key(0))
+  np.testing.assert_array_equal(first, again)
+
+
+def test_no_checkpoint_is_a_clear_error_and_writes_nothing(tmp_path):
+  with pytest.raises(FileNotFoundError, match=r"No checkpoint in .*checkpoints: train first"):
+    sampling.sample_to_workdir(sample_config(), str(tmp_path))
+  assert not os.listdir(tmp_path)
+
+
+def test_checkpoint_of_another_model_is_refused(checkpoint_dir):
+  config = sample_config()
+  config.model.ch_mult = (1, 1)
+  with pytest.raises(checkpointing.IncompatibleCheckpointError, match=r"model.ch_mult"):
+    sampling.sample_to_workdir(config, checkpoint_dir)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(num_samples=0), r"sampling.num_samples must be a positive integer, got 0"),
+    (dict(sampler="euler"), r"Unknown sampling.sampler 'euler'; allowed values: \['ddpm', 'ddim'\]"),
+    (dict(batch_size=12), r"sampling.batch_size=12 must be a positive multiple of the number of "
+                          r"devices, 8"),
+])
+def test_bad_sampling_settings_fail_before_anything_is_written(checkpoint_dir, overrides, message):
+  before = sorted(os.listdir(os.path.join(checkpoint_dir, "samples")))
+  with pytest.raises(ValueError, match=message):
+    sampling.sample_to_workdir(sample_config(**overrides), checkpoint_dir)
+  assert sorted(os.listdir(os.path.join(checkpoint_dir, "samples"))) == before
+
+
+def test_visualize_writes_four_non_blank_pictures(checkpoint_dir):
+  from PIL import Image
+  from jax_ddpm import visualize
+  paths = visualize.visualize(sample_config(sampler="ddpm"), checkpoint_dir)  # T = 100 steps
+  names = sorted(os.path.basename(p) for p in paths)
+  assert names == ["forward_process.png", "reverse_process.gif", "reverse_process.png",
+                   "schedules.png"]
+  minimum_sizes = {"schedules.png": (800, 300), "forward_process.png": (100, 16),
+                   "reverse_process.png": (100, 32), "reverse_process.gif": (128, 128)}
+  for path in paths:
+    with Image.open(path) as image:
+      width, height = image.size
+      low_w, low_h = minimum_sizes[os.path.basename(path)]
+      assert width >= low_w and height >= low_h, (path, image.size)
+      assert np.asarray(image.convert("L")).std() > 10, path  # not blank
+      if path.endswith(".gif"):
+        assert image.n_frames == visualize.NUM_GIF_FRAMES + 1  # recorded steps + the result
