@@ -6,6 +6,7 @@
 """
 
 import os
+import sys
 
 # On a CPU-only host XLA runs one device on all cores and uses the second core poorly; one CPU
 # device per core (up to 8, a power of two so batches divide) runs the same mesh code faster.
@@ -72,5 +73,23 @@ def main(argv):
                  FLAGS.workdir)
 
 
+def run_and_report(argv):
+  """Runs main; a known user-facing error ends the process with its message alone.
+
+  After a failed checkpoint read, orbax leaves asynchronous tasks behind whose shutdown would
+  bury the message under tracebacks, so the process exits at once (everything was already
+  flushed by the library's own cleanup).
+  """
+  from jax_ddpm import checkpointing  # pylint: disable=g-import-not-at-top
+  try:
+    main(argv)
+  except (checkpointing.UnreadableCheckpointError, checkpointing.IncompatibleCheckpointError,
+          FloatingPointError) as error:
+    logging.error("%s: %s", type(error).__name__, error)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(run_and_report)

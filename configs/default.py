@@ -23,6 +23,11 @@ Keys (override any on the command line: --config.training.batch_size=64):
   training.log_every_steps, .checkpoint_every_steps, .keep_checkpoints
   training.sample_every_steps, .num_sample_images, .sample_ddim_steps   DDIM (eta 0) sample
                            grids from the EMA params, written during training
+  training.nonfinite_policy   halt | skip: on a non-finite loss or gradient, stop with an error
+                           naming the step, or withhold that update and count it (nonfinite_steps)
+  training.restore_fallback   if the newest checkpoint cannot be read, move it to
+                           checkpoints_unreadable/ and resume from the previous one
+  debug.inject_nonfinite_at_steps   fault injection for tests: make these steps' loss NaN
   sampling.sampler         ddim | ddpm, with .num_steps (ddim), .eta, .spacing, .variance (ddpm)
   sampling.clip_denoised   clip predicted x_0 to [-1, 1] while sampling
   sampling.use_ema, .num_samples, .batch_size, .seed   --mode=sample: which weights, how many
@@ -85,6 +90,8 @@ def get_config() -> ml_collections.ConfigDict:
   training.sample_every_steps = 10_000
   training.num_sample_images = 64
   training.sample_ddim_steps = 50
+  training.nonfinite_policy = "halt"
+  training.restore_fallback = False
 
   config.sampling = sampling = ml_collections.ConfigDict()
   sampling.sampler = "ddim"
@@ -97,4 +104,7 @@ def get_config() -> ml_collections.ConfigDict:
   sampling.num_samples = 64
   sampling.batch_size = 64
   sampling.seed = 0
+
+  config.debug = debug = ml_collections.ConfigDict()
+  debug.inject_nonfinite_at_steps = ()
   return config

@@ -8,9 +8,15 @@ another model, and lets the sampling mode rebuild the network. Saves are asynchr
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Any, Optional
 
 import orbax.checkpoint as ocp
+from absl import logging
+
+
+class UnreadableCheckpointError(RuntimeError):
+  """A checkpoint's files are damaged or missing."""
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -41,8 +47,20 @@ class Checkpointer:
     return dict(restored["meta"])
 
   def check_compatible(self, step: int, meta: dict) -> None:
-    """Raises IncompatibleCheckpointError naming every architecture key that differs."""
-    saved = self.read_meta(step)
+    """Raises IncompatibleCheckpointError naming every architecture key that differs.
+
+    Checks the newest checkpoint at or before `step` whose record can be read; damaged ones
+    are left to `restore_latest`.
+    """
+    for candidate in sorted((s for s in self.all_steps() if s <= step), reverse=True):
+      try:
+        saved = self.read_meta(candidate)
+      except Exception:  # pylint: disable=broad-except
+        continue
+      step = candidate
+      break
+    else:
+      return
     differences = []
     for section in ("model", "diffusion"):
       ours, theirs = meta.get(section, {}), saved.get(section, {})
@@ -66,6 +84,33 @@ class Checkpointer:
     restored = self._manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
     return restored["state"]
+
+  def restore_latest(self, target: Any, fallback: bool = False) -> tuple[Any, int]:
+    """(state, step) of the newest readable checkpoint.
+
+    An unreadable checkpoint (truncated or missing files) raises UnreadableCheckpointError
+    naming its step, unless `fallback`: then it is moved to `checkpoints_unreadable/<step>`
+    beside the checkpoint directory (kept, not deleted) and the previous one is tried.
+    """
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        return self.restore(step, target), step
+      except Exception as error:  # orbax and tensorstore raise many types for damaged files
+        message = (f"The checkpoint of step {step} in {self.directory} cannot be read: "
+                   f"{type(error).__name__}: {str(error)[:500]}")
+        if not fallback:
+          raise UnreadableCheckpointError(
+              message + "\nPass --config.training.restore_fallback=True to set it aside and "
+              "resume from the previous checkpoint.") from error
+        logging.warning("%s\nSetting it aside and trying the previous checkpoint.", message)
+        self._set_aside(step)
+    raise UnreadableCheckpointError(f"No readable checkpoint in {self.directory}.")
+
+  def _set_aside(self, step: int) -> None:
+    aside = os.path.join(os.path.dirname(self.directory), "checkpoints_unreadable")
+    os.makedirs(aside, exist_ok=True)
+    shutil.move(os.path.join(self.directory, str(step)), os.path.join(aside, str(step)))
+    self._manager.reload()
 
   def wait_until_finished(self) -> None:
     self._manager.wait_until_finished()

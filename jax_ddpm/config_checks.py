@@ -10,6 +10,8 @@ from jax_ddpm.diffusion import Prediction, Variance
 from jax_ddpm.models.unet import UNetConfig
 from jax_ddpm.sampling import SAMPLERS
 
+NONFINITE_POLICIES = ("halt", "skip")
+
 
 def unet_config(config) -> UNetConfig:
   """The U-Net of a run config; image size and channels come from config.data."""
@@ -90,6 +92,7 @@ def validate_training(config, num_devices: int, num_processes: int) -> None:
   if training.sample_ddim_steps > config.diffusion.num_timesteps:
     raise ValueError(f"training.sample_ddim_steps={training.sample_ddim_steps} exceeds "
                      f"diffusion.num_timesteps={config.diffusion.num_timesteps}.")
+  _choice(training.nonfinite_policy, NONFINITE_POLICIES, "training.nonfinite_policy")
   optim = config.optim
   if not optim.learning_rate > 0:
     raise ValueError(f"optim.learning_rate must be > 0, got {optim.learning_rate!r}.")

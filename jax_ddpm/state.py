@@ -30,6 +30,7 @@ class TrainState:
   ema_params: nnx.State
   opt_state: optax.OptState
   rng: jax.Array  # uint32 key data of the run's base key; per-step keys fold in the step
+  nonfinite_steps: jax.Array  # int32: steps whose update was withheld for a non-finite loss/grad
 
 
 def schedule_from_config(config) -> DiffusionSchedule:
@@ -87,7 +88,8 @@ def _graphdefs_and_init(config, mesh: jax.sharding.Mesh, optimizer: optax.Gradie
     params = nnx.state(create_model(config, config.seed), nnx.Param)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
                       opt_state=optimizer.init(params),
-                      rng=jax.random.key_data(jax.random.key(config.seed)))
+                      rng=jax.random.key_data(jax.random.key(config.seed)),
+                      nonfinite_steps=jnp.zeros((), jnp.int32))
 
   return train_graphdef, eval_graphdef, init
 
@@ -128,7 +130,14 @@ def load_checkpoint(config, workdir: str, step: Optional[int] = None):
   mesh = parallel.data_mesh()
   _, eval_graphdef, abstract = abstract_train_state(config, mesh,
                                                     create_optimizer(config.optim))
-  return eval_graphdef, checkpointer.restore(step, abstract), step
+  try:
+    restored = checkpointer.restore(step, abstract)
+  except Exception as error:  # orbax and tensorstore raise many types for damaged files
+    earlier = sorted(s for s in steps if s < step)
+    raise checkpointing.UnreadableCheckpointError(
+        f"The checkpoint of step {step} in {directory} cannot be read: {type(error).__name__}: "
+        f"{str(error)[:500]}\nEarlier checkpoints (choose one with --step): {earlier}.") from error
+  return eval_graphdef, restored, step
 
 
 def import_diffusers_checkpoint(config: ml_collections.ConfigDict, workdir: str,

@@ -1,4 +1,4 @@
-"""Training: the TrainState, the pure train step, and `train_and_evaluate(config, workdir)`.
+"""Training: the pure train step and `train_and_evaluate(config, workdir)`.
 
 One train step (DDPM Algorithm 1): x_0 from the data, t ~ U{0..T-1}, eps ~ N(0, I), a gradient
 step on |eps - eps_theta(x_t, t)|^2 (eq. 14), then the EMA of the parameters. The step is
@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
+import threading
 import time
 from typing import Any, Callable
 
@@ -20,7 +22,9 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from clu import metric_writers, periodic_actions
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from jax_ddpm import checkpointing, config_checks, diffusion, input_pipeline, parallel, sampling
 from jax_ddpm.schedules import DiffusionSchedule
@@ -43,17 +47,33 @@ def train_step(state: TrainState, x0: jax.Array, *, graphdef: nnx.GraphDef,
     rngs = nnx.Rngs(dropout=dropout_key)
     losses = diffusion.training_losses(schedule, lambda x_t, t: model(x_t, t, rngs=rngs), x0, t,
                                        eps, config.diffusion.prediction)
-    return jnp.mean(losses)
+    loss = jnp.mean(losses)
+    injected = tuple(config.debug.inject_nonfinite_at_steps)
+    if injected:  # fault injection (tests): a NaN loss, hence NaN gradients, at these steps
+      loss = jnp.where(jnp.isin(state.step, jnp.asarray(injected)), jnp.nan, loss)
+    return loss
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  grad_norm = optax.global_norm(grads)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   decay = ema_decay_at(state.step, config.optim)
   ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
-  metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
-             "learning_rate": learning_rate_schedule(config.optim)(state.step)}
-  new_state = state.replace(step=state.step + 1, params=params, ema_params=ema_params,
-                            opt_state=opt_state)
+  # A non-finite loss or gradient would poison the weights and Adam's moments for good: such an
+  # update is withheld (both policies); "halt" then stops the run on the host.
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+  def keep_if_finite(new, old):
+    return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+  new_state = state.replace(
+      step=state.step + 1, params=keep_if_finite(params, state.params),
+      ema_params=keep_if_finite(ema_params, state.ema_params),
+      opt_state=keep_if_finite(opt_state, state.opt_state),
+      nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32))
+  metrics = {"loss": loss, "grad_norm": grad_norm,
+             "learning_rate": learning_rate_schedule(config.optim)(state.step),
+             "nonfinite": (~finite).astype(jnp.int32)}
   return new_state, metrics
 
 
@@ -81,8 +101,8 @@ def make_train_fn(graphdef, schedule, optimizer, config, mesh) -> Callable:
 def write_sample_grid(sample_fn, state: TrainState, config, workdir: str, writer, step: int):
   """DDIM samples from the EMA params: an image summary and samples/train_step_<step>.png."""
   rng = jax.random.fold_in(jax.random.key(config.seed + 1), step)
-  images = sample_fn(state.ema_params, rng)
-  images = sampling.to_uint8(jax.device_get(images))[:config.training.num_sample_images]
+  images = multihost_utils.process_allgather(sample_fn(state.ema_params, rng), tiled=True)
+  images = sampling.to_uint8(images)[:config.training.num_sample_images]
   grid = sampling.image_grid(images)
   writer.write_images(step, {"samples": grid[None]})
   if jax.process_index() == 0:
@@ -91,10 +111,16 @@ def write_sample_grid(sample_fn, state: TrainState, config, workdir: str, writer
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains (or resumes training) a model as `config` says, writing everything under workdir."""
-  from clu import metric_writers, periodic_actions  # pylint: disable=g-import-not-at-top
-
   mesh = parallel.data_mesh()
   config_checks.validate_training(config, mesh.size, jax.process_count())
+  preemption = PreemptionWatch()  # from here on SIGTERM means: checkpoint, then exit
+  try:
+    return _train(config, workdir, mesh, preemption)
+  finally:
+    preemption.close()
+
+
+def _train(config, workdir: str, mesh, preemption: "PreemptionWatch") -> TrainState:
   source = input_pipeline.create_source(config.data)
   input_pipeline.check_source_shape(source, config.data)
 
@@ -108,8 +134,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   optimizer = create_optimizer(config.optim)
   train_graphdef, eval_graphdef, state = create_train_state(config, mesh, optimizer)
   if latest is not None:
-    state = checkpointer.restore(latest, state)
-    logging.info("Resumed from the checkpoint of step %d in %s.", latest, checkpointer.directory)
+    state, restored_step = checkpointer.restore_latest(
+        state, fallback=config.training.restore_fallback)
+    logging.info("Resumed from the checkpoint of step %d in %s.", restored_step,
+                 checkpointer.directory)
   start_step = int(state.step)
   training = config.training
   k = training.steps_per_dispatch
@@ -135,6 +163,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   pending_metrics = []
   step = start_step
   wait_time = 0.0
+  unchecked = None  # (first step, metrics) of the last dispatch, checked after the next one
   try:
     while step < training.num_train_steps:
       waited = time.perf_counter()
@@ -142,24 +171,86 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       wait_time += time.perf_counter() - waited
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         state, metrics = train_fn(state, batch)
+      if training.nonfinite_policy == "halt":
+        # Checking one dispatch behind keeps the device busy while the host looks.
+        _halt_if_nonfinite(unchecked, checkpointer)
+        unchecked = (step, metrics)
       step += k
       pending_metrics.append(metrics)
       report_progress(step)
       if step % training.log_every_steps == 0 or step == training.num_train_steps:
         scalars = _mean_metrics(pending_metrics)
+        scalars.pop("nonfinite")
+        scalars["nonfinite_steps"] = int(state.nonfinite_steps)
         scalars["data_wait_seconds"] = wait_time  # time the step loop waited on the input
         writer.write_scalars(step, scalars)
         pending_metrics, wait_time = [], 0.0
-      if step % training.checkpoint_every_steps == 0 or step == training.num_train_steps:
+      preempted = preemption.reached(step)
+      if (step % training.checkpoint_every_steps == 0 or step == training.num_train_steps
+          or preempted):
+        if training.nonfinite_policy == "halt":
+          _halt_if_nonfinite(unchecked, checkpointer)  # never save past a halt
         checkpointer.save(step, state, meta)
+      if preempted:
+        logging.warning("Preemption notice (SIGTERM): saved the checkpoint of step %d; "
+                        "exiting. The same command resumes from it.", step)
+        break
       if step % training.sample_every_steps == 0 or step == training.num_train_steps:
         with report_progress.timed("sample"):
           write_sample_grid(sample_fn, state, config, workdir, writer, step)
+    if training.nonfinite_policy == "halt":
+      _halt_if_nonfinite(unchecked, checkpointer)
   finally:
     batches.close()
     checkpointer.wait_until_finished()
     writer.flush()
   return state
+
+
+class PreemptionWatch:
+  """Whether a preemption notice (SIGTERM) has arrived, agreed on by every process.
+
+  With several processes JAX's preemption service catches SIGTERM and picks a step that all
+  processes reach (`reached_preemption_sync_point`); a single process installs its own handler.
+  """
+
+  def __init__(self):
+    self._received = False
+    self._previous = None
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+  def _on_sigterm(self, signum, frame):
+    del signum, frame
+    self._received = True
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self._received
+
+  def close(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+
+def _halt_if_nonfinite(unchecked, checkpointer) -> None:
+  """Raises FloatingPointError if the dispatch `unchecked` = (first step, metrics) went bad."""
+  if unchecked is None:
+    return
+  first_step, metrics = unchecked
+  flags = np.atleast_1d(np.asarray(jax.device_get(metrics["nonfinite"])))
+  if flags.any():
+    bad_step = first_step + int(np.argmax(flags))
+    checkpointer.wait_until_finished()
+    latest = checkpointer.latest_step()
+    kept = (f"the last checkpoint, step {latest}, is kept in {checkpointer.directory}"
+            if latest is not None else "no checkpoint had been written yet")
+    raise FloatingPointError(
+        f"Non-finite loss or gradient at step {bad_step} (training.nonfinite_policy='halt'); "
+        f"its update was not applied and {kept}. Set training.nonfinite_policy='skip' to "
+        "withhold such updates and go on.")
 
 
 def _mean_metrics(metrics: list[dict]) -> dict[str, float]:

@@ -149,3 +149,32 @@ def test_unsupported_diffusers_settings_are_named():
 def test_missing_folder_says_what_is_expected(tmp_path):
   with pytest.raises(FileNotFoundError, match=r"config.json not found.*UNet2DModel folder"):
     convert.load_diffusers_unet(str(tmp_path))
+
+
+# diffusers' layout of configs/tiny.py's model: 16x16x1, ch 16, ch_mult (1, 2), attention at 8.
+TINY_DIFFUSERS = dict(
+    SMALL_DIFFUSERS, in_channels=1, out_channels=1, block_out_channels=(16, 32),
+    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+
+
+def test_import_mode_writes_a_checkpoint_that_samples(tmp_path):
+  from configs import tiny
+  from jax_ddpm import sampling, state
+  save_random_diffusers_unet(tmp_path / "diffusers", TINY_DIFFUSERS)
+  config = tiny.get_config()
+  config.sampling.num_samples, config.sampling.batch_size = 8, 8
+  workdir = str(tmp_path / "run")
+  assert state.import_diffusers_checkpoint(config, workdir, str(tmp_path / "diffusers")) == 0
+  _, imported = convert.load_diffusers_unet(str(tmp_path / "diffusers"))
+  _, restored, step = state.load_checkpoint(config, workdir)
+  assert step == 0
+  for a, b, c in zip(jax.tree.leaves(imported), jax.tree.leaves(restored.params),
+                     jax.tree.leaves(restored.ema_params)):
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a, c)
+  directory = sampling.sample_to_workdir(config, workdir)
+  images = np.load(os.path.join(directory, "samples_8x16x16x1.npz"))["arr_0"]
+  assert images.shape == (8, 16, 16, 1) and images.std() > 0
+  with pytest.raises(FileExistsError, match="already holds checkpoints"):
+    state.import_diffusers_checkpoint(config, workdir, str(tmp_path / "diffusers"))

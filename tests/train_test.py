@@ -9,9 +9,9 @@ import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
+import fault_injection
 from configs import cifar10, tiny
 from jax_ddpm import checkpointing, input_pipeline, parallel, state, train
 
@@ -60,8 +60,7 @@ def main_command(workdir, *overrides):
 
 
 def saved_state(workdir, step):
-  return ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step),
-                                                         "state"))
+  return fault_injection.final_state(workdir, step)
 
 
 @pytest.fixture(scope="module")
