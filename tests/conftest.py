@@ -16,3 +16,12 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       tempfile.mkdtemp(prefix="jax_ddpm_compilation_cache_"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+# The slowest files first: the two workers (pyproject.toml) then finish at about the same time.
+SLOWEST_FIRST = ("preemption_test.py", "reliability_test.py", "train_test.py",
+                 "evaluation_test.py", "convert_test.py", "unet_test.py")
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(SLOWEST_FIRST)))
