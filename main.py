@@ -3,6 +3,9 @@
   python main.py --config=configs/mnist.py --workdir=runs/mnist            # train (or resume)
   python main.py --mode=sample --config=configs/mnist.py --workdir=runs/mnist
   python main.py --mode=import --config=configs/cifar10.py --import_from=DIR --workdir=runs/x
+  python main.py --mode=eval --config=configs/cifar10.py --workdir=runs/x     # FID
+  python main.py --mode=train_classifier --config=configs/mnist.py --workdir=runs/mnist
+  python main.py --mode=import_inception --import_from=default_1.pt --config=... --workdir=...
 """
 
 import os
@@ -22,15 +25,17 @@ from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
 import jax  # pylint: disable=g-import-not-at-top
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
-MODES = ("train", "sample", "visualize", "import")
+MODES = ("train", "sample", "visualize", "import", "eval", "train_classifier", "import_inception")
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mnist.py.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, summaries and samples.")
 flags.DEFINE_enum("mode", "train", MODES, "What to do.")
-flags.DEFINE_string("import_from", None, "--mode=import: a diffusers UNet2DModel folder.")
-flags.DEFINE_integer("step", None, "--mode=sample/visualize: the checkpoint step (default: the latest).")
+flags.DEFINE_string("import_from", None, "--mode=import: a diffusers UNet2DModel folder; "
+                    "--mode=import_inception: the TorchScript FID Inception (default_1.pt).")
+flags.DEFINE_integer("step", None,
+                     "--mode=sample/visualize/eval: the checkpoint step (default: the latest).")
 flags.DEFINE_bool("distributed", False,
                   "Call jax.distributed.initialize() (multi-host TPU/GPU; coordinator from the "
                   "environment, or from the three flags below).")
@@ -71,6 +76,19 @@ def main(argv):
     step = state.import_diffusers_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.import_from)
     logging.info("Imported %s as the checkpoint of step %d in %s.", FLAGS.import_from, step,
                  FLAGS.workdir)
+  elif FLAGS.mode == "eval":
+    from jax_ddpm import evaluate  # pylint: disable=g-import-not-at-top
+    evaluate.evaluate(FLAGS.config, FLAGS.workdir, FLAGS.step)
+  elif FLAGS.mode == "train_classifier":
+    from jax_ddpm import evaluate  # pylint: disable=g-import-not-at-top
+    evaluate.train_classifier(FLAGS.config, FLAGS.workdir)
+  elif FLAGS.mode == "import_inception":
+    from jax_ddpm import fid_weights  # pylint: disable=g-import-not-at-top
+    if not FLAGS.import_from:
+      raise app.UsageError("--mode=import_inception needs --import_from=<default_1.pt>. "
+                           + fid_weights.HOW_TO_GET)
+    output = FLAGS.config.eval.inception_weights or fid_weights.default_path()
+    logging.info("Wrote %s.", fid_weights.convert(FLAGS.import_from, output))
 
 
 def run_and_report(argv):
@@ -84,7 +102,7 @@ def run_and_report(argv):
   try:
     main(argv)
   except (checkpointing.UnreadableCheckpointError, checkpointing.IncompatibleCheckpointError,
-          FloatingPointError) as error:
+          FloatingPointError, FileNotFoundError) as error:
     logging.error("%s: %s", type(error).__name__, error)
     sys.stdout.flush()
     sys.stderr.flush()

@@ -34,4 +34,9 @@ def get_config():
 
   config.sampling.sampler = "ddpm"
   config.sampling.variance = "fixed_large"  # what the original CIFAR-10 run sampled with
+
+  # The DDPM paper's protocol: FID of 50,000 samples against the training set.
+  config.eval.feature_net = "inception"
+  config.eval.num_samples = 50_000
+  config.eval.reference_split = "train"
   return config

@@ -27,6 +27,15 @@ Keys (override any on the command line: --config.training.batch_size=64):
                            naming the step, or withhold that update and count it (nonfinite_steps)
   training.restore_fallback   if the newest checkpoint cannot be read, move it to
                            checkpoints_unreadable/ and resume from the previous one
+  eval.feature_net         inception (FID) | classifier (feature distance; see evaluate.py)
+  eval.num_samples, .batch_size   images scored (drawn with config.sampling unless eval.samples
+                           names an .npz) and the global batch of the feature network
+  eval.reference_split     split of config.data whose statistics are the reference
+  eval.reference_stats     an .npz (mu, sigma) to use instead (default: computed, cached in
+                           workdir/eval/)
+  eval.inception_weights   converted FID Inception .npz (default ~/.cache/jax_ddpm/...)
+  eval.classifier          feature classifier .npz (default workdir/feature_classifier.npz),
+                           trained by --mode=train_classifier for .classifier_steps steps
   debug.inject_nonfinite_at_steps   fault injection for tests: make these steps' loss NaN
   sampling.sampler         ddim | ddpm, with .num_steps (ddim), .eta, .spacing, .variance (ddpm)
   sampling.clip_denoised   clip predicted x_0 to [-1, 1] while sampling
@@ -104,6 +113,18 @@ def get_config() -> ml_collections.ConfigDict:
   sampling.num_samples = 64
   sampling.batch_size = 64
   sampling.seed = 0
+
+  config.eval = ev = ml_collections.ConfigDict()
+  ev.feature_net = "inception"
+  ev.num_samples = 10_000
+  ev.batch_size = 64
+  ev.reference_split = "train"
+  ev.reference_stats = ""
+  ev.samples = ""
+  ev.inception_weights = ""
+  ev.classifier = ""
+  ev.classifier_steps = 2000
+  ev.classifier_batch_size = 128
 
   config.debug = debug = ml_collections.ConfigDict()
   debug.inject_nonfinite_at_steps = ()

@@ -35,4 +35,10 @@ def get_config():
 
   config.sampling.sampler = "ddim"
   config.sampling.num_steps = 50
+
+  # Digits are scored in the features of a classifier trained on them (--mode=train_classifier),
+  # not with the ImageNet Inception; the reference is the 5000 training digits.
+  config.eval.feature_net = "classifier"
+  config.eval.num_samples = 1000
+  config.eval.batch_size = 256
   return config

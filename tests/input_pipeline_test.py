@@ -134,8 +134,38 @@ def test_idx_reader_rejects_a_truncated_file(tmp_path):
   header = b"\x00\x00\x08\x03" + (3).to_bytes(4, "big") + (2).to_bytes(4, "big") * 2
   path = tmp_path / "train-images-idx3-ubyte"
   path.write_bytes(header + bytes(5))
-  with pytest.raises(ValueError, match="header says 3 images of 2x2, but the file holds 5"):
+  with pytest.raises(ValueError, match=r"header says dimensions \(3, 2, 2\), but the file holds 5"):
     input_pipeline.read_idx_images(str(path))
+
+
+def write_idx(path, array):
+  header = b"\x00\x00\x08" + bytes([array.ndim]) + b"".join(
+      int(d).to_bytes(4, "big") for d in array.shape)
+  path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def test_labelled_idx_split_pairs_images_with_labels(tmp_path):
+  images = np.arange(5 * 4 * 4).reshape(5, 4, 4) % 256
+  write_idx(tmp_path / "t10k-images-idx3-ubyte", images)
+  write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.array([3, 1, 4, 1, 5]))
+  config = ml_collections.ConfigDict(dict(source="idx", path=str(tmp_path), split="train"))
+  read_images, labels = input_pipeline.read_labelled(config, "test")
+  np.testing.assert_array_equal(read_images[..., 0], images)
+  np.testing.assert_array_equal(labels, [3, 1, 4, 1, 5])
+  write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.array([3, 1, 4]))
+  with pytest.raises(ValueError, match="5 images but 3 labels in split 'test'"):
+    input_pipeline.read_labelled(config, "test")
+  with pytest.raises(FileNotFoundError, match="No train-images-idx3-ubyte"):
+    input_pipeline.read_labelled(config, "train")
+
+
+def test_embedded_digits_have_500_labels_of_each_digit():
+  config = ml_collections.ConfigDict(dict(source="mnist_embedded"))
+  images, labels = input_pipeline.read_labelled(config, "train")
+  assert images.shape == (5000, 28, 28, 1)
+  np.testing.assert_array_equal(np.bincount(labels), [500] * 10)
+  with pytest.raises(ValueError, match="has only the split 'train'"):
+    input_pipeline.read_labelled(config, "test")
 
 
 def test_unknown_source_names_the_allowed_values():

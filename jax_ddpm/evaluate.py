@@ -1,0 +1,252 @@
+"""--mode=eval: sample quality of a checkpoint as FID (or a classifier feature distance).
+
+Protocol (written into every result file, so a number never travels without it):
+  1. Samples: eval.num_samples images drawn by --mode=sample with config.sampling (EMA weights,
+     sampler, steps, eta, seed), or read from the `.npz` named by eval.samples (key 'arr_0',
+     uint8 NHWC, as written by the sample mode and by OpenAI's guided-diffusion tools).
+  2. Features: eval.feature_net = inception (FID: 2048-d pool3 of the 2015-12-05 Inception,
+     `models/inception.py`) or classifier (128-d penultimate features of the project's
+     classifier trained on the dataset, `feature_classifier.py`).
+  3. Reference: mean and covariance of the same features over split eval.reference_split of
+     config.data (all of its images), computed once and cached as `.npz` (mu, sigma, count),
+     or read from eval.reference_stats (e.g. published TTUR statistics, same keys).
+  4. Frechet distance between the two Gaussians (`metrics.frechet_distance`); with the
+     classifier also its Inception-Score analogue and the histogram of predicted labels.
+The DDPM paper reports FID of 50,000 samples against the CIFAR-10 training set.
+
+Feature extraction is one compiled program per feature network, the batch sharded over the
+device mesh; every process computes, process 0 writes `workdir/eval/<name>.json` and CLU scalars.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Callable, Optional
+
+import jax
+import numpy as np
+from absl import logging
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from jax_ddpm import feature_classifier, fid_weights, input_pipeline, metrics, parallel
+from jax_ddpm.models import inception
+
+FEATURE_NETS = ("inception", "classifier")
+FEATURE_DIMS = {"inception": inception.FEATURE_DIM, "classifier": feature_classifier.FEATURE_DIM}
+
+
+class FeatureExtractor:
+  """uint8 NHWC images -> (features [n, d], class probabilities [n, k] or None), batched."""
+
+  def __init__(self, name: str, model: nnx.Module, apply: Callable, mesh: jax.sharding.Mesh,
+               batch_size: int):
+    self.name, self.dim = name, FEATURE_DIMS[name]
+    self.mesh, self.batch_size = mesh, batch_size
+    graphdef, state = nnx.split(model)
+    self._state = jax.device_put(state, parallel.replicated(mesh))
+    self._apply = jax.jit(lambda state, images: apply(nnx.merge(graphdef, state), images),
+                          out_shardings=parallel.batch_sharding(mesh))
+
+  def __call__(self, images: np.ndarray) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    features, probabilities = [], []
+    sharding = parallel.batch_sharding(self.mesh)
+    for start in range(0, len(images), self.batch_size):
+      batch = images[start:start + self.batch_size]
+      count = len(batch)
+      if count < self.batch_size:  # the last batch is padded; the padding is dropped below
+        batch = np.concatenate([batch, np.zeros((self.batch_size - count,) + batch.shape[1:],
+                                                batch.dtype)])
+      batch = jax.make_array_from_callback(batch.shape, sharding, lambda index, b=batch: b[index])
+      output = multihost_utils.process_allgather(self._apply(self._state, batch), tiled=True)
+      features.append(np.asarray(output[0])[:count])
+      if output[1] is not None:
+        probabilities.append(np.asarray(output[1])[:count])
+    return (np.concatenate(features),
+            np.concatenate(probabilities) if probabilities else None)
+
+  def statistics(self, images: np.ndarray) -> tuple[metrics.FeatureStatistics,
+                                                     Optional[np.ndarray]]:
+    """Feature moments of `images` (streamed batch by batch) and the class probabilities."""
+    moments = metrics.RunningMoments(self.dim)
+    probabilities = []
+    chunk = self.batch_size * 16
+    for start in range(0, len(images), chunk):
+      features, probs = self(images[start:start + chunk])
+      moments.update(features)
+      if probs is not None:
+        probabilities.append(probs)
+    return moments.statistics(), (np.concatenate(probabilities) if probabilities else None)
+
+
+def _inception_apply(model, images):
+  return model(inception.preprocess(images)), None
+
+
+def _classifier_apply(model, images):
+  features, logits = model(images)
+  return features, jax.nn.softmax(logits)
+
+
+def create_extractor(config, workdir: str, mesh: jax.sharding.Mesh) -> FeatureExtractor:
+  """The feature network config.eval names, with its weights loaded (not yet compiled)."""
+  name = config.eval.feature_net
+  if name == "inception":
+    model = fid_weights.load(config.eval.inception_weights or None)
+    return FeatureExtractor(name, model, _inception_apply, mesh, config.eval.batch_size)
+  model = feature_classifier.load(classifier_path(config, workdir))
+  expected = (config.data.image_size, config.data.channels)
+  if (model.config.image_size, model.config.channels) != expected:
+    raise ValueError(
+        f"The feature classifier at {classifier_path(config, workdir)} takes "
+        f"{model.config.image_size}x{model.config.image_size}x{model.config.channels} images, "
+        f"but config.data gives {expected[0]}x{expected[0]}x{expected[1]}.")
+  return FeatureExtractor(name, model, _classifier_apply, mesh, config.eval.batch_size)
+
+
+def classifier_path(config, workdir: str) -> str:
+  return config.eval.classifier or os.path.join(workdir, "feature_classifier.npz")
+
+
+def reference_path(config, workdir: str) -> str:
+  if config.eval.reference_stats:
+    return config.eval.reference_stats
+  data = config.data
+  return os.path.join(workdir, "eval", f"reference_{config.eval.feature_net}_{data.source}_"
+                      f"{config.eval.reference_split}.npz")
+
+
+def validate(config, mesh: jax.sharding.Mesh) -> None:
+  """Checks config.eval before any file is read or program compiled."""
+  ev = config.eval
+  if ev.feature_net not in FEATURE_NETS:
+    raise ValueError(f"Unknown eval.feature_net {ev.feature_net!r}; allowed values: "
+                     f"{list(FEATURE_NETS)}.")
+  if not isinstance(ev.num_samples, int) or ev.num_samples <= 0:
+    raise ValueError(f"eval.num_samples must be a positive integer, got {ev.num_samples!r}.")
+  metrics.check_full_rank_possible(ev.num_samples, FEATURE_DIMS[ev.feature_net],
+                                   f"eval.num_samples={ev.num_samples}")
+  if ev.batch_size <= 0 or ev.batch_size % mesh.size:
+    raise ValueError(f"eval.batch_size={ev.batch_size} must be a positive multiple of the "
+                     f"number of devices, {mesh.size}.")
+
+
+def reference_statistics(config, workdir: str, extractor: FeatureExtractor
+                         ) -> metrics.FeatureStatistics:
+  """Cached (or given) reference statistics; computed from the dataset split when absent."""
+  path = reference_path(config, workdir)
+  if os.path.exists(path):
+    stats = metrics.FeatureStatistics.load(path)
+    if stats.dim != extractor.dim:
+      raise ValueError(f"The reference statistics {path} are of {stats.dim}-d features, but "
+                       f"eval.feature_net={extractor.name!r} gives {extractor.dim}-d ones.")
+    return stats
+  if config.eval.reference_stats:
+    raise FileNotFoundError(f"eval.reference_stats={path!r} does not exist.")
+  source = input_pipeline.create_split_source(config.data, config.eval.reference_split)
+  images = source.read(np.arange(len(source)))
+  metrics.check_full_rank_possible(len(images), extractor.dim,
+                                   f"reference split {config.eval.reference_split!r}")
+  logging.info("Computing %s reference statistics of %d images of split %r.", extractor.name,
+               len(images), config.eval.reference_split)
+  stats, _ = extractor.statistics(images)
+  if jax.process_index() == 0:
+    stats.save(path)
+  return stats
+
+
+def load_samples(path: str) -> np.ndarray:
+  """uint8 NHWC images from an `.npz` (key 'arr_0'), without unpickling."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"No sample file {path!r}.")
+  with np.load(path, allow_pickle=False) as data:
+    if "arr_0" not in data.files:
+      raise ValueError(f"{path} has no 'arr_0' array (it has {data.files}).")
+    images = data["arr_0"]
+  if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
+    raise ValueError(f"{path}: expected uint8 images [N, H, W, 1 or 3], got {images.dtype} "
+                     f"{images.shape}.")
+  return images
+
+
+def _draw_samples(config, workdir: str, step: Optional[int]) -> tuple[np.ndarray, dict]:
+  from jax_ddpm import sampling  # pylint: disable=g-import-not-at-top
+  config = config.copy_and_resolve_references()
+  config.sampling.num_samples = config.eval.num_samples
+  directory = sampling.sample_to_workdir(config, workdir, step)
+  with open(os.path.join(directory, "settings.json")) as f:
+    settings = json.load(f)
+  # Every process waits until process 0 has written the file of all samples.
+  multihost_utils.sync_global_devices("jax_ddpm_eval_samples_written")
+  path = os.path.join(directory, f"samples_{config.eval.num_samples}x{config.data.image_size}x"
+                      f"{config.data.image_size}x{config.data.channels}.npz")
+  return load_samples(path), {"samples": path, **settings}
+
+
+def evaluate(config, workdir: str, step: Optional[int] = None) -> dict:
+  """--mode=eval; returns the results written to workdir/eval/<name>.json."""
+  mesh = parallel.data_mesh()
+  validate(config, mesh)
+  ev = config.eval
+  extractor = create_extractor(config, workdir, mesh)  # fails on missing weights before sampling
+  if ev.samples:
+    images, protocol = load_samples(ev.samples), {"samples": ev.samples}
+  else:
+    images, protocol = _draw_samples(config, workdir, step)
+  if len(images) < ev.num_samples:
+    raise ValueError(f"{protocol['samples']} holds {len(images)} images; eval.num_samples="
+                     f"{ev.num_samples}.")
+  images = images[:ev.num_samples]
+  reference = reference_statistics(config, workdir, extractor)
+  started = time.perf_counter()
+  stats, probabilities = extractor.statistics(images)
+  distance = metrics.frechet_distance(stats, reference)
+  results = {
+      "fid" if extractor.name == "inception" else "feature_distance": distance,
+      "feature_net": extractor.name, "num_samples": int(ev.num_samples),
+      "reference": reference_path(config, workdir), "reference_count": reference.count,
+      "reference_split": ev.reference_split, "feature_seconds": time.perf_counter() - started,
+      **{f"protocol.{k}": v for k, v in protocol.items()}}
+  if probabilities is not None:
+    score, spread = metrics.inception_score(probabilities)
+    results["classifier_score"], results["classifier_score_std"] = score, spread
+    histogram = np.bincount(probabilities.argmax(axis=1), minlength=probabilities.shape[1])
+    results["label_histogram"] = [int(c) for c in histogram]
+  if jax.process_index() == 0:
+    _write_results(workdir, results)
+  return results
+
+
+def _write_results(workdir: str, results: dict) -> None:
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  step = int(results.get("protocol.step", 0))
+  name = (f"{step}_{results.get('protocol.sampler', 'file')}_{results['feature_net']}_"
+          f"{results['num_samples']}")
+  directory = os.path.join(workdir, "eval")
+  os.makedirs(directory, exist_ok=True)
+  path = os.path.join(directory, name + ".json")
+  with open(path + ".tmp", "w") as f:
+    json.dump(results, f, indent=1)
+  os.replace(path + ".tmp", path)
+  writer = metric_writers.create_default_writer(workdir)
+  scalars = {f"eval/{k}": v for k, v in results.items()
+             if k in ("fid", "feature_distance", "classifier_score")}
+  writer.write_scalars(step, scalars)
+  writer.flush()
+  logging.info("Wrote %s: %s", path, scalars)
+
+
+def train_classifier(config, workdir: str) -> dict:
+  """--mode=train_classifier: trains the feature classifier on config.data's training split."""
+  images, labels = input_pipeline.read_labelled(config.data, "train")
+  model, report = feature_classifier.train(
+      images, labels, num_steps=config.eval.classifier_steps,
+      batch_size=config.eval.classifier_batch_size, seed=config.seed)
+  path = classifier_path(config, workdir)
+  if jax.process_index() == 0:
+    feature_classifier.save(model, path)
+  logging.info("Feature classifier saved to %s: %s", path, report)
+  return report
+

