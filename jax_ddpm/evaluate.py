@@ -15,7 +15,9 @@ Protocol (written into every result file, so a number never travels without it):
 The DDPM paper reports FID of 50,000 samples against the CIFAR-10 training set.
 
 Feature extraction is one compiled program per feature network, the batch sharded over the
-device mesh; every process computes, process 0 writes `workdir/eval/<name>.json` and CLU scalars.
+device mesh; every process computes, process 0 writes `workdir/eval/<samples>_<net>_<N>.json`
+(<samples>: the sample directory, <step>_<sampler>_<steps>, or the given file's name) and CLU
+scalars.
 """
 
 from __future__ import annotations
@@ -215,15 +217,16 @@ def evaluate(config, workdir: str, step: Optional[int] = None) -> dict:
     histogram = np.bincount(probabilities.argmax(axis=1), minlength=probabilities.shape[1])
     results["label_histogram"] = [int(c) for c in histogram]
   if jax.process_index() == 0:
-    _write_results(workdir, results)
+    # Named after the samples: their directory (<step>_<sampler>_<steps>) or the given file.
+    source = (os.path.splitext(os.path.basename(ev.samples))[0] if ev.samples
+              else os.path.basename(os.path.dirname(protocol["samples"])))
+    _write_results(workdir, results, f"{source}_{extractor.name}_{ev.num_samples}")
   return results
 
 
-def _write_results(workdir: str, results: dict) -> None:
+def _write_results(workdir: str, results: dict, name: str) -> None:
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
   step = int(results.get("protocol.step", 0))
-  name = (f"{step}_{results.get('protocol.sampler', 'file')}_{results['feature_net']}_"
-          f"{results['num_samples']}")
   directory = os.path.join(workdir, "eval")
   os.makedirs(directory, exist_ok=True)
   path = os.path.join(directory, name + ".json")

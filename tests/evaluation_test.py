@@ -139,7 +139,7 @@ def test_eval_mode_samples_the_checkpoint_and_writes_json_and_summaries(tiny_run
   assert results["protocol.step"] == 6 and results["protocol.sampler"] == "ddim"
   assert results["protocol.use_ema"] and results["num_samples"] == 136
   assert np.isfinite(results["feature_distance"]) and results["feature_distance"] > 0
-  with open(os.path.join(workdir, "eval", "6_ddim_classifier_136.json")) as f:
+  with open(os.path.join(workdir, "eval", "6_ddim_4_classifier_136.json")) as f:
     assert json.load(f)["feature_distance"] == results["feature_distance"]
   from tensorboard.backend.event_processing import event_accumulator
   accumulator = event_accumulator.EventAccumulator(workdir, size_guidance={"tensors": 0})
