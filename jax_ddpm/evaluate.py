@@ -148,12 +148,16 @@ def reference_statistics(config, workdir: str, extractor: FeatureExtractor
   if config.eval.reference_stats:
     raise FileNotFoundError(f"eval.reference_stats={path!r} does not exist.")
   source = input_pipeline.create_split_source(config.data, config.eval.reference_split)
-  images = source.read(np.arange(len(source)))
-  metrics.check_full_rank_possible(len(images), extractor.dim,
+  metrics.check_full_rank_possible(len(source), extractor.dim,
                                    f"reference split {config.eval.reference_split!r}")
   logging.info("Computing %s reference statistics of %d images of split %r.", extractor.name,
-               len(images), config.eval.reference_split)
-  stats, _ = extractor.statistics(images)
+               len(source), config.eval.reference_split)
+  moments = metrics.RunningMoments(extractor.dim)
+  chunk = extractor.batch_size * 16  # read and featurise the split a chunk at a time
+  for start in range(0, len(source), chunk):
+    features, _ = extractor(source.read(np.arange(start, min(start + chunk, len(source)))))
+    moments.update(features)
+  stats = moments.statistics()
   if jax.process_index() == 0:
     stats.save(path)
   return stats
