@@ -33,7 +33,7 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from jax_ddpm import feature_classifier, fid_weights, input_pipeline, metrics, parallel
+from jax_ddpm import feature_classifier, fid_weights, files, input_pipeline, metrics, parallel
 from jax_ddpm.models import inception
 
 FEATURE_NETS = ("inception", "classifier")
@@ -69,14 +69,18 @@ class FeatureExtractor:
     return (np.concatenate(features),
             np.concatenate(probabilities) if probabilities else None)
 
-  def statistics(self, images: np.ndarray) -> tuple[metrics.FeatureStatistics,
-                                                     Optional[np.ndarray]]:
-    """Feature moments of `images` (streamed batch by batch) and the class probabilities."""
+  def statistics(self, source: input_pipeline.ImageSource
+                 ) -> tuple[metrics.FeatureStatistics, Optional[np.ndarray]]:
+    """Feature moments of every image of `source` and the class probabilities.
+
+    The images are read and featurised a chunk at a time, so a large split or sample set never
+    sits in memory whole.
+    """
     moments = metrics.RunningMoments(self.dim)
     probabilities = []
     chunk = self.batch_size * 16
-    for start in range(0, len(images), chunk):
-      features, probs = self(images[start:start + chunk])
+    for start in range(0, len(source), chunk):
+      features, probs = self(source.read(np.arange(start, min(start + chunk, len(source)))))
       moments.update(features)
       if probs is not None:
         probabilities.append(probs)
@@ -152,12 +156,7 @@ def reference_statistics(config, workdir: str, extractor: FeatureExtractor
                                    f"reference split {config.eval.reference_split!r}")
   logging.info("Computing %s reference statistics of %d images of split %r.", extractor.name,
                len(source), config.eval.reference_split)
-  moments = metrics.RunningMoments(extractor.dim)
-  chunk = extractor.batch_size * 16  # read and featurise the split a chunk at a time
-  for start in range(0, len(source), chunk):
-    features, _ = extractor(source.read(np.arange(start, min(start + chunk, len(source)))))
-    moments.update(features)
-  stats = moments.statistics()
+  stats, _ = extractor.statistics(source)
   if jax.process_index() == 0:
     stats.save(path)
   return stats
@@ -186,8 +185,8 @@ def _draw_samples(config, workdir: str, step: Optional[int]) -> tuple[np.ndarray
     settings = json.load(f)
   # Every process waits until process 0 has written the file of all samples.
   multihost_utils.sync_global_devices("jax_ddpm_eval_samples_written")
-  path = os.path.join(directory, f"samples_{config.eval.num_samples}x{config.data.image_size}x"
-                      f"{config.data.image_size}x{config.data.channels}.npz")
+  path = sampling.all_samples_path(directory, (config.eval.num_samples, config.data.image_size,
+                                               config.data.image_size, config.data.channels))
   return load_samples(path), {"samples": path, **settings}
 
 
@@ -207,7 +206,7 @@ def evaluate(config, workdir: str, step: Optional[int] = None) -> dict:
   images = images[:ev.num_samples]
   reference = reference_statistics(config, workdir, extractor)
   started = time.perf_counter()
-  stats, probabilities = extractor.statistics(images)
+  stats, probabilities = extractor.statistics(input_pipeline.ArraySource(images))
   distance = metrics.frechet_distance(stats, reference)
   results = {
       "fid" if extractor.name == "inception" else "feature_distance": distance,
@@ -231,12 +230,8 @@ def evaluate(config, workdir: str, step: Optional[int] = None) -> dict:
 def _write_results(workdir: str, results: dict, name: str) -> None:
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
   step = int(results.get("protocol.step", 0))
-  directory = os.path.join(workdir, "eval")
-  os.makedirs(directory, exist_ok=True)
-  path = os.path.join(directory, name + ".json")
-  with open(path + ".tmp", "w") as f:
-    json.dump(results, f, indent=1)
-  os.replace(path + ".tmp", path)
+  path = os.path.join(workdir, "eval", name + ".json")
+  files.save_json(path, results)
   writer = metric_writers.create_default_writer(workdir)
   scalars = {f"eval/{k}": v for k, v in results.items()
              if k in ("fid", "feature_distance", "classifier_score")}

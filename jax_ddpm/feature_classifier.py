@@ -25,7 +25,7 @@ import optax
 from absl import logging
 from flax import nnx
 
-from jax_ddpm import parallel
+from jax_ddpm import files, parallel
 
 FEATURE_DIM = 128
 CONFIG_KEY = "__config__"
@@ -67,11 +67,7 @@ def save(model: Classifier, path: str) -> None:
   arrays = {".".join(str(k) for k in p): np.asarray(v.get_value())
             for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
   arrays[CONFIG_KEY] = np.array(json.dumps(dataclasses.asdict(model.config)))
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  temporary = path + ".tmp"
-  with open(temporary, "wb") as f:
-    np.savez(f, **arrays)
-  os.replace(temporary, path)
+  files.save_npz(path, **arrays)
 
 
 def load(path: str) -> Classifier:

@@ -21,6 +21,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from jax_ddpm import files
 from jax_ddpm.models.inception import FIDInception
 
 WEIGHTS_NAME = "fid_inception_2015-12-05.npz"
@@ -78,11 +79,7 @@ def convert(torch_file: str, output: str) -> str:
   for name, value in tensors.items():
     arrays[name] = value.transpose(2, 3, 1, 0) if value.ndim == 4 else value  # OIHW -> HWIO
   _check_names_and_shapes(arrays, torch_file)
-  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-  temporary = output + ".tmp"
-  with open(temporary, "wb") as f:
-    np.savez(f, **arrays)
-  os.replace(temporary, output)
+  files.save_npz(output, **arrays)
   return output
 
 

@@ -18,9 +18,10 @@ samples never sit in memory; reference statistics travel as `.npz` with keys mu,
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
+
+from jax_ddpm import files
 
 SQRT_EPS = 1e-6  # the offset TTUR and pytorch-fid add to singular covariances
 
@@ -71,11 +72,7 @@ class FeatureStatistics:
     return len(self.mu)
 
   def save(self, path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    temporary = path + ".tmp"
-    with open(temporary, "wb") as f:
-      np.savez(f, mu=self.mu, sigma=self.sigma, count=np.int64(self.count))
-    os.replace(temporary, path)
+    files.save_npz(path, mu=self.mu, sigma=self.sigma, count=np.int64(self.count))
 
   @classmethod
   def load(cls, path: str) -> "FeatureStatistics":

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jax_ddpm import parallel, samplers
+from jax_ddpm import files, parallel, samplers
 from jax_ddpm.schedules import DiffusionSchedule
 
 SAMPLERS = ("ddpm", "ddim")
@@ -103,10 +103,9 @@ def _sample_settings(config, step: int) -> dict:
   return settings
 
 
-def _write_atomically(path: str, write) -> None:
-  temporary = path + ".tmp"
-  write(temporary)
-  os.replace(temporary, path)
+def all_samples_path(directory: str, shape: tuple[int, ...]) -> str:
+  """The file of every sample of a directory: samples_<N>x<H>x<W>x<C>.npz."""
+  return os.path.join(directory, "samples_" + "x".join(str(d) for d in shape) + ".npz")
 
 
 def sample_to_workdir(config, workdir: str, step: int | None = None) -> str:
@@ -154,7 +153,7 @@ def sample_to_workdir(config, workdir: str, step: int | None = None) -> str:
   is_writer = jax.process_index() == 0
   if is_writer:
     os.makedirs(directory, exist_ok=True)
-    _write_atomically(settings_path, lambda p: open(p, "w").write(json.dumps(settings, indent=1)))
+    files.save_json(settings_path, settings)
 
   batch_size = sampling_config.batch_size
   num_batches = -(-sampling_config.num_samples // batch_size)
@@ -183,7 +182,7 @@ def sample_to_workdir(config, workdir: str, step: int | None = None) -> str:
     keep = min(batch_size, sampling_config.num_samples - index * batch_size)
     images = images[:keep]
     if is_writer:
-      _write_atomically(batch_path(index), lambda p: np.savez(open(p, "wb"), arr_0=images))
+      files.save_npz(batch_path(index), arr_0=images)
       save_png(os.path.join(directory, f"grid_{index:05d}.png"), image_grid(images))
     elapsed = time.perf_counter() - started
     rate = done * batch_size / elapsed
@@ -191,8 +190,7 @@ def sample_to_workdir(config, workdir: str, step: int | None = None) -> str:
                  (len(todo) - done) * batch_size / rate)
   if is_writer:
     everything = np.concatenate([np.load(batch_path(i))["arr_0"] for i in range(num_batches)])
-    name = "samples_" + "x".join(str(d) for d in everything.shape) + ".npz"
-    _write_atomically(os.path.join(directory, name),
-                      lambda p: np.savez(open(p, "wb"), arr_0=everything))
-    logging.info("Wrote %d samples to %s.", len(everything), os.path.join(directory, name))
+    path = all_samples_path(directory, everything.shape)
+    files.save_npz(path, arr_0=everything)
+    logging.info("Wrote %d samples to %s.", len(everything), path)
   return directory
