@@ -11,14 +11,11 @@
 import os
 import sys
 
-# On a CPU-only host XLA runs one device on all cores and uses the second core poorly; one CPU
-# device per core (up to 8, a power of two so batches divide) runs the same mesh code faster.
-# The flag only shapes the CPU backend: on GPU and TPU hosts jax.devices() is unaffected.
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  _cores = min(os.cpu_count() or 1, 8)
-  _devices = 1 << (_cores.bit_length() - 1)
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                             + f" --xla_force_host_platform_device_count={_devices}").strip()
+# One XLA CPU device per core on CPU-only hosts (jax_ddpm/host_devices.py says why); set
+# before JAX is imported.
+from jax_ddpm import host_devices  # pylint: disable=g-import-not-at-top
+
+os.environ["XLA_FLAGS"] = host_devices.with_cpu_devices(os.environ.get("XLA_FLAGS", ""))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
