@@ -29,6 +29,7 @@ def unet_config(config) -> UNetConfig:
       attention_head_dim=model.attention_head_dim,
       num_classes=model.num_classes,
       compute_dtype=str(model.compute_dtype),
+      remat=bool(model.remat),
   )
 
 

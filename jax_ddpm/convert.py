@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 import numpy as np
 from flax import nnx
 
-from jax_ddpm.models.unet import UNet, UNetConfig
+from jax_ddpm.models.unet import RUNTIME_FIELDS, UNet, UNetConfig
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
@@ -177,12 +177,31 @@ def unet_config_from_diffusers(config: dict, *, dropout: float = 0.0,
   )
 
 
+def diffusers_config_from_unet(config: UNetConfig) -> dict:
+  """The diffusers `UNet2DModel` keyword arguments of the same network (the inverse of above).
+
+  Builds the PyTorch peer of benchmarks/ and the parity tests' reference network.
+  """
+  levels = range(len(config.ch_mult))
+  attention = [config.image_size // 2**level in config.attn_resolutions for level in levels]
+  settings = dict(REQUIRED_DIFFUSERS_SETTINGS)
+  settings.update(
+      sample_size=config.image_size, in_channels=config.in_channels,
+      out_channels=config.out_channels,
+      block_out_channels=tuple(config.ch * m for m in config.ch_mult),
+      down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention),
+      up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
+      layers_per_block=config.num_res_blocks, norm_num_groups=config.num_groups,
+      attention_head_dim=config.attention_head_dim, num_class_embeds=config.num_classes,
+      dropout=config.dropout)
+  return settings
+
+
 def config_differences(ours: UNetConfig, checkpoint: UNetConfig) -> list[str]:
   """'key: ours vs checkpoint' for each architecture field on which the two disagree."""
-  ignored = ("dropout", "compute_dtype")  # training and runtime choices, not architecture
   differences = []
   for field in dataclasses.fields(UNetConfig):
-    if field.name in ignored:
+    if field.name in RUNTIME_FIELDS:
       continue
     mine, theirs = getattr(ours, field.name), getattr(checkpoint, field.name)
     if mine != theirs:

@@ -18,7 +18,7 @@ import optax
 from flax import nnx
 
 from jax_ddpm import checkpointing, config_checks, parallel
-from jax_ddpm.models.unet import UNet
+from jax_ddpm.models.unet import RUNTIME_FIELDS, UNet
 from jax_ddpm.schedules import DiffusionSchedule, get_schedule
 
 
@@ -66,7 +66,7 @@ def ema_decay_at(step: jax.Array, optim_config) -> jax.Array:
 def run_metadata(config) -> dict:
   """The JSON saved beside each checkpoint: architecture, diffusion process and whole config."""
   model = dataclasses.asdict(config_checks.unet_config(config))
-  for runtime_choice in ("dropout", "compute_dtype"):
+  for runtime_choice in RUNTIME_FIELDS:
     model.pop(runtime_choice)
   return {"model": model, "diffusion": config.diffusion.to_dict(),
           "config": config.to_dict()}

@@ -77,11 +77,12 @@ def train_step(state: TrainState, x0: jax.Array, *, graphdef: nnx.GraphDef,
   return new_state, metrics
 
 
-def make_train_fn(graphdef, schedule, optimizer, config, mesh) -> Callable:
+def make_train_fn(graphdef, schedule, optimizer, config, mesh, *, donate: bool = True
+                  ) -> Callable:
   """jit(state, batch) -> (state, metrics), k = steps_per_dispatch steps per call.
 
   For k > 1 the batch is [k, B, H, W, C] and the steps run in one lax.scan; metrics are [k].
-  The incoming state's buffers are donated.
+  The incoming state's buffers are donated (`donate=False` exists for benchmarks/NOTES.md).
   """
   step = functools.partial(train_step, graphdef=graphdef, schedule=schedule,
                            optimizer=optimizer, config=config)
@@ -93,7 +94,7 @@ def make_train_fn(graphdef, schedule, optimizer, config, mesh) -> Callable:
     return jax.lax.scan(step, state, batch)
 
   replicated = parallel.replicated(mesh)
-  return jax.jit(train_fn, donate_argnums=(0,),
+  return jax.jit(train_fn, donate_argnums=(0,) if donate else (),
                  in_shardings=(replicated, parallel.batch_sharding(mesh, int(k > 1))),
                  out_shardings=(replicated, replicated))
 

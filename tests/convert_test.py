@@ -138,6 +138,19 @@ def test_config_mismatch_names_the_keys(small_checkpoint):
   assert "model.num_res_blocks" not in message
 
 
+@pytest.mark.parametrize("name", ["mnist", "cifar10"])
+def test_diffusers_settings_of_our_configs_describe_the_same_network(name):
+  """The inverse mapping builds the PyTorch peer of benchmarks/: same config, same parameters."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  from jax_ddpm import config_checks  # pylint: disable=g-import-not-at-top
+  ours = config_checks.unet_config(importlib.import_module(f"configs.{name}").get_config())
+  settings = convert.diffusers_config_from_unet(ours)
+  assert convert.unet_config_from_diffusers(settings, dropout=ours.dropout) == ours
+  peer = diffusers.UNet2DModel(**settings)
+  abstract = nnx.eval_shape(lambda: unet.UNet(ours, rngs=nnx.Rngs(0)))
+  assert sum(p.numel() for p in peer.parameters()) == unet.count_params(abstract)
+
+
 def test_unsupported_diffusers_settings_are_named():
   settings = dict(SMALL_DIFFUSERS, flip_sin_to_cos=True, freq_shift=0,
                   down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"])

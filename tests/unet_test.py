@@ -91,6 +91,27 @@ def test_bfloat16_compute_keeps_float32_params_and_close_outputs():
   assert relative < 0.05, relative
 
 
+def test_remat_recomputes_the_same_loss_gradients_and_dropout():
+  """model.remat only moves work from memory to compute: same numbers, dropout masks included."""
+  def loss_and_grads(remat):
+    config = unet.UNetConfig(**{**vars(TINY), "remat": remat})
+    model = randomize(unet.UNet(config, rngs=nnx.Rngs(0)))
+    model.train()
+    graphdef, params = nnx.split(model)
+    x, t = jax.random.normal(jax.random.key(0), (2, 16, 16, 1)), jnp.array([3, 300])
+
+    def loss(params):
+      out = nnx.merge(graphdef, params)(x, t, rngs=nnx.Rngs(dropout=7))
+      return jnp.mean(out**2)
+
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  (plain_loss, plain_grads), (remat_loss, remat_grads) = loss_and_grads(False), loss_and_grads(True)
+  np.testing.assert_allclose(remat_loss, plain_loss, rtol=1e-6)
+  for plain, remat in zip(jax.tree.leaves(plain_grads), jax.tree.leaves(remat_grads)):
+    np.testing.assert_allclose(remat, plain, rtol=1e-5, atol=1e-7)
+
+
 def test_model_runs_jitted_with_the_batch_sharded_over_8_devices():
   devices = jax.devices()
   assert len(devices) == 8, "tests/conftest.py sets 8 simulated CPU devices"

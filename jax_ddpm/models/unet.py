@@ -29,6 +29,11 @@ zero_init = nnx.initializers.zeros_init()
 GROUP_NORM_EPSILON = 1e-6  # tf.contrib.layers.group_norm's default, used by the original
 
 
+# Fields that choose how the network runs or trains, not what it is: checkpoints and imported
+# weights may differ in them.
+RUNTIME_FIELDS = ("dropout", "compute_dtype", "remat")
+
+
 @dataclasses.dataclass(frozen=True)
 class UNetConfig:
   """Hyper-parameters of the U-Net; the defaults are the DDPM CIFAR-10 model (35.7M params)."""
@@ -45,6 +50,9 @@ class UNetConfig:
   attention_head_dim: Optional[int] = None
   num_classes: Optional[int] = None
   compute_dtype: str = "float32"
+  # Recompute each residual block's activations in the backward pass instead of storing them
+  # (jax.checkpoint): less memory for more compute; benchmarks/NOTES.md has the trade.
+  remat: bool = False
 
   def validate(self) -> None:
     """Raises ValueError naming the first inconsistent field."""
@@ -153,6 +161,8 @@ class AttentionBlock(nnx.Module):
 
     q, k, v = heads(self.q), heads(self.k), heads(self.v)
     # Attention weights softmax(q k^T / sqrt(d)) (Vaswani et al. 2017, eq. 1), in float32.
+    # (jax.nn.dot_product_attention computes the same but its backward pass measured slower on
+    # CPU, benchmarks/NOTES.md, 3.)
     logits = jnp.einsum("bqhc,bkhc->bhqk", q, k, preferred_element_type=jnp.float32)
     weights = jax.nn.softmax(logits * head_dim**-0.5, axis=-1).astype(v.dtype)
     out = jnp.einsum("bhqk,bkhc->bqhc", weights, v).reshape(batch, height, width, channels)
@@ -277,21 +287,27 @@ class UNet(nnx.Module):
     if self.class_embed is not None:
       temb = temb + self.class_embed(y).astype(temb.dtype)
 
+    def run_block(block, h, temb, rngs):
+      return block(h, temb, rngs)
+
+    if config.remat:
+      run_block = nnx.remat(run_block)
+
     hs = [self.conv_in(x.astype(dtype))]
     for level in self.down:
       for i, block in enumerate(level.blocks):
-        h = block(hs[-1], temb, rngs)
+        h = run_block(block, hs[-1], temb, rngs)
         if level.attentions:
           h = level.attentions[i](h)
         hs.append(h)
       if level.resample is not None:
         hs.append(level.resample(hs[-1]))
 
-    h = self.mid(hs[-1], temb, rngs)
+    h = run_block(self.mid, hs[-1], temb, rngs)
 
     for level in self.up:
       for i, block in enumerate(level.blocks):
-        h = block(jnp.concatenate([h, hs.pop()], axis=-1), temb, rngs)
+        h = run_block(block, jnp.concatenate([h, hs.pop()], axis=-1), temb, rngs)
         if level.attentions:
           h = level.attentions[i](h)
       if level.resample is not None:
