@@ -2,6 +2,7 @@
 
 import os
 import platform
+import resource
 import statistics
 import time
 
@@ -41,3 +42,19 @@ def print_table(header: list[str], rows: list[list]) -> None:
   print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
   for row in rows:
     print("| " + " | ".join(str(x).ljust(w) for x, w in zip(row, widths)) + " |")
+
+
+def model_config(name: str):
+  """The run config of a benchmarked model: "small" (configs/mnist.py, 1.1M parameters),
+  "cifar10" (configs/cifar10.py, the DDPM paper's 35.7M network) or "tiny" (configs/tiny.py,
+  for the benchmark's own test)."""
+  from configs import cifar10, mnist, tiny  # pylint: disable=g-import-not-at-top
+  configs = {"small": mnist, "cifar10": cifar10, "tiny": tiny}
+  if name not in configs:
+    raise ValueError(f"Unknown model {name!r}; allowed values: {list(configs)}.")
+  return configs[name].get_config()
+
+
+def peak_rss_mb() -> float:
+  """The peak resident memory of this process so far, in MiB (Linux reports KiB)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,0 +1,65 @@
+"""The benchmark entry point (benchmarks/run.py) and its measurements report sane numbers.
+
+The measurements run in this process (run.py starts one process per row; the last test runs
+one such process), which keeps the test to seconds.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("diffusers")
+
+from benchmarks import jax_cases, run, torch_peer  # pylint: disable=g-import-not-at-top
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def in_process(module, spec, env):
+  del env
+  return {"benchmarks.jax_cases": jax_cases, "benchmarks.torch_peer": torch_peer}[module].measure(
+      spec)
+
+
+def test_benchmark_prints_tables_with_peer_ratios_for_the_same_network(tmp_path, monkeypatch,
+                                                                       capsys):
+  monkeypatch.setattr(run, "run_case", in_process)
+  raw = tmp_path / "raw.json"
+  run.main(["--models", "tiny", "--train_batches", "tiny=8", "--sample_batches", "tiny=8",
+            "--sample_steps", "2", "--repeats", "1", "--peer", "--json", str(raw)])
+  out = capsys.readouterr().out
+  assert "Machine: " in out and "Matmul ceiling" in out
+  assert re.search(r"\| tiny \(0\.2M\) +\| 8 +\|", out)
+  assert "ddim-2" in out and "ddpm-100 (derived)" in out
+  results = json.loads(raw.read_text())
+  train = results["train"][0]
+  # The peer is built from the same config: identical parameter counts.
+  assert train["jax"]["params"] == train["torch"]["params"]
+  assert train["jax"]["flops"] > 0 and 0 <= train["jax"]["data_wait"] < 1
+  assert train["jax"]["xla_memory_mb"] > 0 and train["jax"]["peak_rss_mb"] > 0
+  for result in [train] + results["sample"]:
+    for implementation in ("jax", "torch"):
+      median, low, high = result[implementation]["seconds"]
+      assert 0 < low <= median <= high
+  ratio_cells = [line.rsplit("|", 2)[-2].strip() for line in out.splitlines()
+                 if line.startswith("| tiny")]
+  assert ratio_cells and all(float(cell) > 0 for cell in ratio_cells)
+
+
+def test_a_measurement_runs_as_its_own_process_and_prints_json():
+  completed = subprocess.run(
+      [sys.executable, "-m", "benchmarks.jax_cases", '{"kind": "ceiling", "n": 128, "repeats": 1}'],
+      cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+  assert completed.returncode == 0, completed.stderr[-3000:]
+  result = json.loads(completed.stdout.strip().splitlines()[-1])
+  assert result["flops"] == 2 * 128**3 * result["devices"] and result["seconds"][0] > 0
+
+
+def test_unknown_model_fails_before_any_measurement():
+  with pytest.raises(ValueError, match=r"Unknown model 'imagenet'; allowed values: "
+                     r"\['small', 'cifar10', 'tiny'\]"):
+    run.main(["--models", "imagenet"])
