@@ -19,7 +19,7 @@ Keys (override any on the command line: --config.training.batch_size=64):
   optim.ema_warmup         use min(decay, (1 + step) / (10 + step)) so short runs sample well
   training.batch_size      global batch over all devices and processes
   training.num_train_steps
-  training.steps_per_dispatch   k train steps per compiled call (lax.scan), for small models
+  training.steps_per_dispatch   k train steps per compiled call (lax.scan), for TPUs (slow on CPU)
   training.log_every_steps, .checkpoint_every_steps, .keep_checkpoints
   training.sample_every_steps, .num_sample_images, .sample_ddim_steps   DDIM (eta 0) sample
                            grids from the EMA params, written during training
@@ -77,7 +77,11 @@ def get_config() -> ml_collections.ConfigDict:
   model.num_groups = 8
   model.attention_head_dim = ml_collections.config_dict.placeholder(int)
   model.num_classes = ml_collections.config_dict.placeholder(int)
+  # float32: bfloat16 ran 9-22% slower on a CPU without native bf16 (benchmarks/NOTES.md, 2);
+  # on GPUs and TPUs "bfloat16" is the usual faster choice.
   model.compute_dtype = "float32"
+  # Off: 12-16% slower and no memory saved at the batches measured (benchmarks/NOTES.md, 8).
+  model.remat = False
 
   config.optim = optim = ml_collections.ConfigDict()
   optim.learning_rate = 2e-4
@@ -92,6 +96,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.training = training = ml_collections.ConfigDict()
   training.batch_size = 128
   training.num_train_steps = 800_000
+  # 1: on XLA's CPU backend a lax.scan of 4 train steps ran 15x slower (benchmarks/NOTES.md, 6).
   training.steps_per_dispatch = 1
   training.log_every_steps = 100
   training.checkpoint_every_steps = 5000
