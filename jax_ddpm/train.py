@@ -142,6 +142,10 @@ def _train(config, workdir: str, mesh, preemption: "PreemptionWatch") -> TrainSt
   start_step = int(state.step)
   training = config.training
   k = training.steps_per_dispatch
+  if k > 1 and jax.default_backend() == "cpu":
+    logging.warning("training.steps_per_dispatch=%d on CPU: XLA's CPU backend runs convolutions "
+                    "inside loops far more slowly (15x measured, benchmarks/NOTES.md, 6); 1 is "
+                    "faster here.", k)
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if start_step == 0:
