@@ -44,15 +44,21 @@ def print_table(header: list[str], rows: list[list]) -> None:
     print("| " + " | ".join(str(x).ljust(w) for x, w in zip(row, widths)) + " |")
 
 
-def model_config(name: str):
+def model_config(name: str, overrides: dict | None = None):
   """The run config of a benchmarked model: "small" (configs/mnist.py, 1.1M parameters),
   "cifar10" (configs/cifar10.py, the DDPM paper's 35.7M network) or "tiny" (configs/tiny.py,
-  for the benchmark's own test)."""
+  for the benchmark's own test), with `overrides` ({"model.remat": True, ...}) applied.
+
+  The config is locked, so a misspelt override key raises KeyError naming the near miss.
+  """
   from configs import cifar10, mnist, tiny  # pylint: disable=g-import-not-at-top
   configs = {"small": mnist, "cifar10": cifar10, "tiny": tiny}
   if name not in configs:
     raise ValueError(f"Unknown model {name!r}; allowed values: {list(configs)}.")
-  return configs[name].get_config()
+  config = configs[name].get_config()
+  config.lock()
+  config.update_from_flattened_dict(overrides or {})
+  return config
 
 
 def peak_rss_mb() -> float:

@@ -24,15 +24,7 @@ from jax_ddpm import input_pipeline, parallel, sampling, state, train
 
 
 def model_config(spec: dict):
-  config = common.model_config(spec["model"])
-  with config.unlocked():
-    for key, value in spec.get("set", {}).items():
-      node = config
-      *parents, leaf = key.split(".")
-      for parent in parents:
-        node = node[parent]
-      node[leaf] = value
-  return config
+  return common.model_config(spec["model"], spec.get("set"))
 
 
 def compiled_costs(compiled, num_devices: int) -> dict:

@@ -77,13 +77,19 @@ def parse_args(argv=None):
   parser.add_argument("--json", default=None, help="also write every raw result to this file")
   args = parser.parse_args(argv)
   args.models = [m for m in args.models.split(",") if m]
-  for name in args.models:
-    common.model_config(name)  # unknown names fail here, before anything runs
+  malformed = [item for item in args.set if "=" not in item]
+  if malformed:
+    parser.error(f"--set takes KEY=VALUE, got {malformed}")
+  args.overrides = {key: parse_value(value)
+                    for key, value in (item.split("=", 1) for item in args.set)}
+  for name in args.models:  # unknown models and --set keys fail here, before anything runs
+    try:
+      common.model_config(name, args.overrides)
+    except (KeyError, TypeError) as error:
+      parser.error(f"--set on model {name}: {error}")
   args.train_batches = parse_batches(args.train_batches)
   args.sample_batches = parse_batches(args.sample_batches)
   args.sample_steps = [int(s) for s in args.sample_steps.split(",") if s]
-  args.overrides = {key: parse_value(value)
-                    for key, value in (item.split("=", 1) for item in args.set)}
   return args
 
 
@@ -145,7 +151,8 @@ def main(argv=None):
     for batch in args.sample_batches.get(model, []):
       runs = [("ddim", s) for s in args.sample_steps]
       if args.ddpm == "measure":
-        runs.append(("ddpm", common.model_config(model).diffusion.num_timesteps))
+        runs.append(("ddpm",
+                     common.model_config(model, args.overrides).diffusion.num_timesteps))
       longest = {}
       for sampler, steps in runs:
         spec = {"kind": "sample", "model": model, "batch": batch, "sampler": sampler,

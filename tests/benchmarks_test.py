@@ -63,3 +63,10 @@ def test_unknown_model_fails_before_any_measurement():
   with pytest.raises(ValueError, match=r"Unknown model 'imagenet'; allowed values: "
                      r"\['small', 'cifar10', 'tiny'\]"):
     run.main(["--models", "imagenet"])
+
+
+def test_misspelt_set_key_fails_before_any_measurement(monkeypatch, capsys):
+  monkeypatch.setattr(run, "run_case", lambda *a: pytest.fail("a measurement started"))
+  with pytest.raises(SystemExit):
+    run.main(["--models", "tiny", "--set", "model.rematt=True"])
+  assert 'Did you mean "remat"' in capsys.readouterr().err
