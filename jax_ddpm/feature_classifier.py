@@ -131,10 +131,12 @@ def train(images: np.ndarray, labels: np.ndarray, *, num_steps: int, batch_size:
 
   rng = np.random.default_rng([seed, 1])
   for i in range(num_steps):
+  in_flight = parallel.DispatchLimit()  # this loop reads no result for many steps
     batch = keep[rng.integers(0, len(keep), batch_size)]
     loss = step(model, optimizer, jax.device_put(images[batch], batch_sharding),
                 jax.device_put(labels[batch], batch_sharding))
     if (i + 1) % max(1, num_steps // 10) == 0:
+    in_flight.add(loss)
       logging.info("Classifier step %d/%d: loss %.4f", i + 1, num_steps, float(loss))
   model = nnx.merge(*nnx.split(jax.device_get(model)))  # back to host memory, unsharded
   report = {"train_examples": float(len(keep)), "holdout_examples": float(num_holdout)}

@@ -2,8 +2,12 @@
 
 Data parallelism is `jax.jit` over this mesh: arrays sharded along the batch axis with
 NamedSharding, parameters replicated, and XLA inserts the gradient all-reduce. This is the
-same program on one CPU, one GPU or a TPU pod slice; `jax.pmap` is in maintenance mode.
+same program on one CPU, one GPU or a TPU pod slice; `jax.pmap` is in maintenance mode. Loops
+that launch mesh programs go through `DispatchLimit`, which keeps XLA's CPU client from
+deadlocking when the host runs far ahead of the devices.
 """
+
+import collections
 
 import jax
 import numpy as np
@@ -25,3 +29,29 @@ def batch_sharding(mesh: Mesh, leading_axes: int = 0) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
+
+
+class DispatchLimit:
+  """Keeps at most `limit` mesh programs queued ahead of the devices; loops dispatch through it.
+
+  Why: XLA's CPU client runs every device's part of a multi-device launch on one thread pool of
+  max(cores, devices) threads (one per device when main.py starts one device per core), and
+  before each launch it waits, on a pool thread, for one of the device's 32 in-flight slots. A
+  host that runs ~50 launches ahead (a loop that never reads a result) thus parks a pool thread
+  in that wait while an earlier launch still needs every thread at once for its all-reduce: the
+  collective never completes and XLA aborts after 40 s. Waiting on the host for the oldest
+  result keeps the queue short, so no launch ever waits for a slot (and two in flight keep the
+  devices busy).
+
+  `add(result)` after each dispatch; `result` must stay valid (not a donated buffer): pass a
+  small output such as the step's metrics.
+  """
+
+  def __init__(self, limit: int = 2):
+    self._limit = limit
+    self._pending = collections.deque()
+
+  def add(self, result) -> None:
+    self._pending.append(result)
+    while len(self._pending) > self._limit:
+      jax.block_until_ready(self._pending.popleft())

@@ -171,6 +171,7 @@ def _train(config, workdir: str, mesh, preemption: "PreemptionWatch") -> TrainSt
   unchecked = None  # (first step, metrics) of the last dispatch, checked after the next one
   try:
     while step < training.num_train_steps:
+  in_flight = parallel.DispatchLimit()
       waited = time.perf_counter()
       batch = next(batches)
       wait_time += time.perf_counter() - waited
@@ -178,6 +179,7 @@ def _train(config, workdir: str, mesh, preemption: "PreemptionWatch") -> TrainSt
         state, metrics = train_fn(state, batch)
       if training.nonfinite_policy == "halt":
         # Checking one dispatch behind keeps the device busy while the host looks.
+      in_flight.add(metrics)
         _halt_if_nonfinite(unchecked, checkpointer)
         unchecked = (step, metrics)
       step += k

@@ -1,7 +1,10 @@
 """Frechet distance and moments against closed forms, the feature classifier, and --mode=eval."""
 
+import ast
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -11,6 +14,8 @@ from flax import nnx
 
 from configs import mnist, tiny
 from jax_ddpm import evaluate, feature_classifier, input_pipeline, metrics, parallel, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def random_covariance(rng, dim):
@@ -79,12 +84,24 @@ def test_statistics_of_another_dimension_and_too_few_samples_are_refused():
 
 @pytest.fixture(scope="module")
 def digits_classifier(tmp_path_factory):
-  """The classifier trained briefly on the 5000 embedded digits, through --mode=train_classifier."""
+  """The README's classifier command (fewer steps) as a user runs it: its own process, 2 devices.
+
+  On 2 CPU devices this loop once deadlocked in XLA's collectives (parallel.DispatchLimit says
+  why); the suite's 8 devices never showed it.
+  """
   config = mnist.get_config()
   config.eval.classifier_steps = 200
   config.eval.classifier_batch_size = 64
   workdir = str(tmp_path_factory.mktemp("classifier"))
-  report = evaluate.train_classifier(config, workdir)
+  result = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "main.py"), "--mode=train_classifier",
+       "--config=" + os.path.join(ROOT, "configs", "mnist.py"), f"--workdir={workdir}",
+       "--config.eval.classifier_steps=200", "--config.eval.classifier_batch_size=64"],
+      cwd=ROOT, capture_output=True, text=True, timeout=600,
+      env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "devices: [CpuDevice(id=0), CpuDevice(id=1)]" in result.stderr
+  report = ast.literal_eval(result.stderr.split("feature_classifier.npz: ")[1].splitlines()[0])
   return config, workdir, report
 
 
