@@ -26,6 +26,7 @@ def get_config():
   config.optim.warmup_steps = 5000
   config.optim.grad_clip_norm = 1.0
   config.optim.ema_decay = 0.9999
+  config.optim.ema_warmup = False  # the original code's plain EMA, from step 0
 
   config.training.batch_size = 128
   config.training.num_train_steps = 800_000

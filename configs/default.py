@@ -7,16 +7,19 @@ Keys (override any on the command line: --config.training.batch_size=64):
   data.path                directory of IDX files or images (source=idx or folder)
   data.image_size, .channels  shape the source must yield (H = W = image_size)
   data.random_flip         random horizontal flips (DDPM Sec. 4 for CIFAR-10)
+  data.fake_size           number of random images of source=fake
   diffusion.schedule       linear | quadratic | cosine | sigmoid
   diffusion.num_timesteps  T
   diffusion.beta_start, .beta_end   endpoints of the linear/quadratic/sigmoid schedules
   diffusion.prediction     eps | x0 | v: what the network predicts (eps in the paper)
-  model.*                  jax_ddpm.models.unet.UNetConfig fields (image size and channels follow data)
+  model.*                  jax_ddpm.models.unet.UNetConfig fields (image size and channels follow data);
+                           model.num_classes must stay unset: no data source yields labels yet
   optim.learning_rate, .warmup_steps   Adam step size, linearly warmed up from 0
   optim.grad_clip_norm     clip the global gradient norm (DDPM: 1.0); 0 disables
   optim.adam_b1, .adam_b2, .adam_eps
   optim.ema_decay          decay of the parameter EMA used for sampling (DDPM: 0.9999)
   optim.ema_warmup         use min(decay, (1 + step) / (10 + step)) so short runs sample well
+                           (below 0.9999 until step ~90,000; configs/cifar10.py turns it off)
   training.batch_size      global batch over all devices and processes
   training.num_train_steps
   training.steps_per_dispatch   k train steps per compiled call (lax.scan), for TPUs (slow on CPU)
@@ -35,9 +38,11 @@ Keys (override any on the command line: --config.training.batch_size=64):
                            workdir/eval/)
   eval.inception_weights   converted FID Inception .npz (default ~/.cache/jax_ddpm/...)
   eval.classifier          feature classifier .npz (default workdir/feature_classifier.npz),
-                           trained by --mode=train_classifier for .classifier_steps steps
+                           trained by --mode=train_classifier for .classifier_steps steps at
+                           global batch .classifier_batch_size
   debug.inject_nonfinite_at_steps   fault injection for tests: make these steps' loss NaN
-  sampling.sampler         ddim | ddpm, with .num_steps (ddim), .eta, .spacing, .variance (ddpm)
+  sampling.sampler         ddim | ddpm, with .num_steps (ddim), .eta, .spacing, .variance (ddpm:
+                           fixed_large, the default, or fixed_small)
   sampling.clip_denoised   clip predicted x_0 to [-1, 1] while sampling
   sampling.use_ema, .num_samples, .batch_size, .seed   --mode=sample: which weights, how many
                            images, the global batch per compiled call, and the noise seed

@@ -198,7 +198,7 @@ def _ddpm_sample(denoise_fn, schedule, shape, rng, initial_noise, *, variance, p
 
 
 def ddpm_sample(denoise_fn: Callable, schedule: DiffusionSchedule, shape: Sequence[int],
-                rng: jax.Array, *, variance: Variance | str = "fixed_small",
+                rng: jax.Array, *, variance: Variance | str = "fixed_large",
                 prediction: Prediction | str = "eps", clip_denoised: bool = True,
                 initial_noise: Optional[jnp.ndarray] = None, num_frames: int = 0,
                 sharding: Optional[jax.sharding.Sharding] = None):
@@ -209,7 +209,8 @@ def ddpm_sample(denoise_fn: Callable, schedule: DiffusionSchedule, shape: Sequen
     schedule: the coefficient table the model was trained with.
     shape: [B, H, W, C] of the samples.
     rng: PRNG key; see the module docstring for how it is used.
-    variance: "fixed_small" (beta~_t) or "fixed_large" (beta_t, the original CIFAR-10 choice).
+    variance: "fixed_large" (beta_t, the original CIFAR-10 choice and sampling.variance's
+      default) or "fixed_small" (beta~_t, which DDIM with eta = 1 and S = T reproduces).
     prediction: what denoise_fn predicts: "eps", "x0" or "v".
     clip_denoised: clip each predicted x_0 to [-1, 1] before taking the posterior mean.
     initial_noise: x_T to start from instead of drawing it from rng.

@@ -1,7 +1,9 @@
 """Training: the pure train step and `train_and_evaluate(config, workdir)`.
 
 One train step (DDPM Algorithm 1): x_0 from the data, t ~ U{0..T-1}, eps ~ N(0, I), a gradient
-step on |eps - eps_theta(x_t, t)|^2 (eq. 14), then the EMA of the parameters. The step is
+step on the squared error of the network's prediction (eq. 14's L_simple for an eps network;
+for config.diffusion.prediction = x0 or v the same mean squared error against x_0 or v, see
+`diffusion.training_losses`), then the EMA of the parameters. The step is
 one jitted function of (state, batch): the batch is sharded over the mesh's 'data' axis, the
 state replicated, and its random keys are the run's key folded with the step, so a resumed run
 repeats an uninterrupted one exactly.
