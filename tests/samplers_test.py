@@ -1,5 +1,7 @@
 """Samplers against distributions whose optimal denoiser is known in closed form."""
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -285,3 +287,9 @@ def test_sampler_keeps_the_batch_sharded_over_the_mesh():
   single = samplers.ddim_sample(nonlinear_eps, SCHEDULE, shape, jax.random.key(7), num_steps=5,
                                 eta=1.0)
   np.testing.assert_allclose(sharded, single, atol=1e-6)
+
+
+def test_ddpm_sample_defaults_to_the_configs_variance():
+  from configs import default  # pylint: disable=g-import-not-at-top
+  signature = inspect.signature(samplers.ddpm_sample)
+  assert signature.parameters["variance"].default == default.get_config().sampling.variance

@@ -44,6 +44,12 @@ def test_one_device_and_eight_devices_train_identically():
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
 
 
+def test_cifar10_config_uses_the_papers_plain_ema_from_step_0():
+  config = cifar10.get_config()
+  decays = [float(state.ema_decay_at(jax.numpy.asarray(s), config.optim)) for s in (0, 1000, 89_000)]
+  assert decays == [np.float32(0.9999)] * 3
+
+
 def test_cifar10_config_takes_one_step_with_the_35m_model():
   config = cifar10.get_config()
   config.data.source = "fake"
