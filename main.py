@@ -89,17 +89,17 @@ def main(argv):
 
 
 def run_and_report(argv):
-  """Runs main; a known user-facing error ends the process with its message alone.
+  """Runs main; a user's mistake (bad config, flag or file) ends the process with its message alone.
 
-  After a failed checkpoint read, orbax leaves asynchronous tasks behind whose shutdown would
-  bury the message under tracebacks, so the process exits at once (everything was already
-  flushed by the library's own cleanup).
+  Program errors keep their traceback. After a failed checkpoint read, orbax leaves
+  asynchronous tasks behind whose shutdown would bury the message under tracebacks, so the
+  process exits at once (everything was already flushed by the library's own cleanup).
   """
-  from jax_ddpm import checkpointing  # pylint: disable=g-import-not-at-top
+  from jax_ddpm import checkpointing, errors  # pylint: disable=g-import-not-at-top
   try:
     main(argv)
-  except (checkpointing.UnreadableCheckpointError, checkpointing.IncompatibleCheckpointError,
-          FloatingPointError, FileNotFoundError) as error:
+  except (errors.UserInputError, checkpointing.UnreadableCheckpointError, FloatingPointError,
+          FileNotFoundError) as error:
     logging.error("%s: %s", type(error).__name__, error)
     sys.stdout.flush()
     sys.stderr.flush()

@@ -7,19 +7,20 @@ another model, and lets the sampling mode rebuild the network. Saves are asynchr
 
 from __future__ import annotations
 
-import os
-import shutil
 from typing import Any, Optional
 
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
+
+from jax_ddpm import errors, files
 
 
 class UnreadableCheckpointError(RuntimeError):
   """A checkpoint's files are damaged or missing."""
 
 
-class IncompatibleCheckpointError(ValueError):
+class IncompatibleCheckpointError(errors.UserInputError):
   """The workdir holds checkpoints of a different model or diffusion process."""
 
 
@@ -30,7 +31,7 @@ class Checkpointer:
   """
 
   def __init__(self, workdir: str, keep: int = 3, create: bool = True):
-    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.directory = str(files.as_path(workdir) / "checkpoints")
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
@@ -107,9 +108,9 @@ class Checkpointer:
     raise UnreadableCheckpointError(f"No readable checkpoint in {self.directory}.")
 
   def _set_aside(self, step: int) -> None:
-    aside = os.path.join(os.path.dirname(self.directory), "checkpoints_unreadable")
-    os.makedirs(aside, exist_ok=True)
-    shutil.move(os.path.join(self.directory, str(step)), os.path.join(aside, str(step)))
+    aside = epath.Path(self.directory).parent / "checkpoints_unreadable"
+    aside.mkdir(parents=True, exist_ok=True)
+    (epath.Path(self.directory) / str(step)).rename(aside / str(step))
     self._manager.reload()
 
   def wait_until_finished(self) -> None:

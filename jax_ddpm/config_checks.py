@@ -5,7 +5,7 @@ Runs before any data is read, any file is written or anything is compiled.
 
 from __future__ import annotations
 
-from jax_ddpm import input_pipeline, samplers, schedules
+from jax_ddpm import errors, input_pipeline, samplers, schedules
 from jax_ddpm.diffusion import Prediction, Variance
 from jax_ddpm.models.unet import UNetConfig
 from jax_ddpm.sampling import SAMPLERS
@@ -35,12 +35,12 @@ def unet_config(config) -> UNetConfig:
 
 def _choice(value, allowed, key):
   if value not in allowed:
-    raise ValueError(f"Unknown {key} {value!r}; allowed values: {list(allowed)}.")
+    raise errors.ConfigError(f"Unknown {key} {value!r}; allowed values: {list(allowed)}.")
 
 
 def _positive_int(value, key):
   if not isinstance(value, int) or value <= 0:
-    raise ValueError(f"{key} must be a positive integer, got {value!r}.")
+    raise errors.ConfigError(f"{key} must be a positive integer, got {value!r}.")
 
 
 def validate_model_and_diffusion(config) -> None:
@@ -50,22 +50,25 @@ def validate_model_and_diffusion(config) -> None:
   _choice(config.diffusion.prediction, [p.value for p in Prediction], "diffusion.prediction")
   _positive_int(config.diffusion.num_timesteps, "diffusion.num_timesteps")
   if config.diffusion.num_timesteps < 2:
-    raise ValueError("diffusion.num_timesteps must be at least 2.")
+    raise errors.ConfigError("diffusion.num_timesteps must be at least 2.")
   if config.data.channels not in (1, 3):
-    raise ValueError(f"data.channels must be 1 or 3, got {config.data.channels!r}.")
+    raise errors.ConfigError(f"data.channels must be 1 or 3, got {config.data.channels!r}.")
   _positive_int(config.data.image_size, "data.image_size")
-  unet_config(config).validate()
+  try:
+    unet_config(config).validate()
+  except ValueError as error:  # the model's own checks name the model.* keys
+    raise errors.ConfigError(str(error)) from None
   if config.model.num_classes is not None:
-    raise ValueError("model.num_classes is set, but no data source yields class labels yet; "
+    raise errors.ConfigError("model.num_classes is set, but no data source yields class labels yet; "
                      "leave it unset (None) for unconditional models.")
   sampling = config.sampling
   _choice(sampling.sampler, SAMPLERS, "sampling.sampler")
   _choice(sampling.variance, [v.value for v in Variance], "sampling.variance")
   _choice(sampling.spacing, [s.value for s in samplers.Spacing], "sampling.spacing")
   if not 0.0 <= sampling.eta <= 1.0:
-    raise ValueError(f"sampling.eta must be in [0, 1], got {sampling.eta!r}.")
+    raise errors.ConfigError(f"sampling.eta must be in [0, 1], got {sampling.eta!r}.")
   if not 1 <= sampling.num_steps <= config.diffusion.num_timesteps:
-    raise ValueError(f"sampling.num_steps must be in 1..{config.diffusion.num_timesteps} "
+    raise errors.ConfigError(f"sampling.num_steps must be in 1..{config.diffusion.num_timesteps} "
                      f"(diffusion.num_timesteps), got {sampling.num_steps!r}.")
 
 
@@ -78,30 +81,30 @@ def validate_training(config, num_devices: int, num_processes: int) -> None:
               "num_sample_images", "sample_ddim_steps"):
     _positive_int(training[key], f"training.{key}")
   if training.batch_size % num_devices:
-    raise ValueError(
+    raise errors.ConfigError(
         f"training.batch_size={training.batch_size} (the global batch) must be divisible by "
         f"the number of devices, {num_devices}, so that each device gets an equal share.")
   if training.batch_size % num_processes:
-    raise ValueError(f"training.batch_size={training.batch_size} must be divisible by the "
+    raise errors.ConfigError(f"training.batch_size={training.batch_size} must be divisible by the "
                      f"number of processes, {num_processes}.")
   k = training.steps_per_dispatch
   for key in ("num_train_steps", "log_every_steps", "checkpoint_every_steps",
               "sample_every_steps"):
     if training[key] % k:
-      raise ValueError(f"training.{key}={training[key]} must be a multiple of "
+      raise errors.ConfigError(f"training.{key}={training[key]} must be a multiple of "
                        f"training.steps_per_dispatch={k}.")
   if training.sample_ddim_steps > config.diffusion.num_timesteps:
-    raise ValueError(f"training.sample_ddim_steps={training.sample_ddim_steps} exceeds "
+    raise errors.ConfigError(f"training.sample_ddim_steps={training.sample_ddim_steps} exceeds "
                      f"diffusion.num_timesteps={config.diffusion.num_timesteps}.")
   _choice(training.nonfinite_policy, NONFINITE_POLICIES, "training.nonfinite_policy")
   optim = config.optim
   if not optim.learning_rate > 0:
-    raise ValueError(f"optim.learning_rate must be > 0, got {optim.learning_rate!r}.")
+    raise errors.ConfigError(f"optim.learning_rate must be > 0, got {optim.learning_rate!r}.")
   if optim.warmup_steps < 0 or optim.grad_clip_norm < 0:
-    raise ValueError("optim.warmup_steps and optim.grad_clip_norm must be >= 0.")
+    raise errors.ConfigError("optim.warmup_steps and optim.grad_clip_norm must be >= 0.")
   if not 0.0 <= optim.ema_decay < 1.0:
-    raise ValueError(f"optim.ema_decay must be in [0, 1), got {optim.ema_decay!r}.")
+    raise errors.ConfigError(f"optim.ema_decay must be in [0, 1), got {optim.ema_decay!r}.")
   if config.data.source in ("idx", "folder") and not config.data.path:
-    raise ValueError(f"data.source={config.data.source!r} needs data.path (a directory).")
+    raise errors.ConfigError(f"data.source={config.data.source!r} needs data.path (a directory).")
   if config.data.source == "tfds" and not config.data.tfds_name:
-    raise ValueError("data.source='tfds' needs data.tfds_name (e.g. 'cifar10').")
+    raise errors.ConfigError("data.source='tfds' needs data.tfds_name (e.g. 'cifar10').")

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Callable, Iterator
 
 import numpy as np
 from flax import nnx
 
+from jax_ddpm import errors, files
 from jax_ddpm.models.unet import RUNTIME_FIELDS, UNet, UNetConfig
 
 CONFIG_FILE = "config.json"
@@ -43,7 +43,7 @@ REQUIRED_DIFFUSERS_SETTINGS = {
 }
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(errors.InputFileError):
   """The checkpoint does not fit the model; the message lists every offending name."""
 
 
@@ -211,18 +211,31 @@ def config_differences(ours: UNetConfig, checkpoint: UNetConfig) -> list[str]:
 
 def read_diffusers_folder(path: str) -> tuple[dict, dict[str, np.ndarray]]:
   """(config.json as a dict, tensors by name) of a diffusers UNet2DModel folder."""
-  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  import safetensors  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import load as load_safetensors  # pylint: disable=g-import-not-at-top
 
-  config_path, weights_path = (os.path.join(path, name) for name in (CONFIG_FILE, WEIGHTS_FILE))
-  for needed in (config_path, weights_path):
-    if not os.path.isfile(needed):
-      raise FileNotFoundError(
-          f"{needed} not found: a diffusers UNet2DModel folder holds {CONFIG_FILE} and "
-          f"{WEIGHTS_FILE} (e.g. the 'unet' folder of google/ddpm-cifar10-32, saved with "
-          "save_pretrained(..., safe_serialization=True)).")
-  with open(config_path) as f:
-    config = json.load(f)
-  tensors = load_file(weights_path)
+  files.require_dir(path, "--import_from")
+  how = (f"a diffusers UNet2DModel folder holds {CONFIG_FILE} and {WEIGHTS_FILE} (e.g. the "
+         "'unet' folder of google/ddpm-cifar10-32, saved with save_pretrained(..., "
+         "safe_serialization=True)).")
+  config_path, weights_path = (files.join(path, name) for name in (CONFIG_FILE, WEIGHTS_FILE))
+  try:
+    config = json.loads(files.require_file(config_path, "--import_from", how).read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    raise errors.InputFileError(f"--import_from: {config_path} is not JSON: {error}") from None
+  if not isinstance(config, dict):
+    raise errors.InputFileError(f"--import_from: {config_path} holds no JSON object.")
+  data = files.require_file(weights_path, "--import_from", how).read_bytes()
+  try:
+    tensors = load_safetensors(data)
+  except (safetensors.SafetensorError, ValueError) as error:
+    raise errors.InputFileError(f"--import_from: {weights_path} is not a readable safetensors "
+                                f"file (truncated or another format): {error}") from None
+  not_float = sorted(name for name, value in tensors.items()
+                     if not np.issubdtype(value.dtype, np.floating))
+  if not_float:
+    raise errors.InputFileError(f"--import_from: {weights_path} holds non-float tensors, e.g. "
+                                f"{not_float[:4]}; network weights are floating point.")
   return config, {_modern_name(name): value for name, value in tensors.items()}
 
 

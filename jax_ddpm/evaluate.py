@@ -22,18 +22,18 @@ scalars.
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from typing import Callable, Optional
 
 import jax
 import numpy as np
 from absl import logging
+from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from jax_ddpm import feature_classifier, fid_weights, files, input_pipeline, metrics, parallel
+from jax_ddpm import (errors, feature_classifier, fid_weights, files, input_pipeline, metrics,
+                      parallel)
 from jax_ddpm.models import inception
 
 FEATURE_NETS = ("inception", "classifier")
@@ -105,7 +105,7 @@ def create_extractor(config, workdir: str, mesh: jax.sharding.Mesh) -> FeatureEx
   model = feature_classifier.load(classifier_path(config, workdir))
   expected = (config.data.image_size, config.data.channels)
   if (model.config.image_size, model.config.channels) != expected:
-    raise ValueError(
+    raise errors.InputFileError(
         f"The feature classifier at {classifier_path(config, workdir)} takes "
         f"{model.config.image_size}x{model.config.image_size}x{model.config.channels} images, "
         f"but config.data gives {expected[0]}x{expected[0]}x{expected[1]}.")
@@ -113,14 +113,14 @@ def create_extractor(config, workdir: str, mesh: jax.sharding.Mesh) -> FeatureEx
 
 
 def classifier_path(config, workdir: str) -> str:
-  return config.eval.classifier or os.path.join(workdir, "feature_classifier.npz")
+  return config.eval.classifier or files.join(workdir, "feature_classifier.npz")
 
 
 def reference_path(config, workdir: str) -> str:
   if config.eval.reference_stats:
     return config.eval.reference_stats
   data = config.data
-  return os.path.join(workdir, "eval", f"reference_{config.eval.feature_net}_{data.source}_"
+  return files.join(workdir, "eval", f"reference_{config.eval.feature_net}_{data.source}_"
                       f"{config.eval.reference_split}.npz")
 
 
@@ -128,29 +128,34 @@ def validate(config, mesh: jax.sharding.Mesh) -> None:
   """Checks config.eval before any file is read or program compiled."""
   ev = config.eval
   if ev.feature_net not in FEATURE_NETS:
-    raise ValueError(f"Unknown eval.feature_net {ev.feature_net!r}; allowed values: "
+    raise errors.ConfigError(f"Unknown eval.feature_net {ev.feature_net!r}; allowed values: "
                      f"{list(FEATURE_NETS)}.")
   if not isinstance(ev.num_samples, int) or ev.num_samples <= 0:
-    raise ValueError(f"eval.num_samples must be a positive integer, got {ev.num_samples!r}.")
+    raise errors.ConfigError(f"eval.num_samples must be a positive integer, got {ev.num_samples!r}.")
   metrics.check_full_rank_possible(ev.num_samples, FEATURE_DIMS[ev.feature_net],
                                    f"eval.num_samples={ev.num_samples}")
   if ev.batch_size <= 0 or ev.batch_size % mesh.size:
-    raise ValueError(f"eval.batch_size={ev.batch_size} must be a positive multiple of the "
+    raise errors.ConfigError(f"eval.batch_size={ev.batch_size} must be a positive multiple of the "
                      f"number of devices, {mesh.size}.")
 
 
-def reference_statistics(config, workdir: str, extractor: FeatureExtractor
-                         ) -> metrics.FeatureStatistics:
-  """Cached (or given) reference statistics; computed from the dataset split when absent."""
+def saved_reference(config, workdir: str, extractor: FeatureExtractor
+                    ) -> Optional[metrics.FeatureStatistics]:
+  """The given (eval.reference_stats) or cached reference statistics, or None if neither exists."""
   path = reference_path(config, workdir)
-  if os.path.exists(path):
-    stats = metrics.FeatureStatistics.load(path)
-    if stats.dim != extractor.dim:
-      raise ValueError(f"The reference statistics {path} are of {stats.dim}-d features, but "
-                       f"eval.feature_net={extractor.name!r} gives {extractor.dim}-d ones.")
-    return stats
-  if config.eval.reference_stats:
-    raise FileNotFoundError(f"eval.reference_stats={path!r} does not exist.")
+  if not (config.eval.reference_stats or files.exists(path)):
+    return None
+  what = "eval.reference_stats" if config.eval.reference_stats else "reference statistics"
+  stats = metrics.FeatureStatistics.load(path, what)
+  if stats.dim != extractor.dim:
+    raise errors.InputFileError(f"{what}={path!r} holds {stats.dim}-d features, but "
+                                f"eval.feature_net={extractor.name!r} gives {extractor.dim}-d ones.")
+  return stats
+
+
+def compute_reference(config, workdir: str, extractor: FeatureExtractor
+                      ) -> metrics.FeatureStatistics:
+  """Feature statistics of the dataset split eval.reference_split, cached in workdir/eval/."""
   source = input_pipeline.create_split_source(config.data, config.eval.reference_split)
   metrics.check_full_rank_possible(len(source), extractor.dim,
                                    f"reference split {config.eval.reference_split!r}")
@@ -158,21 +163,30 @@ def reference_statistics(config, workdir: str, extractor: FeatureExtractor
                len(source), config.eval.reference_split)
   stats, _ = extractor.statistics(source)
   if jax.process_index() == 0:
-    stats.save(path)
+    stats.save(reference_path(config, workdir))
   return stats
 
 
-def load_samples(path: str) -> np.ndarray:
+def load_samples(path: str, what: str = "eval.samples") -> np.ndarray:
   """uint8 NHWC images from an `.npz` (key 'arr_0'), without unpickling."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"No sample file {path!r}.")
-  with np.load(path, allow_pickle=False) as data:
-    if "arr_0" not in data.files:
-      raise ValueError(f"{path} has no 'arr_0' array (it has {data.files}).")
-    images = data["arr_0"]
+  images = files.read_npz(path, what, ["arr_0"])["arr_0"]
   if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
-    raise ValueError(f"{path}: expected uint8 images [N, H, W, 1 or 3], got {images.dtype} "
-                     f"{images.shape}.")
+    raise errors.InputFileError(f"{what}={path!r}: expected uint8 images [N, H, W, 1 or 3] under "
+                                f"'arr_0', got {images.dtype} {images.shape}.")
+  return images
+
+
+def _given_samples(config) -> np.ndarray:
+  """eval.samples, checked against the configured image shape and eval.num_samples."""
+  images = load_samples(config.eval.samples)
+  size, channels = config.data.image_size, config.data.channels
+  if images.shape[1:] != (size, size, channels):
+    raise errors.InputFileError(
+        f"eval.samples={config.eval.samples!r} holds images of shape {images.shape[1:]}, but "
+        f"config.data gives {size}x{size}x{channels}.")
+  if len(images) < config.eval.num_samples:
+    raise errors.InputFileError(f"eval.samples={config.eval.samples!r} holds {len(images)} images; "
+                                f"eval.num_samples={config.eval.num_samples}.")
   return images
 
 
@@ -181,13 +195,12 @@ def _draw_samples(config, workdir: str, step: Optional[int]) -> tuple[np.ndarray
   config = config.copy_and_resolve_references()
   config.sampling.num_samples = config.eval.num_samples
   directory = sampling.sample_to_workdir(config, workdir, step)
-  with open(os.path.join(directory, "settings.json")) as f:
-    settings = json.load(f)
+  settings = files.load_json(files.join(directory, "settings.json"))
   # Every process waits until process 0 has written the file of all samples.
   multihost_utils.sync_global_devices("jax_ddpm_eval_samples_written")
   path = sampling.all_samples_path(directory, (config.eval.num_samples, config.data.image_size,
                                                config.data.image_size, config.data.channels))
-  return load_samples(path), {"samples": path, **settings}
+  return load_samples(path, "samples of --mode=sample"), {"samples": path, **settings}
 
 
 def evaluate(config, workdir: str, step: Optional[int] = None) -> dict:
@@ -195,16 +208,16 @@ def evaluate(config, workdir: str, step: Optional[int] = None) -> dict:
   mesh = parallel.data_mesh()
   validate(config, mesh)
   ev = config.eval
-  extractor = create_extractor(config, workdir, mesh)  # fails on missing weights before sampling
+  # Every user-named file is read before sampling or compiling: a bad one fails in seconds.
+  extractor = create_extractor(config, workdir, mesh)
+  reference = saved_reference(config, workdir, extractor)
   if ev.samples:
-    images, protocol = load_samples(ev.samples), {"samples": ev.samples}
+    images, protocol = _given_samples(config), {"samples": ev.samples}
   else:
     images, protocol = _draw_samples(config, workdir, step)
-  if len(images) < ev.num_samples:
-    raise ValueError(f"{protocol['samples']} holds {len(images)} images; eval.num_samples="
-                     f"{ev.num_samples}.")
   images = images[:ev.num_samples]
-  reference = reference_statistics(config, workdir, extractor)
+  if reference is None:
+    reference = compute_reference(config, workdir, extractor)
   started = time.perf_counter()
   stats, probabilities = extractor.statistics(input_pipeline.ArraySource(images))
   distance = metrics.frechet_distance(stats, reference)
@@ -221,8 +234,8 @@ def evaluate(config, workdir: str, step: Optional[int] = None) -> dict:
     results["label_histogram"] = [int(c) for c in histogram]
   if jax.process_index() == 0:
     # Named after the samples: their directory (<step>_<sampler>_<steps>) or the given file.
-    source = (os.path.splitext(os.path.basename(ev.samples))[0] if ev.samples
-              else os.path.basename(os.path.dirname(protocol["samples"])))
+    source = (epath.Path(ev.samples).stem if ev.samples
+              else epath.Path(protocol["samples"]).parent.name)
     _write_results(workdir, results, f"{source}_{extractor.name}_{ev.num_samples}")
   return results
 
@@ -230,7 +243,7 @@ def evaluate(config, workdir: str, step: Optional[int] = None) -> dict:
 def _write_results(workdir: str, results: dict, name: str) -> None:
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
   step = int(results.get("protocol.step", 0))
-  path = os.path.join(workdir, "eval", name + ".json")
+  path = files.join(workdir, "eval", name + ".json")
   files.save_json(path, results)
   writer = metric_writers.create_default_writer(workdir)
   scalars = {f"eval/{k}": v for k, v in results.items()

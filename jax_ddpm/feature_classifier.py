@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +24,7 @@ import optax
 from absl import logging
 from flax import nnx
 
-from jax_ddpm import files, parallel
+from jax_ddpm import errors, files, parallel
 
 FEATURE_DIM = 128
 CONFIG_KEY = "__config__"
@@ -72,23 +71,25 @@ def save(model: Classifier, path: str) -> None:
 
 def load(path: str) -> Classifier:
   """The classifier saved at `path`; names the file and the problem when it does not fit."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(
-        f"No feature classifier at {path!r}. Train one on the dataset's labelled training split "
-        "first: python main.py --mode=train_classifier --config=... --workdir=...")
-  with np.load(path, allow_pickle=False) as data:
-    if CONFIG_KEY not in data.files:
-      raise ValueError(f"{path} is not a feature classifier saved by this project "
-                       f"(no {CONFIG_KEY!r} entry).")
-    config = ClassifierConfig(**json.loads(str(data[CONFIG_KEY])))
-    arrays = {name: data[name] for name in data.files if name != CONFIG_KEY}
+  data = files.read_npz(
+      path, "eval.classifier", hint="Train one on the dataset's labelled training split first: "
+      "python main.py --mode=train_classifier --config=... --workdir=...")
+  if CONFIG_KEY not in data:
+    raise errors.InputFileError(f"eval.classifier={path!r} is not a feature classifier saved by "
+                                f"this project (no {CONFIG_KEY!r} entry).")
+  try:
+    config = ClassifierConfig(**json.loads(str(data.pop(CONFIG_KEY))))
+  except (TypeError, ValueError) as error:
+    raise errors.InputFileError(f"eval.classifier={path!r}: unreadable architecture record "
+                                f"{CONFIG_KEY!r}: {error}") from None
+  arrays = data
   model = nnx.eval_shape(lambda: Classifier(config, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(model)
   flat = []
   for p, value in nnx.to_flat_state(state):
     name = ".".join(str(k) for k in p)
     if name not in arrays or arrays[name].shape != value.shape:
-      raise ValueError(f"{path}: parameter {name} of shape {value.shape} is missing or has "
+      raise errors.InputFileError(f"eval.classifier={path!r}: parameter {name} of shape {value.shape} is missing or has "
                        f"another shape.")
     flat.append((p, value.replace(jnp.asarray(arrays[name]))))
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
@@ -130,13 +131,13 @@ def train(images: np.ndarray, labels: np.ndarray, *, num_steps: int, batch_size:
     return loss
 
   rng = np.random.default_rng([seed, 1])
-  for i in range(num_steps):
   in_flight = parallel.DispatchLimit()  # this loop reads no result for many steps
+  for i in range(num_steps):
     batch = keep[rng.integers(0, len(keep), batch_size)]
     loss = step(model, optimizer, jax.device_put(images[batch], batch_sharding),
                 jax.device_put(labels[batch], batch_sharding))
-    if (i + 1) % max(1, num_steps // 10) == 0:
     in_flight.add(loss)
+    if (i + 1) % max(1, num_steps // 10) == 0:
       logging.info("Classifier step %d/%d: loss %.4f", i + 1, num_steps, float(loss))
   model = nnx.merge(*nnx.split(jax.device_get(model)))  # back to host memory, unsharded
   report = {"train_examples": float(len(keep)), "holdout_examples": float(num_holdout)}

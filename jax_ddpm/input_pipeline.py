@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import importlib.util
+import io
 import os
 import queue
 import threading
@@ -27,6 +28,9 @@ from typing import Iterator, Optional, Protocol
 
 import jax
 import numpy as np
+from etils import epath
+
+from jax_ddpm import errors, files
 
 SOURCES = ("mnist_embedded", "idx", "folder", "tfds", "fake")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -59,8 +63,18 @@ class TfdsSource:
   """A TFDS split read by index through `tfds.data_source`, without TensorFlow."""
 
   def __init__(self, name: str, split: str, data_dir: Optional[str], image_key: str = "image"):
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    self._source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    builder = tfds_builder(name, data_dir)
+    file_format = str(builder.info.file_format.value if builder.info.file_format else "tfrecord")
+    if file_format != "array_record":
+      raise errors.InputFileError(
+          f"data.tfds_name={name!r} in data.data_dir={data_dir!r} is stored as {file_format}; "
+          "this pipeline reads ArrayRecord by index. Prepare it so: tfds build "
+          f"{name} --data_dir={data_dir or '~/tensorflow_datasets'} --file_format=array_record")
+    try:
+      self._source = builder.as_data_source(split=split)
+    except (ValueError, KeyError) as error:
+      raise errors.ConfigError(f"data.split={split!r} of data.tfds_name={name!r}: "
+                               f"{error}") from None
     self._image_key = image_key
 
   def __len__(self) -> int:
@@ -69,6 +83,23 @@ class TfdsSource:
   def read(self, indices: np.ndarray) -> np.ndarray:
     return np.stack([np.asarray(self._source[int(i)][self._image_key], np.uint8)
                      for i in indices])
+
+
+def tfds_builder(name: str, data_dir: Optional[str]):
+  """The prepared TFDS builder of `name` in `data_dir`; errors name the keys and the fix."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  if data_dir:
+    files.require_dir(data_dir, "data.data_dir")
+  try:
+    builder = tfds.builder(name, data_dir=data_dir or None)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise errors.ConfigError(f"data.tfds_name={name!r} is not a TFDS dataset.") from None
+  if not builder.is_prepared():
+    raise errors.MissingInputError(
+        f"data.tfds_name={name!r} is not prepared in data.data_dir={data_dir!r} (nothing is "
+        f"downloaded at run time). Prepare it where the network is reachable: tfds build {name} "
+        f"--data_dir={data_dir or '~/tensorflow_datasets'} --file_format=array_record")
+  return builder
 
 
 def read_embedded_mnist() -> np.ndarray:
@@ -100,17 +131,22 @@ def _read_idx(path: str) -> tuple[tuple[int, ...], bytes]:
   IDX header: two zero bytes, the type code 0x08 (unsigned byte), the number of dimensions,
   then one big-endian int32 per dimension.
   """
-  opener = gzip.open if path.endswith(".gz") else open
-  with opener(path, "rb") as f:
-    data = f.read()
+  data = files.require_file(path, "data.path").read_bytes()
+  if path.endswith(".gz"):
+    try:
+      data = gzip.decompress(data)
+    except (OSError, EOFError) as error:
+      raise errors.InputFileError(f"data.path: {path} is not a readable gzip file "
+                                  f"(truncated?): {error}") from None
   if len(data) < 4 or data[:3] != b"\x00\x00\x08":
-    raise ValueError(f"{path} is not an IDX file of unsigned bytes (magic 0x000008..).")
+    raise errors.InputFileError(f"data.path: {path} is not an IDX file of unsigned bytes "
+                                "(magic 0x000008..).")
   rank = data[3]
   dims = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(rank))
   payload = data[4 + 4 * rank:]
   if len(payload) != int(np.prod(dims)):
-    raise ValueError(f"{path}: header says dimensions {dims}, but the file holds "
-                     f"{len(payload)} data bytes.")
+    raise errors.InputFileError(f"data.path: {path}: header says dimensions {dims}, but the file "
+                                f"holds {len(payload)} data bytes.")
   return dims, payload
 
 
@@ -118,7 +154,8 @@ def read_idx_images(path: str) -> np.ndarray:
   """Images of one IDX file (magic 0x00000803), as uint8 [N, H, W, 1]."""
   dims, payload = _read_idx(path)
   if len(dims) != 3:
-    raise ValueError(f"{path} holds {len(dims)}-d data, not images (3-d: count, rows, columns).")
+    raise errors.InputFileError(f"data.path: {path} holds {len(dims)}-d data, not images (3-d: "
+                                "count, rows, columns).")
   return np.frombuffer(payload, np.uint8).reshape(*dims, 1)
 
 
@@ -126,48 +163,60 @@ def read_idx_labels(path: str) -> np.ndarray:
   """Labels of one IDX label file (magic 0x00000801), as int32 [N]."""
   dims, payload = _read_idx(path)
   if len(dims) != 1:
-    raise ValueError(f"{path} holds {len(dims)}-d data, not labels (1-d).")
+    raise errors.InputFileError(f"data.path: {path} holds {len(dims)}-d data, not labels (1-d).")
   return np.frombuffer(payload, np.uint8).astype(np.int32)
 
 
 def find_idx_file(directory: str, split: str, kind: str = "images") -> str:
   """The IDX file of `split` ('train' or 'test') in an MNIST-style directory; kind images|labels."""
   prefix = {"train": "train-", "test": "t10k-"}.get(split)
-  if prefix is not None:
-    prefix += kind
   if prefix is None:
-    raise ValueError(f"split {split!r} for data.source='idx'; allowed values: "
-                     "['train', 'test'].")
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"data.path={directory!r} is not a directory.")
+    raise errors.ConfigError(f"split {split!r} for data.source='idx'; allowed values: "
+                             "['train', 'test'].")
+  prefix += kind
+  files.require_dir(directory, "data.path")
   marker = "idx3" if kind == "images" else "idx1"
-  candidates = sorted(name for name in os.listdir(directory)
-                      if name.startswith(prefix) and marker in name)
+  candidates = [name for name in files.list_names(directory)
+                if name.startswith(prefix) and marker in name]
   if not candidates:
-    raise FileNotFoundError(f"No {prefix}-{marker}-ubyte[.gz] file in data.path={directory!r}.")
-  return os.path.join(directory, candidates[0])
+    raise errors.MissingInputError(f"No {prefix}-{marker}-ubyte[.gz] file in "
+                                   f"data.path={directory!r}.")
+  return files.join(directory, candidates[0])
+
+
+def _decode_image(path: epath.Path, image_size: int, channels: int) -> np.ndarray:
+  """One image file, centre-cropped to a square, resized, as uint8 [H, W, C].
+
+  16-bit and 32-bit integer images are scaled to 8 bits (not clipped); CMYK, palette and alpha
+  images are converted to grey or RGB.
+  """
+  from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
+  try:
+    with Image.open(io.BytesIO(path.read_bytes())) as image:
+      image.load()
+  except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+    raise errors.InputFileError(f"data.path: {path} is not a readable image: {error}") from None
+  if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+    wide = np.asarray(image, np.float64)
+    top = 65535.0 if image.mode.startswith("I;16") or wide.max() <= 65535 else wide.max()
+    image = Image.fromarray(np.round(wide / top * 255.0).clip(0, 255).astype(np.uint8))
+  image = image.convert("L" if channels == 1 else "RGB")
+  side = min(image.size)
+  left, top = (image.width - side) // 2, (image.height - side) // 2
+  image = image.crop((left, top, left + side, top + side))
+  image = image.resize((image_size, image_size), Image.Resampling.BICUBIC)
+  return np.asarray(image, np.uint8).reshape(image_size, image_size, channels)
 
 
 def read_image_folder(directory: str, image_size: int, channels: int) -> np.ndarray:
-  """Every image under `directory`, centre-cropped to a square and resized, as uint8 NHWC."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"data.path={directory!r} is not a directory.")
-  paths = sorted(os.path.join(root, name) for root, _, names in os.walk(directory)
-                 for name in names if name.lower().endswith(IMAGE_EXTENSIONS))
+  """Every image under `directory` (by extension; other files are skipped), as uint8 NHWC."""
+  root = files.require_dir(directory, "data.path")
+  paths = sorted(folder / name for folder, _, names in root.walk() for name in names
+                 if epath.Path(name).suffix.lower() in IMAGE_EXTENSIONS)
   if not paths:
-    raise FileNotFoundError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) under data.path="
-                            f"{directory!r}.")
-  images = []
-  for path in paths:
-    with Image.open(path) as image:
-      image = image.convert("L" if channels == 1 else "RGB")
-      side = min(image.size)
-      left, top = (image.width - side) // 2, (image.height - side) // 2
-      image = image.crop((left, top, left + side, top + side))
-      image = image.resize((image_size, image_size), Image.Resampling.BICUBIC)
-      images.append(np.asarray(image, np.uint8).reshape(image_size, image_size, channels))
-  return np.stack(images)
+    raise errors.MissingInputError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) under data.path="
+                                   f"{directory!r}.")
+  return np.stack([_decode_image(path, image_size, channels) for path in paths])
 
 
 def fake_images(count: int, image_size: int, channels: int, seed: int) -> np.ndarray:
@@ -190,7 +239,7 @@ def create_source(data_config) -> ImageSource:
   if source == "fake":
     return ArraySource(fake_images(data_config.get("fake_size", 1024), data_config.image_size,
                                    data_config.channels, seed=0))
-  raise ValueError(f"Unknown data.source {source!r}; allowed values: {list(SOURCES)}.")
+  raise errors.ConfigError(f"Unknown data.source {source!r}; allowed values: {list(SOURCES)}.")
 
 
 def read_labelled(data_config, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -202,24 +251,24 @@ def read_labelled(data_config, split: str) -> tuple[np.ndarray, np.ndarray]:
   source = data_config.source
   if source == "mnist_embedded":
     if split != "train":
-      raise ValueError(f"data.source='mnist_embedded' has only the split 'train' (5000 digits), "
+      raise errors.ConfigError(f"data.source='mnist_embedded' has only the split 'train' (5000 digits), "
                        f"not {split!r}.")
     return read_embedded_mnist(), read_embedded_mnist_labels()
   if source == "idx":
     images = read_idx_images(find_idx_file(data_config.path, split, "images"))
     labels = read_idx_labels(find_idx_file(data_config.path, split, "labels"))
     if len(images) != len(labels):
-      raise ValueError(f"{data_config.path}: {len(images)} images but {len(labels)} labels in "
+      raise errors.InputFileError(f"data.path={data_config.path!r}: {len(images)} images but {len(labels)} labels in "
                        f"split {split!r}.")
     return images, labels
-  raise ValueError(f"data.source={source!r} has no labels this project reads; the feature "
+  raise errors.ConfigError(f"data.source={source!r} has no labels this project reads; the feature "
                    "classifier trains on 'mnist_embedded' or 'idx' sources.")
 
 
 def create_split_source(data_config, split: str) -> ImageSource:
   """The source of config.data with another split (the reference split of an evaluation)."""
   if data_config.source in ("mnist_embedded", "fake", "folder") and split != "train":
-    raise ValueError(f"data.source={data_config.source!r} has only the split 'train', "
+    raise errors.ConfigError(f"data.source={data_config.source!r} has only the split 'train', "
                      f"not {split!r}.")
   data_config = data_config.copy_and_resolve_references()
   data_config.split = split
@@ -231,12 +280,12 @@ def check_source_shape(source: ImageSource, data_config) -> None:
   sample = source.read(np.array([0]))
   expected = (data_config.image_size, data_config.image_size, data_config.channels)
   if sample.shape[1:] != expected:
-    raise ValueError(
+    raise errors.ConfigError(
         f"data.source={data_config.source!r} yields images of shape {sample.shape[1:]}, but "
         f"data.image_size={data_config.image_size} and data.channels={data_config.channels} "
         f"ask for {expected}.")
   if sample.dtype != np.uint8:
-    raise ValueError(f"data.source={data_config.source!r} yields {sample.dtype}, expected uint8.")
+    raise errors.InputFileError(f"data.source={data_config.source!r} yields {sample.dtype}, expected uint8.")
 
 
 def global_indices(step: int, global_batch: int, num_examples: int, seed: int) -> np.ndarray:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jax_ddpm import files
+from jax_ddpm import errors, files
 
 SQRT_EPS = 1e-6  # the offset TTUR and pytorch-fid add to singular covariances
 
@@ -75,15 +75,20 @@ class FeatureStatistics:
     files.save_npz(path, mu=self.mu, sigma=self.sigma, count=np.int64(self.count))
 
   @classmethod
-  def load(cls, path: str) -> "FeatureStatistics":
-    """Reads an `.npz` with mu and sigma (and count, when we wrote it), without unpickling."""
-    with np.load(path, allow_pickle=False) as data:
-      missing = [key for key in ("mu", "sigma") if key not in data.files]
-      if missing:
-        raise ValueError(f"{path} has no {missing} arrays; reference statistics need 'mu' and "
-                         f"'sigma' (it has {data.files}).")
-      count = int(data["count"]) if "count" in data.files else 0
-      return cls(data["mu"], data["sigma"], count)
+  def load(cls, path: str, what: str = "reference statistics") -> "FeatureStatistics":
+    """Reads an `.npz` with mu [d] and sigma [d, d] (and count, when we wrote it), unpickled never."""
+    data = files.read_npz(path, what)
+    missing = [key for key in ("mu", "sigma") if key not in data]
+    if missing:
+      raise errors.InputFileError(f"{what}={path!r} has no {missing} arrays; reference statistics "
+                                  f"need 'mu' and 'sigma' (it has {sorted(data)}).")
+    mu, sigma = data["mu"], data["sigma"]
+    if (mu.ndim != 1 or sigma.shape != (len(mu), len(mu))
+        or not np.issubdtype(mu.dtype, np.floating) or not np.issubdtype(sigma.dtype, np.floating)):
+      raise errors.InputFileError(f"{what}={path!r}: expected float mu [d] and sigma [d, d], got "
+                                  f"{mu.dtype} {mu.shape} and {sigma.dtype} {sigma.shape}.")
+    count = int(data["count"]) if "count" in data else 0
+    return cls(mu, sigma, count)
 
 
 def sqrt_psd(matrix: np.ndarray) -> np.ndarray:

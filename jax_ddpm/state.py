@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Optional
 
 import flax.struct
@@ -17,7 +16,7 @@ import ml_collections
 import optax
 from flax import nnx
 
-from jax_ddpm import checkpointing, config_checks, parallel
+from jax_ddpm import checkpointing, config_checks, errors, files, parallel
 from jax_ddpm.models.unet import RUNTIME_FIELDS, UNet
 from jax_ddpm.schedules import DiffusionSchedule, get_schedule
 
@@ -115,17 +114,17 @@ def load_checkpoint(config, workdir: str, step: Optional[int] = None):
   Fails, before anything is compiled or written, when the workdir has no checkpoint, lacks
   `step`, or holds another model.
   """
-  directory = os.path.join(workdir, "checkpoints")
+  directory = files.join(files.as_path(workdir), "checkpoints")
   checkpointer = (checkpointing.Checkpointer(workdir, create=False)
-                  if os.path.isdir(directory) else None)
+                  if files.is_dir(directory) else None)
   steps = checkpointer.all_steps() if checkpointer else []
   if not steps:
-    raise FileNotFoundError(f"No checkpoint in {os.path.abspath(directory)}: train first "
-                            "(--mode=train) or import weights (--mode=import).")
+    raise errors.MissingInputError(f"No checkpoint in {directory}: train first (--mode=train) or "
+                                   "import weights (--mode=import).")
   if step is None:
     step = max(steps)
   elif step not in steps:
-    raise ValueError(f"No checkpoint of step {step} in {directory}; available: {sorted(steps)}.")
+    raise errors.ConfigError(f"No checkpoint of step {step} (--step) in {directory}; available: {sorted(steps)}.")
   checkpointer.check_compatible(step, run_metadata(config))
   mesh = parallel.data_mesh()
   _, eval_graphdef, abstract = abstract_train_state(config, mesh,
@@ -151,9 +150,9 @@ def import_diffusers_checkpoint(config: ml_collections.ConfigDict, workdir: str,
 
   config_checks.validate_model_and_diffusion(config)
   _, params = convert.load_diffusers_unet(diffusers_dir, config_checks.unet_config(config))
-  existing = os.path.join(workdir, "checkpoints")
-  if os.path.isdir(existing) and os.listdir(existing):
-    raise FileExistsError(f"{existing} already holds checkpoints; import into an empty "
+  existing = files.join(workdir, "checkpoints")
+  if files.list_names(existing):
+    raise errors.ConfigError(f"{existing} already holds checkpoints; import into an empty "
                           "--workdir. Nothing was written.")
   mesh = parallel.data_mesh()
   optimizer = create_optimizer(config.optim)

@@ -12,7 +12,6 @@ repeats an uninterrupted one exactly.
 from __future__ import annotations
 
 import functools
-import os
 import signal
 import threading
 import time
@@ -28,7 +27,8 @@ from clu import metric_writers, periodic_actions
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from jax_ddpm import checkpointing, config_checks, diffusion, input_pipeline, parallel, sampling
+from jax_ddpm import (checkpointing, config_checks, diffusion, files, input_pipeline, parallel,
+                      sampling)
 from jax_ddpm.schedules import DiffusionSchedule
 from jax_ddpm.state import (TrainState, create_train_state, create_optimizer, ema_decay_at,
                             learning_rate_schedule, run_metadata, schedule_from_config)
@@ -109,7 +109,7 @@ def write_sample_grid(sample_fn, state: TrainState, config, workdir: str, writer
   grid = sampling.image_grid(images)
   writer.write_images(step, {"samples": grid[None]})
   if jax.process_index() == 0:
-    sampling.save_png(os.path.join(workdir, "samples", f"train_step_{step:08d}.png"), grid)
+    sampling.save_png(files.join(workdir, "samples", f"train_step_{step:08d}.png"), grid)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
@@ -171,17 +171,17 @@ def _train(config, workdir: str, mesh, preemption: "PreemptionWatch") -> TrainSt
   step = start_step
   wait_time = 0.0
   unchecked = None  # (first step, metrics) of the last dispatch, checked after the next one
+  in_flight = parallel.DispatchLimit()
   try:
     while step < training.num_train_steps:
-  in_flight = parallel.DispatchLimit()
       waited = time.perf_counter()
       batch = next(batches)
       wait_time += time.perf_counter() - waited
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         state, metrics = train_fn(state, batch)
+      in_flight.add(metrics)
       if training.nonfinite_policy == "halt":
         # Checking one dispatch behind keeps the device busy while the host looks.
-      in_flight.add(metrics)
         _halt_if_nonfinite(unchecked, checkpointer)
         unchecked = (step, metrics)
       step += k

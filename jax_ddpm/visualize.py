@@ -9,13 +9,11 @@ Writes, under <workdir>/visualize/ and as TensorBoard image summaries:
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_ddpm import diffusion, input_pipeline, parallel, sampling, schedules, state
+from jax_ddpm import diffusion, files, input_pipeline, parallel, sampling, schedules, state
 
 NUM_STRIP_FRAMES = 10
 NUM_GIF_FRAMES = 40
@@ -57,16 +55,30 @@ def forward_strip(schedule: schedules.DiffusionSchedule, image: np.ndarray,
   return sampling.image_grid(sampling.to_uint8(jnp.clip(x_t, -1, 1)), columns=len(t)), t
 
 
+def _gif(frames: list[np.ndarray]) -> bytes:
+  """uint8 [H, W, C] frames as an animated GIF, scaled up to ~256 px, the last frame held."""
+  import io  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  scale = max(1, 256 // frames[0].shape[0])
+  images = [Image.fromarray(np.repeat(np.repeat(f, scale, 0), scale, 1).squeeze(-1)
+                            if f.shape[-1] == 1 else np.repeat(np.repeat(f, scale, 0), scale, 1))
+            for f in frames]
+  buffer = io.BytesIO()
+  durations = [80] * (len(images) - 1) + [1500]  # hold the finished samples
+  images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:],
+                 duration=durations, loop=0)
+  return buffer.getvalue()
+
+
 def visualize(config, workdir: str, step: int | None = None) -> list[str]:
   """Writes the four pictures; returns their paths."""
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
-  from PIL import Image  # pylint: disable=g-import-not-at-top
 
   eval_graphdef, train_state, step = state.load_checkpoint(config, workdir, step)
   schedule = state.schedule_from_config(config)
   source = input_pipeline.create_source(config.data)
   input_pipeline.check_source_shape(source, config.data)
-  directory = os.path.join(workdir, "visualize")
+  directory = files.join(workdir, "visualize")
   mesh = parallel.data_mesh()
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   pictures = {"schedules": schedule_plot(schedule.num_timesteps)}
@@ -95,21 +107,13 @@ def visualize(config, workdir: str, step: int | None = None) -> list[str]:
 
   paths = []
   if jax.process_index() == 0:
-    os.makedirs(directory, exist_ok=True)
     for name, picture in pictures.items():
-      path = os.path.join(directory, f"{name}.png")
-      sampling.save_png(path, picture)
-      paths.append(path)
-    frames = [sampling.image_grid(frame[:GIF_GRID], columns=4) for frame in x_t]
-    frames.append(sampling.image_grid(sampling.to_uint8(final)[:GIF_GRID], columns=4))
-    scale = max(1, 256 // frames[0].shape[0])
-    gif = [Image.fromarray(np.repeat(np.repeat(f, scale, 0), scale, 1).squeeze(-1)
-                           if channels == 1 else np.repeat(np.repeat(f, scale, 0), scale, 1))
-           for f in frames]
-    path = os.path.join(directory, "reverse_process.gif")
-    durations = [80] * (len(gif) - 1) + [1500]  # hold the finished samples
-    gif[0].save(path, save_all=True, append_images=gif[1:], duration=durations, loop=0)
-    paths.append(path)
+      paths.append(files.join(directory, f"{name}.png"))
+      sampling.save_png(paths[-1], picture)
+    paths.append(files.join(directory, "reverse_process.gif"))
+    files.save_bytes(paths[-1], _gif([sampling.image_grid(frame[:GIF_GRID], columns=4)
+                                      for frame in x_t] + [sampling.image_grid(
+                                          sampling.to_uint8(final)[:GIF_GRID], columns=4)]))
   writer.write_images(step, {f"visualize/{name}": picture[None]
                              for name, picture in pictures.items()})
   writer.flush()

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from jax_ddpm import convert
+from jax_ddpm import convert, errors
 from jax_ddpm.models import unet
 
 torch = pytest.importorskip("torch")
@@ -160,7 +160,7 @@ def test_unsupported_diffusers_settings_are_named():
 
 
 def test_missing_folder_says_what_is_expected(tmp_path):
-  with pytest.raises(FileNotFoundError, match=r"config.json not found.*UNet2DModel folder"):
+  with pytest.raises(FileNotFoundError, match=r"config.json' does not exist.*UNet2DModel folder"):
     convert.load_diffusers_unet(str(tmp_path))
 
 
@@ -189,5 +189,5 @@ def test_import_mode_writes_a_checkpoint_that_samples(tmp_path):
   directory = sampling.sample_to_workdir(config, workdir)
   images = np.load(os.path.join(directory, "samples_8x16x16x1.npz"))["arr_0"]
   assert images.shape == (8, 16, 16, 1) and images.std() > 0
-  with pytest.raises(FileExistsError, match="already holds checkpoints"):
+  with pytest.raises(errors.UserInputError, match="already holds checkpoints"):
     state.import_diffusers_checkpoint(config, workdir, str(tmp_path / "diffusers"))
