@@ -6,15 +6,18 @@ so sampling another checkpoint reuses it.
 
 from __future__ import annotations
 
+import json
 import math
-import os
+import time
 from typing import Callable
 
 import jax
 import numpy as np
+from absl import logging
 from flax import nnx
+from jax.experimental import multihost_utils
 
-from jax_ddpm import files, parallel, samplers
+from jax_ddpm import errors, files, parallel, samplers
 from jax_ddpm.schedules import DiffusionSchedule
 
 SAMPLERS = ("ddpm", "ddim")
@@ -78,10 +81,12 @@ def image_grid(images: np.ndarray, columns: int | None = None, padding: int = 2)
 
 
 def save_png(path: str, image: np.ndarray) -> None:
-  """Writes a uint8 [H, W, C] image (C = 1 or 3) as PNG, creating the directory."""
+  """Writes a uint8 [H, W, C] image (C = 1 or 3) as PNG (local path or URL), atomically."""
+  import io  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
+  buffer = io.BytesIO()
+  Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, format="PNG")
+  files.save_bytes(path, buffer.getvalue())
 
 
 def padded_count(count: int, mesh: jax.sharding.Mesh) -> int:
@@ -92,7 +97,7 @@ def padded_count(count: int, mesh: jax.sharding.Mesh) -> int:
 def output_directory(workdir: str, step: int, sampling_config, num_timesteps: int) -> str:
   """workdir/samples/<step>_<sampler>_<steps>/."""
   steps = sampling_config.num_steps if sampling_config.sampler == "ddim" else num_timesteps
-  return os.path.join(workdir, "samples", f"{step}_{sampling_config.sampler}_{steps}")
+  return files.join(workdir, "samples", f"{step}_{sampling_config.sampler}_{steps}")
 
 
 def _sample_settings(config, step: int) -> dict:
@@ -105,7 +110,65 @@ def _sample_settings(config, step: int) -> dict:
 
 def all_samples_path(directory: str, shape: tuple[int, ...]) -> str:
   """The file of every sample of a directory: samples_<N>x<H>x<W>x<C>.npz."""
-  return os.path.join(directory, "samples_" + "x".join(str(d) for d in shape) + ".npz")
+  return files.join(directory, "samples_" + "x".join(str(d) for d in shape) + ".npz")
+
+
+def batch_path(directory: str, index: int) -> str:
+  return files.join(directory, f"batch_{index:05d}.npz")
+
+
+def _check_settings(directory: str, settings: dict) -> None:
+  """Refuses a directory whose samples were drawn with other settings."""
+  settings_path = files.join(directory, "settings.json")
+  if not files.exists(settings_path):
+    return
+  saved = files.load_json(settings_path)
+  differences = [f"sampling.{key}: now {settings.get(key)!r}, before {saved.get(key)!r}"
+                 for key in sorted(set(settings) | set(saved))
+                 if json.dumps(settings.get(key)) != json.dumps(saved.get(key))]
+  if differences:
+    raise errors.ConfigError(
+        f"{directory} holds samples drawn with other settings:\n  " + "\n  ".join(differences)
+        + "\nUse those settings to continue, or move the directory away. Nothing was written.")
+
+
+def _batches_to_draw(directory: str, num_batches: int, batch_size: int) -> list[int]:
+  """Indices of the batches not yet on disk whole, agreed on by every process.
+
+  A batch file always holds a full batch; one with fewer images (written by an older version
+  for a short last batch) is drawn again.
+  """
+  def complete(index):
+    path = batch_path(directory, index)
+    return files.exists(path) and len(files.read_npz(path, "sample batch", ["arr_0"])
+                                      ["arr_0"]) == batch_size
+  todo = [i for i in range(num_batches) if not complete(i)]
+  todo = [int(i) for i in multihost_utils.broadcast_one_to_all(
+      np.array(todo + [-1] * (num_batches - len(todo)), np.int32)) if i >= 0]
+  if len(todo) < num_batches:
+    logging.info("Resuming: %d of %d batches already in %s.", num_batches - len(todo),
+                 num_batches, directory)
+  return todo
+
+
+def _write_all_samples(directory: str, num_samples: int, num_batches: int) -> str:
+  """samples_<N>x...npz: the first N images of the directory's batches, in order."""
+  everything = np.concatenate([files.read_npz(batch_path(directory, i), "sample batch",
+                                              ["arr_0"])["arr_0"] for i in range(num_batches)])
+  everything = everything[:num_samples]
+  path = all_samples_path(directory, everything.shape)
+  files.save_npz(path, arr_0=everything)
+  logging.info("Wrote %d samples to %s.", len(everything), path)
+  return path
+
+
+def check_sampling_request(sampling_config, mesh: jax.sharding.Mesh) -> None:
+  if not isinstance(sampling_config.num_samples, int) or sampling_config.num_samples <= 0:
+    raise errors.ConfigError(f"sampling.num_samples must be a positive integer, got "
+                             f"{sampling_config.num_samples!r}.")
+  if sampling_config.batch_size <= 0 or sampling_config.batch_size % mesh.size:
+    raise errors.ConfigError(f"sampling.batch_size={sampling_config.batch_size} must be a "
+                             f"positive multiple of the number of devices, {mesh.size}.")
 
 
 def sample_to_workdir(config, workdir: str, step: int | None = None) -> str:
@@ -113,50 +176,32 @@ def sample_to_workdir(config, workdir: str, step: int | None = None) -> str:
 
   Batch i is drawn from fold_in(key(sampling.seed), i), so the images do not depend on how many
   devices or processes draw them, and an interrupted run resumes at the first batch that was
-  not written. Process 0 writes batch_<i>.npz (uint8 NHWC under 'arr_0') and grid_<i>.png as
-  each batch finishes, and at the end samples_<N>x<H>x<W>x<C>.npz with all N images, the file
-  FID tools read. Returns the output directory.
+  not written. Process 0 writes batch_<i>.npz (a full batch of uint8 NHWC under 'arr_0') and
+  grid_<i>.png as each batch finishes, and at the end samples_<N>x<H>x<W>x<C>.npz with the
+  first N = num_samples images, the file FID tools read. A later run that asks for fewer images
+  draws nothing new; one that asks for more draws only the missing batches. Returns the
+  output directory.
   """
-  import json  # pylint: disable=g-import-not-at-top
-  import time  # pylint: disable=g-import-not-at-top
-  from absl import logging  # pylint: disable=g-import-not-at-top
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-
   from jax_ddpm import config_checks, state  # pylint: disable=g-import-not-at-top
 
   config_checks.validate_model_and_diffusion(config)
   sampling_config = config.sampling
-  if not isinstance(sampling_config.num_samples, int) or sampling_config.num_samples <= 0:
-    raise ValueError(f"sampling.num_samples must be a positive integer, got "
-                     f"{sampling_config.num_samples!r}.")
   mesh = parallel.data_mesh()
-  if sampling_config.batch_size <= 0 or sampling_config.batch_size % mesh.size:
-    raise ValueError(f"sampling.batch_size={sampling_config.batch_size} must be a positive "
-                     f"multiple of the number of devices, {mesh.size}.")
+  check_sampling_request(sampling_config, mesh)
   eval_graphdef, train_state, step = state.load_checkpoint(config, workdir, step)
   params = train_state.ema_params if sampling_config.use_ema else train_state.params
   schedule = state.schedule_from_config(config)
 
   directory = output_directory(workdir, step, sampling_config, schedule.num_timesteps)
   settings = _sample_settings(config, step)
-  settings_path = os.path.join(directory, "settings.json")
-  if os.path.exists(settings_path):
-    with open(settings_path) as f:
-      saved = json.load(f)
-    differences = [f"sampling.{key}: now {settings.get(key)!r}, before {saved.get(key)!r}"
-                   for key in sorted(set(settings) | set(saved))
-                   if json.dumps(settings.get(key)) != json.dumps(saved.get(key))]
-    if differences:
-      raise ValueError(f"{directory} holds samples drawn with other settings:\n  "
-                       + "\n  ".join(differences) + "\nUse those settings to continue, or move "
-                       "the directory away. Nothing was written.")
+  _check_settings(directory, settings)
   is_writer = jax.process_index() == 0
   if is_writer:
-    os.makedirs(directory, exist_ok=True)
-    files.save_json(settings_path, settings)
+    files.save_json(files.join(directory, "settings.json"), settings)
 
   batch_size = sampling_config.batch_size
   num_batches = -(-sampling_config.num_samples // batch_size)
+  todo = _batches_to_draw(directory, num_batches, batch_size)
   shape = (batch_size, config.data.image_size, config.data.image_size, config.data.channels)
   sample_fn = make_sample_fn(
       eval_graphdef, schedule, shape, mesh, sampler=sampling_config.sampler,
@@ -164,33 +209,16 @@ def sample_to_workdir(config, workdir: str, step: int | None = None) -> str:
       spacing=sampling_config.spacing, variance=sampling_config.variance,
       prediction=config.diffusion.prediction, clip_denoised=sampling_config.clip_denoised)
   base_key = jax.random.key(sampling_config.seed)
-
-  def batch_path(index):
-    return os.path.join(directory, f"batch_{index:05d}.npz")
-
-  todo = [i for i in range(num_batches) if not os.path.exists(batch_path(i))]
-  # All processes must agree on the work list, whatever their view of the file system.
-  todo = [int(i) for i in multihost_utils.broadcast_one_to_all(
-      np.array(todo + [-1] * (num_batches - len(todo)), np.int32)) if i >= 0]
-  if len(todo) < num_batches:
-    logging.info("Resuming: %d of %d batches already in %s.", num_batches - len(todo),
-                 num_batches, directory)
   started = time.perf_counter()
   for done, index in enumerate(todo, start=1):
     images = sample_fn(params, jax.random.fold_in(base_key, index))
     images = to_uint8(multihost_utils.process_allgather(images, tiled=True))
-    keep = min(batch_size, sampling_config.num_samples - index * batch_size)
-    images = images[:keep]
     if is_writer:
-      files.save_npz(batch_path(index), arr_0=images)
-      save_png(os.path.join(directory, f"grid_{index:05d}.png"), image_grid(images))
-    elapsed = time.perf_counter() - started
-    rate = done * batch_size / elapsed
+      files.save_npz(batch_path(directory, index), arr_0=images)
+      save_png(files.join(directory, f"grid_{index:05d}.png"), image_grid(images))
+    rate = done * batch_size / (time.perf_counter() - started)
     logging.info("Batch %d/%d: %.2f images/s, ETA %.0f s.", index + 1, num_batches, rate,
                  (len(todo) - done) * batch_size / rate)
   if is_writer:
-    everything = np.concatenate([np.load(batch_path(i))["arr_0"] for i in range(num_batches)])
-    path = all_samples_path(directory, everything.shape)
-    files.save_npz(path, arr_0=everything)
-    logging.info("Wrote %d samples to %s.", len(everything), path)
+    _write_all_samples(directory, sampling_config.num_samples, num_batches)
   return directory

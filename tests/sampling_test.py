@@ -44,8 +44,8 @@ def test_sample_mode_writes_npz_batches_grids_and_one_file_of_all_samples(sample
   assert everything.dtype == np.uint8 and everything.shape == (10, 16, 16, 1)
   assert everything.min() < 64 and everything.max() > 192  # not blank
   first, second = (np.load(os.path.join(sampled, f"batch_{i:05d}.npz"))["arr_0"] for i in (0, 1))
-  assert first.shape == (8, 16, 16, 1) and second.shape == (2, 16, 16, 1)
-  np.testing.assert_array_equal(np.concatenate([first, second]), everything)
+  assert first.shape == second.shape == (8, 16, 16, 1)  # every batch file is full
+  np.testing.assert_array_equal(np.concatenate([first, second])[:10], everything)
   for i in (0, 1):
     assert os.path.getsize(os.path.join(sampled, f"grid_{i:05d}.png")) > 100
 
@@ -68,6 +68,35 @@ def test_resuming_draws_exactly_the_missing_batches(checkpoint_dir, sampled, tmp
   for name in ("batch_00001.npz", "samples_10x16x16x1.npz"):
     np.testing.assert_array_equal(np.load(os.path.join(directory, name))["arr_0"],
                                   np.load(os.path.join(sampled, name))["arr_0"])
+
+
+def test_fewer_then_more_samples_reuse_the_batches_and_write_exactly_the_count(
+    checkpoint_dir, sampled, tmp_path):
+  copy = str(tmp_path / "copy")
+  shutil.copytree(checkpoint_dir, copy)
+  directory = os.path.join(copy, os.path.relpath(sampled, checkpoint_dir))
+  ten = np.load(os.path.join(directory, "samples_10x16x16x1.npz"))["arr_0"]
+  kept = {name: os.path.getmtime(os.path.join(directory, name)) for name in os.listdir(directory)
+          if name.startswith("batch_")}
+  sampling.sample_to_workdir(sample_config(num_samples=6), copy)  # fewer: nothing drawn
+  np.testing.assert_array_equal(
+      np.load(os.path.join(directory, "samples_6x16x16x1.npz"))["arr_0"], ten[:6])
+  sampling.sample_to_workdir(sample_config(num_samples=20), copy)  # more: one new batch
+  twenty = np.load(os.path.join(directory, "samples_20x16x16x1.npz"))["arr_0"]
+  np.testing.assert_array_equal(twenty[:10], ten)
+  assert {name: os.path.getmtime(os.path.join(directory, name)) for name in kept} == kept
+  assert np.load(os.path.join(directory, "batch_00002.npz"))["arr_0"].shape == (8, 16, 16, 1)
+
+
+def test_a_short_batch_file_of_an_older_run_is_drawn_again_in_full(checkpoint_dir, sampled,
+                                                                     tmp_path):
+  copy = str(tmp_path / "copy")
+  shutil.copytree(checkpoint_dir, copy)
+  directory = os.path.join(copy, os.path.relpath(sampled, checkpoint_dir))
+  full = np.load(os.path.join(directory, "batch_00001.npz"))["arr_0"]
+  np.savez(os.path.join(directory, "batch_00001.npz"), arr_0=full[:2])
+  sampling.sample_to_workdir(sample_config(num_samples=16), copy)
+  np.testing.assert_array_equal(np.load(os.path.join(directory, "batch_00001.npz"))["arr_0"], full)
 
 
 def test_other_settings_do_not_mix_into_an_existing_sample_directory(checkpoint_dir, sampled):
