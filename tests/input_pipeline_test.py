@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from jax_ddpm import input_pipeline, parallel
+from jax_ddpm import errors, input_pipeline, parallel
+import tfds_data
 
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
@@ -75,6 +76,18 @@ def test_batch_iterator_yields_sharded_global_batches_from_the_given_step():
     assert batch.sharding.spec == parallel.batch_sharding(mesh, int(k > 1)).spec
 
 
+def test_grain_reads_the_plain_loops_batches_for_every_process_and_step():
+  # 20 examples, global batch 8: steps 3..9 straddle epochs; flips on; two processes.
+  source = input_pipeline.ArraySource(input_pipeline.fake_images(20, 4, 3, seed=1))
+  for process_index in (0, 1):
+    batches = iter(input_pipeline.grain_batches(
+        source, first_step=3, global_batch=8, seed=7, random_flip=True,
+        process_index=process_index, process_count=2, num_threads=3))
+    for step in range(3, 10):
+      np.testing.assert_array_equal(next(batches), input_pipeline.local_batch(
+          source, step, 8, 7, True, process_index, 2))
+
+
 def test_iterator_surfaces_errors_from_its_thread():
   class Broken:
     def __len__(self):
@@ -106,16 +119,44 @@ def test_image_folder_source_crops_resizes_and_checks_shape(tmp_path):
     input_pipeline.check_source_shape(source, config)
 
 
-@pytest.mark.parametrize("name, shape", [("mnist", (28, 28, 1)), ("cifar10", (32, 32, 3))])
-def test_tfds_source_reads_by_index(name, shape):
-  tfds = pytest.importorskip("tensorflow_datasets")
-  config = ml_collections.ConfigDict(dict(source="tfds", tfds_name=name, split="train",
-                                          data_dir="", image_size=shape[0], channels=shape[2]))
-  with tfds.testing.mock_data(num_examples=12):
-    source = input_pipeline.create_source(config)
-    input_pipeline.check_source_shape(source, config)
-    batch = input_pipeline.local_batch(source, 0, 8, 0, True, 0, 1)
-  assert len(source) == 12 and batch.shape == (8,) + shape
+@pytest.fixture(scope="module")
+def tfds_digits(tmp_path_factory):
+  """The same 256 digits stored by TFDS as ArrayRecord and as TFRecord."""
+  return {file_format: tfds_data.build(str(tmp_path_factory.mktemp(file_format)), file_format)
+          for file_format in ("array_record", "tfrecord")}
+
+
+@pytest.mark.parametrize("file_format", ["array_record", "tfrecord"])
+def test_tfds_source_reads_both_file_formats_by_index(tfds_digits, file_format):
+  config = ml_collections.ConfigDict(dict(
+      source="tfds", tfds_name=tfds_data.NAME, split="train", data_dir=tfds_digits[file_format],
+      image_size=28, channels=1))
+  source = input_pipeline.create_source(config)
+  input_pipeline.check_source_shape(source, config)
+  assert len(source) == 256
+  digits = input_pipeline.read_embedded_mnist()[:256]
+  images = source.read(np.arange(256))
+  # TFDS stores examples in an order of its own; the set of images is the digits'.
+  assert sorted(map(bytes, images)) == sorted(map(bytes, digits))
+  if file_format == "tfrecord":
+    other = input_pipeline.TfdsSource(tfds_data.NAME, "train", tfds_digits["array_record"])
+    assert np.array_equal(other.read(np.arange(256)), images)  # the same order in both formats
+  sliced = input_pipeline.TfdsSource(tfds_data.NAME, "train[10:20]", tfds_digits[file_format])
+  assert np.array_equal(sliced.read(np.arange(10)), images[10:20])
+
+
+def test_tfrecord_data_too_large_for_memory_names_the_conversion(tfds_digits):
+  with pytest.raises(errors.InputFileError, match=r"tfds convert_format --dataset_version_dir="):
+    input_pipeline.TfdsSource(tfds_data.NAME, "train", tfds_digits["tfrecord"], max_bytes=1000)
+
+
+def test_a_truncated_tfrecord_shard_is_named(tmp_path):
+  import shutil
+  data_dir = shutil.copytree(tfds_data.build(str(tmp_path / "a"), "tfrecord"), tmp_path / "b")
+  shard, = (data_dir / tfds_data.NAME / "1.0.0").glob("*.tfrecord*")
+  shard.write_bytes(shard.read_bytes()[:-100])
+  with pytest.raises(errors.InputFileError, match=r"truncated"):
+    input_pipeline.TfdsSource(tfds_data.NAME, "train", str(data_dir))
 
 
 def test_idx_source_reads_real_fashion_mnist():
