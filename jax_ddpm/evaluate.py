@@ -33,7 +33,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from jax_ddpm import (errors, feature_classifier, fid_weights, files, input_pipeline, metrics,
-                      parallel)
+                      parallel, summaries)
 from jax_ddpm.models import inception
 
 FEATURE_NETS = ("inception", "classifier")
@@ -241,11 +241,10 @@ def evaluate(config, workdir: str, step: Optional[int] = None) -> dict:
 
 
 def _write_results(workdir: str, results: dict, name: str) -> None:
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top
   step = int(results.get("protocol.step", 0))
   path = files.join(workdir, "eval", name + ".json")
   files.save_json(path, results)
-  writer = metric_writers.create_default_writer(workdir)
+  writer = summaries.create_writer(workdir, just_logging=jax.process_index() > 0)
   scalars = {f"eval/{k}": v for k, v in results.items()
              if k in ("fid", "feature_distance", "classifier_score")}
   writer.write_scalars(step, scalars)

@@ -3,9 +3,10 @@
 A path may be local or an object-store URL (gs://bucket/...), the paths a Cloud TPU pod uses,
 since its workers share no disk. orbax and TFDS use the same layer.
 
-Writes are atomic for readers: a file is written beside its destination as `<path>.tmp` and
-renamed over it (atomic on POSIX file systems; on object stores an object appears only once
-complete), so an interrupted write leaves the previous file, or none.
+Writes are atomic for readers, so an interrupted write leaves the previous file, or none: a
+local file is written beside its destination as `<path>.tmp` and renamed over it (atomic on
+POSIX file systems); an object-store object is uploaded in one request and appears only once
+complete (a rename there would be a copy and a delete, neither atomic nor needed).
 
 Reads of user-named files check the file first and name the config key in every error:
 missing, a directory, empty, not a zip archive (truncated), a pickled object array (refused;
@@ -27,10 +28,21 @@ from jax_ddpm.errors import InputFileError, MissingInputError
 PathLike = str | epath.Path
 
 
+def _no_listing_cache() -> None:
+  """gcsfs (epath's gs:// client) caches directory listings for the life of the process, so
+  one worker would not see what another wrote (a checkpoint step, a sample batch). Off."""
+  import fsspec  # pylint: disable=g-import-not-at-top
+  for protocol in ("gcs", "gs"):
+    fsspec.config.conf.setdefault(protocol, {})["use_listings_cache"] = False
+
+
+_no_listing_cache()
+
+
 def as_path(path: PathLike) -> epath.Path:
   """An epath.Path; a relative local path is made absolute (orbax requires that)."""
   path = epath.Path(path)
-  return path if "://" in str(path) else path.expanduser().absolute()
+  return path if is_object_store(path) else path.expanduser().absolute()
 
 
 def join(*parts: PathLike) -> str:
@@ -56,10 +68,19 @@ def list_names(directory: PathLike) -> list[str]:
   return sorted(p.name for p in directory.iterdir()) if directory.exists() else []
 
 
+def is_object_store(path: PathLike) -> bool:
+  """True for URLs such as gs://bucket/...; False for local paths."""
+  return "://" in str(path)
+
+
 def write_atomically(path: PathLike, write: Callable[[IO], Any], binary: bool = True) -> None:
-  """Calls write(f) on a temporary file, then renames it to `path` (parents created)."""
+  """Calls write(f) so that readers see the old file or the whole new one (parents created)."""
   path = epath.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
+  if is_object_store(path):
+    with path.open("wb" if binary else "w") as f:
+      write(f)
+    return
   temporary = path.with_name(path.name + ".tmp")
   with temporary.open("wb" if binary else "w") as f:
     write(f)
@@ -82,6 +103,16 @@ def load_json(path: PathLike) -> Any:
 
 def save_bytes(path: PathLike, data: bytes) -> None:
   write_atomically(path, lambda f: f.write(data))
+
+
+def append_bytes(path: PathLike, data: bytes) -> None:
+  """Appends to a local file (parents created); object stores have no append."""
+  if is_object_store(path):
+    raise ValueError(f"{path}: object stores cannot append; rewrite the object instead.")
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with path.open("ab") as f:
+    f.write(data)
 
 
 def require_file(path: PathLike, what: str, hint: str = "") -> epath.Path:

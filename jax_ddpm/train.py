@@ -23,12 +23,12 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers, periodic_actions
+from clu import periodic_actions
 from flax import nnx
 from jax.experimental import multihost_utils
 
 from jax_ddpm import (checkpointing, config_checks, diffusion, files, input_pipeline, parallel,
-                      sampling)
+                      sampling, summaries)
 from jax_ddpm.schedules import DiffusionSchedule
 from jax_ddpm.state import (TrainState, create_train_state, create_optimizer, ema_decay_at,
                             learning_rate_schedule, run_metadata, schedule_from_config)
@@ -149,7 +149,7 @@ def _train(config, workdir: str, mesh, preemption: "PreemptionWatch") -> TrainSt
                     "inside loops far more slowly (15x measured, benchmarks/NOTES.md, 6); 1 is "
                     "faster here.", k)
 
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer = summaries.create_writer(workdir, just_logging=jax.process_index() > 0)
   if start_step == 0:
     writer.write_hparams(_flatten(config.to_dict()))
   train_fn = make_train_fn(train_graphdef, schedule, optimizer, config, mesh)

@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_ddpm import diffusion, files, input_pipeline, parallel, sampling, schedules, state
+from jax_ddpm import (diffusion, files, input_pipeline, parallel, sampling, schedules, state,
+                      summaries)
 
 NUM_STRIP_FRAMES = 10
 NUM_GIF_FRAMES = 40
@@ -72,7 +73,6 @@ def _gif(frames: list[np.ndarray]) -> bytes:
 
 def visualize(config, workdir: str, step: int | None = None) -> list[str]:
   """Writes the four pictures; returns their paths."""
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top
 
   eval_graphdef, train_state, step = state.load_checkpoint(config, workdir, step)
   schedule = state.schedule_from_config(config)
@@ -80,7 +80,7 @@ def visualize(config, workdir: str, step: int | None = None) -> list[str]:
   input_pipeline.check_source_shape(source, config.data)
   directory = files.join(workdir, "visualize")
   mesh = parallel.data_mesh()
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer = summaries.create_writer(workdir, just_logging=jax.process_index() > 0)
   pictures = {"schedules": schedule_plot(schedule.num_timesteps)}
   pictures["forward_process"], _ = forward_strip(schedule, source.read(np.array([0]))[0],
                                                  config.seed)

@@ -1,0 +1,166 @@
+"""TensorBoard summaries written through the path layer, so a gs:// workdir holds them too.
+
+CLU's SummaryWriter writes through TensorFlow's own file system, whose GCS client talks only to
+the public endpoint. This writer produces the same event files (TFRecord framing of `Event`
+protos, the tensor summaries that tf.summary's v2 ops write) through epath. A local file grows
+by appends, so a live TensorBoard follows it; object stores have no append, so there each
+flush uploads the current file whole, and a new file starts when it passes `segment_bytes`.
+TensorBoard reads the files of a directory in name order, and a name starts with the creation
+time, as TensorFlow's do.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+from typing import Any, Mapping, Optional
+
+import numpy as np
+from clu import metric_writers
+from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2
+from tensorboard.compat.proto import types_pb2
+from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+
+from jax_ddpm import files
+
+
+def create_writer(workdir: str, *, just_logging: bool = False) -> metric_writers.MetricWriter:
+  """Logs every summary; process 0 (just_logging=False) also writes TensorBoard event files."""
+  writers = [metric_writers.LoggingWriter()]
+  if not just_logging:
+    writers.append(EventFileWriter(workdir))
+  return metric_writers.MultiWriter(writers)
+
+
+def _record(data: bytes) -> bytes:
+  """One TFRecord: length, masked CRC-32C of the length, data, masked CRC-32C of the data."""
+  length = struct.pack("<Q", len(data))
+  return (length + struct.pack("<I", masked_crc32c(length)) + data
+          + struct.pack("<I", masked_crc32c(data)))
+
+
+def _tensor(values: np.ndarray) -> tensor_pb2.TensorProto:
+  shape = tensor_shape_pb2.TensorShapeProto(
+      dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=n) for n in values.shape])
+  if values.dtype.kind in "SUO":
+    return tensor_pb2.TensorProto(
+        dtype=types_pb2.DT_STRING, tensor_shape=shape,
+        string_val=[v if isinstance(v, bytes) else str(v).encode() for v in values.ravel()])
+  if values.dtype.kind in "iub":
+    return tensor_pb2.TensorProto(dtype=types_pb2.DT_INT64, tensor_shape=shape,
+                                  int64_val=values.astype(np.int64).ravel().tolist())
+  return tensor_pb2.TensorProto(dtype=types_pb2.DT_DOUBLE, tensor_shape=shape,
+                                double_val=values.astype(np.float64).ravel().tolist())
+
+
+def _png(image: np.ndarray) -> bytes:
+  """PNG bytes of one HWC image, uint8 or float in [0, 1]."""
+  import io  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  if image.dtype != np.uint8:
+    image = np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
+  buffer = io.BytesIO()
+  Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, format="PNG")
+  return buffer.getvalue()
+
+
+class EventFileWriter(metric_writers.MetricWriter):
+  """A CLU MetricWriter of TensorBoard event files under `logdir`, local or on an object store."""
+
+  def __init__(self, logdir: str, segment_bytes: int = 8 << 20):
+    self._logdir, self._segment_bytes = logdir, segment_bytes
+    self._segment = 0
+    self._start_segment()
+
+  def _start_segment(self) -> None:
+    name = f"events.out.tfevents.{time.time():.6f}.{socket.gethostname()}.{self._segment}.v2"
+    self._path = files.join(self._logdir, name)
+    self._segment += 1
+    first = event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2")
+    self._written: list[bytes] = []  # kept for object stores, which rewrite the whole file
+    self._pending = [_record(first.SerializeToString())]
+    self._size = len(self._pending[0])
+
+  def _add(self, step: int, values: list[summary_pb2.Summary.Value]) -> None:
+    event = event_pb2.Event(wall_time=time.time(), step=int(step),
+                            summary=summary_pb2.Summary(value=values))
+    record = _record(event.SerializeToString())
+    if self._size + len(record) > self._segment_bytes:
+      self.flush()
+      self._start_segment()
+    self._pending.append(record)
+    self._size += len(record)
+
+  @staticmethod
+  def _value(tag: str, values: np.ndarray, plugin: str, content: bytes = b"",
+             data_class=summary_pb2.DATA_CLASS_TENSOR) -> summary_pb2.Summary.Value:
+    metadata = summary_pb2.SummaryMetadata(
+        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name=plugin, content=content),
+        data_class=data_class)
+    return summary_pb2.Summary.Value(tag=tag, metadata=metadata, tensor=_tensor(values))
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+    self._add(step, [self._value(tag, np.asarray(value, np.float64).reshape(()), "scalars",
+                                 data_class=summary_pb2.DATA_CLASS_SCALAR)
+                     for tag, value in scalars.items()])
+
+  def write_images(self, step: int, images: Mapping[str, Any]):
+    """Each value [N, H, W, C] (C = 1 or 3): tf.summary.image's [width, height, png...] tensor."""
+    values = []
+    for tag, batch in images.items():
+      batch = np.asarray(batch)
+      strings = [str(batch.shape[2]).encode(), str(batch.shape[1]).encode()]
+      strings += [_png(image) for image in batch]
+      values.append(self._value(tag, np.array(strings, dtype=object), "images",
+                                data_class=summary_pb2.DATA_CLASS_BLOB_SEQUENCE))
+    self._add(step, values)
+
+  def write_texts(self, step: int, texts: Mapping[str, str]):
+    self._add(step, [self._value(tag, np.array([text], dtype=object).reshape(()), "text")
+                     for tag, text in texts.items()])
+
+  def write_histograms(self, step: int, arrays: Mapping[str, Any],
+                       num_buckets: Optional[Mapping[str, int]] = None):
+    """tf.summary.histogram's [k, 3] tensor of (left edge, right edge, count)."""
+    values = []
+    for tag, array in arrays.items():
+      counts, edges = np.histogram(np.asarray(array, np.float64).ravel(),
+                                   bins=(num_buckets or {}).get(tag, 30))
+      table = np.stack([edges[:-1], edges[1:], counts], axis=1)
+      values.append(self._value(tag, table, "histograms"))
+    self._add(step, values)
+
+  def write_summaries(self, step: int, values: Mapping[str, Any],
+                      metadata: Optional[Mapping[str, Any]] = None):
+    summary_values = []
+    for tag, value in values.items():
+      meta = (metadata or {}).get(tag)
+      if isinstance(meta, bytes):
+        meta = summary_pb2.SummaryMetadata.FromString(meta)
+      summary_values.append(summary_pb2.Summary.Value(tag=tag, metadata=meta,
+                                                      tensor=_tensor(np.asarray(value))))
+    self._add(step, summary_values)
+
+  def write_hparams(self, hparams: Mapping[str, Any]):
+    from tensorboard.plugins.hparams import summary_v2  # pylint: disable=g-import-not-at-top
+    self._add(0, list(summary_v2.hparams_pb(dict(hparams)).value))
+
+  def write_videos(self, step: int, videos: Mapping[str, Any]):
+    raise NotImplementedError("jax_ddpm's event files hold no videos; write a GIF with files.")
+
+  def write_audios(self, step: int, audios: Mapping[str, Any], *, sample_rate: int):
+    raise NotImplementedError("jax_ddpm's event files hold no audio.")
+
+  def flush(self):
+    if not self._pending:
+      return
+    if files.is_object_store(self._path):
+      self._written += self._pending
+      files.save_bytes(self._path, b"".join(self._written))
+    else:
+      files.append_bytes(self._path, b"".join(self._pending))
+    self._pending = []
+
+  def close(self):
+    self.flush()
