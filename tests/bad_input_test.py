@@ -134,6 +134,7 @@ def assert_fails_cleanly(run, name, workdir, compiles):
   assert snapshot(workdir) == before
   compiled = [n for n in compiles() if any(n.startswith(f"jit({p}") for p in OUR_PROGRAMS)]
   assert not compiled, compiled
+  print(f"\nSWEEP | {name} | {str(caught.value)[:160]}")  # the table: pytest -s ... | grep SWEEP
   return str(caught.value)
 
 

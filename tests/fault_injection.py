@@ -19,6 +19,7 @@ import os
 import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -39,8 +40,8 @@ def command(workdir: str, steps: int) -> list[str]:
 class Run:
   """A main.py process whose log is followed on a thread for the steps it reports."""
 
-  def __init__(self, args: list[str]):
-    self.process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL,
+  def __init__(self, args: list[str], cwd: str = ROOT, env: dict | None = None):
+    self.process = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.DEVNULL,
                                     stderr=subprocess.PIPE, text=True)
     self.last_step = None
     self.log: list[str] = []
@@ -58,6 +59,12 @@ class Run:
     code = self.process.wait(timeout=timeout)
     self._reader.join(timeout=5)
     return code
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
 
 
 def temporary_checkpoints(workdir: str) -> set[str]:

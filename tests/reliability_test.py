@@ -1,24 +1,19 @@
-"""Non-finite guards, damaged checkpoints, and a two-process jax.distributed run.
+"""Non-finite guards and damaged checkpoints.
 
-Kills at random moments are in preemption_test.py.
+Kills at random moments are in preemption_test.py; two processes through jax.distributed, on
+a gs:// workdir, in pod_rehearsal_test.py.
 """
 
 import glob
 import os
 import shutil
-import socket
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 
-import fault_injection
 from configs import tiny
-from jax_ddpm import checkpointing, state, train
-
-ROOT = fault_injection.ROOT
+from jax_ddpm import checkpointing, train
 
 
 def nan_config(policy, steps=6):
@@ -84,38 +79,3 @@ def test_a_truncated_checkpoint_is_named_and_the_fallback_resumes_from_the_previ
   assert int(final.step) == 9
   assert os.listdir(os.path.join(workdir, "checkpoints_unreadable")) == ["6"]  # kept, not lost
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6", "9"]
-
-
-def free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def test_two_processes_train_like_one_process_on_eight_devices(finished_run, tmp_path):
-  """2 processes x 4 CPU devices through jax.distributed, against 1 process x 8 devices."""
-  workdir = str(tmp_path / "two")
-  port = free_port()
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-  processes = [subprocess.Popen(
-      [sys.executable, os.path.join(ROOT, "main.py"), "--config=" + os.path.join(
-          ROOT, "configs", "tiny.py"), f"--workdir={workdir}", "--distributed",
-       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
-      cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-      for i in range(2)]
-  outputs = [p.communicate(timeout=400)[1] for p in processes]
-  for process, output in zip(processes, outputs):
-    assert process.returncode == 0, output[-3000:]
-  # Same global batches, keys and program as the one-process run (finished_run, 8 devices).
-  two, one = (fault_injection.final_state(w, 6) for w in (workdir, finished_run))
-  for a, b in zip(jax.tree.leaves(two), jax.tree.leaves(one)):
-    np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
-  assert len(glob.glob(os.path.join(workdir, "events.out.tfevents.*"))) == 1  # process 0 only
-  assert os.listdir(os.path.join(workdir, "samples")) == ["train_step_00000006.png"]
-  # The checkpoint written by two processes loads in this one process, through the same
-  # restore as resuming and sampling.
-  _, restored, step = state.load_checkpoint(tiny.get_config(), workdir)
-  _, reference, _ = state.load_checkpoint(tiny.get_config(), finished_run)
-  assert step == 6
-  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(reference)):
-    np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
