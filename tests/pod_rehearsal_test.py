@@ -1,6 +1,6 @@
 """The Cloud TPU pod path rehearsed on this machine: a gs:// workdir, TFDS data in the bucket.
 
-A real GCS API server runs on loopback (tests/gcs_emulator.py). Two processes x 2 CPU devices
+A real GCS API server runs on loopback (tests/gcs_emulator.py). Two processes x 4 CPU devices
 train through --distributed with --workdir=gs://bucket/run, reading the shipped digits as a
 TFDS TFRecord dataset from the bucket, the way pod workers that share no disk run. The run
 is preempted (SIGTERM to both workers), killed (SIGKILL), resumed from the bucket, and must
@@ -102,10 +102,10 @@ def condensed(files: list[str]) -> list[str]:
 
 
 class Pod:
-  """Two main.py workers (2 CPU devices each, as main.py starts on 2 cores) of one --distributed run, in `cwd`."""
+  """Two main.py workers (4 CPU devices each, as a v4 TPU host has) of one --distributed run."""
 
   def __init__(self, url: str, cwd: str, args: list[str]):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
                **gcs_emulator.environment(url))
     port = fault_injection.free_port()
     self.workers = [fault_injection.Run(
