@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from benchmarks import common
-from jax_ddpm import input_pipeline, parallel, sampling, state, train
+from jax_ddpm import input_pipeline, parallel, samplers, sampling, state, train
 
 
 def model_config(spec: dict):
@@ -93,19 +93,21 @@ def measure_sample(spec: dict) -> dict:
   _, eval_graphdef, train_state = state.create_train_state(
       config, mesh, state.create_optimizer(config.optim))
   shape = (spec["batch"], config.data.image_size, config.data.image_size, config.data.channels)
+  config.sampling.sampler, config.sampling.num_steps = spec["sampler"], spec["steps"]
   sample_fn = sampling.make_sample_fn(eval_graphdef, state.schedule_from_config(config), shape,
-                                      mesh, sampler=spec["sampler"], num_steps=spec["steps"])
+                                      mesh, samplers.from_config(config.sampling))
   params = train_state.ema_params
   started = time.perf_counter()
   compiled = sample_fn.lower(params, jax.random.key(0)).compile()
   compile_s = time.perf_counter() - started
   memory = compiled_costs(compiled, mesh.size)["xla_memory_mb"]
   forward_flops = _forward_flops(eval_graphdef, params, shape, mesh)
-  repeats = 1 if spec["sampler"] == "ddpm" else spec["repeats"]
+  single = spec["steps"] >= 1000  # DDPM's 1000 steps: one timed run, no warm-up
+  repeats = 1 if single else spec["repeats"]
   calls = iter(range(1, 10**6))
   median, low, high = common.time_call(
       lambda: compiled(params, jax.random.key(next(calls))).block_until_ready(), repeats,
-      warmup=0 if spec["sampler"] == "ddpm" else 1)
+      warmup=0 if single else 1)
   return {"compile_s": compile_s, "seconds": [median, low, high], "xla_memory_mb": memory,
           "flops": forward_flops * spec["steps"], "devices": mesh.size,
           "params": state_param_count(train_state), "peak_rss_mb": common.peak_rss_mb(),

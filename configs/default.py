@@ -41,9 +41,14 @@ Keys (override any on the command line: --config.training.batch_size=64):
                            trained by --mode=train_classifier for .classifier_steps steps at
                            global batch .classifier_batch_size
   debug.inject_nonfinite_at_steps   fault injection for tests: make these steps' loss NaN
-  sampling.sampler         ddim | ddpm, with .num_steps (ddim), .eta, .spacing, .variance (ddpm:
-                           fixed_large, the default, or fixed_small)
-  sampling.clip_denoised   clip predicted x_0 to [-1, 1] while sampling
+  sampling.sampler         ddim | ddpm | dpmpp_2m (DPM-Solver++(2M)); see jax_ddpm/samplers/
+  sampling.num_steps       S, the network calls of ddim and dpmpp_2m (ddpm visits all T)
+  sampling.eta             ddim's noise scale in [0, 1] (0: deterministic)
+  sampling.spacing         uniform | quadratic | logsnr: which S of the T timesteps ddim and
+                           dpmpp_2m visit (logsnr: uniform in log alpha_t / sigma_t)
+  sampling.variance        ddpm's sigma_t^2: fixed_large (beta_t, the default) or fixed_small
+  sampling.thresholding    none | static (clip predicted x_0 to [-1, 1]) | dynamic (Imagen's
+                           per-sample percentile, .threshold_percentile), for every sampler
   sampling.use_ema, .num_samples, .batch_size, .seed   --mode=sample: which weights, how many
                            images, the global batch per compiled call, and the noise seed
 """
@@ -118,7 +123,8 @@ def get_config() -> ml_collections.ConfigDict:
   sampling.eta = 0.0
   sampling.spacing = "uniform"
   sampling.variance = "fixed_large"
-  sampling.clip_denoised = True
+  sampling.thresholding = "static"
+  sampling.threshold_percentile = 0.995
   sampling.use_ema = True
   sampling.num_samples = 64
   sampling.batch_size = 64

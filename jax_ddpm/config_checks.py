@@ -6,9 +6,8 @@ Runs before any data is read, any file is written or anything is compiled.
 from __future__ import annotations
 
 from jax_ddpm import errors, input_pipeline, samplers, schedules
-from jax_ddpm.diffusion import Prediction, Variance
+from jax_ddpm.diffusion import Prediction
 from jax_ddpm.models.unet import UNetConfig
-from jax_ddpm.sampling import SAMPLERS
 
 NONFINITE_POLICIES = ("halt", "skip")
 
@@ -61,15 +60,31 @@ def validate_model_and_diffusion(config) -> None:
   if config.model.num_classes is not None:
     raise errors.ConfigError("model.num_classes is set, but no data source yields class labels yet; "
                      "leave it unset (None) for unconditional models.")
+  validate_sampling(config)
+
+
+def validate_sampling(config) -> None:
+  """The sampler's own checks (samplers.from_config, Sampler.timesteps), as config errors."""
   sampling = config.sampling
-  _choice(sampling.sampler, SAMPLERS, "sampling.sampler")
-  _choice(sampling.variance, [v.value for v in Variance], "sampling.variance")
-  _choice(sampling.spacing, [s.value for s in samplers.Spacing], "sampling.spacing")
-  if not 0.0 <= sampling.eta <= 1.0:
-    raise errors.ConfigError(f"sampling.eta must be in [0, 1], got {sampling.eta!r}.")
-  if not 1 <= sampling.num_steps <= config.diffusion.num_timesteps:
-    raise errors.ConfigError(f"sampling.num_steps must be in 1..{config.diffusion.num_timesteps} "
-                     f"(diffusion.num_timesteps), got {sampling.num_steps!r}.")
+  _choice(sampling.thresholding, [t.value for t in samplers.Thresholding], "sampling.thresholding")
+  if not 0.0 < sampling.threshold_percentile <= 1.0:
+    raise errors.ConfigError(f"sampling.threshold_percentile must be in (0, 1], got "
+                             f"{sampling.threshold_percentile!r}.")
+  diffusion = config.diffusion
+  try:
+    schedule = schedules.get_schedule(diffusion.schedule, diffusion.num_timesteps,
+                                      beta_start=diffusion.beta_start, beta_end=diffusion.beta_end)
+  except ValueError as error:
+    raise errors.ConfigError(f"diffusion: {error}") from None
+  try:
+    samplers.from_config(sampling).timesteps(schedule)
+  except ValueError as error:  # "num_steps must be ...", "Unknown spacing ...": sampling.* keys
+    message = str(error)
+    if not message.startswith("Unknown sampling.sampler"):
+      unknown = message.startswith("Unknown ")
+      message = ("Unknown sampling." + message[len("Unknown "):] if unknown
+                 else "sampling." + message) + f" (sampling.sampler={sampling.sampler!r})"
+    raise errors.ConfigError(message) from None
 
 
 def validate_training(config, num_devices: int, num_processes: int) -> None:

@@ -20,44 +20,34 @@ from jax.experimental import multihost_utils
 from jax_ddpm import errors, files, parallel, samplers
 from jax_ddpm.schedules import DiffusionSchedule
 
-SAMPLERS = ("ddpm", "ddim")
-
-
 def make_sample_fn(eval_graphdef: nnx.GraphDef, schedule: DiffusionSchedule,
-                   shape: tuple[int, ...], mesh: jax.sharding.Mesh, *, sampler: str,
-                   num_steps: int = 50, eta: float = 0.0, spacing: str = "uniform",
-                   variance: str = "fixed_large", prediction: str = "eps",
-                   clip_denoised: bool = True, num_frames: int = 0) -> Callable:
+                   shape: tuple[int, ...], mesh: jax.sharding.Mesh, sampler: samplers.Sampler,
+                   *, prediction: str = "eps", thresholding: str = "static",
+                   threshold_percentile: float = 0.995, num_frames: int = 0) -> Callable:
   """A jitted fn(params, rng) -> float32 images in [-1, 1] of `shape`, batch sharded over mesh.
 
-  With num_frames > 0 it returns (images, samplers.Trajectory).
+  With num_frames > 0 it returns (images, samplers.Trajectory). Every argument is checked
+  here, before the first (long) compile.
   """
-  if sampler not in SAMPLERS:
-    raise ValueError(f"Unknown sampler {sampler!r}; allowed values: {list(SAMPLERS)}.")
   sharding = parallel.batch_sharding(mesh)
+  options = dict(prediction=prediction, thresholding=thresholding,
+                 threshold_percentile=threshold_percentile, num_frames=num_frames,
+                 sharding=sharding)
 
   def sample(params, rng):
     model = nnx.merge(eval_graphdef, params)
+    return samplers.run(sampler, lambda x_t, t: model(x_t, t), schedule, shape, rng, **options)
 
-    def denoise(x_t, t):
-      return model(x_t, t)
-
-    if sampler == "ddpm":
-      return samplers.ddpm_sample(denoise, schedule, shape, rng, variance=variance,
-                                  prediction=prediction, clip_denoised=clip_denoised,
-                                  num_frames=num_frames, sharding=sharding)
-    return samplers.ddim_sample(denoise, schedule, shape, rng, num_steps=num_steps, eta=eta,
-                                spacing=spacing, prediction=prediction,
-                                clip_denoised=clip_denoised, num_frames=num_frames,
-                                sharding=sharding)
-
-  # Validate every argument now, before the first (long) compile.
-  if sampler == "ddpm":
-    samplers.frame_slots(schedule.num_timesteps, num_frames)
-  else:
-    samplers.ddim_timesteps(schedule.num_timesteps, num_steps, spacing)
-    samplers.frame_slots(num_steps, num_frames)
+  jax.eval_shape(lambda: samplers.run(sampler, lambda x_t, t: x_t, schedule, shape,
+                                      jax.random.key(0), **options))
   return jax.jit(sample, out_shardings=None)
+
+
+def sampler_options(config) -> dict:
+  """make_sample_fn's keyword arguments from a run config."""
+  return dict(prediction=config.diffusion.prediction,
+              thresholding=config.sampling.thresholding,
+              threshold_percentile=config.sampling.threshold_percentile)
 
 
 def to_uint8(images) -> np.ndarray:
@@ -94,10 +84,11 @@ def padded_count(count: int, mesh: jax.sharding.Mesh) -> int:
   return -(-count // mesh.size) * mesh.size
 
 
-def output_directory(workdir: str, step: int, sampling_config, num_timesteps: int) -> str:
+def output_directory(workdir: str, step: int, sampler: samplers.Sampler,
+                     schedule: DiffusionSchedule) -> str:
   """workdir/samples/<step>_<sampler>_<steps>/."""
-  steps = sampling_config.num_steps if sampling_config.sampler == "ddim" else num_timesteps
-  return files.join(workdir, "samples", f"{step}_{sampling_config.sampler}_{steps}")
+  steps = len(sampler.timesteps(schedule))
+  return files.join(workdir, "samples", f"{step}_{sampler.name}_{steps}")
 
 
 def _sample_settings(config, step: int) -> dict:
@@ -192,7 +183,8 @@ def sample_to_workdir(config, workdir: str, step: int | None = None) -> str:
   params = train_state.ema_params if sampling_config.use_ema else train_state.params
   schedule = state.schedule_from_config(config)
 
-  directory = output_directory(workdir, step, sampling_config, schedule.num_timesteps)
+  sampler = samplers.from_config(sampling_config)
+  directory = output_directory(workdir, step, sampler, schedule)
   settings = _sample_settings(config, step)
   _check_settings(directory, settings)
   is_writer = jax.process_index() == 0
@@ -203,11 +195,8 @@ def sample_to_workdir(config, workdir: str, step: int | None = None) -> str:
   num_batches = -(-sampling_config.num_samples // batch_size)
   todo = _batches_to_draw(directory, num_batches, batch_size)
   shape = (batch_size, config.data.image_size, config.data.image_size, config.data.channels)
-  sample_fn = make_sample_fn(
-      eval_graphdef, schedule, shape, mesh, sampler=sampling_config.sampler,
-      num_steps=sampling_config.num_steps, eta=sampling_config.eta,
-      spacing=sampling_config.spacing, variance=sampling_config.variance,
-      prediction=config.diffusion.prediction, clip_denoised=sampling_config.clip_denoised)
+  sample_fn = make_sample_fn(eval_graphdef, schedule, shape, mesh, sampler,
+                             **sampler_options(config))
   base_key = jax.random.key(sampling_config.seed)
   started = time.perf_counter()
   for done, index in enumerate(todo, start=1):

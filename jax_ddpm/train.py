@@ -28,7 +28,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from jax_ddpm import (checkpointing, config_checks, diffusion, files, input_pipeline, parallel,
-                      sampling, summaries)
+                      samplers, sampling, summaries)
 from jax_ddpm.schedules import DiffusionSchedule
 from jax_ddpm.state import (TrainState, create_train_state, create_optimizer, ema_decay_at,
                             learning_rate_schedule, run_metadata, schedule_from_config)
@@ -156,9 +156,8 @@ def _train(config, workdir: str, mesh, preemption: "PreemptionWatch") -> TrainSt
   num_images = sampling.padded_count(training.num_sample_images, mesh)
   shape = (num_images, config.data.image_size, config.data.image_size, config.data.channels)
   sample_fn = sampling.make_sample_fn(
-      eval_graphdef, schedule, shape, mesh, sampler="ddim", num_steps=training.sample_ddim_steps,
-      eta=0.0, prediction=config.diffusion.prediction,
-      clip_denoised=config.sampling.clip_denoised)
+      eval_graphdef, schedule, shape, mesh, samplers.DDIM(num_steps=training.sample_ddim_steps),
+      **sampling.sampler_options(config))
   report_progress = periodic_actions.ReportProgress(
       num_train_steps=training.num_train_steps, writer=writer,
       every_steps=training.log_every_steps)

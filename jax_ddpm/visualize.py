@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_ddpm import (diffusion, files, input_pipeline, parallel, sampling, schedules, state,
-                      summaries)
+from jax_ddpm import (diffusion, files, input_pipeline, parallel, samplers, sampling, schedules,
+                      state, summaries)
 
 NUM_STRIP_FRAMES = 10
 NUM_GIF_FRAMES = 40
@@ -88,15 +88,11 @@ def visualize(config, workdir: str, step: int | None = None) -> list[str]:
   size, channels = config.data.image_size, config.data.channels
   gif_count = sampling.padded_count(GIF_GRID, mesh)
   sampling_config = config.sampling
-  num_steps = (sampling_config.num_steps if sampling_config.sampler == "ddim"
-               else schedule.num_timesteps)
+  sampler = samplers.from_config(sampling_config)
+  num_steps = len(sampler.timesteps(schedule))
   sample_fn = sampling.make_sample_fn(
-      eval_graphdef, schedule, (gif_count, size, size, channels), mesh,
-      sampler=sampling_config.sampler, num_steps=sampling_config.num_steps,
-      eta=sampling_config.eta, spacing=sampling_config.spacing,
-      variance=sampling_config.variance, prediction=config.diffusion.prediction,
-      clip_denoised=sampling_config.clip_denoised,
-      num_frames=min(NUM_GIF_FRAMES, num_steps))
+      eval_graphdef, schedule, (gif_count, size, size, channels), mesh, sampler,
+      num_frames=min(NUM_GIF_FRAMES, num_steps), **sampling.sampler_options(config))
   params = train_state.ema_params if sampling_config.use_ema else train_state.params
   final, trajectory = sample_fn(params, jax.random.key(sampling_config.seed))
   x_t = sampling.to_uint8(jnp.clip(trajectory.x_t, -1, 1))  # [K, N, H, W, C]

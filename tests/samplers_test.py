@@ -49,13 +49,14 @@ SAMPLERS = {
     "ddim_50_eta1": ("ddim", dict(num_steps=50, eta=1.0)),
     "ddim_50_quadratic_eta0": ("ddim", dict(num_steps=50, eta=0.0, spacing="quadratic")),
 }
+SAMPLE_FUNCTIONS = {"ddpm": samplers.ddpm_sample, "ddim": samplers.ddim_sample,
+                    "dpmpp_2m": samplers.dpm_solver_sample}
 
 
 def run_sampler(name, denoise, rng):
-  kind, kwargs = SAMPLERS[name]
-  sample = samplers.ddpm_sample if kind == "ddpm" else samplers.ddim_sample
-  return np.asarray(sample(denoise, SCHEDULE, (NUM_SAMPLES, 2), rng, clip_denoised=False,
-                           **kwargs), np.float64)
+  kind, kwargs = dict(SAMPLERS, dpmpp_2m_20=("dpmpp_2m", dict(num_steps=20)))[name]
+  return np.asarray(SAMPLE_FUNCTIONS[kind](denoise, SCHEDULE, (NUM_SAMPLES, 2), rng,
+                                           thresholding="none", **kwargs), np.float64)
 
 
 def exact_output_law(name, mu, s):
@@ -74,7 +75,8 @@ def exact_output_law(name, mu, s):
   if kind == "ddpm":
     steps = [(t, t - 1) for t in range(999, -1, -1)]
   else:
-    visited = samplers.ddim_timesteps(1000, kwargs["num_steps"], kwargs.get("spacing", "uniform"))
+    visited = samplers.timestep_indices(SCHEDULE, kwargs["num_steps"],
+                                        kwargs.get("spacing", "uniform"))
     steps = list(zip(visited[::-1], np.append(-1, visited[:-1])[::-1]))
   mean, var = 0.0, 1.0  # x_T ~ N(0, I)
   for t, t_prev in steps:
@@ -137,7 +139,7 @@ def test_few_step_ddim_shrinks_the_variance_as_its_exact_law_predicts():
     assert abs(mean - mu) < 0.02 * mu, name
 
 
-@pytest.mark.parametrize("name", ["ddpm_1000", "ddim_50_eta0", "ddim_50_eta1"])
+@pytest.mark.parametrize("name", ["ddpm_1000", "ddim_50_eta0", "ddim_50_eta1", "dpmpp_2m_20"])
 def test_sampler_recovers_mixture_weights_and_component_means(name):
   samples = run_sampler(name, gaussian_mixture_eps(**MIXTURE), jax.random.key(2))
   means = np.array(MIXTURE["means"])
@@ -155,8 +157,8 @@ def nonlinear_eps(x_t, t):
   return 0.8 * jnp.tanh(x_t) + 1e-4 * t[:, None, None, None].astype(jnp.float32)
 
 
-@pytest.mark.parametrize("clip_denoised", [False, True])
-def test_ddim_step_with_eta_one_equals_the_ddpm_step_at_every_t(clip_denoised):
+@pytest.mark.parametrize("thresholding", ["none", "static", "dynamic"])
+def test_ddim_step_with_eta_one_equals_the_ddpm_step_at_every_t(thresholding):
   """Same x_t, output and noise at each of the T steps: the two formulas agree within 1e-5."""
   keys = jax.random.split(jax.random.key(2), 3)
   t = jnp.arange(1000, dtype=jnp.int32)
@@ -164,9 +166,9 @@ def test_ddim_step_with_eta_one_equals_the_ddpm_step_at_every_t(clip_denoised):
   output = jax.random.normal(keys[1], x_t.shape)
   noise = jax.random.normal(keys[2], x_t.shape)
   ddpm_prev, ddpm_x0 = samplers.ddpm_step(SCHEDULE, output, x_t, t, noise, variance="fixed_small",
-                                          prediction="eps", clip_denoised=clip_denoised)
+                                          prediction="eps", thresholding=thresholding)
   ddim_prev, ddim_x0 = samplers.ddim_step(SCHEDULE, output, x_t, t, t - 1, noise, eta=1.0,
-                                          prediction="eps", clip_denoised=clip_denoised)
+                                          prediction="eps", thresholding=thresholding)
   np.testing.assert_allclose(ddim_prev, ddpm_prev, atol=1e-5, rtol=0)
   np.testing.assert_array_equal(ddim_x0, ddpm_x0)
 
@@ -200,14 +202,22 @@ def test_ddim_eta_zero_is_deterministic_given_initial_noise():
   assert not np.allclose(first, stochastic)
 
 
-def test_ddim_timestep_spacings():
-  uniform = samplers.ddim_timesteps(1000, 50, "uniform")
-  np.testing.assert_array_equal(uniform, np.arange(0, 1000, 20))
-  quadratic = samplers.ddim_timesteps(1000, 10, "quadratic")
+def test_timestep_spacings():
+  indices = lambda steps, spacing: samplers.timestep_indices(SCHEDULE, steps, spacing)
+  np.testing.assert_array_equal(indices(50, "uniform"), np.arange(0, 1000, 20))
+  quadratic = indices(10, "quadratic")
   assert quadratic[0] == 0 and len(np.unique(quadratic)) == 10 and quadratic[-1] in (799, 800)
   # As the DDIM code: 50 quadratic steps start 0, 0, 1, 2 (the repeat is an identity step).
-  np.testing.assert_array_equal(samplers.ddim_timesteps(1000, 50, "quadratic")[:4], [0, 0, 1, 2])
-  np.testing.assert_array_equal(samplers.ddim_timesteps(1000, 3, "uniform"), [0, 333, 666])
+  np.testing.assert_array_equal(indices(50, "quadratic")[:4], [0, 0, 1, 2])
+  np.testing.assert_array_equal(indices(3, "uniform"), [0, 333, 666])
+  # logsnr: from t = 0 to T - 1, strictly increasing, lambda steps equal where indices allow.
+  log_alpha_bar = np.asarray(SCHEDULE.log_alphas_cumprod, np.float64)
+  lam = 0.5 * (log_alpha_bar - np.log(-np.expm1(log_alpha_bar)))
+  for steps in (5, 20, 200, 1000):
+    chosen = indices(steps, "logsnr")
+    assert chosen[0] == 0 and chosen[-1] == 999 and np.all(np.diff(chosen) > 0), chosen
+  gaps = -np.diff(lam[indices(10, "logsnr")])
+  assert gaps.max() / gaps.min() < 1.1, gaps
 
 
 def test_trajectory_keeps_only_the_requested_frames():
@@ -233,7 +243,7 @@ def instruction_count(hlo_text):
   return sum(1 for line in hlo_text.splitlines() if " = " in line and "constant(" not in line)
 
 
-@pytest.mark.parametrize("name", ["ddpm", "ddim"])
+@pytest.mark.parametrize("name", ["ddpm", "ddim", "dpmpp_2m"])
 def test_compile_cost_does_not_grow_with_step_count(name):
   shape = (2, 4, 4, 1)
   sizes, denoisers = [], []
@@ -243,7 +253,8 @@ def test_compile_cost_does_not_grow_with_step_count(name):
     if name == "ddpm":
       fn = lambda rng: samplers.ddpm_sample(denoise, schedule, shape, rng)
     else:
-      fn = lambda rng: samplers.ddim_sample(denoise, schedule, shape, rng, num_steps=steps)
+      fn = lambda rng: SAMPLE_FUNCTIONS[name](denoise, schedule, shape, rng, num_steps=steps,
+                                              thresholding="dynamic")
     compiled = jax.jit(fn).lower(jax.random.key(0)).compile()
     sizes.append(instruction_count(compiled.as_text()))
     denoisers.append(denoise.traces)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from jax_ddpm import checkpointing, parallel, sampling, state
+from jax_ddpm import checkpointing, parallel, samplers, sampling, state
 
 
 def sample_config(**overrides):
@@ -111,7 +111,7 @@ def test_the_sampling_program_compiles_once_for_any_weights(checkpoint_dir):
   eval_graphdef, loaded, _ = state.load_checkpoint(config, checkpoint_dir)
   mesh = parallel.data_mesh()
   sample_fn = sampling.make_sample_fn(eval_graphdef, state.schedule_from_config(config),
-                                      (8, 16, 16, 1), mesh, sampler="ddpm")
+                                      (8, 16, 16, 1), mesh, samplers.DDPM())
   first = sample_fn(loaded.ema_params, jax.random.key(0))
   other_weights = jax.tree.map(lambda x: x + 0.01, loaded.params)
   second = sample_fn(other_weights, jax.random.key(1))
@@ -137,7 +137,12 @@ def test_checkpoint_of_another_model_is_refused(checkpoint_dir):
 
 @pytest.mark.parametrize("overrides, message", [
     (dict(num_samples=0), r"sampling.num_samples must be a positive integer, got 0"),
-    (dict(sampler="euler"), r"Unknown sampling.sampler 'euler'; allowed values: \['ddpm', 'ddim'\]"),
+    (dict(sampler="euler"), r"Unknown sampling.sampler 'euler'; allowed values: "
+                          r"\['ddpm', 'ddim', 'dpmpp_2m'\]"),
+    (dict(sampler="dpmpp_2m", num_steps=101), r"sampling.num_steps must be an integer in "
+                                              r"1..100 \(T\), got 101"),
+    (dict(thresholding="soft"), r"Unknown sampling.thresholding 'soft'; allowed values: "
+                                r"\['none', 'static', 'dynamic'\]"),
     (dict(batch_size=12), r"sampling.batch_size=12 must be a positive multiple of the number of "
                           r"devices, 8"),
 ])

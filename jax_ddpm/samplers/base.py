@@ -1,0 +1,276 @@
+"""The sampler interface and the one compiled loop that runs every sampler.
+
+A sampler says which timesteps it visits and how it moves from one to the next given the
+network's (thresholded) predictions of x_0 and eps; `run` drives it through one `lax.scan`, so
+the network is traced once and compile cost does not depend on the number of steps. A sampler
+that needs memory across steps (a multistep solver's earlier x_0 predictions) keeps it in its
+own scan state.
+
+Noise stream: with rng split into (rng_init, rng_steps), x_T ~ N(0, I) is drawn from rng_init
+and the noise added when leaving timestep index t from fold_in(rng_steps, t). Every sampler
+shares this convention, so DDIM with S = T and eta = 1 follows DDPM ("fixed_small") step for step.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import enum
+import functools
+from typing import Any, Callable, ClassVar, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_ddpm import diffusion
+from jax_ddpm.diffusion import Prediction, parse_enum
+from jax_ddpm.schedules import DiffusionSchedule
+
+
+class Thresholding(str, enum.Enum):
+  """What is done to each predicted x_0 before a step uses it."""
+  NONE = "none"
+  STATIC = "static"  # clip to [-1, 1], as the original DDPM sampler did
+  DYNAMIC = "dynamic"  # Saharia et al. 2022 (Imagen), Sec. 2.3: see `threshold_x0`
+
+
+class Spacing(str, enum.Enum):
+  """How a few-step sampler picks its S timesteps out of T."""
+  UNIFORM = "uniform"  # every (T // S)-th index from 0, as the DDIM code's "uniform" skip
+  QUADRATIC = "quadratic"  # int(linspace(0, sqrt(0.8 T), S)^2), the DDIM paper's CIFAR-10 choice
+  LOGSNR = "logsnr"  # uniform in lambda = log(alpha_t / sigma_t), DPM-Solver's choice (Sec. 3.3)
+
+
+class Trajectory(NamedTuple):
+  """A thinned record of one sampling run: frame k holds the state after leaving timesteps[k].
+
+  x_t[k] is the sample entering that step and x0[k] the network's prediction of x_0 there.
+  """
+  timesteps: jnp.ndarray  # [K] int32
+  x_t: jnp.ndarray  # [K, *shape]
+  x0: jnp.ndarray  # [K, *shape]
+
+
+def check_num_steps(num_steps, num_timesteps: int) -> None:
+  if not isinstance(num_steps, (int, np.integer)) or not 1 <= num_steps <= num_timesteps:
+    raise ValueError(f"num_steps must be an integer in 1..{num_timesteps} (T), got {num_steps!r}.")
+
+
+def timestep_indices(schedule: DiffusionSchedule, num_steps: int,
+                     spacing: Spacing | str) -> np.ndarray:
+  """The S increasing timestep indices a few-step sampler visits (it visits them in reverse)."""
+  spacing = parse_enum(Spacing, spacing, "spacing")
+  num_timesteps = schedule.num_timesteps
+  check_num_steps(num_steps, num_timesteps)
+  if spacing == Spacing.UNIFORM:
+    return np.arange(num_steps, dtype=np.int32) * (num_timesteps // num_steps)
+  if spacing == Spacing.QUADRATIC:
+    # As the DDIM code: for large S the first indices repeat (0, 0, 1, 3, ...). A step from t to
+    # the same t leaves x_t unchanged, so repeats cost a network call but keep the paper's steps.
+    return (np.linspace(0.0, np.sqrt(num_timesteps * 0.8), num_steps) ** 2).astype(np.int32)
+  # lambda_t = (log alpha-bar_t - log(1 - alpha-bar_t)) / 2 falls with t; take the index nearest
+  # to each of S values uniform in lambda, then push apart indices that coincide near t = 0.
+  log_alpha_bar = np.asarray(schedule.log_alphas_cumprod, np.float64)
+  lam = 0.5 * (log_alpha_bar - np.log(-np.expm1(log_alpha_bar)))
+  targets = np.linspace(lam[0], lam[-1], num_steps)
+  indices = np.abs(lam[None, :] - targets[:, None]).argmin(axis=1)
+  for i in range(1, num_steps):  # strictly increasing; S <= T leaves room at the top
+    indices[i] = max(indices[i], indices[i - 1] + 1)
+  indices[-1] = min(indices[-1], num_timesteps - 1)
+  for i in range(num_steps - 2, -1, -1):
+    indices[i] = min(indices[i], indices[i + 1] - 1)
+  return indices.astype(np.int32)
+
+
+def frame_slots(num_steps: int, num_frames: int) -> np.ndarray:
+  """For each of the steps in visiting order, the trajectory slot it writes, or -1.
+
+  Frames are spread evenly over the run and always include the first and the last step.
+  """
+  if not isinstance(num_frames, (int, np.integer)) or not 0 <= num_frames <= num_steps:
+    raise ValueError(f"num_frames must be an integer in 0..{num_steps}, got {num_frames!r}.")
+  slots = np.full(num_steps, -1, dtype=np.int32)
+  if num_frames:
+    chosen = np.unique(np.round(np.linspace(0, num_steps - 1, num_frames)).astype(np.int32))
+    slots[chosen] = np.arange(len(chosen), dtype=np.int32)
+  return slots
+
+
+def threshold_x0(x0, thresholding: Thresholding | str, percentile: float = 0.995):
+  """x_0 after static or dynamic thresholding.
+
+  Dynamic (Saharia et al. 2022, Sec. 2.3): per sample, s = max(1, the `percentile` quantile of
+  |x_0| over its pixels); x_0 is clipped to [-s, s] and divided by s, so saturated pixels are
+  pulled inwards instead of piling up at +-1.
+  """
+  thresholding = Thresholding(thresholding)
+  if thresholding == Thresholding.NONE:
+    return x0
+  if thresholding == Thresholding.STATIC:
+    return jnp.clip(x0, -1.0, 1.0)
+  flat = jnp.abs(x0).reshape(x0.shape[0], -1)
+  s = jnp.maximum(jnp.quantile(flat, percentile, axis=1), 1.0)
+  s = s.reshape((-1,) + (1,) * (x0.ndim - 1))
+  return jnp.clip(x0, -s, s) / s
+
+
+def denoised(schedule: DiffusionSchedule, x_t, t, output, *, prediction: Prediction,
+             thresholding: Thresholding, percentile: float):
+  """(x_0, eps) from the network output, x_0 thresholded and eps recomputed from it.
+
+  eps is recomputed so that x_t = sqrt(alpha-bar_t) x_0 + sqrt(1 - alpha-bar_t) eps still holds
+  (DDPM eq. 4), which keeps DDIM's eq. (12) consistent with x_t.
+  """
+  x0, eps = diffusion.x0_and_eps_from_output(schedule, x_t, t, output, prediction)
+  if thresholding != Thresholding.NONE:
+    x0 = threshold_x0(x0, thresholding, percentile)
+    eps = diffusion.predict_eps_from_x0(schedule, x_t, t, x0)
+  return x0, eps
+
+
+def alpha_bar_pair(schedule: DiffusionSchedule, t, t_next, ndim: int):
+  """log alpha-bar at t and at t_next, broadcast to rank ndim; t_next = -1 is the data (log 1)."""
+  log_with_data = jnp.append(schedule.log_alphas_cumprod, 0.0)
+  t_next = jnp.where(t_next < 0, schedule.num_timesteps, t_next)
+  return (diffusion.extract(schedule.log_alphas_cumprod, t, ndim),
+          diffusion.extract(log_with_data, t_next, ndim))
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler(abc.ABC):
+  """A reverse process. Subclasses are frozen dataclasses of their options (hashable, so a
+  compiled program is reused for equal options) and validate them in `__post_init__`.
+
+  name: the registry name (`sampling.sampler`).
+  """
+  name: ClassVar[str]
+
+  @abc.abstractmethod
+  def timesteps(self, schedule: DiffusionSchedule) -> np.ndarray:
+    """The timestep indices visited, in visiting (decreasing) order; fails on bad options."""
+
+  @classmethod
+  @abc.abstractmethod
+  def from_config(cls, sampling) -> "Sampler":
+    """The sampler from its keys of the `sampling` config section."""
+
+  @property
+  def uses_noise(self) -> bool:
+    return False
+
+  def init_state(self, x_T) -> Any:
+    """The scan state the sampler keeps across steps (none by default)."""
+    return ()
+
+  @abc.abstractmethod
+  def step(self, schedule: DiffusionSchedule, x_t, x0, eps, t, t_next, index, noise, state):
+    """x_t -> x_{t_next}; returns (x_next, state).
+
+    t, t_next: [B] int32 indices, t_next = -1 for the data; x0, eps: the thresholded
+    predictions at (x_t, t); index: the step's position in the run (0 first); noise: N(0, I)
+    of x_t's shape, or None unless `uses_noise`.
+    """
+
+
+def _initial_state(rng, shape, initial_noise, sharding):
+  rng_init, rng_steps = jax.random.split(rng)
+  if initial_noise is None:
+    x_t = jax.random.normal(rng_init, shape, jnp.float32)
+  else:
+    x_t = jnp.asarray(initial_noise, jnp.float32)
+  if sharding is not None:
+    x_t = jax.lax.with_sharding_constraint(x_t, sharding)
+  return x_t, rng_steps
+
+
+def _step_noise(rng_steps, t, shape, sharding):
+  noise = jax.random.normal(jax.random.fold_in(rng_steps, t), shape, jnp.float32)
+  if sharding is not None:
+    noise = jax.lax.with_sharding_constraint(noise, sharding)
+  return noise
+
+
+def _record(frames, slot, x_t, x0):
+  """Writes (x_t, x0) into slot `slot` of the frame buffers; a no-op where slot < 0."""
+  if frames is None:
+    return None
+  frames_x_t, frames_x0 = frames
+  index = jnp.maximum(slot, 0)
+  keep = slot >= 0
+  frames_x_t = frames_x_t.at[index].set(jnp.where(keep, x_t, frames_x_t[index]))
+  frames_x0 = frames_x0.at[index].set(jnp.where(keep, x0, frames_x0[index]))
+  return frames_x_t, frames_x0
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "sampler", "denoise_fn", "shape", "timesteps", "prediction", "thresholding", "percentile",
+    "num_frames", "sharding"))
+def _run(sampler, denoise_fn, schedule, shape, rng, initial_noise, *, timesteps, prediction,
+         thresholding, percentile, num_frames, sharding):
+  x_t, rng_steps = _initial_state(rng, shape, initial_noise, sharding)
+  timesteps = np.asarray(timesteps, np.int32)
+  following = np.append(timesteps[1:], -1).astype(np.int32)
+  slots = frame_slots(len(timesteps), num_frames)
+  frames = None
+  if num_frames:
+    frames = (jnp.zeros((len(slots[slots >= 0]),) + shape, jnp.float32),) * 2
+
+  def body(carry, xs):
+    x_t, state, frames = carry
+    t, t_next, index, slot = xs
+    t_batch, t_next_batch = (jnp.full((shape[0],), v, jnp.int32) for v in (t, t_next))
+    x0, eps = denoised(schedule, x_t, t_batch, denoise_fn(x_t, t_batch), prediction=prediction,
+                       thresholding=thresholding, percentile=percentile)
+    noise = _step_noise(rng_steps, t, shape, sharding) if sampler.uses_noise else None
+    x_next, state = sampler.step(schedule, x_t, x0, eps, t_batch, t_next_batch, index, noise,
+                                 state)
+    return (x_next, state, _record(frames, slot, x_t, x0)), None
+
+  xs = tuple(jnp.asarray(v) for v in (timesteps, following, np.arange(len(timesteps)), slots))
+  (x_final, _, frames), _ = jax.lax.scan(body, (x_t, sampler.init_state(x_t), frames), xs)
+  if frames is None:
+    return x_final
+  return x_final, Trajectory(jnp.asarray(timesteps[slots >= 0]), *frames)
+
+
+def run(sampler: Sampler, denoise_fn: Callable, schedule: DiffusionSchedule,
+        shape: Sequence[int], rng: jax.Array, *, prediction: Prediction | str = "eps",
+        thresholding: Thresholding | str = "static", threshold_percentile: float = 0.995,
+        initial_noise: Optional[jnp.ndarray] = None, num_frames: int = 0,
+        sharding: Optional[jax.sharding.Sharding] = None):
+  """Samples with `sampler`, one `lax.scan` over its timesteps.
+
+  Args:
+    sampler: a `Sampler` (see the registry in jax_ddpm.samplers).
+    denoise_fn: (x_t [B, ...] float32, t [B] int32) -> eps, x_0 or v prediction.
+    schedule: the coefficient table the model was trained with (concrete, not traced).
+    shape: [B, H, W, C] of the samples.
+    rng: PRNG key; see the module docstring for how it is used.
+    prediction: what denoise_fn predicts: "eps", "x0" or "v".
+    thresholding: "none", "static" (clip x_0 to [-1, 1]) or "dynamic" (`threshold_x0`).
+    threshold_percentile: the quantile of |x_0| that dynamic thresholding scales by, in (0, 1].
+    initial_noise: x_T to start from instead of drawing it from rng.
+    num_frames: if > 0, also return a `Trajectory` of that many frames spread over the run.
+    sharding: sharding of the batch (e.g. NamedSharding(mesh, P('data'))) kept inside the loop.
+
+  Returns:
+    Samples x_0 of `shape`, or (samples, Trajectory) when num_frames > 0.
+  """
+  if not isinstance(sampler, Sampler):
+    raise TypeError(f"sampler must be a Sampler, got {type(sampler).__name__}.")
+  if not isinstance(schedule, DiffusionSchedule):
+    raise TypeError(f"schedule must be a DiffusionSchedule, got {type(schedule).__name__}.")
+  shape = tuple(int(d) for d in shape)
+  if initial_noise is not None and tuple(initial_noise.shape) != shape:
+    raise ValueError(f"initial_noise has shape {tuple(initial_noise.shape)}, expected {shape}.")
+  prediction = parse_enum(Prediction, prediction, "prediction")
+  thresholding = parse_enum(Thresholding, thresholding, "thresholding")
+  if not 0.0 < float(threshold_percentile) <= 1.0:
+    raise ValueError(f"threshold_percentile must be in (0, 1], got {threshold_percentile!r}.")
+  timesteps = tuple(int(t) for t in sampler.timesteps(schedule))
+  frame_slots(len(timesteps), num_frames)
+  return _run(sampler, denoise_fn, schedule, shape, rng, initial_noise, timesteps=timesteps,
+              prediction=prediction, thresholding=thresholding,
+              percentile=float(threshold_percentile), num_frames=int(num_frames),
+              sharding=sharding)

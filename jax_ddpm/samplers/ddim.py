@@ -1,0 +1,73 @@
+"""DDIM sampling in S steps, Song et al. 2021, eq. (12) with sigma from eq. (16)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+
+from jax_ddpm.diffusion import Prediction, parse_enum
+from jax_ddpm.samplers import base
+from jax_ddpm.schedules import DiffusionSchedule
+
+
+def ddim_update(schedule: DiffusionSchedule, x_t, x0, eps, t, t_prev, noise, eta: float):
+  """x_t -> x_{t_prev} by DDIM eq. (12); t_prev = -1 is the data (alpha-bar = 1)."""
+  log_alpha_bar, log_alpha_bar_prev = base.alpha_bar_pair(schedule, t, t_prev, x_t.ndim)
+  # The differences 1 - alpha-bar are ~1e-4 near the data; expm1 keeps them exact in float32.
+  one_minus_alpha_bar = -jnp.expm1(log_alpha_bar)
+  one_minus_alpha_bar_prev = -jnp.expm1(log_alpha_bar_prev)
+  one_minus_ratio = -jnp.expm1(log_alpha_bar - log_alpha_bar_prev)  # 1 - alpha-bar_t/alpha-bar_prev
+  # DDIM eq. (16): sigma_t(eta)^2; eta = 1 gives the DDPM posterior variance of eq. (7).
+  sigma_squared = eta**2 * one_minus_alpha_bar_prev / one_minus_alpha_bar * one_minus_ratio
+  # DDIM eq. (12): predicted x_0, direction pointing to x_t, random noise. The direction's
+  # coefficient sqrt(1 - alpha-bar_prev - sigma^2) is factored to avoid cancellation.
+  direction_coef_squared = one_minus_alpha_bar_prev * (
+      1.0 - eta**2 * one_minus_ratio / one_minus_alpha_bar)
+  x_prev = (jnp.exp(0.5 * log_alpha_bar_prev) * x0
+            + jnp.sqrt(jnp.maximum(direction_coef_squared, 0.0)) * eps)
+  if noise is not None:
+    x_prev = x_prev + jnp.sqrt(sigma_squared) * noise
+  return x_prev
+
+
+def ddim_step(schedule: DiffusionSchedule, output, x_t, t, t_prev, noise, *, eta: float,
+              prediction: Prediction | str, thresholding: base.Thresholding | str = "static",
+              threshold_percentile: float = 0.995):
+  """One DDIM step from the network output; returns (x_{t_prev}, predicted x_0)."""
+  x0, eps = base.denoised(schedule, x_t, t, output, prediction=Prediction(prediction),
+                          thresholding=base.Thresholding(thresholding),
+                          percentile=threshold_percentile)
+  return ddim_update(schedule, x_t, x0, eps, t, t_prev, noise, eta), x0
+
+
+@dataclasses.dataclass(frozen=True)
+class DDIM(base.Sampler):
+  """DDIM in num_steps = S steps; eta = 0 is deterministic, eta = 1 with S = T is DDPM with
+  "fixed_small". spacing: see `base.Spacing`.
+  """
+  name = "ddim"
+  num_steps: int = 50
+  eta: float = 0.0
+  spacing: base.Spacing = base.Spacing.UNIFORM
+
+  def __post_init__(self):
+    object.__setattr__(self, "spacing", parse_enum(base.Spacing, self.spacing, "spacing"))
+    if not 0.0 <= float(self.eta) <= 1.0:
+      raise ValueError(f"eta must be in [0, 1], got {self.eta!r}.")
+    object.__setattr__(self, "eta", float(self.eta))
+
+  @classmethod
+  def from_config(cls, sampling) -> "DDIM":
+    return cls(num_steps=sampling.num_steps, eta=sampling.eta, spacing=sampling.spacing)
+
+  @property
+  def uses_noise(self) -> bool:
+    return self.eta > 0
+
+  def timesteps(self, schedule: DiffusionSchedule) -> np.ndarray:
+    return base.timestep_indices(schedule, self.num_steps, self.spacing)[::-1].copy()
+
+  def step(self, schedule, x_t, x0, eps, t, t_next, index, noise, state):
+    return ddim_update(schedule, x_t, x0, eps, t, t_next, noise, self.eta), state

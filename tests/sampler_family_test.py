@@ -1,0 +1,134 @@
+"""The sampler family: DPM-Solver++(2M) against exact solutions, thresholding, the registry."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from jax_ddpm import samplers
+from samplers_test import GAUSSIAN, SCHEDULE, gaussian_mixture_eps, nonlinear_eps
+
+MU, S = np.array(GAUSSIAN["means"][0]), GAUSSIAN["stds"][0]
+
+
+def exact_flow_then_denoise(x_T, first):
+  """For data N(mu, s^2 I): E[x_0 | x(t=0)], where x(0) is the exact probability-flow ODE
+  solution from x_T at index `first` (float64).
+
+  The ODE keeps z = (x_t - a_t mu) / sqrt(c_t) fixed (a_t^2 = alpha-bar_t, c_t = a_t^2 s^2 +
+  1 - a_t^2: every marginal is N(a_t mu, c_t I) and the flow is the affine map between them).
+  The solvers' last step (to the data) returns the denoiser's x_0 at t = 0, hence the
+  posterior mean on top.
+  """
+  alpha_bar = np.exp(np.asarray(SCHEDULE.log_alphas_cumprod, np.float64))
+  a_T, a_0 = np.sqrt(alpha_bar[first]), np.sqrt(alpha_bar[0])
+  c_T, c_0 = (a**2 * S**2 + 1 - a**2 for a in (a_T, a_0))
+  z = (np.asarray(x_T, np.float64) - a_T * MU) / np.sqrt(c_T)
+  x_0 = a_0 * MU + np.sqrt(c_0) * z
+  return MU + a_0 * S**2 / c_0 * (x_0 - a_0 * MU)
+
+
+def solver_errors(order, step_counts):
+  x_T = jax.random.normal(jax.random.key(0), (512, 2))
+  errors = []
+  for steps in step_counts:
+    out = samplers.dpm_solver_sample(gaussian_mixture_eps(**GAUSSIAN), SCHEDULE, x_T.shape,
+                                     jax.random.key(1), num_steps=steps, order=order,
+                                     initial_noise=x_T, thresholding="none")
+    exact = exact_flow_then_denoise(x_T, samplers.timestep_indices(SCHEDULE, steps, "logsnr")[-1])
+    errors.append(float(np.abs(np.asarray(out, np.float64) - exact).max()))
+  return errors
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+@pytest.mark.parametrize("thresholding", ["none", "static"])
+def test_first_order_dpm_solver_is_ddim_with_eta_zero(prediction, thresholding):
+  """Same timesteps, any prediction: equal up to float32 round-off (relative 1e-6; without
+  thresholding this toy denoiser drives samples to ~100)."""
+  shape, rng = (4, 3, 3, 2), jax.random.key(3)
+  options = dict(num_steps=20, spacing="uniform", prediction=prediction,
+                 thresholding=thresholding, num_frames=20)
+  dpm, dpm_path = samplers.dpm_solver_sample(nonlinear_eps, SCHEDULE, shape, rng, order=1,
+                                             **options)
+  ddim, ddim_path = samplers.ddim_sample(nonlinear_eps, SCHEDULE, shape, rng, eta=0.0, **options)
+  np.testing.assert_allclose(dpm, ddim, atol=2e-6, rtol=2e-6)
+  np.testing.assert_allclose(dpm_path.x_t, ddim_path.x_t, atol=2e-6, rtol=2e-6)
+
+
+def test_dpm_solver_error_falls_at_second_order_and_its_first_order_form_at_first():
+  counts = (20, 40, 80)
+  slopes = {}
+  for order in (1, 2):
+    errors = solver_errors(order, counts)
+    slopes[order] = [np.log2(a / b) for a, b in zip(errors, errors[1:])]
+  message = f"error slopes per doubling of {counts}: {slopes}"
+  assert all(1.8 < slope < 2.3 for slope in slopes[2]), message
+  assert all(0.9 < slope < 1.15 for slope in slopes[1]), message
+  print(message)
+
+
+def test_dpm_solver_at_20_steps_beats_ddim_at_50_on_the_exact_flow():
+  x_T = jax.random.normal(jax.random.key(0), (512, 2))
+  ddim = samplers.ddim_sample(gaussian_mixture_eps(**GAUSSIAN), SCHEDULE, x_T.shape,
+                              jax.random.key(1), num_steps=50, spacing="uniform",
+                              initial_noise=x_T, thresholding="none")
+  ddim_error = np.abs(np.asarray(ddim, np.float64) - exact_flow_then_denoise(x_T, 980)).max()
+  (dpm_error,) = solver_errors(2, (20,))
+  assert dpm_error < ddim_error, (dpm_error, ddim_error)
+
+
+def reference_dynamic_threshold(x0, percentile):
+  flat = np.abs(x0.reshape(len(x0), -1)).astype(np.float64)
+  s = np.maximum(np.quantile(flat, percentile, axis=1), 1.0).reshape(-1, 1, 1, 1)
+  return np.clip(x0, -s, s) / s
+
+
+@pytest.mark.parametrize("percentile", [0.9, 0.995, 1.0])
+def test_dynamic_thresholding_matches_a_numpy_reference(percentile):
+  scales = np.array([0.2, 1.0, 3.0], np.float32).reshape(-1, 1, 1, 1)  # below, at, above 1
+  x0 = np.asarray(jax.random.normal(jax.random.key(4), (3, 8, 8, 2))) * scales
+  ours = np.asarray(samplers.threshold_x0(jnp.asarray(x0), "dynamic", percentile))
+  np.testing.assert_allclose(ours, reference_dynamic_threshold(x0, percentile), atol=1e-6)
+  np.testing.assert_array_equal(ours[0], x0[0])  # |x0| < 1: left alone
+  np.testing.assert_array_equal(samplers.threshold_x0(jnp.asarray(x0), "static"),
+                                np.clip(x0, -1, 1))
+
+
+def overshooting_x0(x_t, t):
+  """An x_0-predicting denoiser whose predictions leave [-1, 1]."""
+  return 2.5 * jnp.tanh(x_t)
+
+
+@pytest.mark.parametrize("name", sorted(samplers.REGISTRY))
+def test_every_sampler_thresholds_its_x0_predictions(name):
+  sampler = samplers.REGISTRY[name]()
+  schedule = SCHEDULE
+  shape, rng = (4, 4, 4, 1), jax.random.key(5)
+  finals = {}
+  for thresholding in ("none", "static", "dynamic"):
+    finals[thresholding], path = samplers.run(
+        sampler, overshooting_x0, schedule, shape, rng, prediction="x0",
+        thresholding=thresholding, threshold_percentile=0.9, num_frames=3)
+    if thresholding != "none":
+      assert np.abs(np.asarray(path.x0)).max() <= 1.0 + 1e-6, thresholding
+  assert np.abs(finals["none"]).max() > 1.0
+  assert np.abs(finals["static"]).max() <= 1.0 + 1e-6
+  assert np.abs(finals["dynamic"]).max() <= 1.0 + 1e-6
+  assert not np.allclose(finals["static"], finals["dynamic"])
+
+
+def test_the_registry_builds_each_sampler_from_its_config_keys():
+  sampling = ml_collections.ConfigDict(dict(sampler="dpmpp_2m", num_steps=12, eta=0.5,
+                                            spacing="logsnr", variance="fixed_small"))
+  assert samplers.from_config(sampling) == samplers.DPMSolverPP2M(num_steps=12, spacing="logsnr")
+  sampling.sampler = "ddim"
+  assert samplers.from_config(sampling) == samplers.DDIM(num_steps=12, eta=0.5, spacing="logsnr")
+  sampling.sampler = "ddpm"
+  assert samplers.from_config(sampling) == samplers.DDPM(variance="fixed_small")
+  sampling.sampler = "euler"
+  with pytest.raises(ValueError, match=r"Unknown sampling.sampler 'euler'; allowed values: "
+                                       r"\['ddpm', 'ddim', 'dpmpp_2m'\]"):
+    samplers.from_config(sampling)
+  with pytest.raises(ValueError, match=r"order must be 1 or 2"):
+    samplers.DPMSolverPP2M(order=3)
