@@ -51,13 +51,6 @@ def q_sample(schedule: DiffusionSchedule, x0, t, eps):
           + extract(schedule.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * eps)
 
 
-def q_mean_variance(schedule: DiffusionSchedule, x0, t):
-  """Mean and variance of q(x_t | x_0), DDPM eq. (4)."""
-  mean = extract(schedule.sqrt_alphas_cumprod, t, x0.ndim) * x0
-  variance = extract(1.0 - schedule.alphas_cumprod, t, x0.ndim)
-  return mean, variance
-
-
 def predict_x0_from_eps(schedule: DiffusionSchedule, x_t, t, eps):
   """x_0 = (x_t - sqrt(1 - alpha-bar_t) eps) / sqrt(alpha-bar_t), DDPM eq. (4) solved for x_0."""
   return (extract(schedule.sqrt_recip_alphas_cumprod, t, x_t.ndim) * x_t

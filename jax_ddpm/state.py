@@ -136,6 +136,8 @@ def load_checkpoint(config, workdir: str, step: Optional[int] = None):
     raise checkpointing.UnreadableCheckpointError(
         f"The checkpoint of step {step} in {directory} cannot be read: {type(error).__name__}: "
         f"{str(error)[:500]}\nEarlier checkpoints (choose one with --step): {earlier}.") from error
+  finally:
+    checkpointer.close()
   return eval_graphdef, restored, step
 
 
@@ -162,5 +164,5 @@ def import_diffusers_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                         opt_state=jax.jit(optimizer.init)(params))
   checkpointer = checkpointing.Checkpointer(workdir, keep=config.training.keep_checkpoints)
   checkpointer.save(0, state, run_metadata(config))
-  checkpointer.wait_until_finished()
+  checkpointer.close()  # waits for the save
   return 0

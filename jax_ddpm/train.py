@@ -210,7 +210,7 @@ def _train(config, workdir: str, mesh, preemption: "PreemptionWatch") -> TrainSt
       _halt_if_nonfinite(unchecked, checkpointer)
   finally:
     batches.close()
-    checkpointer.wait_until_finished()
+    checkpointer.close()  # waits for the last asynchronous save
     writer.flush()
   return state
 
