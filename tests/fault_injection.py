@@ -8,7 +8,7 @@ never interrupted.
 
   python tests/fault_injection.py --workdir=/tmp/faults --kills=8 --steps=40
 
-tests/reliability_test.py runs a short form of it.
+tests/preemption_test.py runs a short form of it (two signals, 8 steps).
 """
 
 from __future__ import annotations

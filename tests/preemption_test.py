@@ -8,7 +8,7 @@ import fault_injection
 
 
 def test_random_sigkills_and_sigterms_leave_the_final_state_bitwise_unchanged(tmp_path):
-  rows, same = fault_injection.inject_faults(str(tmp_path), kills=2, steps=12, seed=0)
+  rows, same = fault_injection.inject_faults(str(tmp_path), kills=2, steps=8, seed=0)
   print("\n".join(str(row) for row in rows))
   assert same, rows
   moments = [row[2] for row in rows[:-1]]
