@@ -69,10 +69,10 @@ class DPMSolverPP2M(base.Sampler):
   def step(self, schedule, x_t, x0, eps, t, t_next, index, noise, state):
     x0_previous, h_previous = state
     sigma_ratio, alpha_next, exp_neg_h, h = step_coefficients(schedule, t, t_next, x_t.ndim)
+    h = h.reshape(-1)[0]  # every sample of the batch is at the same t
     first_order = (index == 0) | (t_next[0] < 0) | (self.order == 1)
     # 1 / (2 r) = h / (2 h_previous); the guard keeps the unused branch finite.
-    half_over_r = 0.5 * jnp.where(first_order, 0.0, h[0].reshape(()) / jnp.where(
-        first_order, 1.0, h_previous))
+    half_over_r = 0.5 * jnp.where(first_order, 0.0, h / jnp.where(first_order, 1.0, h_previous))
     estimate = (1.0 + half_over_r) * x0 - half_over_r * x0_previous
     x_next = sigma_ratio * x_t + alpha_next * (1.0 - exp_neg_h) * estimate
-    return x_next, (x0, h[0].reshape(()))
+    return x_next, (x0, h)
