@@ -58,11 +58,11 @@ def main(argv):
                                num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
   logging.info("JAX process %d of %d; devices: %s", jax.process_index(), jax.process_count(),
                jax.devices())
-  from jax_ddpm import sampling, state, train  # pylint: disable=g-import-not-at-top
+  from jax_ddpm import sample_mode, state, train  # pylint: disable=g-import-not-at-top
   if FLAGS.mode == "train":
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   elif FLAGS.mode == "sample":
-    sampling.sample_to_workdir(FLAGS.config, FLAGS.workdir, FLAGS.step)
+    sample_mode.sample_to_workdir(FLAGS.config, FLAGS.workdir, FLAGS.step)
   elif FLAGS.mode == "visualize":
     from jax_ddpm import visualize  # pylint: disable=g-import-not-at-top
     for path in visualize.visualize(FLAGS.config, FLAGS.workdir, FLAGS.step):

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from benchmarks import common
-from jax_ddpm import input_pipeline, parallel, samplers, sampling, state, train
+from jax_ddpm import builders, input_pipeline, parallel, sampling, state, train
 
 
 def model_config(spec: dict):
@@ -47,10 +47,12 @@ def measure_train(spec: dict) -> dict:
     if spec["model"] != "small":
       config.data.source = "fake"
   mesh = parallel.data_mesh()
-  optimizer = state.create_optimizer(config.optim)
-  train_graphdef, _, train_state = state.create_train_state(config, mesh, optimizer)
-  train_fn = train.make_train_fn(train_graphdef, state.schedule_from_config(config), optimizer,
-                                 config, mesh, donate=spec.get("donate", True))
+  optimizer = builders.optimizer(config)
+  train_graphdef, _, train_state = state.create_train_state(
+      builders.unet_config(config), config.seed, mesh, optimizer)
+  train_fn = train.make_train_fn(train_graphdef, builders.schedule(config), optimizer,
+                                 builders.step_options(config), mesh, steps_per_dispatch=k,
+                                 donate=spec.get("donate", True))
   batches = input_pipeline.BatchIterator(
       input_pipeline.create_source(config.data), first_step=0, global_batch=spec["batch"],
       seed=0, random_flip=config.data.random_flip,
@@ -91,11 +93,11 @@ def measure_sample(spec: dict) -> dict:
   config = model_config(spec)
   mesh = parallel.data_mesh()
   _, eval_graphdef, train_state = state.create_train_state(
-      config, mesh, state.create_optimizer(config.optim))
+      builders.unet_config(config), config.seed, mesh, builders.optimizer(config))
   shape = (spec["batch"], config.data.image_size, config.data.image_size, config.data.channels)
   config.sampling.sampler, config.sampling.num_steps = spec["sampler"], spec["steps"]
-  sample_fn = sampling.make_sample_fn(eval_graphdef, state.schedule_from_config(config), shape,
-                                      mesh, samplers.from_config(config.sampling))
+  sample_fn = sampling.make_sample_fn(eval_graphdef, builders.schedule(config), shape,
+                                      mesh, builders.sampler(config))
   params = train_state.ema_params
   started = time.perf_counter()
   compiled = sample_fn.lower(params, jax.random.key(0)).compile()

@@ -1,13 +1,14 @@
 """Sample quality per network call: DDIM and DPM-Solver++(2M) at a few step counts, and DDPM.
 
   python benchmarks/sampler_quality.py --workdir=runs/mnist [--config=configs/mnist.py]
-      [--steps=5,10,20,50] [--num_samples=256] [--ddpm]
+      [--steps=5,10,20,50] [--num_samples=256] [--ddpm] [--plot=docs/sampler_quality.png]
 
 Loads the workdir's latest checkpoint (EMA weights) and its digit feature classifier
 (`--mode=train_classifier`), draws `num_samples` images per row from the same seeds (in memory,
 through the program sample mode compiles), and prints, per sampler and step count, the feature
 distance to the training digits (lower is better), the classifier score and the sampling time.
 Every row uses the config's thresholding; DPM-Solver++ uses logsnr spacing, DDIM the config's.
+With --plot it also draws the table as a figure (feature distance and time per network call).
 """
 
 from __future__ import annotations
@@ -19,26 +20,24 @@ import sys
 import time
 
 import jax
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import machine_description, print_table  # pylint: disable=g-import-not-at-top
-from jax_ddpm import (evaluate, input_pipeline, metrics, parallel, samplers,  # pylint: disable=g-import-not-at-top
-                      sampling, state)
+from jax_ddpm import (builders, evaluate, input_pipeline, metrics, parallel,  # pylint: disable=g-import-not-at-top
+                      samplers, sampling, state)
 
 
 def draw(config, eval_graphdef, params, schedule, mesh, sampler, num_samples, batch):
   """num_samples uint8 images drawn with `sampler`, and the seconds it took after compiling."""
   shape = (batch, config.data.image_size, config.data.image_size, config.data.channels)
   sample_fn = sampling.make_sample_fn(eval_graphdef, schedule, shape, mesh, sampler,
-                                      **sampling.sampler_options(config))
+                                      **builders.sampling_options(config))
   key = jax.random.key(config.sampling.seed)
   sample_fn(params, key).block_until_ready()  # compile
-  started, images = time.perf_counter(), []
-  for index in range(-(-num_samples // batch)):
-    images.append(sampling.to_uint8(sample_fn(params, jax.random.fold_in(key, index))))
-  return np.concatenate(images)[:num_samples], time.perf_counter() - started
+  started = time.perf_counter()
+  images = sampling.draw_images(sample_fn, params, key, num_samples, batch)
+  return images, time.perf_counter() - started
 
 
 def main():
@@ -49,12 +48,13 @@ def main():
   parser.add_argument("--num_samples", type=int, default=256)
   parser.add_argument("--batch", type=int, default=128)
   parser.add_argument("--ddpm", action="store_true", help="also DDPM with all T steps")
+  parser.add_argument("--plot", default="", help="PNG path for the table as a figure")
   args = parser.parse_args()
   config = runpy.run_path(args.config)["get_config"]()
 
   mesh = parallel.data_mesh()
   eval_graphdef, train_state, step = state.load_checkpoint(config, args.workdir)
-  schedule = state.schedule_from_config(config)
+  schedule = builders.schedule(config)
   extractor = evaluate.create_extractor(config, args.workdir, mesh)
   reference = (evaluate.saved_reference(config, args.workdir, extractor)
                or evaluate.compute_reference(config, args.workdir, extractor))
@@ -80,6 +80,33 @@ def main():
         f"row, thresholding {config.sampling.thresholding!r}")
   print_table(["sampler", "network calls", "feature distance", "classifier score",
                "sampling s"], rows)
+  if args.plot:
+    plot(rows, args.plot, f"{args.num_samples} samples, step {step}; {machine_description()}")
+
+
+def plot(rows: list[list], path: str, subtitle: str) -> None:
+  """Feature distance and sampling time against network calls, one line per sampler."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  figure, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+  for name in dict.fromkeys(row[0] for row in rows):
+    mine = [row for row in rows if row[0] == name]
+    calls = [row[1] for row in mine]
+    for axis, column in zip(axes, (2, 4)):
+      axis.plot(calls, [float(row[column]) for row in mine], "o-" if len(mine) > 1 else "s",
+                label=f"{name}-{calls[0]}" if len(mine) == 1 else name)
+  axes[1].set_yscale("log")
+  for axis, label in zip(axes, ("feature distance (lower is better)", "sampling seconds")):
+    axis.set_xscale("log")
+    axis.set_xlabel("network calls")
+    axis.set_ylabel(label)
+    axis.grid(True, alpha=0.3)
+  axes[0].legend()
+  figure.suptitle(subtitle, fontsize=8)
+  figure.tight_layout()
+  figure.savefig(path, dpi=100)
+  print(f"Wrote {path}")
 
 
 if __name__ == "__main__":

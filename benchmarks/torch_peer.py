@@ -18,14 +18,14 @@ import numpy as np
 import torch
 
 from benchmarks import common
-from jax_ddpm import config_checks, convert, state
+from jax_ddpm import builders, convert
 
 
 def peer_model(spec: dict):
   import diffusers  # pylint: disable=g-import-not-at-top
   config = common.model_config(spec["model"])
   torch.manual_seed(0)
-  unet_config = config_checks.unet_config(config)
+  unet_config = builders.unet_config(config)
   model = diffusers.UNet2DModel(**convert.diffusers_config_from_unet(unet_config))
   return config, model
 
@@ -43,7 +43,7 @@ def measure_train(spec: dict) -> dict:
                                eps=optim.adam_eps)
   ema = [p.detach().clone() for p in params]
   alphas_cumprod = torch.from_numpy(
-      np.asarray(state.schedule_from_config(config).alphas_cumprod, np.float32))
+      np.asarray(builders.schedule(config).alphas_cumprod, np.float32))
   size, channels = config.data.image_size, config.data.channels
   generator = torch.Generator().manual_seed(0)
   x0 = torch.rand(spec["batch"], channels, size, size, generator=generator) * 2 - 1

@@ -5,31 +5,10 @@ Runs before any data is read, any file is written or anything is compiled.
 
 from __future__ import annotations
 
-from jax_ddpm import errors, input_pipeline, samplers, schedules
+from jax_ddpm import builders, errors, input_pipeline, samplers, schedules
 from jax_ddpm.diffusion import Prediction
-from jax_ddpm.models.unet import UNetConfig
 
 NONFINITE_POLICIES = ("halt", "skip")
-
-
-def unet_config(config) -> UNetConfig:
-  """The U-Net of a run config; image size and channels come from config.data."""
-  model = config.model
-  return UNetConfig(
-      image_size=int(config.data.image_size),
-      in_channels=int(config.data.channels),
-      out_channels=int(config.data.channels),
-      ch=int(model.ch),
-      ch_mult=tuple(int(m) for m in model.ch_mult),
-      num_res_blocks=int(model.num_res_blocks),
-      attn_resolutions=tuple(int(r) for r in model.attn_resolutions),
-      dropout=float(model.dropout),
-      num_groups=int(model.num_groups),
-      attention_head_dim=model.attention_head_dim,
-      num_classes=model.num_classes,
-      compute_dtype=str(model.compute_dtype),
-      remat=bool(model.remat),
-  )
 
 
 def _choice(value, allowed, key):
@@ -54,7 +33,7 @@ def validate_model_and_diffusion(config) -> None:
     raise errors.ConfigError(f"data.channels must be 1 or 3, got {config.data.channels!r}.")
   _positive_int(config.data.image_size, "data.image_size")
   try:
-    unet_config(config).validate()
+    builders.unet_config(config).validate()
   except ValueError as error:  # the model's own checks name the model.* keys
     raise errors.ConfigError(str(error)) from None
   if config.model.num_classes is not None:
@@ -64,20 +43,18 @@ def validate_model_and_diffusion(config) -> None:
 
 
 def validate_sampling(config) -> None:
-  """The sampler's own checks (samplers.from_config, Sampler.timesteps), as config errors."""
+  """The sampler's own checks (builders.sampler, Sampler.timesteps), as config errors."""
   sampling = config.sampling
   _choice(sampling.thresholding, [t.value for t in samplers.Thresholding], "sampling.thresholding")
   if not 0.0 < sampling.threshold_percentile <= 1.0:
     raise errors.ConfigError(f"sampling.threshold_percentile must be in (0, 1], got "
                              f"{sampling.threshold_percentile!r}.")
-  diffusion = config.diffusion
   try:
-    schedule = schedules.get_schedule(diffusion.schedule, diffusion.num_timesteps,
-                                      beta_start=diffusion.beta_start, beta_end=diffusion.beta_end)
+    schedule = builders.schedule(config)
   except ValueError as error:
     raise errors.ConfigError(f"diffusion: {error}") from None
   try:
-    samplers.from_config(sampling).timesteps(schedule)
+    builders.sampler(config).timesteps(schedule)
   except ValueError as error:  # "num_steps must be ...", "Unknown spacing ...": sampling.* keys
     message = str(error)
     if not message.startswith("Unknown sampling.sampler"):

@@ -1,9 +1,11 @@
 """--mode=eval: sample quality of a checkpoint as FID (or a classifier feature distance).
 
 Protocol (written into every result file, so a number never travels without it):
-  1. Samples: eval.num_samples images drawn by --mode=sample with config.sampling (EMA weights,
-     sampler, steps, eta, seed), or read from the `.npz` named by eval.samples (key 'arr_0',
-     uint8 NHWC, as written by the sample mode and by OpenAI's guided-diffusion tools).
+  1. Samples: eval.num_samples images drawn in memory with config.sampling (EMA weights,
+     sampler, steps, eta, seed) by the program --mode=sample uses, so they are the images it
+     would write; or read from the `.npz` named by eval.samples (key 'arr_0', uint8 NHWC, as
+     written by the sample mode and by OpenAI's guided-diffusion tools). For large sample sets
+     drawn over hours, --mode=sample resumes where it stopped; point eval.samples at its file.
   2. Features: eval.feature_net = inception (FID: 2048-d pool3 of the 2015-12-05 Inception,
      `models/inception.py`) or classifier (128-d penultimate features of the project's
      classifier trained on the dataset, `feature_classifier.py`).
@@ -16,8 +18,8 @@ The DDPM paper reports FID of 50,000 samples against the CIFAR-10 training set.
 
 Feature extraction is one compiled program per feature network, the batch sharded over the
 device mesh; every process computes, process 0 writes `workdir/eval/<samples>_<net>_<N>.json`
-(<samples>: the sample directory, <step>_<sampler>_<steps>, or the given file's name) and CLU
-scalars.
+(<samples>: <step>_<sampler>_<network calls>, the name of sample mode's directory for the same
+settings, or the given file's name) and CLU scalars.
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from jax_ddpm import (errors, feature_classifier, fid_weights, files, input_pipeline, metrics,
-                      parallel, summaries)
+from jax_ddpm import (config_checks, errors, feature_classifier, fid_weights, files, input_pipeline, metrics,
+                      parallel, sample_mode, summaries)
 from jax_ddpm.models import inception
 
 FEATURE_NETS = ("inception", "classifier")
@@ -190,17 +192,12 @@ def _given_samples(config) -> np.ndarray:
   return images
 
 
-def _draw_samples(config, workdir: str, step: Optional[int]) -> tuple[np.ndarray, dict]:
-  from jax_ddpm import sampling  # pylint: disable=g-import-not-at-top
-  config = config.copy_and_resolve_references()
-  config.sampling.num_samples = config.eval.num_samples
-  directory = sampling.sample_to_workdir(config, workdir, step)
-  settings = files.load_json(files.join(directory, "settings.json"))
-  # Every process waits until process 0 has written the file of all samples.
-  multihost_utils.sync_global_devices("jax_ddpm_eval_samples_written")
-  path = sampling.all_samples_path(directory, (config.eval.num_samples, config.data.image_size,
-                                               config.data.image_size, config.data.channels))
-  return load_samples(path, "samples of --mode=sample"), {"samples": path, **settings}
+def _draw_samples(config, workdir: str, step: Optional[int], mesh) -> tuple[np.ndarray, dict]:
+  """eval.num_samples images drawn in memory by sample mode's program: the images
+  `--mode=sample` writes for the same config.sampling (same seed, same batches)."""
+  program = sample_mode.load_program(config, workdir, step, mesh)
+  images = program.draw(config.eval.num_samples, config.sampling.batch_size)
+  return images, {"samples": program.name, **program.settings}
 
 
 def evaluate(config, workdir: str, step: Optional[int] = None) -> dict:
@@ -208,13 +205,16 @@ def evaluate(config, workdir: str, step: Optional[int] = None) -> dict:
   mesh = parallel.data_mesh()
   validate(config, mesh)
   ev = config.eval
+  if not ev.samples:
+    config_checks.validate_model_and_diffusion(config)
+    sample_mode.check_sampling_request(config.sampling, mesh)
   # Every user-named file is read before sampling or compiling: a bad one fails in seconds.
   extractor = create_extractor(config, workdir, mesh)
   reference = saved_reference(config, workdir, extractor)
   if ev.samples:
     images, protocol = _given_samples(config), {"samples": ev.samples}
   else:
-    images, protocol = _draw_samples(config, workdir, step)
+    images, protocol = _draw_samples(config, workdir, step, mesh)
   images = images[:ev.num_samples]
   if reference is None:
     reference = compute_reference(config, workdir, extractor)
@@ -233,9 +233,8 @@ def evaluate(config, workdir: str, step: Optional[int] = None) -> dict:
     histogram = np.bincount(probabilities.argmax(axis=1), minlength=probabilities.shape[1])
     results["label_histogram"] = [int(c) for c in histogram]
   if jax.process_index() == 0:
-    # Named after the samples: their directory (<step>_<sampler>_<steps>) or the given file.
-    source = (epath.Path(ev.samples).stem if ev.samples
-              else epath.Path(protocol["samples"]).parent.name)
+    # Named after the samples: <step>_<sampler>_<network calls>, or the given file.
+    source = epath.Path(ev.samples).stem if ev.samples else protocol["samples"]
     _write_results(workdir, results, f"{source}_{extractor.name}_{ev.num_samples}")
   return results
 

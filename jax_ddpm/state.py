@@ -1,6 +1,7 @@
 """The TrainState: what a run consists of, how it is created, saved and read back.
 
-Shared by training (train.py), sampling (sampling.py) and weight import (main.py --mode=import).
+Shared by training (train.py), sampling (sample_mode.py, evaluate.py, visualize.py) and weight
+import (main.py --mode=import).
 """
 
 from __future__ import annotations
@@ -16,9 +17,8 @@ import ml_collections
 import optax
 from flax import nnx
 
-from jax_ddpm import checkpointing, config_checks, errors, files, parallel
-from jax_ddpm.models.unet import RUNTIME_FIELDS, UNet
-from jax_ddpm.schedules import DiffusionSchedule, get_schedule
+from jax_ddpm import builders, checkpointing, config_checks, errors, files, parallel
+from jax_ddpm.models.unet import RUNTIME_FIELDS, UNet, UNetConfig
 
 
 @flax.struct.dataclass
@@ -32,51 +32,18 @@ class TrainState:
   nonfinite_steps: jax.Array  # int32: steps whose update was withheld for a non-finite loss/grad
 
 
-def schedule_from_config(config) -> DiffusionSchedule:
-  d = config.diffusion
-  return get_schedule(d.schedule, d.num_timesteps, beta_start=d.beta_start, beta_end=d.beta_end)
-
-
-def learning_rate_schedule(optim_config) -> optax.Schedule:
-  """Linear warm-up from 0 to the learning rate, then constant (DDPM Appendix B)."""
-  if optim_config.warmup_steps == 0:
-    return optax.constant_schedule(optim_config.learning_rate)
-  return optax.linear_schedule(0.0, optim_config.learning_rate, optim_config.warmup_steps)
-
-
-def create_optimizer(optim_config) -> optax.GradientTransformation:
-  """Adam with global-norm gradient clipping."""
-  adam = optax.adam(learning_rate_schedule(optim_config), b1=optim_config.adam_b1,
-                    b2=optim_config.adam_b2, eps=optim_config.adam_eps)
-  if optim_config.grad_clip_norm > 0:
-    return optax.chain(optax.clip_by_global_norm(optim_config.grad_clip_norm), adam)
-  return adam
-
-
-def ema_decay_at(step: jax.Array, optim_config) -> jax.Array:
-  """The EMA decay at `step`; with warm-up min(decay, (1 + step)/(10 + step))."""
-  decay = jnp.asarray(optim_config.ema_decay, jnp.float32)
-  if optim_config.ema_warmup:
-    step = step.astype(jnp.float32)
-    decay = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
-  return decay
-
-
 def run_metadata(config) -> dict:
   """The JSON saved beside each checkpoint: architecture, diffusion process and whole config."""
-  model = dataclasses.asdict(config_checks.unet_config(config))
+  model = dataclasses.asdict(builders.unet_config(config))
   for runtime_choice in RUNTIME_FIELDS:
     model.pop(runtime_choice)
   return {"model": model, "diffusion": config.diffusion.to_dict(),
           "config": config.to_dict()}
 
 
-def create_model(config, seed: int) -> UNet:
-  return UNet(config_checks.unet_config(config), rngs=nnx.Rngs(params=seed))
-
-
-def _graphdefs_and_init(config, mesh: jax.sharding.Mesh, optimizer: optax.GradientTransformation):
-  abstract = nnx.eval_shape(lambda: create_model(config, config.seed))
+def _graphdefs_and_init(unet: UNetConfig, seed: int, mesh: jax.sharding.Mesh,
+                        optimizer: optax.GradientTransformation):
+  abstract = nnx.eval_shape(lambda: UNet(unet, rngs=nnx.Rngs(params=seed)))
   abstract.train()
   train_graphdef = nnx.graphdef(abstract)
   abstract.eval()
@@ -84,24 +51,29 @@ def _graphdefs_and_init(config, mesh: jax.sharding.Mesh, optimizer: optax.Gradie
 
   @functools.partial(jax.jit, out_shardings=parallel.replicated(mesh))
   def init():
-    params = nnx.state(create_model(config, config.seed), nnx.Param)
+    params = nnx.state(UNet(unet, rngs=nnx.Rngs(params=seed)), nnx.Param)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
                       opt_state=optimizer.init(params),
-                      rng=jax.random.key_data(jax.random.key(config.seed)),
+                      rng=jax.random.key_data(jax.random.key(seed)),
                       nonfinite_steps=jnp.zeros((), jnp.int32))
 
   return train_graphdef, eval_graphdef, init
 
 
-def create_train_state(config, mesh: jax.sharding.Mesh, optimizer: optax.GradientTransformation):
-  """(train-mode graphdef, eval-mode graphdef, fresh TrainState replicated over the mesh)."""
-  train_graphdef, eval_graphdef, init = _graphdefs_and_init(config, mesh, optimizer)
+def create_train_state(unet: UNetConfig, seed: int, mesh: jax.sharding.Mesh,
+                       optimizer: optax.GradientTransformation):
+  """(train-mode graphdef, eval-mode graphdef, fresh TrainState replicated over the mesh).
+
+  The weights are initialised from `seed`, which is also the run's base key (TrainState.rng).
+  """
+  train_graphdef, eval_graphdef, init = _graphdefs_and_init(unet, seed, mesh, optimizer)
   return train_graphdef, eval_graphdef, init()
 
 
-def abstract_train_state(config, mesh: jax.sharding.Mesh, optimizer: optax.GradientTransformation):
+def abstract_train_state(unet: UNetConfig, seed: int, mesh: jax.sharding.Mesh,
+                         optimizer: optax.GradientTransformation):
   """As create_train_state, but the state is shapes and shardings only: a restore target."""
-  train_graphdef, eval_graphdef, init = _graphdefs_and_init(config, mesh, optimizer)
+  train_graphdef, eval_graphdef, init = _graphdefs_and_init(unet, seed, mesh, optimizer)
   replicated = parallel.replicated(mesh)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
                           jax.eval_shape(init))
@@ -127,8 +99,8 @@ def load_checkpoint(config, workdir: str, step: Optional[int] = None):
     raise errors.ConfigError(f"No checkpoint of step {step} (--step) in {directory}; available: {sorted(steps)}.")
   checkpointer.check_compatible(step, run_metadata(config))
   mesh = parallel.data_mesh()
-  _, eval_graphdef, abstract = abstract_train_state(config, mesh,
-                                                    create_optimizer(config.optim))
+  _, eval_graphdef, abstract = abstract_train_state(builders.unet_config(config), config.seed,
+                                                    mesh, builders.optimizer(config))
   try:
     restored = checkpointer.restore(step, abstract)
   except Exception as error:  # orbax and tensorstore raise many types for damaged files
@@ -151,14 +123,15 @@ def import_diffusers_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   from jax_ddpm import convert  # pylint: disable=g-import-not-at-top
 
   config_checks.validate_model_and_diffusion(config)
-  _, params = convert.load_diffusers_unet(diffusers_dir, config_checks.unet_config(config))
+  unet = builders.unet_config(config)
+  _, params = convert.load_diffusers_unet(diffusers_dir, unet)
   existing = files.join(workdir, "checkpoints")
   if files.list_names(existing):
     raise errors.ConfigError(f"{existing} already holds checkpoints; import into an empty "
                           "--workdir. Nothing was written.")
   mesh = parallel.data_mesh()
-  optimizer = create_optimizer(config.optim)
-  _, _, state = create_train_state(config, mesh, optimizer)
+  optimizer = builders.optimizer(config)
+  _, _, state = create_train_state(unet, config.seed, mesh, optimizer)
   params = jax.device_put(params, parallel.replicated(mesh))
   state = state.replace(params=params, ema_params=params,
                         opt_state=jax.jit(optimizer.init)(params))

@@ -27,16 +27,15 @@ from clu import periodic_actions
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from jax_ddpm import (checkpointing, config_checks, diffusion, files, input_pipeline, parallel,
-                      samplers, sampling, summaries)
+from jax_ddpm import (builders, checkpointing, config_checks, diffusion, files, image_io,
+                      input_pipeline, parallel, samplers, sampling, summaries)
 from jax_ddpm.schedules import DiffusionSchedule
-from jax_ddpm.state import (TrainState, create_train_state, create_optimizer, ema_decay_at,
-                            learning_rate_schedule, run_metadata, schedule_from_config)
+from jax_ddpm.state import TrainState, create_train_state, run_metadata
 
 
 def train_step(state: TrainState, x0: jax.Array, *, graphdef: nnx.GraphDef,
                schedule: DiffusionSchedule, optimizer: optax.GradientTransformation,
-               config) -> tuple[TrainState, dict]:
+               options: builders.StepOptions) -> tuple[TrainState, dict]:
   """One step of DDPM Algorithm 1 plus the EMA update; returns (new state, metrics)."""
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   t_key, eps_key, dropout_key = jax.random.split(key, 3)
@@ -48,9 +47,9 @@ def train_step(state: TrainState, x0: jax.Array, *, graphdef: nnx.GraphDef,
     model = nnx.merge(graphdef, params)
     rngs = nnx.Rngs(dropout=dropout_key)
     losses = diffusion.training_losses(schedule, lambda x_t, t: model(x_t, t, rngs=rngs), x0, t,
-                                       eps, config.diffusion.prediction)
+                                       eps, options.prediction)
     loss = jnp.mean(losses)
-    injected = tuple(config.debug.inject_nonfinite_at_steps)
+    injected = options.inject_nonfinite_at_steps
     if injected:  # fault injection (tests): a NaN loss, hence NaN gradients, at these steps
       loss = jnp.where(jnp.isin(state.step, jnp.asarray(injected)), jnp.nan, loss)
     return loss
@@ -59,7 +58,7 @@ def train_step(state: TrainState, x0: jax.Array, *, graphdef: nnx.GraphDef,
   grad_norm = optax.global_norm(grads)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  decay = ema_decay_at(state.step, config.optim)
+  decay = options.ema.decay_at(state.step)
   ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
   # A non-finite loss or gradient would poison the weights and Adam's moments for good: such an
   # update is withheld (both policies); "halt" then stops the run on the host.
@@ -74,21 +73,22 @@ def train_step(state: TrainState, x0: jax.Array, *, graphdef: nnx.GraphDef,
       opt_state=keep_if_finite(opt_state, state.opt_state),
       nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32))
   metrics = {"loss": loss, "grad_norm": grad_norm,
-             "learning_rate": learning_rate_schedule(config.optim)(state.step),
+             "learning_rate": options.learning_rate(state.step),
              "nonfinite": (~finite).astype(jnp.int32)}
   return new_state, metrics
 
 
-def make_train_fn(graphdef, schedule, optimizer, config, mesh, *, donate: bool = True
-                  ) -> Callable:
+def make_train_fn(graphdef, schedule: DiffusionSchedule, optimizer: optax.GradientTransformation,
+                  options: builders.StepOptions, mesh: jax.sharding.Mesh, *,
+                  steps_per_dispatch: int = 1, donate: bool = True) -> Callable:
   """jit(state, batch) -> (state, metrics), k = steps_per_dispatch steps per call.
 
   For k > 1 the batch is [k, B, H, W, C] and the steps run in one lax.scan; metrics are [k].
   The incoming state's buffers are donated (`donate=False` exists for benchmarks/NOTES.md).
   """
   step = functools.partial(train_step, graphdef=graphdef, schedule=schedule,
-                           optimizer=optimizer, config=config)
-  k = config.training.steps_per_dispatch
+                           optimizer=optimizer, options=options)
+  k = steps_per_dispatch
 
   def train_fn(state, batch):
     if k == 1:
@@ -101,118 +101,154 @@ def make_train_fn(graphdef, schedule, optimizer, config, mesh, *, donate: bool =
                  out_shardings=(replicated, replicated))
 
 
-def write_sample_grid(sample_fn, state: TrainState, config, workdir: str, writer, step: int):
-  """DDIM samples from the EMA params: an image summary and samples/train_step_<step>.png."""
-  rng = jax.random.fold_in(jax.random.key(config.seed + 1), step)
-  images = multihost_utils.process_allgather(sample_fn(state.ema_params, rng), tiled=True)
-  images = sampling.to_uint8(images)[:config.training.num_sample_images]
-  grid = sampling.image_grid(images)
-  writer.write_images(step, {"samples": grid[None]})
-  if jax.process_index() == 0:
-    sampling.save_png(files.join(workdir, "samples", f"train_step_{step:08d}.png"), grid)
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains (or resumes training) a model as `config` says, writing everything under workdir."""
   mesh = parallel.data_mesh()
   config_checks.validate_training(config, mesh.size, jax.process_count())
   preemption = PreemptionWatch()  # from here on SIGTERM means: checkpoint, then exit
+  run = None
   try:
-    return _train(config, workdir, mesh, preemption)
-  finally:
-    preemption.close()
-
-
-def _train(config, workdir: str, mesh, preemption: "PreemptionWatch") -> TrainState:
-  source = input_pipeline.create_source(config.data)
-  input_pipeline.check_source_shape(source, config.data)
-
-  meta = run_metadata(config)
-  checkpointer = checkpointing.Checkpointer(workdir, keep=config.training.keep_checkpoints)
-  latest = checkpointer.latest_step()
-  if latest is not None:
-    checkpointer.check_compatible(latest, meta)
-
-  schedule = schedule_from_config(config)
-  optimizer = create_optimizer(config.optim)
-  train_graphdef, eval_graphdef, state = create_train_state(config, mesh, optimizer)
-  if latest is not None:
-    state, restored_step = checkpointer.restore_latest(
-        state, fallback=config.training.restore_fallback)
-    logging.info("Resumed from the checkpoint of step %d in %s.", restored_step,
-                 checkpointer.directory)
-  start_step = int(state.step)
-  training = config.training
-  k = training.steps_per_dispatch
-  if k > 1 and jax.default_backend() == "cpu":
-    logging.warning("training.steps_per_dispatch=%d on CPU: XLA's CPU backend runs convolutions "
-                    "inside loops far more slowly (15x measured, benchmarks/NOTES.md, 6); 1 is "
-                    "faster here.", k)
-
-  writer = summaries.create_writer(workdir, just_logging=jax.process_index() > 0)
-  if start_step == 0:
-    writer.write_hparams(_flatten(config.to_dict()))
-  train_fn = make_train_fn(train_graphdef, schedule, optimizer, config, mesh)
-  num_images = sampling.padded_count(training.num_sample_images, mesh)
-  shape = (num_images, config.data.image_size, config.data.image_size, config.data.channels)
-  sample_fn = sampling.make_sample_fn(
-      eval_graphdef, schedule, shape, mesh, samplers.DDIM(num_steps=training.sample_ddim_steps),
-      **sampling.sampler_options(config))
-  report_progress = periodic_actions.ReportProgress(
-      num_train_steps=training.num_train_steps, writer=writer,
-      every_steps=training.log_every_steps)
-
-  batches = input_pipeline.BatchIterator(
-      source, first_step=start_step, global_batch=training.batch_size, seed=config.seed,
-      random_flip=config.data.random_flip, sharding=parallel.batch_sharding(mesh, int(k > 1)),
-      steps_per_dispatch=k)
-  pending_metrics = []
-  step = start_step
-  wait_time = 0.0
-  unchecked = None  # (first step, metrics) of the last dispatch, checked after the next one
-  in_flight = parallel.DispatchLimit()
-  try:
-    while step < training.num_train_steps:
-      waited = time.perf_counter()
-      batch = next(batches)
-      wait_time += time.perf_counter() - waited
-      with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        state, metrics = train_fn(state, batch)
-      in_flight.add(metrics)
-      if training.nonfinite_policy == "halt":
-        # Checking one dispatch behind keeps the device busy while the host looks.
-        _halt_if_nonfinite(unchecked, checkpointer)
-        unchecked = (step, metrics)
-      step += k
-      pending_metrics.append(metrics)
-      report_progress(step)
-      if step % training.log_every_steps == 0 or step == training.num_train_steps:
-        scalars = _mean_metrics(pending_metrics)
-        scalars.pop("nonfinite")
-        scalars["nonfinite_steps"] = int(state.nonfinite_steps)
-        scalars["data_wait_seconds"] = wait_time  # time the step loop waited on the input
-        writer.write_scalars(step, scalars)
-        pending_metrics, wait_time = [], 0.0
-      preempted = preemption.reached(step)
-      if (step % training.checkpoint_every_steps == 0 or step == training.num_train_steps
-          or preempted):
-        if training.nonfinite_policy == "halt":
-          _halt_if_nonfinite(unchecked, checkpointer)  # never save past a halt
-        checkpointer.save(step, state, meta)
+    run = TrainingRun(config, workdir, mesh)
+    while run.step < run.training.num_train_steps:
+      run.dispatch()
+      run.write_metrics_if_due()
+      preempted = preemption.reached(run.step)
+      run.checkpoint_if_due(preempted)
       if preempted:
         logging.warning("Preemption notice (SIGTERM): saved the checkpoint of step %d; "
-                        "exiting. The same command resumes from it.", step)
+                        "exiting. The same command resumes from it.", run.step)
         break
-      if step % training.sample_every_steps == 0 or step == training.num_train_steps:
-        with report_progress.timed("sample"):
-          write_sample_grid(sample_fn, state, config, workdir, writer, step)
-    if training.nonfinite_policy == "halt":
-      _halt_if_nonfinite(unchecked, checkpointer)
+      run.sample_if_due()
+    run.check_finite(run.unchecked)
+    return run.state
   finally:
-    batches.close()
-    checkpointer.close()  # waits for the last asynchronous save
-    writer.flush()
-  return state
+    preemption.close()
+    if run is not None:
+      run.close()
+
+
+class TrainingRun:
+  """A run's parts (state, compiled step, input, checkpoints, summaries) and its periodic actions.
+
+  `train_and_evaluate` is the loop; each method here is one named action of it.
+  """
+
+  def __init__(self, config, workdir: str, mesh: jax.sharding.Mesh):
+    self.config, self.workdir, self.training = config, workdir, config.training
+    source = input_pipeline.create_source(config.data)
+    input_pipeline.check_source_shape(source, config.data)
+    self.meta = run_metadata(config)
+    self.checkpointer = checkpointing.Checkpointer(workdir, keep=self.training.keep_checkpoints)
+    train_graphdef, eval_graphdef = self._restore_or_init(mesh)
+    self.step = int(self.state.step)
+    self.writer = summaries.create_writer(workdir, just_logging=jax.process_index() > 0)
+    if self.step == 0:
+      self.writer.write_hparams(_flatten(config.to_dict()))
+    self._compile(train_graphdef, eval_graphdef, mesh)
+    k = self.training.steps_per_dispatch
+    self.batches = input_pipeline.BatchIterator(
+        source, first_step=self.step, global_batch=self.training.batch_size, seed=config.seed,
+        random_flip=config.data.random_flip, sharding=parallel.batch_sharding(mesh, int(k > 1)),
+        steps_per_dispatch=k)
+    self.report_progress = periodic_actions.ReportProgress(
+        num_train_steps=self.training.num_train_steps, writer=self.writer,
+        every_steps=self.training.log_every_steps)
+    self.pending_metrics, self.wait_time = [], 0.0
+    self.unchecked = None  # (first step, metrics) of the last dispatch, checked after the next
+    self.in_flight = parallel.DispatchLimit()
+
+  def _restore_or_init(self, mesh):
+    """A fresh state, or the latest checkpoint's if the workdir has one of this model."""
+    latest = self.checkpointer.latest_step()
+    if latest is not None:
+      self.checkpointer.check_compatible(latest, self.meta)
+    self.optimizer = builders.optimizer(self.config)
+    train_graphdef, eval_graphdef, self.state = create_train_state(
+        builders.unet_config(self.config), self.config.seed, mesh, self.optimizer)
+    if latest is not None:
+      self.state, restored_step = self.checkpointer.restore_latest(
+          self.state, fallback=self.training.restore_fallback)
+      logging.info("Resumed from the checkpoint of step %d in %s.", restored_step,
+                   self.checkpointer.directory)
+    return train_graphdef, eval_graphdef
+
+  def _compile(self, train_graphdef, eval_graphdef, mesh):
+    """The train step and the sample-grid program (compiled at their first call)."""
+    config, k = self.config, self.training.steps_per_dispatch
+    if k > 1 and jax.default_backend() == "cpu":
+      logging.warning("training.steps_per_dispatch=%d on CPU: XLA's CPU backend runs convolutions "
+                      "inside loops far more slowly (15x measured, benchmarks/NOTES.md, 6); 1 is "
+                      "faster here.", k)
+    schedule = builders.schedule(config)
+    self.train_fn = make_train_fn(train_graphdef, schedule, self.optimizer,
+                                  builders.step_options(config), mesh, steps_per_dispatch=k)
+    num_images = sampling.padded_count(self.training.num_sample_images, mesh)
+    shape = (num_images, config.data.image_size, config.data.image_size, config.data.channels)
+    self.sample_fn = sampling.make_sample_fn(
+        eval_graphdef, schedule, shape, mesh,
+        samplers.DDIM(num_steps=self.training.sample_ddim_steps),
+        **builders.sampling_options(config))
+
+  def _due(self, every: int) -> bool:
+    return self.step % every == 0 or self.step == self.training.num_train_steps
+
+  def dispatch(self):
+    """k train steps in one call; with the 'halt' policy, checks the previous call's flags."""
+    waited = time.perf_counter()
+    batch = next(self.batches)
+    self.wait_time += time.perf_counter() - waited
+    with jax.profiler.StepTraceAnnotation("train", step_num=self.step):
+      self.state, metrics = self.train_fn(self.state, batch)
+    self.in_flight.add(metrics)
+    if self.training.nonfinite_policy == "halt":
+      # Checking one dispatch behind keeps the device busy while the host looks.
+      self.check_finite(self.unchecked)
+      self.unchecked = (self.step, metrics)
+    self.step += self.training.steps_per_dispatch
+    self.pending_metrics.append(metrics)
+    self.report_progress(self.step)
+
+  def write_metrics_if_due(self):
+    """Mean loss, gradient norm, learning rate and input wait since the last write."""
+    if not self._due(self.training.log_every_steps):
+      return
+    scalars = _mean_metrics(self.pending_metrics)
+    scalars.pop("nonfinite")
+    scalars["nonfinite_steps"] = int(self.state.nonfinite_steps)
+    scalars["data_wait_seconds"] = self.wait_time  # time the step loop waited on the input
+    self.writer.write_scalars(self.step, scalars)
+    self.pending_metrics, self.wait_time = [], 0.0
+
+  def checkpoint_if_due(self, now: bool = False):
+    if self._due(self.training.checkpoint_every_steps) or now:
+      self.check_finite(self.unchecked)  # never save past a halt
+      self.checkpointer.save(self.step, self.state, self.meta)
+
+  def sample_if_due(self):
+    """DDIM samples from the EMA params: an image summary and samples/train_step_<step>.png."""
+    if not self._due(self.training.sample_every_steps):
+      return
+    with self.report_progress.timed("sample"):
+      rng = jax.random.fold_in(jax.random.key(self.config.seed + 1), self.step)
+      images = sampling.gather_uint8(self.sample_fn(self.state.ema_params, rng))
+      grid = image_io.image_grid(images[:self.training.num_sample_images])
+      self.writer.write_images(self.step, {"samples": grid[None]})
+      if jax.process_index() == 0:
+        image_io.save_png(files.join(self.workdir, "samples",
+                                       f"train_step_{self.step:08d}.png"), grid)
+
+  def check_finite(self, unchecked):
+    """Raises FloatingPointError if the dispatch `unchecked` = (first step, metrics) went bad."""
+    if self.training.nonfinite_policy == "halt":
+      _halt_if_nonfinite(unchecked, self.checkpointer)
+
+  def close(self):
+    """Stops the input workers, waits for the last asynchronous save, flushes the summaries."""
+    if hasattr(self, "batches"):
+      self.batches.close()
+    self.checkpointer.close()
+    if hasattr(self, "writer"):
+      self.writer.flush()
 
 
 class PreemptionWatch:

@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_ddpm import (diffusion, files, input_pipeline, parallel, samplers, sampling, schedules,
-                      state, summaries)
+from jax_ddpm import (builders, diffusion, files, image_io, input_pipeline, parallel, sampling,
+                      schedules, state, summaries)
 
 NUM_STRIP_FRAMES = 10
 NUM_GIF_FRAMES = 40
@@ -53,7 +53,7 @@ def forward_strip(schedule: schedules.DiffusionSchedule, image: np.ndarray,
                         (len(t),) + image.shape)
   eps = jnp.broadcast_to(jax.random.normal(jax.random.key(seed), image.shape), x0.shape)
   x_t = diffusion.q_sample(schedule, x0, jnp.asarray(t), eps)
-  return sampling.image_grid(sampling.to_uint8(jnp.clip(x_t, -1, 1)), columns=len(t)), t
+  return image_io.image_grid(image_io.to_uint8(jnp.clip(x_t, -1, 1)), columns=len(t)), t
 
 
 def _gif(frames: list[np.ndarray]) -> bytes:
@@ -75,7 +75,7 @@ def visualize(config, workdir: str, step: int | None = None) -> list[str]:
   """Writes the four pictures; returns their paths."""
 
   eval_graphdef, train_state, step = state.load_checkpoint(config, workdir, step)
-  schedule = state.schedule_from_config(config)
+  schedule = builders.schedule(config)
   source = input_pipeline.create_source(config.data)
   input_pipeline.check_source_shape(source, config.data)
   directory = files.join(workdir, "visualize")
@@ -88,28 +88,28 @@ def visualize(config, workdir: str, step: int | None = None) -> list[str]:
   size, channels = config.data.image_size, config.data.channels
   gif_count = sampling.padded_count(GIF_GRID, mesh)
   sampling_config = config.sampling
-  sampler = samplers.from_config(sampling_config)
+  sampler = builders.sampler(config)
   num_steps = len(sampler.timesteps(schedule))
   sample_fn = sampling.make_sample_fn(
       eval_graphdef, schedule, (gif_count, size, size, channels), mesh, sampler,
-      num_frames=min(NUM_GIF_FRAMES, num_steps), **sampling.sampler_options(config))
+      num_frames=min(NUM_GIF_FRAMES, num_steps), **builders.sampling_options(config))
   params = train_state.ema_params if sampling_config.use_ema else train_state.params
   final, trajectory = sample_fn(params, jax.random.key(sampling_config.seed))
-  x_t = sampling.to_uint8(jnp.clip(trajectory.x_t, -1, 1))  # [K, N, H, W, C]
-  x0 = sampling.to_uint8(trajectory.x0)
+  x_t = image_io.to_uint8(jnp.clip(trajectory.x_t, -1, 1))  # [K, N, H, W, C]
+  x0 = image_io.to_uint8(trajectory.x0)
   chosen = np.linspace(0, len(x_t) - 1, NUM_STRIP_FRAMES).round().astype(int)
   strip = np.concatenate([x_t[chosen, 0], x0[chosen, 0]])
-  pictures["reverse_process"] = sampling.image_grid(strip, columns=len(chosen))
+  pictures["reverse_process"] = image_io.image_grid(strip, columns=len(chosen))
 
   paths = []
   if jax.process_index() == 0:
     for name, picture in pictures.items():
       paths.append(files.join(directory, f"{name}.png"))
-      sampling.save_png(paths[-1], picture)
+      image_io.save_png(paths[-1], picture)
     paths.append(files.join(directory, "reverse_process.gif"))
-    files.save_bytes(paths[-1], _gif([sampling.image_grid(frame[:GIF_GRID], columns=4)
-                                      for frame in x_t] + [sampling.image_grid(
-                                          sampling.to_uint8(final)[:GIF_GRID], columns=4)]))
+    files.save_bytes(paths[-1], _gif([image_io.image_grid(frame[:GIF_GRID], columns=4)
+                                      for frame in x_t] + [image_io.image_grid(
+                                          image_io.to_uint8(final)[:GIF_GRID], columns=4)]))
   writer.write_images(step, {f"visualize/{name}": picture[None]
                              for name, picture in pictures.items()})
   writer.flush()

@@ -17,7 +17,7 @@ import pytest
 from flax import nnx
 
 from configs import tiny
-from jax_ddpm import errors, evaluate, feature_classifier, fid_weights, state, train
+from jax_ddpm import builders, errors, evaluate, feature_classifier, fid_weights, state, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -174,7 +174,7 @@ def diffusers_folder(path, defect):
   os.makedirs(path)
   with open(os.path.join(path, "config.json"), "w") as f:
     import json
-    json.dump(convert.diffusers_config_from_unet(state.config_checks.unet_config(config)), f)
+    json.dump(convert.diffusers_config_from_unet(builders.unet_config(config)), f)
   weights = os.path.join(path, "diffusion_pytorch_model.safetensors")
   if defect == "no weights file":
     return

@@ -142,8 +142,8 @@ def test_config_mismatch_names_the_keys(small_checkpoint):
 def test_diffusers_settings_of_our_configs_describe_the_same_network(name):
   """The inverse mapping builds the PyTorch peer of benchmarks/: same config, same parameters."""
   import importlib  # pylint: disable=g-import-not-at-top
-  from jax_ddpm import config_checks  # pylint: disable=g-import-not-at-top
-  ours = config_checks.unet_config(importlib.import_module(f"configs.{name}").get_config())
+  from jax_ddpm import builders  # pylint: disable=g-import-not-at-top
+  ours = builders.unet_config(importlib.import_module(f"configs.{name}").get_config())
   settings = convert.diffusers_config_from_unet(ours)
   assert convert.unet_config_from_diffusers(settings, dropout=ours.dropout) == ours
   peer = diffusers.UNet2DModel(**settings)
@@ -173,7 +173,7 @@ TINY_DIFFUSERS = dict(
 
 def test_import_mode_writes_a_checkpoint_that_samples(tmp_path):
   from configs import tiny
-  from jax_ddpm import sampling, state
+  from jax_ddpm import sample_mode, state
   save_random_diffusers_unet(tmp_path / "diffusers", TINY_DIFFUSERS)
   config = tiny.get_config()
   config.sampling.num_samples, config.sampling.batch_size = 8, 8
@@ -186,7 +186,7 @@ def test_import_mode_writes_a_checkpoint_that_samples(tmp_path):
                      jax.tree.leaves(restored.ema_params)):
     np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(a, c)
-  directory = sampling.sample_to_workdir(config, workdir)
+  directory = sample_mode.sample_to_workdir(config, workdir)
   images = np.load(os.path.join(directory, "samples_8x16x16x1.npz"))["arr_0"]
   assert images.shape == (8, 16, 16, 1) and images.std() > 0
   with pytest.raises(errors.UserInputError, match="already holds checkpoints"):

@@ -162,7 +162,9 @@ def test_eval_mode_samples_the_checkpoint_and_writes_json_and_summaries(tiny_run
   accumulator = event_accumulator.EventAccumulator(workdir, size_guidance={"tensors": 0})
   accumulator.Reload()
   assert "eval/feature_distance" in accumulator.Tags()["tensors"]
-  # A second evaluation reuses the samples and the cached reference: same number.
+  # The images were drawn in memory: eval leaves no sample files behind.
+  assert not os.path.exists(os.path.join(workdir, "samples", "6_ddim_4"))
+  # A second evaluation draws the same images and reuses the cached reference: same number.
   assert evaluate.evaluate(config, workdir)["feature_distance"] == results["feature_distance"]
 
 

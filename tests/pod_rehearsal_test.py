@@ -12,7 +12,6 @@ commands run in.
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
 

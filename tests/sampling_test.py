@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from jax_ddpm import checkpointing, parallel, samplers, sampling, state
+from jax_ddpm import builders, checkpointing, parallel, sample_mode, samplers, sampling, state
 
 
 def sample_config(**overrides):
@@ -25,8 +25,8 @@ def checkpoint_dir(tmp_path_factory):
   """A workdir with one checkpoint (step 1) of the tiny model."""
   workdir = str(tmp_path_factory.mktemp("trained"))
   config = sample_config()
-  _, _, fresh = state.create_train_state(config, parallel.data_mesh(),
-                                         state.create_optimizer(config.optim))
+  _, _, fresh = state.create_train_state(builders.unet_config(config), config.seed,
+                                         parallel.data_mesh(), builders.optimizer(config))
   checkpointer = checkpointing.Checkpointer(workdir)
   checkpointer.save(1, fresh.replace(step=fresh.step + 1), state.run_metadata(config))
   checkpointer.wait_until_finished()
@@ -35,7 +35,7 @@ def checkpoint_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sampled(checkpoint_dir):
-  return sampling.sample_to_workdir(sample_config(), checkpoint_dir)
+  return sample_mode.sample_to_workdir(sample_config(), checkpoint_dir)
 
 
 def test_sample_mode_writes_npz_batches_grids_and_one_file_of_all_samples(sampled):
@@ -63,7 +63,7 @@ def test_resuming_draws_exactly_the_missing_batches(checkpoint_dir, sampled, tmp
   os.remove(os.path.join(directory, "batch_00001.npz"))
   os.remove(os.path.join(directory, "samples_10x16x16x1.npz"))
   kept = os.path.getmtime(os.path.join(directory, "batch_00000.npz"))
-  sampling.sample_to_workdir(sample_config(), copy)
+  sample_mode.sample_to_workdir(sample_config(), copy)
   assert os.path.getmtime(os.path.join(directory, "batch_00000.npz")) == kept
   for name in ("batch_00001.npz", "samples_10x16x16x1.npz"):
     np.testing.assert_array_equal(np.load(os.path.join(directory, name))["arr_0"],
@@ -78,10 +78,10 @@ def test_fewer_then_more_samples_reuse_the_batches_and_write_exactly_the_count(
   ten = np.load(os.path.join(directory, "samples_10x16x16x1.npz"))["arr_0"]
   kept = {name: os.path.getmtime(os.path.join(directory, name)) for name in os.listdir(directory)
           if name.startswith("batch_")}
-  sampling.sample_to_workdir(sample_config(num_samples=6), copy)  # fewer: nothing drawn
+  sample_mode.sample_to_workdir(sample_config(num_samples=6), copy)  # fewer: nothing drawn
   np.testing.assert_array_equal(
       np.load(os.path.join(directory, "samples_6x16x16x1.npz"))["arr_0"], ten[:6])
-  sampling.sample_to_workdir(sample_config(num_samples=20), copy)  # more: one new batch
+  sample_mode.sample_to_workdir(sample_config(num_samples=20), copy)  # more: one new batch
   twenty = np.load(os.path.join(directory, "samples_20x16x16x1.npz"))["arr_0"]
   np.testing.assert_array_equal(twenty[:10], ten)
   assert {name: os.path.getmtime(os.path.join(directory, name)) for name in kept} == kept
@@ -95,14 +95,21 @@ def test_a_short_batch_file_of_an_older_run_is_drawn_again_in_full(checkpoint_di
   directory = os.path.join(copy, os.path.relpath(sampled, checkpoint_dir))
   full = np.load(os.path.join(directory, "batch_00001.npz"))["arr_0"]
   np.savez(os.path.join(directory, "batch_00001.npz"), arr_0=full[:2])
-  sampling.sample_to_workdir(sample_config(num_samples=16), copy)
+  sample_mode.sample_to_workdir(sample_config(num_samples=16), copy)
   np.testing.assert_array_equal(np.load(os.path.join(directory, "batch_00001.npz"))["arr_0"], full)
+
+
+def test_eval_draws_in_memory_the_images_sample_mode_writes(checkpoint_dir, sampled):
+  program = sample_mode.load_program(sample_config(), checkpoint_dir, None, parallel.data_mesh())
+  assert program.name == os.path.basename(sampled) == "1_ddim_4"
+  written = np.load(os.path.join(sampled, "samples_10x16x16x1.npz"))["arr_0"]
+  np.testing.assert_array_equal(program.draw(10, 8), written)
 
 
 def test_other_settings_do_not_mix_into_an_existing_sample_directory(checkpoint_dir, sampled):
   before = sorted(os.listdir(sampled))
   with pytest.raises(ValueError, match=r"other settings:\n  sampling.seed: now 5, before 0"):
-    sampling.sample_to_workdir(sample_config(seed=5), checkpoint_dir)
+    sample_mode.sample_to_workdir(sample_config(seed=5), checkpoint_dir)
   assert sorted(os.listdir(sampled)) == before
 
 
@@ -110,7 +117,7 @@ def test_the_sampling_program_compiles_once_for_any_weights(checkpoint_dir):
   config = sample_config()
   eval_graphdef, loaded, _ = state.load_checkpoint(config, checkpoint_dir)
   mesh = parallel.data_mesh()
-  sample_fn = sampling.make_sample_fn(eval_graphdef, state.schedule_from_config(config),
+  sample_fn = sampling.make_sample_fn(eval_graphdef, builders.schedule(config),
                                       (8, 16, 16, 1), mesh, samplers.DDPM())
   first = sample_fn(loaded.ema_params, jax.random.key(0))
   other_weights = jax.tree.map(lambda x: x + 0.01, loaded.params)
@@ -124,7 +131,7 @@ def test_the_sampling_program_compiles_once_for_any_weights(checkpoint_dir):
 
 def test_no_checkpoint_is_a_clear_error_and_writes_nothing(tmp_path):
   with pytest.raises(FileNotFoundError, match=r"No checkpoint in .*checkpoints: train first"):
-    sampling.sample_to_workdir(sample_config(), str(tmp_path))
+    sample_mode.sample_to_workdir(sample_config(), str(tmp_path))
   assert not os.listdir(tmp_path)
 
 
@@ -132,7 +139,7 @@ def test_checkpoint_of_another_model_is_refused(checkpoint_dir):
   config = sample_config()
   config.model.ch_mult = (1, 1)
   with pytest.raises(checkpointing.IncompatibleCheckpointError, match=r"model.ch_mult"):
-    sampling.sample_to_workdir(config, checkpoint_dir)
+    sample_mode.sample_to_workdir(config, checkpoint_dir)
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -149,7 +156,7 @@ def test_checkpoint_of_another_model_is_refused(checkpoint_dir):
 def test_bad_sampling_settings_fail_before_anything_is_written(checkpoint_dir, overrides, message):
   before = sorted(os.listdir(os.path.join(checkpoint_dir, "samples")))
   with pytest.raises(ValueError, match=message):
-    sampling.sample_to_workdir(sample_config(**overrides), checkpoint_dir)
+    sample_mode.sample_to_workdir(sample_config(**overrides), checkpoint_dir)
   assert sorted(os.listdir(os.path.join(checkpoint_dir, "samples"))) == before
 
 

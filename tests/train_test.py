@@ -13,17 +13,18 @@ import numpy as np
 import pytest
 
 from configs import cifar10, tiny
-from jax_ddpm import checkpointing, input_pipeline, parallel, state, train
+from jax_ddpm import builders, checkpointing, input_pipeline, parallel, state, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_steps(config, mesh, num_steps):
   """Losses and final state of `num_steps` train steps on `mesh`, fed the pipeline's batches."""
-  optimizer = state.create_optimizer(config.optim)
-  graphdef, _, current = state.create_train_state(config, mesh, optimizer)
-  train_fn = train.make_train_fn(graphdef, state.schedule_from_config(config), optimizer, config,
-                                 mesh)
+  optimizer = builders.optimizer(config)
+  graphdef, _, current = state.create_train_state(builders.unet_config(config), config.seed,
+                                                  mesh, optimizer)
+  train_fn = train.make_train_fn(graphdef, builders.schedule(config), optimizer,
+                                 builders.step_options(config), mesh)
   source = input_pipeline.create_source(config.data)
   losses = []
   for step in range(num_steps):
@@ -46,7 +47,7 @@ def test_one_device_and_eight_devices_train_identically():
 
 def test_cifar10_config_uses_the_papers_plain_ema_from_step_0():
   config = cifar10.get_config()
-  decays = [float(state.ema_decay_at(jax.numpy.asarray(s), config.optim)) for s in (0, 1000, 89_000)]
+  decays = [float(builders.ema_rule(config).decay_at(s)) for s in (0, 1000, 89_000)]
   assert decays == [np.float32(0.9999)] * 3
 
 
@@ -55,11 +56,12 @@ def test_cifar10_config_builds_the_35m_model_and_traces_its_train_step():
   take a minute and a half; its forward pass is compared with diffusers in convert_test.py)."""
   config = cifar10.get_config()
   mesh = parallel.data_mesh()
-  optimizer = state.create_optimizer(config.optim)
-  graphdef, _, current = state.abstract_train_state(config, mesh, optimizer)
+  optimizer = builders.optimizer(config)
+  graphdef, _, current = state.abstract_train_state(builders.unet_config(config), config.seed,
+                                                    mesh, optimizer)
   assert sum(x.size for x in jax.tree.leaves(current.params)) == 35_746_307
-  train_fn = train.make_train_fn(graphdef, state.schedule_from_config(config), optimizer, config,
-                                 mesh)
+  train_fn = train.make_train_fn(graphdef, builders.schedule(config), optimizer,
+                                 builders.step_options(config), mesh)
   batch = jax.ShapeDtypeStruct((config.training.batch_size, 32, 32, 3), np.float32)
   after, metrics = jax.eval_shape(train_fn, current, batch)
   assert jax.tree.map(lambda a: (a.shape, a.dtype), after) == jax.tree.map(
@@ -151,10 +153,11 @@ def test_steps_per_dispatch_scan_matches_single_steps():
   mesh = parallel.data_mesh()
   _, single = run_steps(config, mesh, 2)
   config.training.steps_per_dispatch = 2
-  optimizer = state.create_optimizer(config.optim)
-  graphdef, _, current = state.create_train_state(config, mesh, optimizer)
-  train_fn = train.make_train_fn(graphdef, state.schedule_from_config(config), optimizer, config,
-                                 mesh)
+  optimizer = builders.optimizer(config)
+  graphdef, _, current = state.create_train_state(builders.unet_config(config), config.seed,
+                                                  mesh, optimizer)
+  train_fn = train.make_train_fn(graphdef, builders.schedule(config), optimizer,
+                                 builders.step_options(config), mesh, steps_per_dispatch=2)
   source = input_pipeline.create_source(config.data)
   batches = np.stack([input_pipeline.local_batch(source, s, 8, config.seed, True, 0, 1)
                       for s in range(2)])

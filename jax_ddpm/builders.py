@@ -1,0 +1,118 @@
+"""A run config becomes objects here, and only here.
+
+configs/*.py -> the U-Net's `UNetConfig`, the noise schedule, the optimizer and its learning
+rate, the EMA rule, the train step's options, the sampler and the sampler's options. The modules
+below the drivers (train_step, make_sample_fn, samplers, state.create_train_state) take these
+typed objects, never the ConfigDict; the drivers (train.py, sample_mode.py, evaluate.py,
+visualize.py, state.load_checkpoint) call the builders. config_checks.py calls them too, so a
+config that builds is a config that runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jax_ddpm import samplers
+from jax_ddpm.models.unet import UNetConfig
+from jax_ddpm.schedules import DiffusionSchedule, get_schedule
+
+
+def unet_config(config) -> UNetConfig:
+  """The U-Net of a run config; image size and channels come from config.data."""
+  model = config.model
+  return UNetConfig(
+      image_size=int(config.data.image_size),
+      in_channels=int(config.data.channels),
+      out_channels=int(config.data.channels),
+      ch=int(model.ch),
+      ch_mult=tuple(int(m) for m in model.ch_mult),
+      num_res_blocks=int(model.num_res_blocks),
+      attn_resolutions=tuple(int(r) for r in model.attn_resolutions),
+      dropout=float(model.dropout),
+      num_groups=int(model.num_groups),
+      attention_head_dim=model.attention_head_dim,
+      num_classes=model.num_classes,
+      compute_dtype=str(model.compute_dtype),
+      remat=bool(model.remat),
+  )
+
+
+def schedule(config) -> DiffusionSchedule:
+  """The forward process's beta_1..beta_T (config.diffusion); ValueError names a bad one."""
+  d = config.diffusion
+  return get_schedule(d.schedule, d.num_timesteps, beta_start=d.beta_start, beta_end=d.beta_end)
+
+
+def learning_rate(config) -> optax.Schedule:
+  """Linear warm-up from 0 to optim.learning_rate, then constant (DDPM Appendix B)."""
+  optim = config.optim
+  if optim.warmup_steps == 0:
+    return optax.constant_schedule(optim.learning_rate)
+  return optax.linear_schedule(0.0, optim.learning_rate, optim.warmup_steps)
+
+
+def optimizer(config) -> optax.GradientTransformation:
+  """Adam with global-norm gradient clipping (optim.grad_clip_norm; 0 turns it off)."""
+  optim = config.optim
+  adam = optax.adam(learning_rate(config), b1=optim.adam_b1, b2=optim.adam_b2, eps=optim.adam_eps)
+  if optim.grad_clip_norm > 0:
+    return optax.chain(optax.clip_by_global_norm(optim.grad_clip_norm), adam)
+  return adam
+
+
+@dataclasses.dataclass(frozen=True)
+class EMARule:
+  """The weights' exponential moving average: ema <- d_t ema + (1 - d_t) params.
+
+  d_t = decay, or with warmup min(decay, (1 + t) / (10 + t)) at step t (the original DDPM code's
+  tf.train.ExponentialMovingAverage with num_updates), so early averages forget the random init.
+  """
+  decay: float
+  warmup: bool
+
+  def decay_at(self, step: jax.Array) -> jax.Array:
+    decay = jnp.asarray(self.decay, jnp.float32)
+    if self.warmup:
+      step = jnp.asarray(step).astype(jnp.float32)
+      decay = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+    return decay
+
+
+def ema_rule(config) -> EMARule:
+  return EMARule(decay=float(config.optim.ema_decay), warmup=bool(config.optim.ema_warmup))
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+  """What one train step reads besides the schedule and the optimizer.
+
+  prediction: what the network predicts (eps | x0 | v, diffusion.Prediction).
+  learning_rate: the optimizer's schedule, reported in the step's metrics.
+  inject_nonfinite_at_steps: fault injection for the tests (a NaN loss at these steps).
+  """
+  prediction: str
+  ema: EMARule
+  learning_rate: optax.Schedule
+  inject_nonfinite_at_steps: tuple[int, ...] = ()
+
+
+def step_options(config) -> StepOptions:
+  return StepOptions(prediction=str(config.diffusion.prediction), ema=ema_rule(config),
+                     learning_rate=learning_rate(config),
+                     inject_nonfinite_at_steps=tuple(config.debug.inject_nonfinite_at_steps))
+
+
+def sampler(config) -> samplers.Sampler:
+  """The sampler config.sampling names (the one place the name is read: samplers.from_config)."""
+  return samplers.from_config(config.sampling)
+
+
+def sampling_options(config) -> dict:
+  """sampling.make_sample_fn's keyword arguments: how each predicted x_0 is treated."""
+  return dict(prediction=str(config.diffusion.prediction),
+              thresholding=str(config.sampling.thresholding),
+              threshold_percentile=float(config.sampling.threshold_percentile))

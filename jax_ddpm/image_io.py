@@ -1,0 +1,41 @@
+"""Images at the file boundary: float [-1, 1] to uint8, grids of images, PNG files.
+
+Inside the project images are float32 NHWC in [-1, 1]; every file holds uint8 (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+
+from jax_ddpm import files
+
+
+def to_uint8(images) -> np.ndarray:
+  """float [-1, 1] -> uint8 [0, 255], the inverse of the data scaling."""
+  images = np.asarray(images, np.float32)
+  return np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def image_grid(images: np.ndarray, columns: int | None = None, padding: int = 2) -> np.ndarray:
+  """uint8 [N, H, W, C] tiled into one [rows*(H+p)+p, cols*(W+p)+p, C] image on white."""
+  count, height, width, channels = images.shape
+  columns = columns or math.ceil(math.sqrt(count))
+  rows = math.ceil(count / columns)
+  grid = np.full((rows * (height + padding) + padding, columns * (width + padding) + padding,
+                  channels), 255, np.uint8)
+  for index, image in enumerate(images):
+    row, column = divmod(index, columns)
+    top, left = padding + row * (height + padding), padding + column * (width + padding)
+    grid[top:top + height, left:left + width] = image
+  return grid
+
+
+def save_png(path: str, image: np.ndarray) -> None:
+  """Writes a uint8 [H, W, C] image (C = 1 or 3) as PNG (local path or URL), atomically."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  buffer = io.BytesIO()
+  Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, format="PNG")
+  files.save_bytes(path, buffer.getvalue())
