@@ -47,7 +47,7 @@ def grain_loop(source, steps, batch, **options):
   iterator = iter(input_pipeline.grain_batches(source, first_step=0, global_batch=batch, seed=0,
                                                random_flip=True, process_index=0,
                                                process_count=1, **options))
-  return (next(iterator) for _ in range(steps))
+  return (next(iterator)["image"] for _ in range(steps))
 
 
 def images_per_second(batches, steps, batch) -> float:

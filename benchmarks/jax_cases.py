@@ -108,7 +108,7 @@ def measure_sample(spec: dict) -> dict:
   repeats = 1 if single else spec["repeats"]
   calls = iter(range(1, 10**6))
   median, low, high = common.time_call(
-      lambda: compiled(params, jax.random.key(next(calls))).block_until_ready(), repeats,
+      lambda: jax.block_until_ready(compiled(params, jax.random.key(next(calls)))), repeats,
       warmup=0 if single else 1)
   return {"compile_s": compile_s, "seconds": [median, low, high], "xla_memory_mb": memory,
           "flops": forward_flops * spec["steps"], "devices": mesh.size,

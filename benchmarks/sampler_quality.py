@@ -34,9 +34,9 @@ def draw(config, eval_graphdef, params, schedule, mesh, sampler, num_samples, ba
   sample_fn = sampling.make_sample_fn(eval_graphdef, schedule, shape, mesh, sampler,
                                       **builders.sampling_options(config))
   key = jax.random.key(config.sampling.seed)
-  sample_fn(params, key).block_until_ready()  # compile
+  jax.block_until_ready(sample_fn(params, key))  # compile
   started = time.perf_counter()
-  images = sampling.draw_images(sample_fn, params, key, num_samples, batch)
+  images, _ = sampling.draw_images(sample_fn, params, key, num_samples, batch)
   return images, time.perf_counter() - started
 
 

@@ -12,8 +12,9 @@ Keys (override any on the command line: --config.training.batch_size=64):
   diffusion.num_timesteps  T
   diffusion.beta_start, .beta_end   endpoints of the linear/quadratic/sigmoid schedules
   diffusion.prediction     eps | x0 | v: what the network predicts (eps in the paper)
-  model.*                  jax_ddpm.models.unet.UNetConfig fields (image size and channels follow data);
-                           model.num_classes must stay unset: no data source yields labels yet
+  model.*                  jax_ddpm.models.unet.UNetConfig fields (image size and channels follow data)
+  model.num_classes        C: a class-conditional model on the data's labels 0..C-1 (unset:
+                           unconditional); see jax_ddpm/guidance.py
   optim.learning_rate, .warmup_steps   Adam step size, linearly warmed up from 0
   optim.grad_clip_norm     clip the global gradient norm (DDPM: 1.0); 0 disables
   optim.adam_b1, .adam_b2, .adam_eps
@@ -26,6 +27,8 @@ Keys (override any on the command line: --config.training.batch_size=64):
   training.log_every_steps, .checkpoint_every_steps, .keep_checkpoints
   training.sample_every_steps, .num_sample_images, .sample_ddim_steps   DDIM (eta 0) sample
                            grids from the EMA params, written during training
+  training.label_dropout   conditional models: probability that a training label is replaced by
+                           the null label, so the model also learns p(x) (Ho & Salimans 2022)
   training.nonfinite_policy   halt | skip: on a non-finite loss or gradient, stop with an error
                            naming the step, or withhold that update and count it (nonfinite_steps)
   training.restore_fallback   if the newest checkpoint cannot be read, move it to
@@ -49,6 +52,10 @@ Keys (override any on the command line: --config.training.batch_size=64):
   sampling.variance        ddpm's sigma_t^2: fixed_large (beta_t, the default) or fixed_small
   sampling.thresholding    none | static (clip predicted x_0 to [-1, 1]) | dynamic (Imagen's
                            per-sample percentile, .threshold_percentile), for every sampler
+  sampling.labels          conditional models: grid (one run of each class per batch) | random |
+                           a comma-separated list of classes ("3,3,7"), repeated over the batch
+  sampling.guidance_scale  classifier-free guidance w: 1 conditional, 0 unconditional, > 1 more
+                           class-like (Ho & Salimans 2022 eq. 6 with their w = ours - 1)
   sampling.use_ema, .num_samples, .batch_size, .seed   --mode=sample: which weights, how many
                            images, the global batch per compiled call, and the noise seed
 """
@@ -114,6 +121,7 @@ def get_config() -> ml_collections.ConfigDict:
   training.sample_every_steps = 10_000
   training.num_sample_images = 64
   training.sample_ddim_steps = 50
+  training.label_dropout = 0.1
   training.nonfinite_policy = "halt"
   training.restore_fallback = False
 
@@ -125,6 +133,8 @@ def get_config() -> ml_collections.ConfigDict:
   sampling.variance = "fixed_large"
   sampling.thresholding = "static"
   sampling.threshold_percentile = 0.995
+  sampling.labels = "grid"
+  sampling.guidance_scale = 1.0
   sampling.use_ema = True
   sampling.num_samples = 64
   sampling.batch_size = 64

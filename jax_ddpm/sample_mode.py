@@ -34,8 +34,9 @@ class Program:
   name: str
   settings: dict
 
-  def draw(self, count: int, batch_size: int) -> np.ndarray:
-    """The first `count` images, in memory: those sample mode writes for the same settings."""
+  def draw(self, count: int, batch_size: int) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """The first `count` images and their labels (None if unconditional), in memory: those
+    sample mode writes for the same settings."""
     return sampling.draw_images(self.sample_fn, self.params, self.base_key, count, batch_size)
 
 
@@ -72,9 +73,11 @@ def sample_to_workdir(config, workdir: str, step: Optional[int] = None) -> str:
 
   Batch i is drawn from fold_in(key(sampling.seed), i), so the images do not depend on how many
   devices or processes draw them, and an interrupted run resumes at the first batch that was
-  not written. Process 0 writes batch_<i>.npz (a full batch of uint8 NHWC under 'arr_0') and
-  grid_<i>.png as each batch finishes, and at the end samples_<N>x<H>x<W>x<C>.npz with the
-  first N = num_samples images, the file FID tools read. A later run that asks for fewer images
+  not written. Process 0 writes batch_<i>.npz (a full batch of uint8 NHWC under 'arr_0', and
+  for a conditional model the int32 classes asked for under 'labels') and grid_<i>.png (one
+  row per class if conditional) as each batch finishes, and at the end
+  samples_<N>x<H>x<W>x<C>.npz with the first N = num_samples images (and labels), the file FID
+  tools read. A later run that asks for fewer images
   draws nothing new; one that asks for more draws only the missing batches. Returns the
   output directory, workdir/samples/<step>_<sampler>_<network calls>.
   """
@@ -89,8 +92,9 @@ def sample_to_workdir(config, workdir: str, step: Optional[int] = None) -> str:
   todo = _batches_to_draw(directory, num_batches, batch_size)
   started = time.perf_counter()
   for done, index in enumerate(todo, start=1):
-    images = sampling.draw_batch(program.sample_fn, program.params, program.base_key, index)
-    _write_batch(directory, index, images)
+    images, labels = sampling.draw_batch(program.sample_fn, program.params, program.base_key,
+                                         index)
+    _write_batch(directory, index, images, labels)
     rate = done * batch_size / (time.perf_counter() - started)
     logging.info("Batch %d/%d: %.2f images/s, ETA %.0f s.", index + 1, num_batches, rate,
                  (len(todo) - done) * batch_size / rate)
@@ -143,19 +147,28 @@ def _batches_to_draw(directory: str, num_batches: int, batch_size: int) -> list[
   return todo
 
 
-def _write_batch(directory: str, index: int, images: np.ndarray) -> None:
+def _write_batch(directory: str, index: int, images: np.ndarray,
+                 labels: Optional[np.ndarray]) -> None:
   """batch_<index>.npz and grid_<index>.png, by process 0."""
-  if jax.process_index() == 0:
+  if jax.process_index() != 0:
+    return
+  if labels is None:
     files.save_npz(batch_path(directory, index), arr_0=images)
-    image_io.save_png(files.join(directory, f"grid_{index:05d}.png"), image_io.image_grid(images))
+    grid = image_io.image_grid(images)
+  else:
+    files.save_npz(batch_path(directory, index), arr_0=images, labels=labels)
+    grid = image_io.class_grid(images, labels)
+  image_io.save_png(files.join(directory, f"grid_{index:05d}.png"), grid)
 
 
 def _write_all_samples(directory: str, num_samples: int, num_batches: int) -> str:
   """samples_<N>x...npz: the first N images of the directory's batches, in order."""
-  everything = np.concatenate([files.read_npz(batch_path(directory, i), "sample batch",
-                                              ["arr_0"])["arr_0"] for i in range(num_batches)])
-  everything = everything[:num_samples]
+  batches = [files.read_npz(batch_path(directory, i), "sample batch")
+             for i in range(num_batches)]
+  arrays = {name: np.concatenate([batch[name] for batch in batches])[:num_samples]
+            for name in batches[0]}
+  everything = arrays["arr_0"]
   path = all_samples_path(directory, everything.shape)
-  files.save_npz(path, arr_0=everything)
+  files.save_npz(path, **arrays)
   logging.info("Wrote %d samples to %s.", len(everything), path)
   return path

@@ -9,26 +9,36 @@ the benchmarks see the same images for the same seed, whatever the device count.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from jax_ddpm import image_io, parallel, samplers
+from jax_ddpm import guidance, image_io, parallel, samplers
 from jax_ddpm.schedules import DiffusionSchedule
+
+LABEL_STREAM = 0x1abe1  # the labels of a batch are drawn from fold_in(its key, LABEL_STREAM)
+
+
+class Samples(NamedTuple):
+  """One batch drawn by a sample function."""
+  images: jax.Array  # float32 [B, H, W, C] in [-1, 1]
+  labels: Optional[jax.Array] = None  # int32 [B], the classes asked of a conditional model
+  trajectory: Optional[samplers.Trajectory] = None  # with num_frames > 0
 
 
 def make_sample_fn(eval_graphdef: nnx.GraphDef, schedule: DiffusionSchedule,
                    shape: tuple[int, ...], mesh: jax.sharding.Mesh, sampler: samplers.Sampler,
                    *, prediction: str = "eps", thresholding: str = "static",
-                   threshold_percentile: float = 0.995, num_frames: int = 0) -> Callable:
-  """A jitted fn(params, rng) -> float32 images in [-1, 1] of `shape`, batch sharded over mesh.
+                   threshold_percentile: float = 0.995, num_frames: int = 0,
+                   conditioning: Optional[guidance.Conditioning] = None) -> Callable:
+  """A jitted fn(params, rng) -> Samples of `shape`, the batch sharded over the mesh.
 
-  With num_frames > 0 it returns (images, samplers.Trajectory). Every argument is checked
-  here, before the first (long) compile; `builders.sampling_options(config)` gives the keyword
-  arguments of a run config.
+  A conditional model (`conditioning`) is asked for conditioning.batch_labels, guided with
+  conditioning.guidance_scale. Every argument is checked here, before the first (long)
+  compile; `builders.sampling_options(config)` gives the keyword arguments of a run config.
   """
   sharding = parallel.batch_sharding(mesh)
   options = dict(prediction=prediction, thresholding=thresholding,
@@ -37,29 +47,42 @@ def make_sample_fn(eval_graphdef: nnx.GraphDef, schedule: DiffusionSchedule,
 
   def sample(params, rng):
     model = nnx.merge(eval_graphdef, params)
-    return samplers.run(sampler, lambda x_t, t: model(x_t, t), schedule, shape, rng, **options)
+    labels, denoise = None, lambda x_t, t: model(x_t, t)
+    if conditioning is not None:
+      labels = conditioning.batch_labels(jax.random.fold_in(rng, LABEL_STREAM), shape[0])
+      denoise = guidance.guide(lambda x_t, t, y: model(x_t, t, y), labels,
+                               conditioning.guidance_scale, conditioning.num_classes)
+    output = samplers.run(sampler, denoise, schedule, shape, rng, **options)
+    images, trajectory = output if num_frames else (output, None)
+    return Samples(images, labels, trajectory)
 
   jax.eval_shape(lambda: samplers.run(sampler, lambda x_t, t: x_t, schedule, shape,
                                       jax.random.key(0), **options))
   return jax.jit(sample, out_shardings=None)
 
 
-def gather_uint8(images: jax.Array) -> np.ndarray:
-  """A batch sharded over every process's devices, whole on each process, as uint8."""
-  return image_io.to_uint8(multihost_utils.process_allgather(images, tiled=True))
+def gather(array: Optional[jax.Array]) -> Optional[np.ndarray]:
+  """A batch sharded over every process's devices, whole on each process (None stays None)."""
+  return None if array is None else np.asarray(
+      multihost_utils.process_allgather(array, tiled=True))
 
 
-def draw_batch(sample_fn: Callable, params, base_key: jax.Array, index: int) -> np.ndarray:
-  """Batch `index` of the stream seeded by base_key: uint8 NHWC, whole on every process."""
-  return gather_uint8(sample_fn(params, jax.random.fold_in(base_key, index)))
+def draw_batch(sample_fn: Callable, params, base_key: jax.Array, index: int
+               ) -> tuple[np.ndarray, Optional[np.ndarray]]:
+  """Batch `index` of the stream seeded by base_key, whole on every process: uint8 NHWC images
+  and, for a conditional model, their int32 labels (else None)."""
+  samples = sample_fn(params, jax.random.fold_in(base_key, index))
+  return image_io.to_uint8(gather(samples.images)), gather(samples.labels)
 
 
 def draw_images(sample_fn: Callable, params, base_key: jax.Array, count: int,
-                batch_size: int) -> np.ndarray:
-  """The first `count` images of the stream (batches 0, 1, ... of `batch_size`), in memory."""
+                batch_size: int) -> tuple[np.ndarray, Optional[np.ndarray]]:
+  """The first `count` images (and labels) of the stream, batches 0, 1, ..., in memory."""
   batches = [draw_batch(sample_fn, params, base_key, index)
              for index in range(-(-count // batch_size))]
-  return np.concatenate(batches)[:count]
+  images = np.concatenate([b[0] for b in batches])[:count]
+  labels = None if batches[0][1] is None else np.concatenate([b[1] for b in batches])[:count]
+  return images, labels
 
 
 def padded_count(count: int, mesh: jax.sharding.Mesh) -> int:

@@ -27,27 +27,31 @@ from clu import periodic_actions
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from jax_ddpm import (builders, checkpointing, config_checks, diffusion, files, image_io,
-                      input_pipeline, parallel, samplers, sampling, summaries)
+from jax_ddpm import (builders, checkpointing, config_checks, diffusion, errors, files, guidance,
+                      image_io, input_pipeline, parallel, samplers, sampling, summaries)
 from jax_ddpm.schedules import DiffusionSchedule
 from jax_ddpm.state import TrainState, create_train_state, run_metadata
 
 
-def train_step(state: TrainState, x0: jax.Array, *, graphdef: nnx.GraphDef,
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef,
                schedule: DiffusionSchedule, optimizer: optax.GradientTransformation,
                options: builders.StepOptions) -> tuple[TrainState, dict]:
-  """One step of DDPM Algorithm 1 plus the EMA update; returns (new state, metrics)."""
+  """One step of DDPM Algorithm 1 plus the EMA update; returns (new state, metrics).
+
+  batch: {"image": x_0 [B, H, W, C]} and, for a conditional model, "label" [B].
+  """
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   t_key, eps_key, dropout_key = jax.random.split(key, 3)
-  batch = x0.shape[0]
-  t = diffusion.sample_timesteps(t_key, batch, schedule.num_timesteps)
+  x0 = batch["image"]
+  t = diffusion.sample_timesteps(t_key, x0.shape[0], schedule.num_timesteps)
   eps = jax.random.normal(eps_key, x0.shape, jnp.float32)
+  y = _dropped_labels(batch, options, jax.random.fold_in(key, 3))
 
   def loss_fn(params):
     model = nnx.merge(graphdef, params)
     rngs = nnx.Rngs(dropout=dropout_key)
-    losses = diffusion.training_losses(schedule, lambda x_t, t: model(x_t, t, rngs=rngs), x0, t,
-                                       eps, options.prediction)
+    losses = diffusion.training_losses(schedule, lambda x_t, t: model(x_t, t, y, rngs=rngs), x0,
+                                       t, eps, options.prediction)
     loss = jnp.mean(losses)
     injected = options.inject_nonfinite_at_steps
     if injected:  # fault injection (tests): a NaN loss, hence NaN gradients, at these steps
@@ -76,6 +80,16 @@ def train_step(state: TrainState, x0: jax.Array, *, graphdef: nnx.GraphDef,
              "learning_rate": options.learning_rate(state.step),
              "nonfinite": (~finite).astype(jnp.int32)}
   return new_state, metrics
+
+
+def _dropped_labels(batch: dict, options: builders.StepOptions, key: jax.Array):
+  """A conditional model's labels, each replaced by the null label with probability
+  label_dropout (Ho & Salimans 2022, Algorithm 1); None for an unconditional model."""
+  if options.num_classes is None:
+    return None
+  y = batch["label"]
+  dropped = jax.random.bernoulli(key, options.label_dropout, y.shape)
+  return jnp.where(dropped, guidance.null_label(options.num_classes), y)
 
 
 def make_train_fn(graphdef, schedule: DiffusionSchedule, optimizer: optax.GradientTransformation,
@@ -135,8 +149,7 @@ class TrainingRun:
 
   def __init__(self, config, workdir: str, mesh: jax.sharding.Mesh):
     self.config, self.workdir, self.training = config, workdir, config.training
-    source = input_pipeline.create_source(config.data)
-    input_pipeline.check_source_shape(source, config.data)
+    source = _checked_source(config)
     self.meta = run_metadata(config)
     self.checkpointer = checkpointing.Checkpointer(workdir, keep=self.training.keep_checkpoints)
     train_graphdef, eval_graphdef = self._restore_or_init(mesh)
@@ -149,7 +162,7 @@ class TrainingRun:
     self.batches = input_pipeline.BatchIterator(
         source, first_step=self.step, global_batch=self.training.batch_size, seed=config.seed,
         random_flip=config.data.random_flip, sharding=parallel.batch_sharding(mesh, int(k > 1)),
-        steps_per_dispatch=k)
+        steps_per_dispatch=k, labels=config.model.num_classes is not None)
     self.report_progress = periodic_actions.ReportProgress(
         num_train_steps=self.training.num_train_steps, writer=self.writer,
         every_steps=self.training.log_every_steps)
@@ -229,9 +242,11 @@ class TrainingRun:
     if not self._due(self.training.sample_every_steps):
       return
     with self.report_progress.timed("sample"):
-      rng = jax.random.fold_in(jax.random.key(self.config.seed + 1), self.step)
-      images = sampling.gather_uint8(self.sample_fn(self.state.ema_params, rng))
-      grid = image_io.image_grid(images[:self.training.num_sample_images])
+      rng = jax.random.key(self.config.seed + 1)
+      images, labels = sampling.draw_batch(self.sample_fn, self.state.ema_params, rng, self.step)
+      count = self.training.num_sample_images
+      grid = (image_io.image_grid(images[:count]) if labels is None
+              else image_io.class_grid(images[:count], labels[:count]))
       self.writer.write_images(self.step, {"samples": grid[None]})
       if jax.process_index() == 0:
         image_io.save_png(files.join(self.workdir, "samples",
@@ -249,6 +264,23 @@ class TrainingRun:
     self.checkpointer.close()
     if hasattr(self, "writer"):
       self.writer.flush()
+
+
+def _checked_source(config) -> input_pipeline.ImageSource:
+  """config.data's source, with labels for a conditional model; fails naming the keys when its
+  images have another shape or its labels do not fit model.num_classes."""
+  num_classes = config.model.num_classes
+  source = input_pipeline.create_source(config.data, labels=num_classes is not None)
+  input_pipeline.check_source_shape(source, config.data)
+  if num_classes is not None:
+    found = input_pipeline.source_num_classes(source)
+    if found is None:
+      raise errors.ConfigError(f"model.num_classes={num_classes} asks for a conditional model, "
+                               f"but data.source={config.data.source!r} yields no labels.")
+    if found > num_classes:
+      raise errors.ConfigError(f"data.source={config.data.source!r} has {found} classes, more "
+                               f"than model.num_classes={num_classes}.")
+  return source
 
 
 class PreemptionWatch:

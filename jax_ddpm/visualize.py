@@ -94,7 +94,8 @@ def visualize(config, workdir: str, step: int | None = None) -> list[str]:
       eval_graphdef, schedule, (gif_count, size, size, channels), mesh, sampler,
       num_frames=min(NUM_GIF_FRAMES, num_steps), **builders.sampling_options(config))
   params = train_state.ema_params if sampling_config.use_ema else train_state.params
-  final, trajectory = sample_fn(params, jax.random.key(sampling_config.seed))
+  samples = sample_fn(params, jax.random.key(sampling_config.seed))
+  final, trajectory = samples.images, samples.trajectory
   x_t = image_io.to_uint8(jnp.clip(trajectory.x_t, -1, 1))  # [K, N, H, W, C]
   x0 = image_io.to_uint8(trajectory.x0)
   chosen = np.linspace(0, len(x_t) - 1, NUM_STRIP_FRAMES).round().astype(int)

@@ -67,7 +67,7 @@ def test_batch_iterator_yields_sharded_global_batches_from_the_given_step():
     iterator = input_pipeline.BatchIterator(
         source, first_step=5, global_batch=8, seed=0, random_flip=False,
         sharding=parallel.batch_sharding(mesh, int(k > 1)), steps_per_dispatch=k)
-    batch = next(iterator)
+    batch = next(iterator)["image"]
     iterator.close()
     expected = input_pipeline.local_batch(source, 5, 8, 0, False, 0, 1)
     first = batch if k == 1 else batch[0]
@@ -84,7 +84,7 @@ def test_grain_reads_the_plain_loops_batches_for_every_process_and_step():
         source, first_step=3, global_batch=8, seed=7, random_flip=True,
         process_index=process_index, process_count=2, num_threads=3))
     for step in range(3, 10):
-      np.testing.assert_array_equal(next(batches), input_pipeline.local_batch(
+      np.testing.assert_array_equal(next(batches)["image"], input_pipeline.local_batch(
           source, step, 8, 7, True, process_index, 2))
 
 

@@ -103,7 +103,9 @@ def test_eval_draws_in_memory_the_images_sample_mode_writes(checkpoint_dir, samp
   program = sample_mode.load_program(sample_config(), checkpoint_dir, None, parallel.data_mesh())
   assert program.name == os.path.basename(sampled) == "1_ddim_4"
   written = np.load(os.path.join(sampled, "samples_10x16x16x1.npz"))["arr_0"]
-  np.testing.assert_array_equal(program.draw(10, 8), written)
+  images, labels = program.draw(10, 8)
+  np.testing.assert_array_equal(images, written)
+  assert labels is None
 
 
 def test_other_settings_do_not_mix_into_an_existing_sample_directory(checkpoint_dir, sampled):
@@ -119,13 +121,13 @@ def test_the_sampling_program_compiles_once_for_any_weights(checkpoint_dir):
   mesh = parallel.data_mesh()
   sample_fn = sampling.make_sample_fn(eval_graphdef, builders.schedule(config),
                                       (8, 16, 16, 1), mesh, samplers.DDPM())
-  first = sample_fn(loaded.ema_params, jax.random.key(0))
+  first = sample_fn(loaded.ema_params, jax.random.key(0)).images
   other_weights = jax.tree.map(lambda x: x + 0.01, loaded.params)
-  second = sample_fn(other_weights, jax.random.key(1))
+  second = sample_fn(other_weights, jax.random.key(1)).images
   assert sample_fn._cache_size() == 1
   assert first.shape == second.shape == (8, 16, 16, 1)
   assert float(np.abs(np.asarray(first)).max()) <= 1.0
-  again = sample_fn(loaded.ema_params, jax.random.key(0))
+  again = sample_fn(loaded.ema_params, jax.random.key(0)).images
   np.testing.assert_array_equal(first, again)
 
 

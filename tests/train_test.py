@@ -30,7 +30,7 @@ def run_steps(config, mesh, num_steps):
   for step in range(num_steps):
     batch = input_pipeline.local_batch(source, step, config.training.batch_size, config.seed,
                                        config.data.random_flip, 0, 1)
-    current, metrics = train_fn(current, jax.device_put(batch, parallel.batch_sharding(mesh)))
+    current, metrics = train_fn(current, {"image": jax.device_put(batch, parallel.batch_sharding(mesh))})
     losses.append(float(metrics["loss"]))
   return losses, jax.device_get(current)
 
@@ -62,7 +62,7 @@ def test_cifar10_config_builds_the_35m_model_and_traces_its_train_step():
   assert sum(x.size for x in jax.tree.leaves(current.params)) == 35_746_307
   train_fn = train.make_train_fn(graphdef, builders.schedule(config), optimizer,
                                  builders.step_options(config), mesh)
-  batch = jax.ShapeDtypeStruct((config.training.batch_size, 32, 32, 3), np.float32)
+  batch = {"image": jax.ShapeDtypeStruct((config.training.batch_size, 32, 32, 3), np.float32)}
   after, metrics = jax.eval_shape(train_fn, current, batch)
   assert jax.tree.map(lambda a: (a.shape, a.dtype), after) == jax.tree.map(
       lambda a: (a.shape, a.dtype), current)
@@ -161,7 +161,8 @@ def test_steps_per_dispatch_scan_matches_single_steps():
   source = input_pipeline.create_source(config.data)
   batches = np.stack([input_pipeline.local_batch(source, s, 8, config.seed, True, 0, 1)
                       for s in range(2)])
-  current, metrics = train_fn(current, jax.device_put(batches, parallel.batch_sharding(mesh, 1)))
+  current, metrics = train_fn(current,
+                             {"image": jax.device_put(batches, parallel.batch_sharding(mesh, 1))})
   assert metrics["loss"].shape == (2,) and int(current.step) == 2
   for a, b in zip(jax.tree.leaves(jax.device_get(current.params)), jax.tree.leaves(single.params)):
     np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
