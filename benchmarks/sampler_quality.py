@@ -29,15 +29,16 @@ from jax_ddpm import (builders, evaluate, input_pipeline, metrics, parallel,  # 
 
 
 def draw(config, eval_graphdef, params, schedule, mesh, sampler, num_samples, batch):
-  """num_samples uint8 images drawn with `sampler`, and the seconds it took after compiling."""
+  """num_samples uint8 images drawn with `sampler` (the config's thresholding, labels and
+  guidance), their labels (None if unconditional), and the seconds it took after compiling."""
   shape = (batch, config.data.image_size, config.data.image_size, config.data.channels)
   sample_fn = sampling.make_sample_fn(eval_graphdef, schedule, shape, mesh, sampler,
                                       **builders.sampling_options(config))
   key = jax.random.key(config.sampling.seed)
   jax.block_until_ready(sample_fn(params, key))  # compile
   started = time.perf_counter()
-  images, _ = sampling.draw_images(sample_fn, params, key, num_samples, batch)
-  return images, time.perf_counter() - started
+  images, labels = sampling.draw_images(sample_fn, params, key, num_samples, batch)
+  return images, labels, time.perf_counter() - started
 
 
 def main():
@@ -67,7 +68,7 @@ def main():
 
   rows = []
   for sampler in runs:
-    images, seconds = draw(config, eval_graphdef, train_state.ema_params, schedule, mesh,
+    images, _, seconds = draw(config, eval_graphdef, train_state.ema_params, schedule, mesh,
                            sampler, args.num_samples, args.batch)
     stats, probabilities = extractor.statistics(input_pipeline.ArraySource(images))
     score, _ = metrics.inception_score(probabilities)

@@ -39,6 +39,9 @@ Keys (override any on the command line: --config.training.batch_size=64):
   eval.reference_split     split of config.data whose statistics are the reference
   eval.reference_stats     an .npz (mu, sigma) to use instead (default: computed, cached in
                            workdir/eval/)
+  eval.manifold_reference  reference images (a seeded subset of the split) that precision,
+                           recall, density, coverage and KID compare the samples with; 0: off
+  eval.kid_subsets, .kid_subset_size   KID's random subsets (standard: 100 of 1000)
   eval.inception_weights   converted FID Inception .npz (default ~/.cache/jax_ddpm/...)
   eval.classifier          feature classifier .npz (default workdir/feature_classifier.npz),
                            trained by --mode=train_classifier for .classifier_steps steps at
@@ -149,6 +152,9 @@ def get_config() -> ml_collections.ConfigDict:
   ev.samples = ""
   ev.inception_weights = ""
   ev.classifier = ""
+  ev.manifold_reference = 10_000
+  ev.kid_subsets = 100
+  ev.kid_subset_size = 1000
   ev.classifier_steps = 2000
   ev.classifier_batch_size = 128
 

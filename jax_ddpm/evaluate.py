@@ -13,7 +13,11 @@ Protocol (written into every result file, so a number never travels without it):
      config.data (all of its images), computed once and cached as `.npz` (mu, sigma, count),
      or read from eval.reference_stats (e.g. published TTUR statistics, same keys).
   4. Frechet distance between the two Gaussians (`metrics.frechet_distance`); with the
-     classifier also its Inception-Score analogue and the histogram of predicted labels.
+     classifier also its Inception-Score analogue and the histogram of predicted labels (and
+     for a conditional model the accuracy on the requested labels).
+  5. Against the features of eval.manifold_reference images of the same split: precision and
+     recall (k = 3), density and coverage (k = 5) (`manifold.py`), and KID
+     (`metrics.kernel_inception_distance`, eval.kid_subsets of eval.kid_subset_size).
 The DDPM paper reports FID of 50,000 samples against the CIFAR-10 training set.
 
 Feature extraction is one compiled program per feature network, the batch sharded over the
@@ -34,8 +38,8 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from jax_ddpm import (config_checks, errors, feature_classifier, fid_weights, files, input_pipeline, metrics,
-                      parallel, sample_mode, summaries)
+from jax_ddpm import (config_checks, errors, feature_classifier, fid_weights, files, input_pipeline,
+                      manifold, metrics, parallel, sample_mode, summaries)
 from jax_ddpm.models import inception
 
 FEATURE_NETS = ("inception", "classifier")
@@ -227,16 +231,20 @@ def evaluate(config, workdir: str, step: Optional[int] = None) -> dict:
   if reference is None:
     reference = compute_reference(config, workdir, extractor)
   started = time.perf_counter()
-  stats, probabilities = extractor.statistics(input_pipeline.ArraySource(images))
-  distance = metrics.frechet_distance(stats, reference)
+  features, probabilities = extractor(images)
+  moments = metrics.RunningMoments(extractor.dim)
+  moments.update(features)
   results = {
-      "fid" if extractor.name == "inception" else "feature_distance": distance,
+      "fid" if extractor.name == "inception" else "feature_distance":
+          metrics.frechet_distance(moments.statistics(), reference),
       "feature_net": extractor.name, "num_samples": int(ev.num_samples),
       "reference": reference_path(config, workdir), "reference_count": reference.count,
-      "reference_split": ev.reference_split, "feature_seconds": time.perf_counter() - started,
+      "reference_split": ev.reference_split,
       **{f"protocol.{k}": v for k, v in protocol.items()}}
   if probabilities is not None:
     results.update(classifier_results(probabilities, labels))
+  results.update(neighbour_results(config, workdir, extractor, features))
+  results["feature_seconds"] = time.perf_counter() - started
   if jax.process_index() == 0:
     # Named after the samples: <step>_<sampler>_<network calls>, or the given file.
     source = epath.Path(ev.samples).stem if ev.samples else protocol["samples"]
@@ -244,11 +252,49 @@ def evaluate(config, workdir: str, step: Optional[int] = None) -> dict:
   return results
 
 
+def neighbour_results(config, workdir: str, extractor: FeatureExtractor,
+                      features: np.ndarray) -> dict:
+  """Precision, recall, density, coverage (manifold.py) and KID of the samples' features
+  against eval.manifold_reference reference images; {} when that is 0 or the reference is a
+  given statistics file (eval.reference_stats: no images to compare with)."""
+  ev = config.eval
+  if not ev.manifold_reference or ev.reference_stats:
+    return {}
+  real = reference_features(config, workdir, extractor)
+  scores = manifold.manifold_scores(real, features, extractor.mesh)
+  kid, kid_std = metrics.kernel_inception_distance(real, features, ev.kid_subsets,
+                                                   min(ev.kid_subset_size, len(real),
+                                                       len(features)))
+  return {**scores._asdict(), "kid": kid, "kid_std": kid_std, "manifold_reference": len(real)}
+
+
+def reference_features(config, workdir: str, extractor: FeatureExtractor) -> np.ndarray:
+  """Features of eval.manifold_reference images of split eval.reference_split (a seeded subset
+  if the split is larger), cached in workdir/eval/ as float32 under 'features'."""
+  data, ev = config.data, config.eval
+  path = files.join(workdir, "eval", f"reference_{extractor.name}_{data.source}_"
+                    f"{ev.reference_split}_features_{ev.manifold_reference}.npz")
+  if files.exists(path):
+    return files.read_npz(path, "cached reference features", ["features"])["features"]
+  source = input_pipeline.create_split_source(data, ev.reference_split)
+  count = min(len(source), ev.manifold_reference)
+  chosen = np.sort(np.random.default_rng(0).choice(len(source), count, replace=False))
+  features = np.concatenate([extractor(source.read(chosen[start:start + 4096]))[0]
+                             for start in range(0, count, 4096)]).astype(np.float32)
+  if jax.process_index() == 0:
+    files.save_npz(path, features=features)
+  return features
+
+
 def classifier_results(probabilities: np.ndarray, labels: Optional[np.ndarray]) -> dict:
   """The classifier's verdict on the samples: its Inception-Score analogue, the histogram of
   its predicted classes and, for a conditional model's samples, how often it predicts the
   class that was asked for (class_accuracy)."""
-  score, spread = metrics.inception_score(probabilities)
+  # The score's 10 splits assume exchangeable samples; a conditional model's are ordered by the
+  # labels asked for ("grid"), so they are split in a fixed shuffled order.
+  order = (np.arange(len(probabilities)) if labels is None
+           else np.random.default_rng(0).permutation(len(probabilities)))
+  score, spread = metrics.inception_score(probabilities[order])
   predicted = probabilities.argmax(axis=1)
   results = {"classifier_score": score, "classifier_score_std": spread,
              "label_histogram": [int(c) for c in np.bincount(
@@ -264,7 +310,8 @@ def _write_results(workdir: str, results: dict, name: str) -> None:
   files.save_json(path, results)
   writer = summaries.create_writer(workdir, just_logging=jax.process_index() > 0)
   scalars = {f"eval/{k}": v for k, v in results.items()
-             if k in ("fid", "feature_distance", "classifier_score", "class_accuracy")}
+             if k in ("fid", "feature_distance", "classifier_score", "class_accuracy",
+                      "precision", "recall", "density", "coverage", "kid")}
   writer.write_scalars(step, scalars)
   writer.flush()
   logging.info("Wrote %s: %s", path, scalars)

@@ -44,6 +44,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
 class ImageSource(Protocol):
   """Random access to uint8 images of shape [H, W, C], and to their labels if it has them."""
+  num_classes: Optional[int]  # labels are 0..num_classes-1; None for a source without labels
 
   def __len__(self) -> int:
     ...
@@ -52,8 +53,8 @@ class ImageSource(Protocol):
     """uint8 [len(indices), H, W, C]."""
     ...
 
-  def read_labels(self, indices: np.ndarray) -> Optional[np.ndarray]:
-    """int32 [len(indices)] class labels, or None for a source without labels."""
+  def read_labelled(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 images, int32 labels) of `indices`, each example read once."""
     ...
 
 
@@ -66,11 +67,17 @@ class ArraySource:
   def __len__(self) -> int:
     return len(self.images)
 
+  @property
+  def num_classes(self) -> Optional[int]:
+    return None if self.labels is None else int(self.labels.max()) + 1
+
   def read(self, indices: np.ndarray) -> np.ndarray:
     return self.images[indices]
 
-  def read_labels(self, indices: np.ndarray) -> Optional[np.ndarray]:
-    return None if self.labels is None else self.labels[indices]
+  def read_labelled(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if self.labels is None:
+      raise ValueError("This source was created without labels (create_source(labels=True)).")
+    return self.images[indices], self.labels[indices]
 
 
 class TfdsSource:
@@ -129,10 +136,12 @@ class TfdsSource:
     label = self._features.get("label") if hasattr(self._features, "get") else None
     return getattr(label, "num_classes", None)
 
-  def read_labels(self, indices: np.ndarray) -> Optional[np.ndarray]:
+  def read_labelled(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if self.num_classes is None:
-      return None
-    return np.array([self._example(int(i))["label"] for i in indices], np.int32)
+      raise ValueError("This TFDS dataset has no 'label' feature.")
+    examples = [self._example(int(i)) for i in indices]
+    return (np.stack([np.asarray(e[self._image_key], np.uint8) for e in examples]),
+            np.array([e["label"] for e in examples], np.int32))
 
 
 def _read_shard(path: str, file_format: str) -> list[bytes]:
@@ -350,18 +359,11 @@ def create_source(data_config, labels: bool = False) -> ImageSource:
                if labels else None)
   else:
     raise errors.ConfigError(f"Unknown data.source {source!r}; allowed values: {list(SOURCES)}.")
-  if classes is not None and len(classes) != len(images):
+  if classes is not None and (len(classes) != len(images) or classes.min() < 0):
     raise errors.InputFileError(f"data.source={source!r}: {len(images)} images but "
-                                f"{len(classes)} labels.")
+                                f"{len(classes)} labels, the smallest {classes.min()} (classes "
+                                "are numbered from 0).")
   return ArraySource(images, classes)
-
-
-def source_num_classes(source: ImageSource) -> Optional[int]:
-  """How many classes a source's labels span (1 + the largest label), None without labels."""
-  if isinstance(source, TfdsSource):
-    return source.num_classes
-  labels = source.read_labels(np.arange(len(source)))
-  return None if labels is None else int(labels.max()) + 1
 
 
 def read_labelled(data_config, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -439,29 +441,35 @@ def _local_indices(source: ImageSource, step: int, global_batch: int, seed: int,
   return global_indices(step, global_batch, len(source), seed)[start:start + per_process], start
 
 
-def local_labels(source: ImageSource, step: int, global_batch: int, seed: int,
-                 process_index: int, process_count: int) -> np.ndarray:
-  """The labels of local_batch's images, int32."""
-  indices, _ = _local_indices(source, step, global_batch, seed, process_index, process_count)
-  return source.read_labels(indices)
-
-
 def local_batch(source: ImageSource, step: int, global_batch: int, seed: int, random_flip: bool,
                 process_index: int, process_count: int) -> np.ndarray:
   """This process's slice of the global batch at `step`, as float32 [-1, 1] NHWC."""
+  return local_examples(source, step, global_batch, seed, random_flip, process_index,
+                        process_count)["image"]
+
+
+def local_examples(source: ImageSource, step: int, global_batch: int, seed: int,
+                   random_flip: bool, process_index: int, process_count: int,
+                   labels: bool = False) -> dict[str, np.ndarray]:
+  """local_batch's images as {"image": ...} and, with `labels`, their int32 "label"."""
   per_process = global_batch // process_count
   indices, start = _local_indices(source, step, global_batch, seed, process_index, process_count)
-  images = source.read(indices)
+  if labels:
+    images, classes = source.read_labelled(indices)
+  else:
+    images, classes = source.read(indices), None
   if random_flip:
     flips = global_flips(step, global_batch, seed)[start:start + per_process]
     images = np.where(flips[:, None, None, None], images[:, :, ::-1], images)
-  return to_model_range(images)
+  batch = {"image": to_model_range(images)}
+  if labels:
+    batch["label"] = classes
+  return batch
 
 
 @dataclasses.dataclass(frozen=True)
 class _StepReader:
-  """This process's slice of the global batch at a step as a grain transform: {"image":
-  local_batch} and, with `labels`, "label": local_labels."""
+  """This process's slice of the global batch at a step, `local_examples` as a grain transform."""
   source: ImageSource
   global_batch: int
   seed: int
@@ -471,12 +479,8 @@ class _StepReader:
   labels: bool = False
 
   def __call__(self, step: int) -> dict[str, np.ndarray]:
-    where = (self.source, int(step), self.global_batch, self.seed)
-    batch = {"image": local_batch(*where, self.random_flip, self.process_index,
-                                  self.process_count)}
-    if self.labels:
-      batch["label"] = local_labels(*where, self.process_index, self.process_count)
-    return batch
+    return local_examples(self.source, int(step), self.global_batch, self.seed,
+                          self.random_flip, self.process_index, self.process_count, self.labels)
 
 
 def grain_batches(source: ImageSource, *, first_step: int, global_batch: int, seed: int,

@@ -273,7 +273,7 @@ def _checked_source(config) -> input_pipeline.ImageSource:
   source = input_pipeline.create_source(config.data, labels=num_classes is not None)
   input_pipeline.check_source_shape(source, config.data)
   if num_classes is not None:
-    found = input_pipeline.source_num_classes(source)
+    found = source.num_classes
     if found is None:
       raise errors.ConfigError(f"model.num_classes={num_classes} asks for a conditional model, "
                                f"but data.source={config.data.source!r} yields no labels.")

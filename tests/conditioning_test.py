@@ -1,6 +1,7 @@
 """Class-conditional models: labels from data to denoiser, label dropout, classifier-free guidance."""
 
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -139,12 +140,13 @@ def conditional_config():
 
 @pytest.fixture(scope="module")
 def conditional_runs(tmp_path_factory):
-  """The conditional tiny run to step 4 in one go, and stopped at step 2 then resumed."""
-  straight, resumed = (str(tmp_path_factory.mktemp(name)) for name in ("straight", "resumed"))
+  """The conditional tiny run to step 4 in one go, and the same run resumed from its step-2
+  checkpoint (a copy of the workdir without the checkpoint of step 4)."""
+  straight = str(tmp_path_factory.mktemp("straight"))
   train.train_and_evaluate(conditional_config(), straight)
-  first_half = conditional_config()
-  first_half.training.num_train_steps = 2
-  train.train_and_evaluate(first_half, resumed)
+  resumed = str(tmp_path_factory.mktemp("resumed") / "run")
+  shutil.copytree(straight, resumed)
+  shutil.rmtree(os.path.join(resumed, "checkpoints", "4"))
   train.train_and_evaluate(conditional_config(), resumed)
   return straight, resumed
 
@@ -172,6 +174,11 @@ def test_classifier_accuracy_is_scored_on_the_requested_labels():
   results = evaluate.classifier_results(probabilities, np.array([0, 1, 1, 2] * 5))
   assert results["class_accuracy"] == 0.75 and results["label_histogram"] == [5, 5, 10]
   assert "class_accuracy" not in evaluate.classifier_results(probabilities, None)
+  # Samples ordered by class (labels "grid"): the score is not cut down by class-pure splits.
+  ordered = np.eye(10)[np.repeat(np.arange(10), 20)]
+  score = evaluate.classifier_results(ordered, np.repeat(np.arange(10), 20))["classifier_score"]
+  in_order = evaluate.classifier_results(ordered, None)["classifier_score"]
+  assert in_order == pytest.approx(1.0) and score > 7.0, (in_order, score)  # 10 at most
 
 
 def test_labelled_sources_pair_each_image_with_its_class(tmp_path):
@@ -182,13 +189,13 @@ def test_labelled_sources_pair_each_image_with_its_class(tmp_path):
   data = tiny.get_config().data
   data.source, data.path, data.image_size = "folder", str(tmp_path), 8
   source = input_pipeline.create_source(data, labels=True)
-  np.testing.assert_array_equal(source.read_labels(np.arange(4)), [0, 0, 1, 1])
-  assert (source.read(np.array([3])) == 255).all()
+  images, labels = source.read_labelled(np.arange(4))
+  np.testing.assert_array_equal(labels, [0, 0, 1, 1])
+  assert (images[2:] == 255).all() and (images[:2] == 0).all()
   data = tiny.get_config().data
   data.source = "mnist_embedded"
   digits = input_pipeline.create_source(data, labels=True)
-  assert input_pipeline.source_num_classes(digits) == 10
-  assert input_pipeline.create_source(data).read_labels(np.arange(3)) is None
+  assert digits.num_classes == 10 and input_pipeline.create_source(data).num_classes is None
 
 
 def test_the_step_reader_yields_labels_of_the_same_examples_as_the_images():
@@ -231,3 +238,14 @@ def test_bad_conditioning_fails_before_compiling(tmp_path, monkeypatch, change, 
     train.train_and_evaluate(config, str(tmp_path / "run"))
   assert not os.path.exists(tmp_path / "run" / "checkpoints") or not os.listdir(
       tmp_path / "run" / "checkpoints")
+
+
+def test_conditional_configs_validate_and_build_a_guided_sampler():
+  from configs import cifar10_cond, mnist_cond  # pylint: disable=g-import-not-at-top
+  from jax_ddpm import config_checks  # pylint: disable=g-import-not-at-top
+  for module in (mnist_cond, cifar10_cond):
+    config = module.get_config()
+    config_checks.validate_training(config, num_devices=8, num_processes=1)
+    assert builders.unet_config(config).num_classes == 11
+    assert builders.conditioning(config) == guidance.Conditioning(10, "grid", 2.0)
+    assert builders.sampler(config) == samplers.DPMSolverPP2M(num_steps=20, spacing="logsnr")

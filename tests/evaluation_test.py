@@ -161,7 +161,12 @@ def test_eval_mode_samples_the_checkpoint_and_writes_json_and_summaries(tiny_run
   from tensorboard.backend.event_processing import event_accumulator
   accumulator = event_accumulator.EventAccumulator(workdir, size_guidance={"tensors": 0})
   accumulator.Reload()
-  assert "eval/feature_distance" in accumulator.Tags()["tensors"]
+  assert {"eval/feature_distance", "eval/precision", "eval/kid"} <= set(accumulator.Tags()["tensors"])
+  # The neighbour measures against the 256 fake reference images, cached beside the statistics.
+  assert results["manifold_reference"] == 256 and np.isfinite(results["kid"])
+  for name in ("precision", "recall", "coverage"):
+    assert 0.0 <= results[name] <= 1.0, (name, results[name])
+  assert os.path.exists(os.path.join(workdir, "eval", "reference_classifier_fake_train_features_10000.npz"))
   # The images were drawn in memory: eval leaves no sample files behind.
   assert not os.path.exists(os.path.join(workdir, "samples", "6_ddim_4"))
   # A second evaluation draws the same images and reuses the cached reference: same number.
