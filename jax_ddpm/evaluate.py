@@ -22,8 +22,8 @@ The DDPM paper reports FID of 50,000 samples against the CIFAR-10 training set.
 
 Feature extraction is one compiled program per feature network, the batch sharded over the
 device mesh; every process computes, process 0 writes `workdir/eval/<samples>_<net>_<N>.json`
-(<samples>: <step>_<sampler>_<network calls>, the name of sample mode's directory for the same
-settings, or the given file's name) and CLU scalars.
+(<samples>: <step>_<sampler>_<network calls>[_w<guidance scale>], the name of sample mode's
+directory for the same settings, or the given file's name) and CLU scalars.
 """
 
 from __future__ import annotations
@@ -246,7 +246,7 @@ def evaluate(config, workdir: str, step: Optional[int] = None) -> dict:
   results.update(neighbour_results(config, workdir, extractor, features))
   results["feature_seconds"] = time.perf_counter() - started
   if jax.process_index() == 0:
-    # Named after the samples: <step>_<sampler>_<network calls>, or the given file.
+    # Named after the samples: sample_mode.Program.name, or the given file.
     source = epath.Path(ev.samples).stem if ev.samples else protocol["samples"]
     _write_results(workdir, results, f"{source}_{extractor.name}_{ev.num_samples}")
   return results

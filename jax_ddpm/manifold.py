@@ -25,6 +25,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from jax_ddpm import parallel
 
@@ -62,18 +63,24 @@ def _balls_holding(queries, points, radii):
   return inside, jnp.take_along_axis(squared, nearest[:, None], 1)[:, 0] - radii[nearest]
 
 
+def _global(array: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+  """A host array every process holds whole, as one global array laid out by `sharding`."""
+  return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
 def _blocked(fn, queries: np.ndarray, mesh: jax.sharding.Mesh, *others, **static):
-  """fn(block, *others) over blocks of `queries` (padded, sharded over the mesh), concatenated."""
+  """fn(block, *others) over blocks of `queries` (padded, sharded over the mesh), concatenated
+  and whole on every process."""
   sharding = parallel.batch_sharding(mesh)
-  replicated = parallel.replicated(mesh)
-  others = [jax.device_put(np.asarray(o, np.float32), replicated) for o in others]
+  others = [_global(np.asarray(o, np.float32), parallel.replicated(mesh)) for o in others]
   outputs = []
   for start in range(0, len(queries), BLOCK):
     block = np.asarray(queries[start:start + BLOCK], np.float32)
     count = len(block)
     block = np.concatenate([block, np.zeros((BLOCK - count, block.shape[1]), np.float32)])
-    result = fn(jax.device_put(block, sharding), *others, **static)
-    outputs.append(jax.tree.map(lambda x: np.asarray(x)[:count], result))
+    result = multihost_utils.process_allgather(fn(_global(block, sharding), *others, **static),
+                                               tiled=True)
+    outputs.append(jax.tree.map(lambda x, n=count: np.asarray(x)[:n], result))
   return jax.tree.map(lambda *parts: np.concatenate(parts), *outputs)
 
 

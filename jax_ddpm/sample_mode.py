@@ -23,7 +23,8 @@ from jax_ddpm import (builders, config_checks, errors, files, image_io, parallel
 class Program:
   """A checkpoint's weights and the compiled program that draws batches from them.
 
-  name: <step>_<sampler>_<network calls>, the samples' directory and eval's result names.
+  name: <step>_<sampler>_<network calls>, with _w<guidance scale> for a conditional model: the
+    samples' directory and eval's result names.
   settings: everything that determines the images (config.sampling but num_samples, and the
     step); a resumed sample run must match it, and eval writes it into its results.
   """
@@ -52,10 +53,12 @@ def load_program(config, workdir: str, step: Optional[int], mesh: jax.sharding.M
   settings = sampling_config.to_dict()
   settings.pop("num_samples")  # asking for more (or fewer) images extends the same stream
   settings["step"] = step
+  name = f"{step}_{sampler.name}_{len(sampler.timesteps(schedule))}"
+  if config.model.num_classes is not None:
+    name += f"_w{sampling_config.guidance_scale:g}"
   return Program(sample_fn=sample_fn,
                  params=train_state.ema_params if sampling_config.use_ema else train_state.params,
-                 base_key=jax.random.key(sampling_config.seed), step=step,
-                 name=f"{step}_{sampler.name}_{len(sampler.timesteps(schedule))}",
+                 base_key=jax.random.key(sampling_config.seed), step=step, name=name,
                  settings=settings)
 
 
@@ -79,7 +82,7 @@ def sample_to_workdir(config, workdir: str, step: Optional[int] = None) -> str:
   samples_<N>x<H>x<W>x<C>.npz with the first N = num_samples images (and labels), the file FID
   tools read. A later run that asks for fewer images
   draws nothing new; one that asks for more draws only the missing batches. Returns the
-  output directory, workdir/samples/<step>_<sampler>_<network calls>.
+  output directory, workdir/samples/<name> (`Program.name`).
   """
   config_checks.validate_model_and_diffusion(config)
   mesh = parallel.data_mesh()

@@ -3,10 +3,14 @@
 One train step (DDPM Algorithm 1): x_0 from the data, t ~ U{0..T-1}, eps ~ N(0, I), a gradient
 step on the squared error of the network's prediction (eq. 14's L_simple for an eps network;
 for config.diffusion.prediction = x0 or v the same mean squared error against x_0 or v, see
-`diffusion.training_losses`), then the EMA of the parameters. The step is
-one jitted function of (state, batch): the batch is sharded over the mesh's 'data' axis, the
-state replicated, and its random keys are the run's key folded with the step, so a resumed run
-repeats an uninterrupted one exactly.
+`diffusion.training_losses`), then the EMA of the parameters. A class-conditional model gets
+the batch's labels, each replaced by the null label with probability training.label_dropout
+(Ho & Salimans 2022, Algorithm 1). The step is one jitted function of (state, batch): the batch
+is sharded over the mesh's 'data' axis, the state replicated, and its random keys are the run's
+key folded with the step, so a resumed run repeats an uninterrupted one exactly.
+
+`train_and_evaluate` is a short loop over the named actions of a `TrainingRun`: dispatch steps,
+write metrics, checkpoint, draw a sample grid, each when due.
 """
 
 from __future__ import annotations

@@ -163,6 +163,7 @@ def test_sample_mode_writes_the_requested_labels_beside_the_images(conditional_r
   config = conditional_config()
   config.sampling.labels = "2,5"
   directory = sample_mode.sample_to_workdir(config, conditional_runs[0])
+  assert os.path.basename(directory) == "4_ddim_4_w2"
   written = np.load(os.path.join(directory, "samples_16x16x16x1.npz"))
   assert sorted(written.files) == ["arr_0", "labels"]
   np.testing.assert_array_equal(written["labels"], [2, 5] * 8)

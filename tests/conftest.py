@@ -19,9 +19,8 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 # The slowest files first: the two workers (pyproject.toml) then finish at about the same time.
 SLOWEST_FIRST = ("preemption_test.py", "pod_rehearsal_test.py", "train_test.py",
-                 "evaluation_test.py", "conditioning_test.py", "reliability_test.py", "convert_test.py",
-                 "unet_test.py",
-                 "bad_input_test.py")
+                 "evaluation_test.py", "conditioning_test.py", "reliability_test.py",
+                 "convert_test.py", "unet_test.py", "bad_input_test.py")
 
 
 def pytest_collection_modifyitems(items):
