@@ -250,3 +250,10 @@ def test_conditional_configs_validate_and_build_a_guided_sampler():
     assert builders.unet_config(config).num_classes == 11
     assert builders.conditioning(config) == guidance.Conditioning(10, "grid", 2.0)
     assert builders.sampler(config) == samplers.DPMSolverPP2M(num_steps=20, spacing="logsnr")
+
+
+def test_visualize_draws_the_guided_reverse_process_of_a_conditional_model(conditional_runs):
+  from jax_ddpm import visualize  # pylint: disable=g-import-not-at-top
+  paths = visualize.visualize(conditional_config(), conditional_runs[1])
+  assert sorted(os.path.basename(p) for p in paths) == [
+      "forward_process.png", "reverse_process.gif", "reverse_process.png", "schedules.png"]
