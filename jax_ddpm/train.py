@@ -140,9 +140,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     run.check_finite(run.unchecked)
     return run.state
   finally:
-    preemption.close()
     if run is not None:
-      run.close()
+      run.close()  # waits for the last asynchronous save, still under the SIGTERM watch
+    preemption.close()
 
 
 class TrainingRun:
