@@ -6,18 +6,8 @@ The DDPM paper's network and training, plus a class embedding added to the times
 w: 1 is the plain conditional model); labels "grid" give one row per class in each grid.
 """
 
-from configs import cifar10
+from configs import cifar10, default
 
 
 def get_config():
-  config = cifar10.get_config()
-  config.model.num_classes = 10
-  config.training.label_dropout = 0.1
-  config.training.num_sample_images = 100  # the training grids: 10 images of each class per row
-
-  config.sampling.sampler = "dpmpp_2m"
-  config.sampling.num_steps = 20
-  config.sampling.spacing = "logsnr"
-  config.sampling.labels = "grid"
-  config.sampling.guidance_scale = 2.0
-  return config
+  return default.make_conditional(cifar10.get_config(), grid_images_per_class=10)

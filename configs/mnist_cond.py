@@ -6,18 +6,8 @@ same network is also the unconditional model that guidance needs). Samples are d
 DPM-Solver++(2M) in 20 steps; see the README for the measured guidance table.
 """
 
-from configs import mnist
+from configs import default, mnist
 
 
 def get_config():
-  config = mnist.get_config()
-  config.model.num_classes = 10
-  config.training.label_dropout = 0.1
-  config.training.num_sample_images = 80  # the training grids: 8 digits of each class per row
-
-  config.sampling.sampler = "dpmpp_2m"
-  config.sampling.num_steps = 20
-  config.sampling.spacing = "logsnr"
-  config.sampling.labels = "grid"
-  config.sampling.guidance_scale = 2.0
-  return config
+  return default.make_conditional(mnist.get_config(), grid_images_per_class=8)
