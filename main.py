@@ -6,6 +6,7 @@
   python main.py --mode=eval --config=configs/cifar10.py --workdir=runs/x     # FID
   python main.py --mode=train_classifier --config=configs/mnist.py --workdir=runs/mnist
   python main.py --mode=import_inception --import_from=default_1.pt --config=... --workdir=...
+  python main.py --mode=import_inception --import_from=inception-2015-12-05.tgz ...  # + IS layer
 """
 
 import os
@@ -30,7 +31,8 @@ config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mnist
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, summaries and samples.")
 flags.DEFINE_enum("mode", "train", MODES, "What to do.")
 flags.DEFINE_string("import_from", None, "--mode=import: a diffusers UNet2DModel folder; "
-                    "--mode=import_inception: the TorchScript FID Inception (default_1.pt).")
+                    "--mode=import_inception: the TorchScript FID Inception (default_1.pt) or "
+                    "TensorFlow's inception-2015-12-05.tgz (adds the Inception Score's layer).")
 flags.DEFINE_integer("step", None,
                      "--mode=sample/visualize/eval: the checkpoint step (default: the latest).")
 flags.DEFINE_bool("distributed", False,
@@ -82,10 +84,10 @@ def main(argv):
   elif FLAGS.mode == "import_inception":
     from jax_ddpm import fid_weights  # pylint: disable=g-import-not-at-top
     if not FLAGS.import_from:
-      raise app.UsageError("--mode=import_inception needs --import_from=<default_1.pt>. "
-                           + fid_weights.HOW_TO_GET)
+      raise app.UsageError("--mode=import_inception needs --import_from=<default_1.pt or "
+                           "inception-2015-12-05.tgz>. " + fid_weights.HOW_TO_GET)
     output = FLAGS.config.eval.inception_weights or fid_weights.default_path()
-    logging.info("Wrote %s.", fid_weights.convert(FLAGS.import_from, output))
+    logging.info("Wrote %s.", fid_weights.import_weights(FLAGS.import_from, output))
 
 
 def run_and_report(argv):

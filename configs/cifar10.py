@@ -36,8 +36,10 @@ def get_config():
   config.sampling.sampler = "ddpm"
   config.sampling.variance = "fixed_large"  # what the original CIFAR-10 run sampled with
 
-  # The DDPM paper's protocol: FID of 50,000 samples against the training set.
+  # The DDPM paper's protocol: FID of 50,000 samples against the training set, and the
+  # Inception Score of the same samples in 10 splits (Table 1: IS 9.46, FID 3.17).
   config.eval.feature_net = "inception"
   config.eval.num_samples = 50_000
+  config.eval.inception_score = True
   config.eval.reference_split = "train"
   return config

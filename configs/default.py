@@ -43,6 +43,9 @@ Keys (override any on the command line: --config.training.batch_size=64):
                            recall, density, coverage and KID compare the samples with; 0: off
   eval.kid_subsets, .kid_subset_size   KID's random subsets (standard: 100 of 1000)
   eval.inception_weights   converted FID Inception .npz (default ~/.cache/jax_ddpm/...)
+  eval.inception_score     with feature_net=inception: also the Inception Score (10 splits;
+                           needs the softmax layer: --mode=import_inception from TensorFlow's
+                           inception-2015-12-05.tgz, see fid_weights.py)
   eval.classifier          feature classifier .npz (default workdir/feature_classifier.npz),
                            trained by --mode=train_classifier for .classifier_steps steps at
                            global batch .classifier_batch_size
@@ -151,6 +154,7 @@ def get_config() -> ml_collections.ConfigDict:
   ev.reference_stats = ""
   ev.samples = ""
   ev.inception_weights = ""
+  ev.inception_score = False
   ev.classifier = ""
   ev.manifold_reference = 10_000
   ev.kid_subsets = 100

@@ -12,8 +12,9 @@ Protocol (written into every result file, so a number never travels without it):
   3. Reference: mean and covariance of the same features over split eval.reference_split of
      config.data (all of its images), computed once and cached as `.npz` (mu, sigma, count),
      or read from eval.reference_stats (e.g. published TTUR statistics, same keys).
-  4. Frechet distance between the two Gaussians (`metrics.frechet_distance`); with the
-     classifier also its Inception-Score analogue and the histogram of predicted labels (and
+  4. Frechet distance between the two Gaussians (`metrics.frechet_distance`); with
+     eval.inception_score the Inception Score (10 splits, the graph's 1008-way softmax); with the
+     classifier its Inception-Score analogue and the histogram of predicted labels (and
      for a conditional model the accuracy on the requested labels).
   5. Against the features of eval.manifold_reference images of the same split: precision and
      recall (k = 3), density and coverage (k = 5) (`manifold.py`), and KID
@@ -97,6 +98,18 @@ def _inception_apply(model, images):
   return model(inception.preprocess(images)), None
 
 
+def _inception_apply_with_softmax(logits_weight: np.ndarray) -> Callable:
+  """pool3 features and the 1008-way class probabilities softmax(pool3 W), without the layer's
+  bias, as the reference Inception Score code computes them (Salimans et al. 2016)."""
+  weight = jax.numpy.asarray(logits_weight)
+
+  def apply(model, images):
+    features = model(inception.preprocess(images))
+    logits = jax.numpy.matmul(features, weight, precision=inception.PRECISION)
+    return features, jax.nn.softmax(logits)
+  return apply
+
+
 def _classifier_apply(model, images):
   features, logits = model(images)
   return features, jax.nn.softmax(logits)
@@ -106,8 +119,10 @@ def create_extractor(config, workdir: str, mesh: jax.sharding.Mesh) -> FeatureEx
   """The feature network config.eval names, with its weights loaded (not yet compiled)."""
   name = config.eval.feature_net
   if name == "inception":
-    model = fid_weights.load(config.eval.inception_weights or None)
-    return FeatureExtractor(name, model, _inception_apply, mesh, config.eval.batch_size)
+    path = config.eval.inception_weights or None
+    apply = (_inception_apply_with_softmax(fid_weights.load_logits(path))
+             if config.eval.inception_score else _inception_apply)
+    return FeatureExtractor(name, fid_weights.load(path), apply, mesh, config.eval.batch_size)
   model = feature_classifier.load(classifier_path(config, workdir))
   expected = (config.data.image_size, config.data.channels)
   if (model.config.image_size, model.config.channels) != expected:
@@ -241,7 +256,9 @@ def evaluate(config, workdir: str, step: Optional[int] = None) -> dict:
       "reference": reference_path(config, workdir), "reference_count": reference.count,
       "reference_split": ev.reference_split,
       **{f"protocol.{k}": v for k, v in protocol.items()}}
-  if probabilities is not None:
+  if probabilities is not None and extractor.name == "inception":
+    results.update(inception_score_results(probabilities, labels))
+  elif probabilities is not None:
     results.update(classifier_results(probabilities, labels))
   results.update(neighbour_results(config, workdir, extractor, features))
   results["feature_seconds"] = time.perf_counter() - started
@@ -286,15 +303,27 @@ def reference_features(config, workdir: str, extractor: FeatureExtractor) -> np.
   return features
 
 
+def _score_in_splits(probabilities: np.ndarray, labels: Optional[np.ndarray]
+                     ) -> tuple[float, float]:
+  """Inception Score over 10 splits in sample order. The splits assume exchangeable samples; a
+  conditional model's are ordered by the labels asked for ("grid"), so they are split in a
+  fixed shuffled order."""
+  order = (np.arange(len(probabilities)) if labels is None
+           else np.random.default_rng(0).permutation(len(probabilities)))
+  return metrics.inception_score(probabilities[order])
+
+
+def inception_score_results(probabilities: np.ndarray, labels: Optional[np.ndarray]) -> dict:
+  """Inception Score of the samples under the 2015-12-05 graph's 1008-way softmax."""
+  score, spread = _score_in_splits(probabilities, labels)
+  return {"inception_score": score, "inception_score_std": spread}
+
+
 def classifier_results(probabilities: np.ndarray, labels: Optional[np.ndarray]) -> dict:
   """The classifier's verdict on the samples: its Inception-Score analogue, the histogram of
   its predicted classes and, for a conditional model's samples, how often it predicts the
   class that was asked for (class_accuracy)."""
-  # The score's 10 splits assume exchangeable samples; a conditional model's are ordered by the
-  # labels asked for ("grid"), so they are split in a fixed shuffled order.
-  order = (np.arange(len(probabilities)) if labels is None
-           else np.random.default_rng(0).permutation(len(probabilities)))
-  score, spread = metrics.inception_score(probabilities[order])
+  score, spread = _score_in_splits(probabilities, labels)
   predicted = probabilities.argmax(axis=1)
   results = {"classifier_score": score, "classifier_score_std": spread,
              "label_histogram": [int(c) for c in np.bincount(
@@ -310,7 +339,8 @@ def _write_results(workdir: str, results: dict, name: str) -> None:
   files.save_json(path, results)
   writer = summaries.create_writer(workdir, just_logging=jax.process_index() > 0)
   scalars = {f"eval/{k}": v for k, v in results.items()
-             if k in ("fid", "feature_distance", "classifier_score", "class_accuracy",
+             if k in ("fid", "feature_distance", "inception_score", "classifier_score",
+                      "class_accuracy",
                       "precision", "recall", "density", "coverage", "kid")}
   writer.write_scalars(step, scalars)
   writer.flush()

@@ -95,3 +95,127 @@ def test_weights_of_another_network_are_refused_by_name(converted, tmp_path):
   with pytest.raises(ValueError, match=r"(?s)missing \(1\): \['mixed_10.conv.weight'\].*"
                                        r"wrong shape \(1\): \['mixed_9.conv.weight"):
     fid_weights.load(path)
+
+
+@pytest.mark.parametrize("key, name", [
+    ("conv_4.weight", "conv_4/conv2d_params"),
+    ("mixed.tower_2.conv.weight", "mixed/tower_2/conv/conv2d_params"),
+    ("mixed_8.tower_1.conv_3.var", "mixed_8/tower_1/conv_3/batchnorm/moving_variance"),
+    ("mixed_9.tower_1_mixed_conv_1.mean", "mixed_9/tower_1/mixed/conv_1/batchnorm/moving_mean"),
+    ("mixed_10.tower_mixed_conv.beta", "mixed_10/tower/mixed/conv/batchnorm/beta")])
+def test_trunk_variables_take_the_names_of_the_tensorflow_graph(key, name):
+  # Names as the 2015-12-05 graph spells them (pytorch-fid's conversion table lists them all).
+  assert key in fid_weights.expected_shapes()
+  assert fid_weights.graph_name(key) == name
+
+
+def write_graph(path, trunk: dict, softmax_weight: np.ndarray) -> str:
+  """A .tgz holding a GraphDef laid out as the 2015-12-05 graph: the trunk's constants (and the
+  unused batch norm gammas) under the graph's names, softmax/weights behind an Identity, read
+  by softmax/logits/MatMul."""
+  import io
+  import tarfile
+  import tensorflow as tf
+
+  graph = tf.compat.v1.GraphDef()
+
+  def constant(name, value):
+    node = graph.node.add(name=name, op="Const")
+    node.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(value))
+
+  for key, value in trunk.items():
+    constant(fid_weights.graph_name(key), value)
+    if key.endswith(".beta"):
+      constant(fid_weights.graph_name(key).replace("/beta", "/gamma"), np.full_like(value, 7.0))
+  constant("softmax/weights", softmax_weight)
+  constant("softmax/biases", np.ones(softmax_weight.shape[1], np.float32))
+  graph.node.add(name="softmax/weights/read", op="Identity", input=["softmax/weights"])
+  graph.node.add(name="softmax/logits/MatMul", op="MatMul",
+                 input=["pool_3/_reshape", "softmax/weights/read"])
+  data = graph.SerializeToString()
+  with tarfile.open(path, "w:gz") as archive:
+    info = tarfile.TarInfo("classify_image_graph_def.pb")
+    info.size = len(data)
+    archive.addfile(info, io.BytesIO(data))
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def graph(converted, tmp_path_factory):
+  with np.load(converted) as data:
+    trunk = {k: data[k] for k in data.files}
+  softmax = np.random.default_rng(5).normal(0, 0.05, (2048, 1008)).astype(np.float32)
+  return write_graph(tmp_path_factory.mktemp("graph") / "inception-2015-12-05.tgz", trunk,
+                     softmax), trunk, softmax
+
+
+def test_the_graph_gives_the_same_trunk_and_the_softmax_layer(graph, tmp_path):
+  source, trunk, softmax = graph
+  output = fid_weights.import_weights(source, str(tmp_path / "fid.npz"))
+  with np.load(output) as data:
+    assert sorted(data.files) == sorted(list(trunk) + ["softmax.weight", "softmax.bias"])
+    for key, value in trunk.items():
+      np.testing.assert_array_equal(data[key], value)
+  np.testing.assert_array_equal(fid_weights.load_logits(output), softmax)
+
+
+def test_the_graph_is_checked_against_the_trunk_already_converted(converted, graph, tmp_path):
+  source, trunk, _ = graph
+  output = str(tmp_path / "fid.npz")
+  fid_weights.convert(TORCHSCRIPT, output)
+  fid_weights.convert_graph(source, output)  # the same weights: accepted, the layer added
+  fid_weights.convert(TORCHSCRIPT, output)  # converting the trunk again keeps the layer
+  assert fid_weights.load_logits(output).shape == (2048, 1008)
+  other = dict(trunk, **{"mixed_4.conv.weight": trunk["mixed_4.conv.weight"] * 1.01})
+  altered = write_graph(tmp_path / "other.tgz", other, np.zeros((2048, 1008), np.float32))
+  before = open(output, "rb").read()
+  with pytest.raises(ValueError, match=r"trunk differs .* Nothing was written"):
+    fid_weights.convert_graph(altered, output)
+  assert open(output, "rb").read() == before
+
+
+def test_inception_score_without_the_softmax_layer_says_which_file_converts_it(converted):
+  with pytest.raises(FileNotFoundError, match=r"holds the FID trunk only.*inception-2015-12-05"
+                                              r"\.tgz.*--mode=import_inception"):
+    fid_weights.load_logits(converted)
+
+
+@pytest.mark.parametrize("content", [b"not a graph at all", b"\x1f\x8b\x08 truncated gzip"])
+def test_a_file_that_is_no_graph_is_refused_by_name(tmp_path, content):
+  path = tmp_path / "inception-2015-12-05.tgz"
+  path.write_bytes(content)
+  with pytest.raises(ValueError, match=r"inception-2015-12-05\.tgz.*(not a|no softmax)"):
+    fid_weights.convert_graph(str(path), str(tmp_path / "out.npz"))
+  assert not (tmp_path / "out.npz").exists()
+
+
+def inception_eval_config(weights: str, inception_score: bool):
+  from configs import default
+  config = default.get_config()
+  config.eval.feature_net, config.eval.batch_size = "inception", 8
+  config.eval.inception_weights, config.eval.inception_score = weights, inception_score
+  return config
+
+
+def test_inception_score_without_the_layer_fails_before_anything_compiles(converted):
+  from jax_ddpm import evaluate, parallel
+  with pytest.raises(FileNotFoundError, match=r"inception-2015-12-05\.tgz"):
+    evaluate.create_extractor(inception_eval_config(converted, True), "unused",
+                              parallel.data_mesh())
+
+
+def test_class_probabilities_are_the_softmax_of_pool3_times_the_layer(graph, tmp_path):
+  from jax_ddpm import evaluate, metrics, parallel
+  source, _, softmax = graph
+  weights = fid_weights.convert_graph(source, str(tmp_path / "fid.npz"))
+  extractor = evaluate.create_extractor(inception_eval_config(weights, True), "unused",
+                                        parallel.data_mesh())
+  images = np.random.default_rng(3).integers(0, 256, (10, 32, 32, 3), dtype=np.uint8)
+  features, probabilities = extractor(images)
+  logits = features.astype(np.float64) @ softmax  # no bias, as the reference IS code
+  expected = np.exp(logits - logits.max(1, keepdims=True))
+  expected /= expected.sum(1, keepdims=True)
+  assert probabilities.shape == (10, 1008)
+  np.testing.assert_allclose(probabilities, expected, rtol=1e-4, atol=1e-7)
+  results = evaluate.inception_score_results(probabilities, None)
+  assert results["inception_score"] == pytest.approx(metrics.inception_score(expected)[0], 1e-4)
