@@ -29,6 +29,12 @@ Keys (override any on the command line: --config.training.batch_size=64):
                            grids from the EMA params, written during training
   training.label_dropout   conditional models: probability that a training label is replaced by
                            the null label, so the model also learns p(x) (Ho & Salimans 2022)
+  training.eval_every_steps   measure sample quality from the EMA weights every this many steps
+                           (0: off): training.eval_num_samples images drawn with config.sampling
+                           (training.eval_num_steps network calls if > 0), scored in
+                           eval.feature_net features as train_eval/ scalars (training_eval.py);
+                           a classifier for it is trained at the start for
+                           training.eval_classifier_steps steps
   training.nonfinite_policy   halt | skip: on a non-finite loss or gradient, stop with an error
                            naming the step, or withhold that update and count it (nonfinite_steps)
   training.restore_fallback   if the newest checkpoint cannot be read, move it to
@@ -127,6 +133,10 @@ def get_config() -> ml_collections.ConfigDict:
   training.sample_every_steps = 10_000
   training.num_sample_images = 64
   training.sample_ddim_steps = 50
+  training.eval_every_steps = 0
+  training.eval_num_samples = 2048 + 256
+  training.eval_num_steps = 0
+  training.eval_classifier_steps = 300
   training.label_dropout = 0.1
   training.nonfinite_policy = "halt"
   training.restore_fallback = False

@@ -29,6 +29,7 @@ directory for the same settings, or the given file's name) and CLU scalars.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from typing import Callable, Optional
 
@@ -137,11 +138,22 @@ def classifier_path(config, workdir: str) -> str:
   return config.eval.classifier or files.join(workdir, "feature_classifier.npz")
 
 
+def feature_tag(config, workdir: str) -> str:
+  """Names the feature space in cache file names: "inception", or "classifier_" and the first
+  8 hex digits of the classifier file's SHA-1, so a retrained classifier never meets the
+  reference features of another."""
+  if config.eval.feature_net != "classifier":
+    return config.eval.feature_net
+  path = classifier_path(config, workdir)
+  digest = hashlib.sha1(files.require_file(path, "eval.classifier").read_bytes()).hexdigest()
+  return f"classifier_{digest[:8]}"
+
+
 def reference_path(config, workdir: str) -> str:
   if config.eval.reference_stats:
     return config.eval.reference_stats
   data = config.data
-  return files.join(workdir, "eval", f"reference_{config.eval.feature_net}_{data.source}_"
+  return files.join(workdir, "eval", f"reference_{feature_tag(config, workdir)}_{data.source}_"
                       f"{config.eval.reference_split}.npz")
 
 
@@ -289,7 +301,7 @@ def reference_features(config, workdir: str, extractor: FeatureExtractor) -> np.
   """Features of eval.manifold_reference images of split eval.reference_split (a seeded subset
   if the split is larger), cached in workdir/eval/ as float32 under 'features'."""
   data, ev = config.data, config.eval
-  path = files.join(workdir, "eval", f"reference_{extractor.name}_{data.source}_"
+  path = files.join(workdir, "eval", f"reference_{feature_tag(config, workdir)}_{data.source}_"
                     f"{ev.reference_split}_features_{ev.manifold_reference}.npz")
   if files.exists(path):
     return files.read_npz(path, "cached reference features", ["features"])["features"]

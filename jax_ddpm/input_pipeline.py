@@ -385,18 +385,21 @@ def read_labelled(data_config, split: str) -> tuple[np.ndarray, np.ndarray]:
       raise errors.InputFileError(f"data.path={data_config.path!r}: {len(images)} images but {len(labels)} labels in "
                        f"split {split!r}.")
     return images, labels
+  if source in ("fake", "folder"):
+    labelled = create_split_source(data_config, split, labels=True)
+    return labelled.read_labelled(np.arange(len(labelled)))
   raise errors.ConfigError(f"data.source={source!r} has no labels this project reads; the feature "
-                   "classifier trains on 'mnist_embedded' or 'idx' sources.")
+                   "classifier trains on 'mnist_embedded', 'idx', 'folder' or 'fake' sources.")
 
 
-def create_split_source(data_config, split: str) -> ImageSource:
+def create_split_source(data_config, split: str, labels: bool = False) -> ImageSource:
   """The source of config.data with another split (the reference split of an evaluation)."""
   if data_config.source in ("mnist_embedded", "fake", "folder") and split != "train":
     raise errors.ConfigError(f"data.source={data_config.source!r} has only the split 'train', "
                      f"not {split!r}.")
   data_config = data_config.copy_and_resolve_references()
   data_config.split = split
-  return create_source(data_config)
+  return create_source(data_config, labels)
 
 
 def check_source_shape(source: ImageSource, data_config) -> None:

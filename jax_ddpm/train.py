@@ -10,7 +10,8 @@ is sharded over the mesh's 'data' axis, the state replicated, and its random key
 key folded with the step, so a resumed run repeats an uninterrupted one exactly.
 
 `train_and_evaluate` is a short loop over the named actions of a `TrainingRun`: dispatch steps,
-write metrics, checkpoint, draw a sample grid, each when due.
+write metrics, checkpoint, draw a sample grid, measure sample quality (training_eval.py), each
+when due.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from jax_ddpm import (builders, checkpointing, config_checks, diffusion, errors, files, guidance,
-                      image_io, input_pipeline, parallel, samplers, sampling, summaries)
+                      image_io, input_pipeline, parallel, samplers, sampling, summaries,
+                      training_eval)
 from jax_ddpm.schedules import DiffusionSchedule
 from jax_ddpm.state import TrainState, create_train_state, run_metadata
 
@@ -123,6 +125,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   """Trains (or resumes training) a model as `config` says, writing everything under workdir."""
   mesh = parallel.data_mesh()
   config_checks.validate_training(config, mesh.size, jax.process_count())
+  training_eval.validate(config)
   preemption = PreemptionWatch()  # from here on SIGTERM means: checkpoint, then exit
   run = None
   try:
@@ -137,6 +140,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                         "exiting. The same command resumes from it.", run.step)
         break
       run.sample_if_due()
+      run.eval_if_due(stop=preemption.pending)
     run.check_finite(run.unchecked)
     return run.state
   finally:
@@ -205,6 +209,9 @@ class TrainingRun:
         eval_graphdef, schedule, shape, mesh,
         samplers.DDIM(num_steps=self.training.sample_ddim_steps),
         **builders.sampling_options(config))
+    self.training_eval = (
+        training_eval.TrainingEval(config, self.workdir, mesh, eval_graphdef, schedule)
+        if self.training.eval_every_steps else None)
 
   def _due(self, every: int) -> bool:
     return self.step % every == 0 or self.step == self.training.num_train_steps
@@ -256,6 +263,20 @@ class TrainingRun:
         image_io.save_png(files.join(self.workdir, "samples",
                                        f"train_step_{self.step:08d}.png"), grid)
 
+  def eval_if_due(self, stop: Callable[[], bool]):
+    """Sample quality of the EMA params as train_eval/ scalars (training_eval.py)."""
+    if self.training_eval is None or not self._due(self.training.eval_every_steps):
+      return
+    with self.report_progress.timed("eval"):
+      scalars = self.training_eval(self.state.ema_params, stop)
+    if scalars is None:
+      logging.info("Preemption notice: skipped the sample-quality measurement of step %d.",
+                   self.step)
+      return
+    self.writer.write_scalars(self.step, scalars)
+    logging.info("Sample quality at step %d: %s", self.step,
+                 {k: round(float(v), 4) for k, v in scalars.items()})
+
   def check_finite(self, unchecked):
     """Raises FloatingPointError if the dispatch `unchecked` = (first step, metrics) went bad."""
     if self.training.nonfinite_policy == "halt":
@@ -303,6 +324,11 @@ class PreemptionWatch:
   def _on_sigterm(self, signum, frame):
     del signum, frame
     self._received = True
+
+  def pending(self) -> bool:
+    """A notice this process has seen and not yet acted on: with one process, whether SIGTERM
+    arrived; with several, False (they agree on a step only at the step boundaries)."""
+    return jax.process_count() == 1 and self._received
 
   def reached(self, step: int) -> bool:
     if jax.process_count() > 1:

@@ -3,6 +3,8 @@
 import ast
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -13,7 +15,8 @@ import scipy.linalg
 from flax import nnx
 
 from configs import mnist, tiny
-from jax_ddpm import evaluate, feature_classifier, input_pipeline, metrics, parallel, train
+from jax_ddpm import (builders, evaluate, feature_classifier, input_pipeline, metrics, parallel,
+                      state, train, training_eval)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -129,24 +132,29 @@ def test_real_digits_are_far_closer_than_noise_in_classifier_features(digits_cla
   assert results["digits"]["feature_distance"] < 0.05 * results["noise"]["feature_distance"]
   assert results["digits"]["classifier_score"] > 5 > results["noise"]["classifier_score"]
   assert sum(results["digits"]["label_histogram"]) == 1000
-  assert os.path.exists(os.path.join(workdir, "eval", "reference_classifier_mnist_embedded_"
-                                                      "train.npz"))
+  tag = evaluate.feature_tag(config, workdir)
+  assert os.path.exists(os.path.join(workdir, "eval", f"reference_{tag}_mnist_embedded_train.npz"))
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-  """A trained tiny checkpoint and an (untrained) classifier for its 16x16 images."""
+  """A trained tiny checkpoint, measured while training (training_eval.py) every 3 steps, and
+  an (untrained) classifier for its 16x16 images."""
   workdir = str(tmp_path_factory.mktemp("tiny"))
   config = tiny.get_config()
   config.data.fake_size = 256  # enough reference images for a full-rank 128-d covariance
+  config.eval.feature_net = "classifier"
+  config.eval.num_samples = 136
+  config.eval.batch_size = 8
+  config.eval.classifier_batch_size = 8
+  config.sampling.batch_size = 136
+  config.training.eval_every_steps = 3
+  config.training.eval_num_samples = 136
+  config.training.eval_classifier_steps = 2
   train.train_and_evaluate(config, workdir)
   classifier = feature_classifier.Classifier(feature_classifier.ClassifierConfig(16, 1, 10),
                                              rngs=nnx.Rngs(0))
   feature_classifier.save(classifier, os.path.join(workdir, "feature_classifier.npz"))
-  config.eval.feature_net = "classifier"
-  config.eval.num_samples = 136
-  config.eval.batch_size = 8
-  config.sampling.batch_size = 136
   return config, workdir
 
 
@@ -166,7 +174,11 @@ def test_eval_mode_samples_the_checkpoint_and_writes_json_and_summaries(tiny_run
   assert results["manifold_reference"] == 256 and np.isfinite(results["kid"])
   for name in ("precision", "recall", "coverage"):
     assert 0.0 <= results[name] <= 1.0, (name, results[name])
-  assert os.path.exists(os.path.join(workdir, "eval", "reference_classifier_fake_train_features_10000.npz"))
+  # Cached under the classifier file's digest: a retrained classifier gets its own cache.
+  tag = evaluate.feature_tag(config, workdir)
+  assert re.fullmatch(r"classifier_[0-9a-f]{8}", tag)
+  assert os.path.exists(os.path.join(workdir, "eval",
+                                     f"reference_{tag}_fake_train_features_10000.npz"))
   # The images were drawn in memory: eval leaves no sample files behind.
   assert not os.path.exists(os.path.join(workdir, "samples", "6_ddim_4"))
   # A second evaluation draws the same images and reuses the cached reference: same number.
@@ -215,3 +227,61 @@ def test_feature_extraction_is_sharded_and_drops_the_padding(digits_classifier):
   alone, _ = extractor(images[16:17])
   np.testing.assert_allclose(alone[0], features[16], atol=1e-5)
   assert len(jax.devices()) == 8
+
+
+def train_eval_scalars(workdir):
+  """{tag: {step: value}} of the train_eval/ scalars in workdir's summaries."""
+  from tensorboard.backend.event_processing import event_accumulator
+  from tensorflow import make_ndarray
+  accumulator = event_accumulator.EventAccumulator(workdir, size_guidance={"tensors": 0})
+  accumulator.Reload()
+  return {tag: {e.step: float(make_ndarray(e.tensor_proto)) for e in accumulator.Tensors(tag)}
+          for tag in accumulator.Tags()["tensors"] if tag.startswith("train_eval/")}
+
+
+def test_training_writes_the_feature_distance_and_neighbour_measures_when_due(tiny_run):
+  _, workdir = tiny_run
+  series = train_eval_scalars(workdir)
+  for name in ("feature_distance", "precision", "recall", "density", "coverage", "seconds"):
+    assert sorted(series[f"train_eval/{name}"]) == [3, 6], name
+  assert all(np.isfinite(v) and v > 0 for v in series["train_eval/feature_distance"].values())
+  for name in ("precision", "recall", "coverage"):
+    assert all(0 <= v <= 1 for v in series[f"train_eval/{name}"].values())
+
+
+def test_a_resumed_run_measures_in_the_features_of_its_first_part(tiny_run, tmp_path):
+  config, workdir = tiny_run
+  workdir = shutil.copytree(workdir, tmp_path / "resumed")
+  classifier = os.path.join(workdir, "eval", training_eval.CLASSIFIER_NAME)
+  before = open(classifier, "rb").read()
+  config = config.copy_and_resolve_references()
+  config.training.num_train_steps = 9
+  train.train_and_evaluate(config, str(workdir))
+  assert open(classifier, "rb").read() == before
+  assert sorted(train_eval_scalars(str(workdir))["train_eval/feature_distance"]) == [3, 6, 9]
+
+
+def test_a_preemption_notice_stops_a_measurement_between_batches(tiny_run):
+  config, workdir = tiny_run
+  config = config.copy_and_resolve_references()
+  config.sampling.batch_size = 72  # two batches
+  eval_graphdef, train_state, _ = state.load_checkpoint(config, workdir, None)
+  measure = training_eval.TrainingEval(config, workdir, parallel.data_mesh(), eval_graphdef,
+                                       builders.schedule(config))
+  calls = []
+  assert measure(train_state.ema_params, stop=lambda: calls.append(1) or len(calls) > 1) is None
+  assert len(calls) == 2  # one batch drawn, then the notice seen
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("eval_every_steps", -1, r"training.eval_every_steps must be an integer >= 0"),
+    ("eval_num_samples", 100, r"training.eval_num_samples=100.*rank at most 99"),
+])
+def test_bad_measurement_settings_are_refused_before_training(key, value, message, tmp_path):
+  config = tiny.get_config()
+  config.eval.feature_net = "classifier"
+  config.training.eval_every_steps = 3
+  config.training[key] = value
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert not os.listdir(tmp_path)

@@ -89,6 +89,9 @@ def test_workdir_holds_summaries_checkpoints_and_sample_pngs(straight_run):
   tags = accumulator.Tags()["tensors"]
   for tag in ("loss", "grad_norm", "learning_rate", "steps_per_sec", "samples"):
     assert tag in tags, (tag, tags)
+  # training.eval_every_steps = 0: no sample-quality measurement, nothing of it prepared.
+  assert not any(tag.startswith("train_eval/") for tag in tags)
+  assert not os.path.exists(os.path.join(straight_run, "eval"))
   losses = accumulator.Tensors("loss")
   assert [event.step for event in losses] == [2, 4, 6]
   image_event = accumulator.Tensors("samples")[0]

@@ -1,0 +1,128 @@
+"""Sample quality measured while training: every training.eval_every_steps, from the EMA weights.
+
+Each measurement draws training.eval_num_samples images in memory with config.sampling's
+sampler (training.eval_num_steps network calls where that is > 0), always from the same noise,
+so the series follows the weights alone; featurises them with eval.feature_net; and writes, as
+scalars under train_eval/ at the training step:
+  fid or feature_distance   Frechet distance to the statistics of the split
+                            eval.reference_split (metrics.frechet_distance)
+  precision, recall         k = 3 neighbourhoods (Kynkaanniemi et al. 2019), and
+  density, coverage         k = 5 (Naeem et al. 2020), against eval.manifold_reference images of
+                            the same split (manifold.py); left out when that is 0
+  seconds                   the measurement's own wall time.
+The sample count is smaller than a final evaluation's, so these numbers follow a run; they are
+not the numbers --mode=eval reports.
+
+Feature networks: the FID Inception (converted weights, fid_weights.py); or, for
+eval.feature_net = classifier, a digit classifier trained once for the run at its start
+(training.eval_classifier_steps steps, much shorter than --mode=train_classifier's, so that
+the default MNIST run can afford it) and kept at workdir/eval/training_classifier.npz, so a
+resumed run measures in the same features. Reference statistics and features are computed
+once and cached in workdir/eval/, named after the feature network's file digest.
+
+A measurement never delays a checkpoint (the loop checkpoints first) and stops between batches
+when `stop()` says so (a preemption notice), writing nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Optional
+
+import jax
+import numpy as np
+from absl import logging
+
+from jax_ddpm import (builders, errors, evaluate, feature_classifier, files, input_pipeline,
+                      manifold, metrics, sampling)
+
+CLASSIFIER_NAME = "training_classifier.npz"
+
+
+def validate(config) -> None:
+  """training.eval_* keys; with measurements on, enough images for a full-rank covariance."""
+  training = config.training
+  for key in ("eval_every_steps", "eval_num_steps", "eval_num_samples",
+              "eval_classifier_steps"):
+    if not isinstance(training[key], int) or training[key] < 0:
+      raise errors.ConfigError(f"training.{key} must be an integer >= 0, got {training[key]!r}.")
+  if not training.eval_every_steps:
+    return
+  if training.eval_every_steps % training.steps_per_dispatch:
+    raise errors.ConfigError(f"training.eval_every_steps={training.eval_every_steps} must be a "
+                             f"multiple of training.steps_per_dispatch="
+                             f"{training.steps_per_dispatch}.")
+  if config.eval.feature_net not in evaluate.FEATURE_NETS:
+    raise errors.ConfigError(f"Unknown eval.feature_net {config.eval.feature_net!r}; allowed "
+                             f"values: {list(evaluate.FEATURE_NETS)}.")
+  metrics.check_full_rank_possible(training.eval_num_samples,
+                                   evaluate.FEATURE_DIMS[config.eval.feature_net],
+                                   f"training.eval_num_samples={training.eval_num_samples}")
+
+
+def _measured_config(config, workdir: str):
+  """`config` as this module measures with: its own classifier file, its sampler's steps."""
+  config = config.copy_and_resolve_references()
+  config.eval.inception_score = False
+  if config.eval.feature_net == "classifier":
+    config.eval.classifier = files.join(workdir, "eval", CLASSIFIER_NAME)
+  if config.training.eval_num_steps:
+    config.sampling.num_steps = config.training.eval_num_steps
+  return config
+
+
+def _train_classifier_if_missing(config) -> None:
+  path = config.eval.classifier
+  if files.exists(path):
+    return
+  images, labels = input_pipeline.read_labelled(config.data, "train")
+  started = time.perf_counter()
+  model, report = feature_classifier.train(
+      images, labels, num_steps=config.training.eval_classifier_steps,
+      batch_size=config.eval.classifier_batch_size, seed=config.seed)
+  if jax.process_index() == 0:
+    feature_classifier.save(model, path)
+  logging.info("Trained the in-training feature classifier in %.0f s: %s; saved to %s.",
+               time.perf_counter() - started, report, path)
+
+
+class TrainingEval:
+  """The feature network, cached references and compiled sampler of in-training measurements."""
+
+  def __init__(self, config, workdir: str, mesh: jax.sharding.Mesh, eval_graphdef, schedule):
+    self.config = _measured_config(config, workdir)
+    self.count = config.training.eval_num_samples
+    self.batch_size = config.sampling.batch_size
+    self.mesh = mesh
+    if self.config.eval.feature_net == "classifier":
+      _train_classifier_if_missing(self.config)
+    self.extractor = evaluate.create_extractor(self.config, workdir, mesh)
+    self.reference = (evaluate.saved_reference(self.config, workdir, self.extractor)
+                      or evaluate.compute_reference(self.config, workdir, self.extractor))
+    self.real = (evaluate.reference_features(self.config, workdir, self.extractor)
+                 if self.config.eval.manifold_reference else None)
+    self.sampler = builders.sampler(self.config)
+    shape = (self.batch_size, config.data.image_size, config.data.image_size,
+             config.data.channels)
+    self.sample_fn = sampling.make_sample_fn(eval_graphdef, schedule, shape, mesh, self.sampler,
+                                             **builders.sampling_options(self.config))
+    self.base_key = jax.random.key(self.config.sampling.seed)
+    self.distance_name = "fid" if self.extractor.name == "inception" else "feature_distance"
+
+  def __call__(self, params, stop: Callable[[], bool] = lambda: False) -> Optional[dict]:
+    """train_eval/ scalars of images drawn with `params`; None if `stop()` cut it short."""
+    started = time.perf_counter()
+    images = []
+    for index in range(-(-self.count // self.batch_size)):
+      if stop():
+        return None
+      images.append(sampling.draw_batch(self.sample_fn, params, self.base_key, index)[0])
+    features, _ = self.extractor(np.concatenate(images)[:self.count])
+    moments = metrics.RunningMoments(self.extractor.dim)
+    moments.update(features)
+    scalars = {self.distance_name: metrics.frechet_distance(moments.statistics(),
+                                                            self.reference)}
+    if self.real is not None:
+      scalars.update(manifold.manifold_scores(self.real, features, self.mesh)._asdict())
+    scalars["seconds"] = time.perf_counter() - started
+    return {f"train_eval/{name}": value for name, value in scalars.items()}
