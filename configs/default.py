@@ -35,6 +35,9 @@ Keys (override any on the command line: --config.training.batch_size=64):
                            eval.feature_net features as train_eval/ scalars (training_eval.py);
                            a classifier for it is trained at the start for
                            training.eval_classifier_steps steps
+  training.loss_weighting  uniform (DDPM eq. 14) | min_snr (Hang et al. 2023, .min_snr_gamma) |
+                           p2 (Choi et al. 2022, .p2_gamma, .p2_k): the weight of each timestep's
+                           squared error, for any diffusion.prediction (diffusion.loss_weights)
   training.nonfinite_policy   halt | skip: on a non-finite loss or gradient, stop with an error
                            naming the step, or withhold that update and count it (nonfinite_steps)
   training.restore_fallback   if the newest checkpoint cannot be read, move it to
@@ -138,6 +141,10 @@ def get_config() -> ml_collections.ConfigDict:
   training.eval_num_steps = 0
   training.eval_classifier_steps = 300
   training.label_dropout = 0.1
+  training.loss_weighting = "uniform"
+  training.min_snr_gamma = 5.0
+  training.p2_gamma = 1.0
+  training.p2_k = 1.0
   training.nonfinite_policy = "halt"
   training.restore_fallback = False
 

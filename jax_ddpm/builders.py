@@ -15,9 +15,10 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from jax_ddpm import guidance, samplers
+from jax_ddpm import diffusion, guidance, samplers, schedules
 from jax_ddpm.models.unet import UNetConfig
 from jax_ddpm.schedules import DiffusionSchedule, get_schedule
 
@@ -99,6 +100,8 @@ class StepOptions:
   learning_rate: the optimizer's schedule, reported in the step's metrics.
   num_classes: classes of a conditional model (None: unconditional).
   label_dropout: probability that a label is replaced by the null label (Ho & Salimans 2022).
+  loss_weights: per-timestep weights of the squared error (diffusion.loss_weights), or None for
+    the unweighted loss.
   inject_nonfinite_at_steps: fault injection for the tests (a NaN loss at these steps).
   """
   prediction: str
@@ -106,13 +109,28 @@ class StepOptions:
   learning_rate: optax.Schedule
   num_classes: Optional[int] = None
   label_dropout: float = 0.0
+  loss_weights: Optional[tuple[float, ...]] = None
   inject_nonfinite_at_steps: tuple[int, ...] = ()
+
+
+def loss_weights(config) -> Optional[tuple[float, ...]]:
+  """training.loss_weighting's weight per timestep, from the float64 betas; None if uniform."""
+  training, d = config.training, config.diffusion
+  if training.loss_weighting == diffusion.LossWeighting.UNIFORM:
+    return None
+  betas = schedules.BETA_SCHEDULES[d.schedule](d.num_timesteps, d.beta_start, d.beta_end)
+  weights = diffusion.loss_weights(
+      np.cumprod(1.0 - np.asarray(betas, np.float64)), training.loss_weighting,
+      d.prediction, min_snr_gamma=float(training.min_snr_gamma),
+      p2_gamma=float(training.p2_gamma), p2_k=float(training.p2_k))
+  return tuple(float(w) for w in weights)
 
 
 def step_options(config) -> StepOptions:
   return StepOptions(prediction=str(config.diffusion.prediction), ema=ema_rule(config),
                      learning_rate=learning_rate(config), num_classes=config.model.num_classes,
                      label_dropout=float(config.training.label_dropout),
+                     loss_weights=loss_weights(config),
                      inject_nonfinite_at_steps=tuple(config.debug.inject_nonfinite_at_steps))
 
 

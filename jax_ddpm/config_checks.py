@@ -5,7 +5,7 @@ Runs before any data is read, any file is written or anything is compiled.
 
 from __future__ import annotations
 
-from jax_ddpm import builders, errors, input_pipeline, samplers, schedules
+from jax_ddpm import builders, diffusion, errors, input_pipeline, samplers, schedules
 from jax_ddpm.diffusion import Prediction
 
 NONFINITE_POLICIES = ("halt", "skip")
@@ -111,6 +111,13 @@ def validate_training(config, num_devices: int, num_processes: int) -> None:
     raise errors.ConfigError(f"training.sample_ddim_steps={training.sample_ddim_steps} exceeds "
                      f"diffusion.num_timesteps={config.diffusion.num_timesteps}.")
   _choice(training.nonfinite_policy, NONFINITE_POLICIES, "training.nonfinite_policy")
+  _choice(training.loss_weighting, [w.value for w in diffusion.LossWeighting],
+          "training.loss_weighting")
+  for key in ("min_snr_gamma", "p2_gamma"):
+    if not training[key] > 0:
+      raise errors.ConfigError(f"training.{key} must be > 0, got {training[key]!r}.")
+  if not training.p2_k >= 0:
+    raise errors.ConfigError(f"training.p2_k must be >= 0, got {training.p2_k!r}.")
   optim = config.optim
   if not optim.learning_rate > 0:
     raise errors.ConfigError(f"optim.learning_rate must be > 0, got {optim.learning_rate!r}.")

@@ -13,6 +13,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jax_ddpm.schedules import DiffusionSchedule
 
@@ -22,6 +23,13 @@ class Prediction(str, enum.Enum):
   EPS = "eps"
   X0 = "x0"
   V = "v"
+
+
+class LossWeighting(str, enum.Enum):
+  """How the squared error of each timestep is weighted (`loss_weights`)."""
+  UNIFORM = "uniform"  # every t alike on the network's own target: DDPM eq. (14) for eps
+  MIN_SNR = "min_snr"  # Min-SNR-gamma (Hang et al. 2023)
+  P2 = "p2"  # perception-prioritised weighting (Choi et al. 2022, eq. 8)
 
 
 class Variance(str, enum.Enum):
@@ -133,19 +141,48 @@ def mean_flat(x):
   return jnp.mean(x, axis=tuple(range(1, x.ndim)))
 
 
+def loss_weights(alphas_cumprod: np.ndarray, weighting: LossWeighting, prediction: Prediction, *,
+                 min_snr_gamma: float = 5.0, p2_gamma: float = 1.0, p2_k: float = 1.0
+                 ) -> np.ndarray:
+  """Float64 [T]: the weight of each timestep's squared error on the network's own target.
+
+  With SNR_t = alpha-bar_t / (1 - alpha-bar_t) (Kingma et al. 2021, eq. 2), the errors of one
+  prediction in the three targets are tied: |eps err|^2 = SNR_t |x_0 err|^2 and
+  |v err|^2 = (SNR_t + 1) / SNR_t |eps err|^2. A weighting is therefore a weight w_t of the x_0
+  error, divided by SNR_t for an eps network and by SNR_t + 1 for a v network:
+    min_snr  w_t = min(SNR_t, gamma)                  (Hang et al. 2023, Min-SNR-gamma; gamma 5)
+    p2       w_t = SNR_t / (k + SNR_t)^gamma, i.e. 1 / (k + SNR_t)^gamma on the eps error
+                                                      (Choi et al. 2022, eq. 8; k = 1, gamma = 1)
+  uniform is 1 on the own target at every t (the unweighted mean squared error).
+  """
+  weighting = parse_enum(LossWeighting, weighting, "loss weighting")
+  prediction = parse_enum(Prediction, prediction, "prediction")
+  alpha_bar = np.asarray(alphas_cumprod, np.float64)
+  snr = alpha_bar / (1.0 - alpha_bar)
+  if weighting == LossWeighting.UNIFORM:
+    return np.ones_like(snr)
+  if weighting == LossWeighting.MIN_SNR:
+    w_x0 = np.minimum(snr, min_snr_gamma)
+  else:
+    w_x0 = snr / (p2_k + snr) ** p2_gamma
+  return w_x0 / {Prediction.EPS: snr, Prediction.X0: 1.0, Prediction.V: snr + 1.0}[prediction]
+
+
 def training_losses(schedule: DiffusionSchedule, denoise_fn: Callable, x0, t, eps,
-                    prediction: Prediction = Prediction.EPS):
+                    prediction: Prediction = Prediction.EPS, weights=None):
   """Per-example L_simple, DDPM eq. (14): mean over pixels of |target - net(x_t, t)|^2.
 
   denoise_fn(x_t, t) -> network output. For eps prediction this is eq. (14) exactly; for
-  x_0 and v predictions the same squared error is taken against that target.
+  x_0 and v predictions the same squared error is taken against that target. `weights` [T]
+  (`loss_weights`), if given, scales each example's error by its timestep's weight.
   """
   x_t = q_sample(schedule, x0, t, eps)
   output = denoise_fn(x_t, t)
   target = training_target(schedule, x0, t, eps, prediction)
   if output.shape != target.shape:
     raise ValueError(f"Network output shape {output.shape} != target shape {target.shape}.")
-  return mean_flat(jnp.square(target.astype(jnp.float32) - output.astype(jnp.float32)))
+  losses = mean_flat(jnp.square(target.astype(jnp.float32) - output.astype(jnp.float32)))
+  return losses if weights is None else losses * jnp.asarray(weights, jnp.float32)[t]
 
 
 def sample_timesteps(rng: jax.Array, batch_size: int, num_timesteps: int) -> jnp.ndarray:

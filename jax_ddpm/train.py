@@ -3,7 +3,8 @@
 One train step (DDPM Algorithm 1): x_0 from the data, t ~ U{0..T-1}, eps ~ N(0, I), a gradient
 step on the squared error of the network's prediction (eq. 14's L_simple for an eps network;
 for config.diffusion.prediction = x0 or v the same mean squared error against x_0 or v, see
-`diffusion.training_losses`), then the EMA of the parameters. A class-conditional model gets
+`diffusion.training_losses`; training.loss_weighting weights it per timestep, see
+`diffusion.loss_weights`), then the EMA of the parameters. A class-conditional model gets
 the batch's labels, each replaced by the null label with probability training.label_dropout
 (Ho & Salimans 2022, Algorithm 1). The step is one jitted function of (state, batch): the batch
 is sharded over the mesh's 'data' axis, the state replicated, and its random keys are the run's
@@ -57,7 +58,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.
     model = nnx.merge(graphdef, params)
     rngs = nnx.Rngs(dropout=dropout_key)
     losses = diffusion.training_losses(schedule, lambda x_t, t: model(x_t, t, y, rngs=rngs), x0,
-                                       t, eps, options.prediction)
+                                       t, eps, options.prediction, options.loss_weights)
     loss = jnp.mean(losses)
     injected = options.inject_nonfinite_at_steps
     if injected:  # fault injection (tests): a NaN loss, hence NaN gradients, at these steps

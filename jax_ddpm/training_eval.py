@@ -33,8 +33,8 @@ import jax
 import numpy as np
 from absl import logging
 
-from jax_ddpm import (builders, errors, evaluate, feature_classifier, files, input_pipeline,
-                      manifold, metrics, sampling)
+from jax_ddpm import (builders, errors, evaluate, feature_classifier, fid_weights, files,
+                      input_pipeline, manifold, metrics, sampling)
 
 CLASSIFIER_NAME = "training_classifier.npz"
 
@@ -58,6 +58,12 @@ def validate(config) -> None:
   metrics.check_full_rank_possible(training.eval_num_samples,
                                    evaluate.FEATURE_DIMS[config.eval.feature_net],
                                    f"training.eval_num_samples={training.eval_num_samples}")
+  if config.eval.feature_net == "inception":  # read at start-up: fail before any compile
+    files.require_file(config.eval.inception_weights or fid_weights.default_path(),
+                       "eval.inception_weights", fid_weights.HOW_TO_GET)
+  elif not training.eval_classifier_steps:
+    raise errors.ConfigError("training.eval_classifier_steps must be > 0: the in-training "
+                             "measurement trains its classifier for that many steps.")
 
 
 def _measured_config(config, workdir: str):

@@ -1,5 +1,7 @@
 """Forward process, prediction conversions, posterior and loss against closed forms."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -99,3 +101,65 @@ def test_loss_is_zero_for_the_exact_target_and_mse_otherwise(prediction):
 def test_unknown_prediction_names_the_allowed_values():
   with pytest.raises(ValueError, match=r"Unknown prediction 'noise'.*'eps', 'x0', 'v'"):
     diffusion.parse_enum(diffusion.Prediction, "noise", "prediction")
+
+
+@pytest.mark.parametrize("schedule_name", ["linear", "cosine"])
+def test_loss_weights_follow_their_papers_formulas(schedule_name):
+  betas = schedules.BETA_SCHEDULES[schedule_name](1000, 1e-4, 0.02)
+  alpha_bar = np.cumprod(1.0 - np.asarray(betas, np.float64))
+  snr = alpha_bar / (1.0 - alpha_bar)
+  weights = lambda w, p: diffusion.loss_weights(alpha_bar, w, p)
+  np.testing.assert_array_equal(weights("uniform", "v"), np.ones(1000))
+  # Min-SNR-5 on each target (Hang et al. 2023): min(SNR, 5) on x_0, divided by SNR for eps and
+  # by SNR + 1 for v.
+  np.testing.assert_allclose(weights("min_snr", "x0"), np.minimum(snr, 5), rtol=1e-12)
+  np.testing.assert_allclose(weights("min_snr", "eps"), np.minimum(1, 5 / snr), rtol=1e-12)
+  np.testing.assert_allclose(weights("min_snr", "v"), np.minimum(snr, 5) / (snr + 1), rtol=1e-12)
+  # P2 with k = 1, gamma = 1 (Choi et al. 2022, eq. 8): 1 / (1 + SNR) on the eps error.
+  np.testing.assert_allclose(weights("p2", "eps"), 1 / (1 + snr), rtol=1e-12)
+  p2_half = diffusion.loss_weights(alpha_bar, "p2", "eps", p2_gamma=0.5, p2_k=2.0)
+  np.testing.assert_allclose(p2_half, (2 + snr) ** -0.5, rtol=1e-12)
+
+
+@pytest.mark.parametrize("weighting", ["min_snr", "p2"])
+def test_a_weighting_asks_the_same_of_every_prediction_target(weighting):
+  """One denoiser's weighted loss is the same whether it speaks eps, x_0 or v."""
+  schedule = schedules.get_schedule("cosine", 1000)
+  keys = jax.random.split(jax.random.key(0), 3)
+  x0 = jax.random.normal(keys[0], (6, 4, 4, 1))
+  eps = jax.random.normal(keys[1], x0.shape)
+  t = jnp.array([0, 10, 200, 500, 900, 999])
+  eps_hat = eps + 0.1 * jax.random.normal(keys[2], x0.shape)  # an imperfect denoiser
+  alpha_bar = np.cumprod(1.0 - np.asarray(schedules.cosine_betas(1000), np.float64))
+  outputs = {
+      "eps": lambda x_t, t: eps_hat,
+      "x0": lambda x_t, t: diffusion.predict_x0_from_eps(schedule, x_t, t, eps_hat),
+      "v": lambda x_t, t: diffusion.get_v(
+          schedule, diffusion.predict_x0_from_eps(schedule, x_t, t, eps_hat), t, eps_hat)}
+  losses = {p: diffusion.training_losses(schedule, net, x0, t, eps, p,
+                                         diffusion.loss_weights(alpha_bar, weighting, p))
+            for p, net in outputs.items()}
+  np.testing.assert_allclose(losses["x0"], losses["eps"], rtol=2e-3)
+  np.testing.assert_allclose(losses["v"], losses["eps"], rtol=2e-3)
+
+
+def test_unknown_loss_weighting_is_refused_before_training(tmp_path):
+  from configs import tiny
+  from jax_ddpm import train
+  config = tiny.get_config()
+  config.training.loss_weighting = "snr"
+  with pytest.raises(ValueError, match=r"Unknown training.loss_weighting 'snr'.*min_snr"):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert not os.listdir(tmp_path)
+
+
+def test_the_train_step_options_carry_the_configs_weights():
+  from configs import tiny
+  from jax_ddpm import builders
+  config = tiny.get_config()
+  assert builders.step_options(config).loss_weights is None  # uniform: the loss is unchanged
+  config.training.loss_weighting = "min_snr"
+  config.diffusion.prediction = "v"
+  betas = schedules.linear_betas(config.diffusion.num_timesteps, 1e-4, 0.02)
+  expected = diffusion.loss_weights(np.cumprod(1 - betas), "min_snr", "v")
+  np.testing.assert_array_equal(builders.step_options(config).loss_weights, expected)

