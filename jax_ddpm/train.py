@@ -126,7 +126,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   """Trains (or resumes training) a model as `config` says, writing everything under workdir."""
   mesh = parallel.data_mesh()
   config_checks.validate_training(config, mesh.size, jax.process_count())
-  training_eval.validate(config)
+  training_eval.validate(config, mesh.size)
   preemption = PreemptionWatch()  # from here on SIGTERM means: checkpoint, then exit
   run = None
   try:

@@ -39,8 +39,12 @@ from jax_ddpm import (builders, errors, evaluate, feature_classifier, fid_weight
 CLASSIFIER_NAME = "training_classifier.npz"
 
 
-def validate(config) -> None:
-  """training.eval_* keys; with measurements on, enough images for a full-rank covariance."""
+LABELLED_SOURCES = ("mnist_embedded", "idx", "folder", "fake")  # input_pipeline.read_labelled
+
+
+def validate(config, num_devices: int) -> None:
+  """training.eval_* keys; with measurements on, enough images for a full-rank covariance, a
+  sampling batch the devices divide, and the feature network's inputs."""
   training = config.training
   for key in ("eval_every_steps", "eval_num_steps", "eval_num_samples",
               "eval_classifier_steps"):
@@ -64,6 +68,15 @@ def validate(config) -> None:
   elif not training.eval_classifier_steps:
     raise errors.ConfigError("training.eval_classifier_steps must be > 0: the in-training "
                              "measurement trains its classifier for that many steps.")
+  elif config.data.source not in LABELLED_SOURCES:
+    raise errors.ConfigError(
+        f"training.eval_every_steps with eval.feature_net='classifier' trains a classifier on "
+        f"labelled data; data.source={config.data.source!r} has no labels this project reads "
+        f"(labelled: {list(LABELLED_SOURCES)}). Use eval.feature_net='inception'.")
+  if config.sampling.batch_size <= 0 or config.sampling.batch_size % num_devices:
+    raise errors.ConfigError(f"sampling.batch_size={config.sampling.batch_size} (the batch of "
+                             "the in-training measurement) must be a positive multiple of the "
+                             f"number of devices, {num_devices}.")
 
 
 def _measured_config(config, workdir: str):

