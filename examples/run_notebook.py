@@ -4,7 +4,9 @@
       [--output=runs/mnist/explore.ipynb] [--figures=docs/explore]
 
 Runs every cell in a fresh Jupyter kernel (nbclient), with the run chosen through the
-environment variables the notebook reads, JAX_DDPM_CONFIG and JAX_DDPM_WORKDIR. --output saves
+environment variables the notebook reads, JAX_DDPM_CONFIG and JAX_DDPM_WORKDIR, and
+JAX_DDPM_NOTEBOOK_STATIC=1: no front end shows sliders here, so each is drawn once as a static
+figure (nbclient can also stall for its whole cell timeout after a widget cell). --output saves
 the executed notebook, --figures every PNG it drew, numbered in order (<prefix>_1.png, ...).
 A cell that fails stops the run with the cell's error.
 """
@@ -26,8 +28,9 @@ def execute(config: str, workdir: str, timeout: int = 600):
   import nbformat  # pylint: disable=g-import-not-at-top
 
   notebook = nbformat.read(NOTEBOOK, as_version=4)
-  previous = {k: os.environ.get(k) for k in ("JAX_DDPM_CONFIG", "JAX_DDPM_WORKDIR")}
-  os.environ.update(JAX_DDPM_CONFIG=config, JAX_DDPM_WORKDIR=workdir)
+  names = ("JAX_DDPM_CONFIG", "JAX_DDPM_WORKDIR", "JAX_DDPM_NOTEBOOK_STATIC")
+  previous = {k: os.environ.get(k) for k in names}
+  os.environ.update(JAX_DDPM_CONFIG=config, JAX_DDPM_WORKDIR=workdir, JAX_DDPM_NOTEBOOK_STATIC="1")
   try:  # the kernel inherits this process's environment
     client = nbclient.NotebookClient(notebook, timeout=timeout, kernel_name="python3",
                                      resources={"metadata": {"path": ROOT}})
