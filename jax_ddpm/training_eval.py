@@ -32,6 +32,7 @@ from typing import Callable, Optional
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from jax_ddpm import (builders, errors, evaluate, feature_classifier, fid_weights, files,
                       input_pipeline, manifold, metrics, sampling)
@@ -92,7 +93,10 @@ def _measured_config(config, workdir: str):
 
 def _train_classifier_if_missing(config) -> None:
   path = config.eval.classifier
-  if files.exists(path):
+  missing = not files.exists(path)
+  if jax.process_count() > 1:  # one answer for all processes: process 0's
+    missing = bool(multihost_utils.broadcast_one_to_all(np.asarray(missing)))
+  if not missing:
     return
   images, labels = input_pipeline.read_labelled(config.data, "train")
   started = time.perf_counter()
@@ -101,6 +105,8 @@ def _train_classifier_if_missing(config) -> None:
       batch_size=config.eval.classifier_batch_size, seed=config.seed)
   if jax.process_index() == 0:
     feature_classifier.save(model, path)
+  if jax.process_count() > 1:  # every process then loads the file process 0 wrote
+    multihost_utils.sync_global_devices("training_eval: classifier saved")
   logging.info("Trained the in-training feature classifier in %.0f s: %s; saved to %s.",
                time.perf_counter() - started, report, path)
 
