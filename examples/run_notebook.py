@@ -28,19 +28,11 @@ def execute(config: str, workdir: str, timeout: int = 600):
   import nbformat  # pylint: disable=g-import-not-at-top
 
   notebook = nbformat.read(NOTEBOOK, as_version=4)
-  names = ("JAX_DDPM_CONFIG", "JAX_DDPM_WORKDIR", "JAX_DDPM_NOTEBOOK_STATIC")
-  previous = {k: os.environ.get(k) for k in names}
-  os.environ.update(JAX_DDPM_CONFIG=config, JAX_DDPM_WORKDIR=workdir, JAX_DDPM_NOTEBOOK_STATIC="1")
-  try:  # the kernel inherits this process's environment
-    client = nbclient.NotebookClient(notebook, timeout=timeout, kernel_name="python3",
-                                     resources={"metadata": {"path": ROOT}})
-    client.execute()
-  finally:
-    for key, value in previous.items():
-      if value is None:
-        os.environ.pop(key, None)
-      else:
-        os.environ[key] = value
+  client = nbclient.NotebookClient(notebook, timeout=timeout, kernel_name="python3",
+                                   resources={"metadata": {"path": ROOT}})
+  # The kernel's environment: this process's, plus the run to show.
+  client.execute(env=dict(os.environ, JAX_DDPM_CONFIG=config, JAX_DDPM_WORKDIR=workdir,
+                          JAX_DDPM_NOTEBOOK_STATIC="1"))
   return notebook
 
 
