@@ -15,6 +15,9 @@ Keys (override any on the command line: --config.training.batch_size=64):
   model.*                  jax_ddpm.models.unet.UNetConfig fields (image size and channels follow data)
   model.num_classes        C: a class-conditional model on the data's labels 0..C-1 (unset:
                            unconditional); see jax_ddpm/guidance.py
+  model.learn_sigma        the network also outputs its reverse variance, interpolating beta_t and
+                           beta~_t (Improved DDPM eq. 15), trained with L_hybrid (eq. 16, lambda =
+                           training.vlb_weight); sample with sampling.variance = "learned"
   optim.learning_rate, .warmup_steps   Adam step size, linearly warmed up from 0
   optim.grad_clip_norm     clip the global gradient norm (DDPM: 1.0); 0 disables
   optim.adam_b1, .adam_b2, .adam_eps
@@ -58,13 +61,18 @@ Keys (override any on the command line: --config.training.batch_size=64):
   eval.classifier          feature classifier .npz (default workdir/feature_classifier.npz),
                            trained by --mode=train_classifier for .classifier_steps steps at
                            global batch .classifier_batch_size
+  eval.bits_per_dim        also the negative log-likelihood bound in bits/dim (DDPM Table 2) of
+                           eval.bpd_images images (0: all) of split eval.bpd_split of config.data,
+                           with eval.bpd_timesteps stratified KL terms per image (0: all T, exact;
+                           see likelihood.py); eval.num_samples = 0 then skips sample quality
   debug.inject_nonfinite_at_steps   fault injection for tests: make these steps' loss NaN
   sampling.sampler         ddim | ddpm | dpmpp_2m (DPM-Solver++(2M)); see jax_ddpm/samplers/
   sampling.num_steps       S, the network calls of ddim and dpmpp_2m (ddpm visits all T)
   sampling.eta             ddim's noise scale in [0, 1] (0: deterministic)
   sampling.spacing         uniform | quadratic | logsnr: which S of the T timesteps ddim and
                            dpmpp_2m visit (logsnr: uniform in log alpha_t / sigma_t)
-  sampling.variance        ddpm's sigma_t^2: fixed_large (beta_t, the default) or fixed_small
+  sampling.variance        ddpm's sigma_t^2: fixed_large (beta_t, the default), fixed_small
+                           (beta~_t) or learned (model.learn_sigma's; also ddim's noise if eta > 0)
   sampling.thresholding    none | static (clip predicted x_0 to [-1, 1]) | dynamic (Imagen's
                            per-sample percentile, .threshold_percentile), for every sampler
   sampling.labels          conditional models: grid (one run of each class per batch) | random |
@@ -109,6 +117,7 @@ def get_config() -> ml_collections.ConfigDict:
   model.num_groups = 8
   model.attention_head_dim = ml_collections.config_dict.placeholder(int)
   model.num_classes = ml_collections.config_dict.placeholder(int)
+  model.learn_sigma = False
   # float32: bfloat16 ran 9-22% slower on a CPU without native bf16 (benchmarks/NOTES.md, 2);
   # on GPUs and TPUs "bfloat16" is the usual faster choice.
   model.compute_dtype = "float32"
@@ -145,6 +154,7 @@ def get_config() -> ml_collections.ConfigDict:
   training.min_snr_gamma = 5.0
   training.p2_gamma = 1.0
   training.p2_k = 1.0
+  training.vlb_weight = 0.001
   training.nonfinite_policy = "halt"
   training.restore_fallback = False
 
@@ -178,6 +188,10 @@ def get_config() -> ml_collections.ConfigDict:
   ev.kid_subset_size = 1000
   ev.classifier_steps = 2000
   ev.classifier_batch_size = 128
+  ev.bits_per_dim = False
+  ev.bpd_split = "test"
+  ev.bpd_images = 0
+  ev.bpd_timesteps = 0
 
   config.debug = debug = ml_collections.ConfigDict()
   debug.inject_nonfinite_at_steps = ()

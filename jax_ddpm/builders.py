@@ -27,13 +27,15 @@ def unet_config(config) -> UNetConfig:
   """The U-Net of a run config; image size and channels come from config.data.
 
   A conditional model (model.num_classes = C) embeds C + 1 labels: the last is the null label
-  of classifier-free guidance (guidance.null_label).
+  of classifier-free guidance (guidance.null_label). A learned-variance model
+  (model.learn_sigma) outputs 2C channels (diffusion.split_output).
   """
   model = config.model
+  channels = int(config.data.channels)
   return UNetConfig(
       image_size=int(config.data.image_size),
-      in_channels=int(config.data.channels),
-      out_channels=int(config.data.channels),
+      in_channels=channels,
+      out_channels=2 * channels if model.learn_sigma else channels,
       ch=int(model.ch),
       ch_mult=tuple(int(m) for m in model.ch_mult),
       num_res_blocks=int(model.num_res_blocks),
@@ -102,6 +104,8 @@ class StepOptions:
   label_dropout: probability that a label is replaced by the null label (Ho & Salimans 2022).
   loss_weights: per-timestep weights of the squared error (diffusion.loss_weights), or None for
     the unweighted loss.
+  learn_sigma: the network also outputs its variance, trained by L_hybrid with lambda =
+    vlb_weight (diffusion.training_losses).
   inject_nonfinite_at_steps: fault injection for the tests (a NaN loss at these steps).
   """
   prediction: str
@@ -110,6 +114,8 @@ class StepOptions:
   num_classes: Optional[int] = None
   label_dropout: float = 0.0
   loss_weights: Optional[tuple[float, ...]] = None
+  learn_sigma: bool = False
+  vlb_weight: float = 0.0
   inject_nonfinite_at_steps: tuple[int, ...] = ()
 
 
@@ -131,6 +137,8 @@ def step_options(config) -> StepOptions:
                      learning_rate=learning_rate(config), num_classes=config.model.num_classes,
                      label_dropout=float(config.training.label_dropout),
                      loss_weights=loss_weights(config),
+                     learn_sigma=bool(config.model.learn_sigma),
+                     vlb_weight=float(config.training.vlb_weight),
                      inject_nonfinite_at_steps=tuple(config.debug.inject_nonfinite_at_steps))
 
 
@@ -162,6 +170,7 @@ def sampling_options(config) -> dict:
   """sampling.make_sample_fn's keyword arguments: how each predicted x_0 is treated, and the
   labels and guidance of a conditional model."""
   return dict(prediction=str(config.diffusion.prediction),
+              learn_sigma=bool(config.model.learn_sigma),
               thresholding=str(config.sampling.thresholding),
               threshold_percentile=float(config.sampling.threshold_percentile),
               conditioning=conditioning(config))

@@ -67,6 +67,11 @@ def validate_conditioning(config) -> None:
 def validate_sampling(config) -> None:
   """The sampler's own checks (builders.sampler, Sampler.timesteps), as config errors."""
   sampling = config.sampling
+  _choice(sampling.variance, [v.value for v in diffusion.Variance], "sampling.variance")
+  if sampling.variance == diffusion.Variance.LEARNED and not config.model.learn_sigma:
+    raise errors.ConfigError("sampling.variance='learned' needs a model that learns it: set "
+                             "model.learn_sigma=True (and train it), or choose fixed_large or "
+                             "fixed_small.")
   _choice(sampling.thresholding, [t.value for t in samplers.Thresholding], "sampling.thresholding")
   if not 0.0 < sampling.threshold_percentile <= 1.0:
     raise errors.ConfigError(f"sampling.threshold_percentile must be in (0, 1], got "
@@ -116,6 +121,8 @@ def validate_training(config, num_devices: int, num_processes: int) -> None:
   for key in ("min_snr_gamma", "p2_gamma"):
     if not training[key] > 0:
       raise errors.ConfigError(f"training.{key} must be > 0, got {training[key]!r}.")
+  if not 0 <= training.vlb_weight < float("inf"):
+    raise errors.ConfigError(f"training.vlb_weight must be >= 0, got {training.vlb_weight!r}.")
   if not training.p2_k >= 0:
     raise errors.ConfigError(f"training.p2_k must be >= 0, got {training.p2_k!r}.")
   optim = config.optim

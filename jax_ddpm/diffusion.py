@@ -4,6 +4,11 @@ Every function takes a `DiffusionSchedule` and integer timestep indices t of sha
 (index i is the paper's t = i + 1; see schedules.py). Images are NHWC. Symbols:
 x_0 data, x_t the noised sample, eps the Gaussian noise, v = sqrt(alpha-bar) eps - sqrt(1 - alpha-bar) x_0
 (Salimans & Ho 2022, Sec. 4), which networks may predict instead of eps or x_0.
+
+A network may also learn the reverse variance (Nichol & Dhariwal 2021, "Improved DDPM"): it then
+outputs 2C channels, the prediction and a raw v whose (v + 1) / 2 interpolates log beta_t and
+log beta~_t (their eq. 15). The variational bound's terms (DDPM eq. 5: L_T, L_{t-1}, L_0) are here
+in bits per dimension, for the hybrid loss (Improved DDPM eq. 16) and for likelihood evaluation.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import jax.scipy.special as special
 import numpy as np
 
 from jax_ddpm.schedules import DiffusionSchedule
@@ -36,6 +42,7 @@ class Variance(str, enum.Enum):
   """The reverse-process variance sigma_t^2 (DDPM Sec. 3.2)."""
   FIXED_SMALL = "fixed_small"  # sigma_t^2 = beta~_t, the posterior variance (eq. 7)
   FIXED_LARGE = "fixed_large"  # sigma_t^2 = beta_t; the original CIFAR-10 run used it
+  LEARNED = "learned"  # the network's interpolation of the two, Improved DDPM eq. (15)
 
 
 def parse_enum(enum_type: type[enum.Enum], value, argument: str):
@@ -119,26 +126,109 @@ def q_posterior_mean_variance(schedule: DiffusionSchedule, x0, x_t, t):
   return mean, variance, log_variance
 
 
+def split_output(output, learn_sigma: bool):
+  """(prediction, raw variance output or None): a learned-variance network's 2C channels are
+  the prediction followed by v (Improved DDPM Sec. 3.1); any other network's are all prediction."""
+  if not learn_sigma:
+    return output, None
+  if output.shape[-1] % 2:
+    raise ValueError(f"A learned-variance network outputs 2C channels, got {output.shape}.")
+  return jnp.split(output, 2, axis=-1)
+
+
+def interpolated_log_variance(log_beta_tilde, log_beta, variance_output):
+  """log Sigma_theta = v log beta_t + (1 - v) log beta~_t, Improved DDPM eq. (15), with the
+  network's raw output mapped to v = (output + 1) / 2 as in their code (not clipped: v may
+  leave [0, 1]). Either log may be a respaced step's (samplers/ddim.py)."""
+  v = (variance_output.astype(jnp.float32) + 1.0) / 2.0
+  return v * log_beta + (1.0 - v) * log_beta_tilde
+
+
+def p_log_variance(schedule: DiffusionSchedule, t, variance: Variance, ndim: int,
+                   variance_output=None):
+  """log sigma_t^2 of p_theta(x_{t-1} | x_t) for each choice of `Variance`, DDPM Sec. 3.2.
+
+  At index 0 (where beta~ = 0) fixed_small and the learned range use beta~ of index 1, as the
+  original code does; sampling adds no noise there.
+  """
+  variance = Variance(variance)
+  if variance == Variance.FIXED_LARGE:
+    return extract(schedule.fixed_large_log_variance, t, ndim)
+  log_beta_tilde = extract(schedule.posterior_log_variance_clipped, t, ndim)
+  if variance == Variance.FIXED_SMALL:
+    return log_beta_tilde
+  if variance_output is None:
+    raise ValueError("Variance 'learned' needs a network that outputs it (model.learn_sigma).")
+  return interpolated_log_variance(log_beta_tilde, extract(schedule.log_betas, t, ndim),
+                                   variance_output)
+
+
 def p_mean_variance(schedule: DiffusionSchedule, x_t, t, output, *, prediction: Prediction,
-                    variance: Variance, clip_denoised: bool):
+                    variance: Variance, clip_denoised: bool, variance_output=None):
   """Mean, log-variance and predicted x_0 of p_theta(x_{t-1} | x_t), DDPM eq. (1), (11).
 
   The mean is the posterior mean (eq. 7) at the predicted x_0, which for an eps prediction is
   exactly eq. (11). With `clip_denoised` the predicted x_0 is clipped to [-1, 1] first, as the
-  original sampler did.
+  original sampler did. `variance_output`: a learned-variance network's raw v (`split_output`).
   """
   x0, _ = x0_and_eps_from_output(schedule, x_t, t, output, prediction)
   if clip_denoised:
     x0 = jnp.clip(x0, -1.0, 1.0)
-  mean, _, log_variance = q_posterior_mean_variance(schedule, x0, x_t, t)
-  if Variance(variance) == Variance.FIXED_LARGE:
-    log_variance = extract(schedule.fixed_large_log_variance, t, x_t.ndim)
+  mean, _, _ = q_posterior_mean_variance(schedule, x0, x_t, t)
+  log_variance = p_log_variance(schedule, t, variance, x_t.ndim, variance_output)
   return mean, log_variance, x0
 
 
 def mean_flat(x):
   """Mean over every axis but the batch axis."""
   return jnp.mean(x, axis=tuple(range(1, x.ndim)))
+
+
+def normal_kl(mean1, log_variance1, mean2, log_variance2):
+  """KL(N(mean1, e^log_variance1) || N(mean2, e^log_variance2)) per element, in nats."""
+  return 0.5 * (-1.0 + log_variance2 - log_variance1 + jnp.exp(log_variance1 - log_variance2)
+                + jnp.square(mean1 - mean2) * jnp.exp(-log_variance2))
+
+
+def discretized_gaussian_log_likelihood(x0, mean, log_variance):
+  """log p(x_0) per element under DDPM eq. (13)'s decoder: N(mean, e^log_variance) integrated
+  over the bin [x - 1/255, x + 1/255] of each of the 256 levels of [-1, 1], the two end bins
+  reaching to -inf and +inf. x0 must lie on that grid (uint8 data scaled to [-1, 1])."""
+  inv_std = jnp.exp(-0.5 * log_variance)
+  upper = (x0 - mean + 1.0 / 255.0) * inv_std
+  lower = (x0 - mean - 1.0 / 255.0) * inv_std
+  # Phi(upper) - Phi(lower), taken in the tail where both lie so float32 does not cancel.
+  mass = jnp.where(lower > 0, special.ndtr(-lower) - special.ndtr(-upper),
+                   special.ndtr(upper) - special.ndtr(lower))
+  log_mass = jnp.log(jnp.maximum(mass, 1e-12))
+  return jnp.where(x0 < -0.999, special.log_ndtr(upper),
+                   jnp.where(x0 > 0.999, special.log_ndtr(-lower), log_mass))
+
+
+def vlb_terms(schedule: DiffusionSchedule, x0, x_t, t, output, *, prediction: Prediction,
+              variance: Variance, variance_output=None, clip_denoised: bool = False):
+  """Per-example L_{t-1} of DDPM eq. (5) in bits per dimension, for timestep indices t.
+
+  t > 0: KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t)) between two Gaussians (eq. 6-7);
+  t = 0: the decoder's -log p_theta(x_0 | x_1) (eq. 13). Each is the mean over dimensions
+  divided by log 2, so the bound in bits/dim is the sum over t of these plus `prior_bpd`.
+  """
+  true_mean, _, true_log_variance = q_posterior_mean_variance(schedule, x0, x_t, t)
+  mean, log_variance, _ = p_mean_variance(
+      schedule, x_t, t, output, prediction=prediction, variance=variance,
+      clip_denoised=clip_denoised, variance_output=variance_output)
+  kl = mean_flat(normal_kl(true_mean, true_log_variance, mean, log_variance)) / np.log(2.0)
+  decoder_nll = -mean_flat(discretized_gaussian_log_likelihood(x0, mean, log_variance)
+                           ) / np.log(2.0)
+  return jnp.where(t == 0, decoder_nll, kl)
+
+
+def prior_bpd(schedule: DiffusionSchedule, x0):
+  """L_T = KL(q(x_T | x_0) || N(0, I)) per example in bits/dim (DDPM eq. 5); no parameters."""
+  t_last = jnp.full((x0.shape[0],), schedule.num_timesteps - 1, jnp.int32)
+  mean = extract(schedule.sqrt_alphas_cumprod, t_last, x0.ndim) * x0
+  log_variance = jnp.log(extract(schedule.sqrt_one_minus_alphas_cumprod, t_last, x0.ndim)) * 2.0
+  return mean_flat(normal_kl(mean, log_variance, 0.0, 0.0)) / np.log(2.0)
 
 
 def loss_weights(alphas_cumprod: np.ndarray, weighting: LossWeighting, prediction: Prediction, *,
@@ -169,20 +259,32 @@ def loss_weights(alphas_cumprod: np.ndarray, weighting: LossWeighting, predictio
 
 
 def training_losses(schedule: DiffusionSchedule, denoise_fn: Callable, x0, t, eps,
-                    prediction: Prediction = Prediction.EPS, weights=None):
-  """Per-example L_simple, DDPM eq. (14): mean over pixels of |target - net(x_t, t)|^2.
+                    prediction: Prediction = Prediction.EPS, weights=None, *,
+                    learn_sigma: bool = False, vlb_weight: float = 0.0):
+  """Per-example training loss: L_simple, or L_hybrid for a learned-variance network.
 
-  denoise_fn(x_t, t) -> network output. For eps prediction this is eq. (14) exactly; for
-  x_0 and v predictions the same squared error is taken against that target. `weights` [T]
-  (`loss_weights`), if given, scales each example's error by its timestep's weight.
+  L_simple (DDPM eq. 14): mean over pixels of |target - net(x_t, t)|^2; for an eps network
+  exactly eq. (14), for x_0 and v networks the same squared error against that target.
+  `weights` [T] (`loss_weights`), if given, scales each example's error by its timestep's weight.
+  With `learn_sigma`, L_hybrid = L_simple + lambda L_vlb (Improved DDPM eq. 16; lambda =
+  `vlb_weight`, 0.001 in the paper), where L_vlb = T L_{t-1} estimates the bound's sum over t
+  from this example's t, in bits/dim, and sees the predicted mean through a stop-gradient so
+  that it trains only the variance (their Sec. 3.1); images must be on the 8-bit grid.
   """
   x_t = q_sample(schedule, x0, t, eps)
-  output = denoise_fn(x_t, t)
+  output, variance_output = split_output(denoise_fn(x_t, t), learn_sigma)
   target = training_target(schedule, x0, t, eps, prediction)
   if output.shape != target.shape:
     raise ValueError(f"Network output shape {output.shape} != target shape {target.shape}.")
   losses = mean_flat(jnp.square(target.astype(jnp.float32) - output.astype(jnp.float32)))
-  return losses if weights is None else losses * jnp.asarray(weights, jnp.float32)[t]
+  if weights is not None:
+    losses = losses * jnp.asarray(weights, jnp.float32)[t]
+  if not learn_sigma:
+    return losses
+  vlb = vlb_terms(schedule, x0, x_t, t, jax.lax.stop_gradient(output.astype(jnp.float32)),
+                  prediction=prediction, variance=Variance.LEARNED,
+                  variance_output=variance_output)
+  return losses + vlb_weight * schedule.num_timesteps * vlb
 
 
 def sample_timesteps(rng: jax.Array, batch_size: int, num_timesteps: int) -> jnp.ndarray:

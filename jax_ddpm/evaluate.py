@@ -21,6 +21,9 @@ Protocol (written into every result file, so a number never travels without it):
      (`metrics.kernel_inception_distance`, eval.kid_subsets of eval.kid_subset_size).
 The DDPM paper reports FID of 50,000 samples against the CIFAR-10 training set.
 
+With eval.bits_per_dim, also the negative log-likelihood bound of real images in bits/dim
+(likelihood.py; DDPM Table 2's "NLL Test"), written to `workdir/eval/<step>_bits_per_dim_<split>.json`.
+
 Feature extraction is one compiled program per feature network, the batch sharded over the
 device mesh; every process computes, process 0 writes `workdir/eval/<samples>_<net>_<N>.json`
 (<samples>: <step>_<sampler>_<network calls>[_w<guidance scale>], the name of sample mode's
@@ -40,8 +43,9 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from jax_ddpm import (config_checks, errors, feature_classifier, fid_weights, files, input_pipeline,
-                      manifold, metrics, parallel, sample_mode, summaries)
+from jax_ddpm import (builders, config_checks, errors, feature_classifier, fid_weights, files,
+                      input_pipeline, likelihood, manifold, metrics, parallel, sample_mode, state,
+                      summaries)
 from jax_ddpm.models import inception
 
 FEATURE_NETS = ("inception", "classifier")
@@ -163,10 +167,21 @@ def validate(config, mesh: jax.sharding.Mesh) -> None:
   if ev.feature_net not in FEATURE_NETS:
     raise errors.ConfigError(f"Unknown eval.feature_net {ev.feature_net!r}; allowed values: "
                      f"{list(FEATURE_NETS)}.")
-  if not isinstance(ev.num_samples, int) or ev.num_samples <= 0:
-    raise errors.ConfigError(f"eval.num_samples must be a positive integer, got {ev.num_samples!r}.")
-  metrics.check_full_rank_possible(ev.num_samples, FEATURE_DIMS[ev.feature_net],
-                                   f"eval.num_samples={ev.num_samples}")
+  if not isinstance(ev.num_samples, int) or ev.num_samples < 0 or (
+      ev.num_samples == 0 and not ev.bits_per_dim):
+    raise errors.ConfigError(f"eval.num_samples must be a positive integer (or 0 with "
+                             f"eval.bits_per_dim=True), got {ev.num_samples!r}.")
+  if ev.num_samples:
+    metrics.check_full_rank_possible(ev.num_samples, FEATURE_DIMS[ev.feature_net],
+                                     f"eval.num_samples={ev.num_samples}")
+  if ev.bits_per_dim:
+    if not isinstance(ev.bpd_images, int) or ev.bpd_images < 0:
+      raise errors.ConfigError(f"eval.bpd_images must be an integer >= 0 (0: the whole split), "
+                               f"got {ev.bpd_images!r}.")
+    try:
+      likelihood.strata(config.diffusion.num_timesteps, ev.bpd_timesteps)
+    except (ValueError, TypeError) as error:
+      raise errors.ConfigError(str(error)) from None
   if ev.batch_size <= 0 or ev.batch_size % mesh.size:
     raise errors.ConfigError(f"eval.batch_size={ev.batch_size} must be a positive multiple of the "
                      f"number of devices, {mesh.size}.")
@@ -239,14 +254,48 @@ def _draw_samples(config, workdir: str, step: Optional[int], mesh):
 
 
 def evaluate(config, workdir: str, step: Optional[int] = None) -> dict:
-  """--mode=eval; returns the results written to workdir/eval/<name>.json."""
+  """--mode=eval; returns the results written to workdir/eval/<name>.json: sample quality
+  (eval.num_samples > 0) and the bound in bits/dim (eval.bits_per_dim)."""
   mesh = parallel.data_mesh()
   validate(config, mesh)
   ev = config.eval
-  if not ev.samples:
+  if not ev.samples or ev.bits_per_dim:
     config_checks.validate_model_and_diffusion(config)
-    sample_mode.check_sampling_request(config.sampling, mesh)
   # Every user-named file is read before sampling or compiling: a bad one fails in seconds.
+  bpd_source = None
+  if ev.bits_per_dim:
+    bpd_source = input_pipeline.create_split_source(
+        config.data, ev.bpd_split, labels=config.model.num_classes is not None)
+    input_pipeline.check_source_shape(bpd_source, config.data)
+  results = {}
+  if ev.num_samples:
+    results.update(sample_quality(config, workdir, step, mesh))
+  if ev.bits_per_dim:
+    results.update(_likelihood(config, workdir, step, mesh, bpd_source))
+  return results
+
+
+def _likelihood(config, workdir: str, step: Optional[int], mesh, source) -> dict:
+  """The bound in bits/dim of the checkpoint's eval.bpd_split, written as its own JSON."""
+  eval_graphdef, train_state, step = state.load_checkpoint(config, workdir, step)
+  params = train_state.ema_params if config.sampling.use_ema else train_state.params
+  started = time.perf_counter()
+  results = likelihood.evaluate_bits_per_dim(config, eval_graphdef, params,
+                                             builders.schedule(config), mesh, source)
+  results.update({"bpd_seconds": time.perf_counter() - started, "protocol.step": step,
+                  "protocol.use_ema": bool(config.sampling.use_ema),
+                  "protocol.variance": likelihood.bound_options(config).variance.value,
+                  "bpd_split": config.eval.bpd_split, "data.source": config.data.source})
+  if jax.process_index() == 0:
+    _write_results(workdir, results, f"{step}_bits_per_dim_{config.eval.bpd_split}")
+  return results
+
+
+def sample_quality(config, workdir: str, step: Optional[int], mesh) -> dict:
+  """FID (or feature distance) and the other sample scores of the module docstring."""
+  ev = config.eval
+  if not ev.samples:
+    sample_mode.check_sampling_request(config.sampling, mesh)
   extractor = create_extractor(config, workdir, mesh)
   reference = saved_reference(config, workdir, extractor)
   if ev.samples:
@@ -352,7 +401,7 @@ def _write_results(workdir: str, results: dict, name: str) -> None:
   writer = summaries.create_writer(workdir, just_logging=jax.process_index() > 0)
   scalars = {f"eval/{k}": v for k, v in results.items()
              if k in ("fid", "feature_distance", "inception_score", "classifier_score",
-                      "class_accuracy",
+                      "class_accuracy", "bits_per_dim",
                       "precision", "recall", "density", "coverage", "kid")}
   writer.write_scalars(step, scalars)
   writer.flush()

@@ -68,11 +68,12 @@ class Conditioning:
 
 
 def guide(denoise_fn: Callable, y: jax.Array, guidance_scale: float,
-          num_classes: int) -> Callable:
+          num_classes: int, learn_sigma: bool = False) -> Callable:
   """denoise(x_t, t) of the guided model D_w above, from a conditional denoise_fn(x_t, t, y).
 
   w = 1 and w = 0 call the network once; any other w evaluates the conditional and the
-  unconditional branch in one forward pass over a doubled batch.
+  unconditional branch in one forward pass over a doubled batch. A learned-variance network's
+  variance channels (learn_sigma) are the conditional branch's, unguided, as in GLIDE.
   """
   null = jnp.full_like(y, null_label(num_classes))
   if guidance_scale == 1:
@@ -84,6 +85,10 @@ def guide(denoise_fn: Callable, y: jax.Array, guidance_scale: float,
     both = denoise_fn(jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]),
                       jnp.concatenate([y, null]))
     conditional, unconditional = jnp.split(both, 2)
-    return unconditional + guidance_scale * (conditional - unconditional)
+    guided_output = unconditional + guidance_scale * (conditional - unconditional)
+    if learn_sigma:
+      channels = conditional.shape[-1] // 2
+      return jnp.concatenate([guided_output[..., :channels], conditional[..., channels:]], -1)
+    return guided_output
 
   return guided

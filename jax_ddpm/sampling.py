@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Callable, NamedTuple, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -31,7 +32,8 @@ class Samples(NamedTuple):
 
 def make_sample_fn(eval_graphdef: nnx.GraphDef, schedule: DiffusionSchedule,
                    shape: tuple[int, ...], mesh: jax.sharding.Mesh, sampler: samplers.Sampler,
-                   *, prediction: str = "eps", thresholding: str = "static",
+                   *, prediction: str = "eps", learn_sigma: bool = False,
+                   thresholding: str = "static",
                    threshold_percentile: float = 0.995, num_frames: int = 0,
                    conditioning: Optional[guidance.Conditioning] = None) -> Callable:
   """A jitted fn(params, rng) -> Samples of `shape`, the batch sharded over the mesh.
@@ -41,7 +43,7 @@ def make_sample_fn(eval_graphdef: nnx.GraphDef, schedule: DiffusionSchedule,
   compile; `builders.sampling_options(config)` gives the keyword arguments of a run config.
   """
   sharding = parallel.batch_sharding(mesh)
-  options = dict(prediction=prediction, thresholding=thresholding,
+  options = dict(prediction=prediction, learn_sigma=learn_sigma, thresholding=thresholding,
                  threshold_percentile=threshold_percentile, num_frames=num_frames,
                  sharding=sharding)
 
@@ -51,13 +53,14 @@ def make_sample_fn(eval_graphdef: nnx.GraphDef, schedule: DiffusionSchedule,
     if conditioning is not None:
       labels = conditioning.batch_labels(jax.random.fold_in(rng, LABEL_STREAM), shape[0])
       denoise = guidance.guide(lambda x_t, t, y: model(x_t, t, y), labels,
-                               conditioning.guidance_scale, conditioning.num_classes)
+                               conditioning.guidance_scale, conditioning.num_classes, learn_sigma)
     output = samplers.run(sampler, denoise, schedule, shape, rng, **options)
     images, trajectory = output if num_frames else (output, None)
     return Samples(images, labels, trajectory)
 
-  jax.eval_shape(lambda: samplers.run(sampler, lambda x_t, t: x_t, schedule, shape,
-                                      jax.random.key(0), **options))
+  stand_in = lambda x_t, t: jnp.concatenate([x_t] * (2 if learn_sigma else 1), axis=-1)
+  jax.eval_shape(lambda: samplers.run(sampler, stand_in, schedule, shape, jax.random.key(0),
+                                      **options))
   return jax.jit(sample, out_shardings=None)
 
 

@@ -84,6 +84,7 @@ class DiffusionSchedule:
   posterior_mean_coef1: jnp.ndarray
   posterior_mean_coef2: jnp.ndarray
   fixed_large_log_variance: jnp.ndarray
+  log_betas: jnp.ndarray
   num_timesteps: int = flax.struct.field(pytree_node=False)
 
 
@@ -119,6 +120,8 @@ def coefficient_table(betas: np.ndarray) -> dict[str, np.ndarray]:
       # DDPM Sec. 3.2, sigma_t^2 = beta_t ("fixed large"); the original code takes
       # posterior_variance[1] at index 0 so that the last step adds little noise.
       "fixed_large_log_variance": np.log(np.append(posterior_variance[1], betas[1:])),
+      # The upper end of a learned variance's range (Nichol & Dhariwal 2021, eq. 15).
+      "log_betas": np.log(betas),
   }
 
 

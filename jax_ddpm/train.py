@@ -58,7 +58,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.
     model = nnx.merge(graphdef, params)
     rngs = nnx.Rngs(dropout=dropout_key)
     losses = diffusion.training_losses(schedule, lambda x_t, t: model(x_t, t, y, rngs=rngs), x0,
-                                       t, eps, options.prediction, options.loss_weights)
+                                       t, eps, options.prediction, options.loss_weights,
+                                       learn_sigma=options.learn_sigma,
+                                       vlb_weight=options.vlb_weight)
     loss = jnp.mean(losses)
     injected = options.inject_nonfinite_at_steps
     if injected:  # fault injection (tests): a NaN loss, hence NaN gradients, at these steps

@@ -53,6 +53,22 @@ def test_guidance_one_is_the_conditional_zero_the_unconditional_and_others_one_c
   np.testing.assert_allclose(guided, expected, rtol=0, atol=1e-6)
 
 
+def test_guidance_leaves_a_learned_variance_to_the_conditional_branch():
+  """2C outputs: the first C channels are guided, the variance channels are the conditional's."""
+  def denoise(x_t, t, y):
+    return jnp.concatenate([x_t * (1.0 + y[:, None]), x_t + 10.0 * y[:, None]], axis=-1)
+
+  x_t = jax.random.normal(jax.random.key(1), (8, 2))
+  t = jnp.full((8,), 500, jnp.int32)
+  y = jnp.ones((8,), jnp.int32)
+  guided = np.asarray(guidance.guide(denoise, y, 3.0, 2, learn_sigma=True)(x_t, t))
+  conditional, unconditional = (np.asarray(denoise(x_t, t, labels))
+                                for labels in (y, jnp.full_like(y, NULL)))
+  np.testing.assert_allclose(guided[:, :2], unconditional[:, :2] + 3.0 * (
+      conditional[:, :2] - unconditional[:, :2]), atol=1e-5)
+  np.testing.assert_array_equal(guided[:, 2:], conditional[:, 2:])
+
+
 def guided_samples(w):
   y = jnp.zeros((NUM_SAMPLES,), jnp.int32)  # every sample asks for class 0, mean (-0.5, 0)
   denoise = guidance.guide(mixture_denoiser(), y, w, 2)

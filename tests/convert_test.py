@@ -66,6 +66,22 @@ def test_small_unet_matches_diffusers_after_import(tmp_path):
   assert max_error <= 1e-4, max_error
 
 
+def test_a_learned_variance_unet_with_2c_outputs_imports_exactly(tmp_path):
+  """Improved DDPM's layout (out_channels = 2C) matches a learn_sigma run config."""
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from jax_ddpm import builders  # pylint: disable=g-import-not-at-top
+  torch_model = save_random_diffusers_unet(tmp_path, dict(SMALL_DIFFUSERS, out_channels=6))
+  run_config = tiny.get_config()
+  run_config.data.channels, run_config.model.learn_sigma = 3, True
+  run_config.model.ch, run_config.model.ch_mult = 32, (1, 2, 2)
+  run_config.model.attn_resolutions, run_config.model.dropout = (8,), 0.0
+  config, params = convert.load_diffusers_unet(str(tmp_path), builders.unet_config(run_config))
+  assert config.out_channels == 6
+  assert convert.config_differences(builders.unet_config(run_config), config) == []
+  max_error, scale = compare_outputs(torch_model, config, params, batch=2, seed=3)
+  assert scale > 1.0 and max_error <= 1e-4, max_error
+
+
 def test_cifar10_unet_matches_diffusers_after_import(tmp_path):
   """The full 35.7M network of the DDPM paper (about 40 s on a 2-core CPU)."""
   torch_model = save_random_diffusers_unet(tmp_path, CIFAR10_DIFFUSERS)

@@ -190,6 +190,39 @@ def test_ddim_with_all_steps_and_eta_one_follows_the_ddpm_trajectory():
   assert np.all(x0_error <= 1e-4 * magnification), (x0_error / magnification).max()
 
 
+def with_variance_channels(v):
+  """nonlinear_eps with a learned-variance network's second half set to the raw value v."""
+  return lambda x_t, t: jnp.concatenate([nonlinear_eps(x_t, t), jnp.full_like(x_t, v)], -1)
+
+
+@pytest.mark.parametrize("v, fixed", [(-1.0, "fixed_small"), (1.0, "fixed_large")])
+def test_learned_variance_at_its_ends_samples_as_the_fixed_variance(v, fixed):
+  """Improved DDPM eq. (15): v = 0 (raw -1) is beta~_t, v = 1 (raw +1) is beta_t."""
+  shape, rng = (3, 4, 4, 1), jax.random.key(8)
+  learned = samplers.ddpm_sample(with_variance_channels(v), SCHEDULE, shape, rng,
+                                 variance="learned", learn_sigma=True)
+  fixed = samplers.ddpm_sample(nonlinear_eps, SCHEDULE, shape, rng, variance=fixed)
+  np.testing.assert_allclose(learned, fixed, atol=2e-5, rtol=0)
+
+
+def test_ddim_with_learned_variance_is_ddim_at_beta_tilde_and_ddpm_with_every_step():
+  shape, rng = (3, 4, 4, 1), jax.random.key(9)
+  at_beta_tilde = samplers.ddim_sample(with_variance_channels(-1.0), SCHEDULE, shape, rng,
+                                       num_steps=25, eta=0.7, learned_variance=True,
+                                       learn_sigma=True)
+  eq_16 = samplers.ddim_sample(nonlinear_eps, SCHEDULE, shape, rng, num_steps=25, eta=0.7)
+  np.testing.assert_allclose(at_beta_tilde, eq_16, atol=2e-5, rtol=0)
+  _, ddpm = samplers.ddpm_sample(with_variance_channels(0.3), SCHEDULE, shape, rng,
+                                 variance="learned", learn_sigma=True, num_frames=20)
+  _, ddim = samplers.ddim_sample(with_variance_channels(0.3), SCHEDULE, shape, rng,
+                                 num_steps=1000, eta=1.0, learned_variance=True,
+                                 learn_sigma=True, num_frames=20)
+  np.testing.assert_allclose(ddim.x_t, ddpm.x_t, atol=1e-4, rtol=0)
+  _, fixed = samplers.ddpm_sample(nonlinear_eps, SCHEDULE, shape, rng, variance="fixed_small",
+                                  num_frames=20)
+  assert np.abs(np.asarray(fixed.x_t) - np.asarray(ddpm.x_t)).max() > 1e-2  # v mattered
+
+
 def test_ddim_eta_zero_is_deterministic_given_initial_noise():
   noise = jax.random.normal(jax.random.key(3), (2, 4, 4, 1))
   first = samplers.ddim_sample(nonlinear_eps, SCHEDULE, noise.shape, jax.random.key(4),
@@ -279,7 +312,9 @@ def test_bad_ddim_arguments_fail_before_tracing(kwargs, message):
 
 def test_bad_ddpm_arguments_fail_before_tracing():
   denoise = CountingDenoiser()
-  with pytest.raises(ValueError, match=r"Unknown variance 'learned'.*fixed_small.*fixed_large"):
+  with pytest.raises(ValueError, match=r"Unknown variance 'huge'.*fixed_small.*fixed_large"):
+    samplers.ddpm_sample(denoise, SCHEDULE, (1, 2), jax.random.key(0), variance="huge")
+  with pytest.raises(ValueError, match=r"learned variance, but the network does not output one"):
     samplers.ddpm_sample(denoise, SCHEDULE, (1, 2), jax.random.key(0), variance="learned")
   with pytest.raises(ValueError, match=r"initial_noise has shape \(3, 2\), expected \(1, 2\)"):
     samplers.ddpm_sample(denoise, SCHEDULE, (1, 2), jax.random.key(0),

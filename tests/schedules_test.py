@@ -55,6 +55,7 @@ def reference_table(betas):
   variance = table["posterior_variance"]
   table["posterior_log_variance_clipped"] = np.log(np.concatenate([[variance[1]], variance[1:]]))
   table["fixed_large_log_variance"] = np.log(np.concatenate([[variance[1]], betas[1:]]))
+  table["log_betas"] = np.log(betas)
   return table
 
 

@@ -55,10 +55,11 @@ def ddpm_sample(denoise_fn: Callable, schedule: DiffusionSchedule, shape: Sequen
 
 def ddim_sample(denoise_fn: Callable, schedule: DiffusionSchedule, shape: Sequence[int],
                 rng: jax.Array, *, num_steps: int = 50, eta: float = 0.0,
-                spacing: Spacing | str = "uniform", initial_noise: Optional[jnp.ndarray] = None,
-                **options):
-  """`run` with DDIM(num_steps, eta, spacing); options as `run`."""
-  return run(DDIM(num_steps=num_steps, eta=eta, spacing=spacing), denoise_fn, schedule, shape,
+                spacing: Spacing | str = "uniform", learned_variance: bool = False,
+                initial_noise: Optional[jnp.ndarray] = None, **options):
+  """`run` with DDIM(num_steps, eta, spacing, learned_variance); options as `run`."""
+  return run(DDIM(num_steps=num_steps, eta=eta, spacing=spacing,
+                  learned_variance=learned_variance), denoise_fn, schedule, shape,
              rng, initial_noise=initial_noise, **options)
 
 

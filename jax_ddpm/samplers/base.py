@@ -159,17 +159,24 @@ class Sampler(abc.ABC):
   def uses_noise(self) -> bool:
     return False
 
+  @property
+  def uses_learned_variance(self) -> bool:
+    """Whether `step` needs a learned-variance network's variance_output."""
+    return False
+
   def init_state(self, x_T) -> Any:
     """The scan state the sampler keeps across steps (none by default)."""
     return ()
 
   @abc.abstractmethod
-  def step(self, schedule: DiffusionSchedule, x_t, x0, eps, t, t_next, index, noise, state):
+  def step(self, schedule: DiffusionSchedule, x_t, x0, eps, t, t_next, index, noise, state,
+           variance_output):
     """x_t -> x_{t_next}; returns (x_next, state).
 
     t, t_next: [B] int32 indices, t_next = -1 for the data; x0, eps: the thresholded
     predictions at (x_t, t); index: the step's position in the run (0 first); noise: N(0, I)
-    of x_t's shape, or None unless `uses_noise`.
+    of x_t's shape, or None unless `uses_noise`; variance_output: a learned-variance network's
+    raw variance channels at (x_t, t) (diffusion.split_output), or None.
     """
 
 
@@ -204,10 +211,10 @@ def _record(frames, slot, x_t, x0):
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "sampler", "denoise_fn", "shape", "timesteps", "prediction", "thresholding", "percentile",
-    "num_frames", "sharding"))
+    "sampler", "denoise_fn", "shape", "timesteps", "prediction", "learn_sigma", "thresholding",
+    "percentile", "num_frames", "sharding"))
 def _run(sampler, denoise_fn, schedule, shape, rng, initial_noise, *, timesteps, prediction,
-         thresholding, percentile, num_frames, sharding):
+         learn_sigma, thresholding, percentile, num_frames, sharding):
   x_t, rng_steps = _initial_state(rng, shape, initial_noise, sharding)
   timesteps = np.asarray(timesteps, np.int32)
   following = np.append(timesteps[1:], -1).astype(np.int32)
@@ -220,11 +227,12 @@ def _run(sampler, denoise_fn, schedule, shape, rng, initial_noise, *, timesteps,
     x_t, state, frames = carry
     t, t_next, index, slot = xs
     t_batch, t_next_batch = (jnp.full((shape[0],), v, jnp.int32) for v in (t, t_next))
-    x0, eps = denoised(schedule, x_t, t_batch, denoise_fn(x_t, t_batch), prediction=prediction,
+    output, variance_output = diffusion.split_output(denoise_fn(x_t, t_batch), learn_sigma)
+    x0, eps = denoised(schedule, x_t, t_batch, output, prediction=prediction,
                        thresholding=thresholding, percentile=percentile)
     noise = _step_noise(rng_steps, t, shape, sharding) if sampler.uses_noise else None
     x_next, state = sampler.step(schedule, x_t, x0, eps, t_batch, t_next_batch, index, noise,
-                                 state)
+                                 state, variance_output)
     return (x_next, state, _record(frames, slot, x_t, x0)), None
 
   xs = tuple(jnp.asarray(v) for v in (timesteps, following, np.arange(len(timesteps)), slots))
@@ -236,7 +244,8 @@ def _run(sampler, denoise_fn, schedule, shape, rng, initial_noise, *, timesteps,
 
 def run(sampler: Sampler, denoise_fn: Callable, schedule: DiffusionSchedule,
         shape: Sequence[int], rng: jax.Array, *, prediction: Prediction | str = "eps",
-        thresholding: Thresholding | str = "static", threshold_percentile: float = 0.995,
+        learn_sigma: bool = False, thresholding: Thresholding | str = "static",
+        threshold_percentile: float = 0.995,
         initial_noise: Optional[jnp.ndarray] = None, num_frames: int = 0,
         sharding: Optional[jax.sharding.Sharding] = None):
   """Samples with `sampler`, one `lax.scan` over its timesteps.
@@ -248,6 +257,8 @@ def run(sampler: Sampler, denoise_fn: Callable, schedule: DiffusionSchedule,
     shape: [B, H, W, C] of the samples.
     rng: PRNG key; see the module docstring for how it is used.
     prediction: what denoise_fn predicts: "eps", "x0" or "v".
+    learn_sigma: denoise_fn outputs 2C channels, the prediction and its variance's raw v
+      (Improved DDPM eq. 15), which samplers that add noise may use (their `variance` options).
     thresholding: "none", "static" (clip x_0 to [-1, 1]) or "dynamic" (`threshold_x0`).
     threshold_percentile: the quantile of |x_0| that dynamic thresholding scales by, in (0, 1].
     initial_noise: x_T to start from instead of drawing it from rng.
@@ -268,9 +279,12 @@ def run(sampler: Sampler, denoise_fn: Callable, schedule: DiffusionSchedule,
   thresholding = parse_enum(Thresholding, thresholding, "thresholding")
   if not 0.0 < float(threshold_percentile) <= 1.0:
     raise ValueError(f"threshold_percentile must be in (0, 1], got {threshold_percentile!r}.")
+  if sampler.uses_learned_variance and not learn_sigma:
+    raise ValueError(f"{sampler} uses a learned variance, but the network does not output one "
+                     "(learn_sigma=False; model.learn_sigma in a run config).")
   timesteps = tuple(int(t) for t in sampler.timesteps(schedule))
   frame_slots(len(timesteps), num_frames)
   return _run(sampler, denoise_fn, schedule, shape, rng, initial_noise, timesteps=timesteps,
-              prediction=prediction, thresholding=thresholding,
+              prediction=prediction, learn_sigma=bool(learn_sigma), thresholding=thresholding,
               percentile=float(threshold_percentile), num_frames=int(num_frames),
               sharding=sharding)

@@ -13,26 +13,30 @@ from jax_ddpm.samplers import base
 from jax_ddpm.schedules import DiffusionSchedule
 
 
-def ddpm_update(schedule: DiffusionSchedule, x_t, x0, t, noise, variance: Variance):
+def ddpm_update(schedule: DiffusionSchedule, x_t, x0, t, noise, variance: Variance,
+                variance_output=None):
   """x_{t-1} = posterior mean at the predicted x_0 (eq. 7) + sigma_t z, Algorithm 2 line 4.
 
-  sigma_t^2 is beta~_t ("fixed_small") or beta_t ("fixed_large"), DDPM Sec. 3.2; no noise is
-  added at t = 0.
+  sigma_t^2 is beta~_t ("fixed_small") or beta_t ("fixed_large"), DDPM Sec. 3.2, or the
+  network's interpolation of the two ("learned", Improved DDPM eq. 15, from variance_output);
+  no noise is added at t = 0.
   """
   mean, log_variance, _ = diffusion.p_mean_variance(
-      schedule, x_t, t, x0, prediction=Prediction.X0, variance=variance, clip_denoised=False)
+      schedule, x_t, t, x0, prediction=Prediction.X0, variance=variance, clip_denoised=False,
+      variance_output=variance_output)
   nonzero = (t > 0).astype(x_t.dtype).reshape((-1,) + (1,) * (x_t.ndim - 1))
   return mean + nonzero * jnp.exp(0.5 * log_variance) * noise
 
 
 def ddpm_step(schedule: DiffusionSchedule, output, x_t, t, noise, *, variance: Variance | str,
               prediction: Prediction | str, thresholding: base.Thresholding | str = "static",
-              threshold_percentile: float = 0.995):
+              threshold_percentile: float = 0.995, learn_sigma: bool = False):
   """One ancestral step from the network output; returns (x_{t-1}, predicted x_0)."""
+  output, variance_output = diffusion.split_output(output, learn_sigma)
   x0, _ = base.denoised(schedule, x_t, t, output, prediction=Prediction(prediction),
                         thresholding=base.Thresholding(thresholding),
                         percentile=threshold_percentile)
-  return ddpm_update(schedule, x_t, x0, t, noise, Variance(variance)), x0
+  return ddpm_update(schedule, x_t, x0, t, noise, Variance(variance), variance_output), x0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +44,8 @@ class DDPM(base.Sampler):
   """Ancestral sampling, Algorithm 2, visiting every t from T - 1 down to 0.
 
   variance: "fixed_large" (beta_t, the original CIFAR-10 choice and sampling.variance's
-    default) or "fixed_small" (beta~_t, which DDIM with eta = 1 and S = T reproduces).
+    default), "fixed_small" (beta~_t, which DDIM with eta = 1 and S = T reproduces) or
+    "learned" (the network's, Improved DDPM eq. 15).
   """
   name = "ddpm"
   variance: Variance = Variance.FIXED_LARGE
@@ -56,8 +61,12 @@ class DDPM(base.Sampler):
   def uses_noise(self) -> bool:
     return True
 
+  @property
+  def uses_learned_variance(self) -> bool:
+    return self.variance == Variance.LEARNED
+
   def timesteps(self, schedule: DiffusionSchedule) -> np.ndarray:
     return np.arange(schedule.num_timesteps - 1, -1, -1, dtype=np.int32)
 
-  def step(self, schedule, x_t, x0, eps, t, t_next, index, noise, state):
-    return ddpm_update(schedule, x_t, x0, t, noise, self.variance), state
+  def step(self, schedule, x_t, x0, eps, t, t_next, index, noise, state, variance_output):
+    return ddpm_update(schedule, x_t, x0, t, noise, self.variance, variance_output), state

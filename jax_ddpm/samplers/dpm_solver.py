@@ -66,7 +66,7 @@ class DPMSolverPP2M(base.Sampler):
     """(the previous step's x_0 prediction, the previous step's h)."""
     return jnp.zeros_like(x_T), jnp.zeros((), jnp.float32)
 
-  def step(self, schedule, x_t, x0, eps, t, t_next, index, noise, state):
+  def step(self, schedule, x_t, x0, eps, t, t_next, index, noise, state, variance_output):
     x0_previous, h_previous = state
     sigma_ratio, alpha_next, exp_neg_h, h = step_coefficients(schedule, t, t_next, x_t.ndim)
     h = h.reshape(-1)[0]  # every sample of the batch is at the same t
