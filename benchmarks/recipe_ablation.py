@@ -38,6 +38,7 @@ VARIANTS = {
     "ema_0.995": {"optim.ema_decay": 0.995},
     "batch_64": {"training.batch_size": 64},
     "width_48": {"model.ch": 48},
+    "bfloat16": {"model.compute_dtype": "bfloat16"},
 }
 
 

@@ -26,7 +26,7 @@ With eval.bits_per_dim, also the negative log-likelihood bound of real images in
 
 Feature extraction is one compiled program per feature network, the batch sharded over the
 device mesh; every process computes, process 0 writes `workdir/eval/<samples>_<net>_<N>.json`
-(<samples>: <step>_<sampler>_<network calls>[_w<guidance scale>], the name of sample mode's
+(<samples>: <step>_<sampler>_<network calls>[_<options>][_w<guidance scale>], the name of sample mode's
 directory for the same settings, or the given file's name) and CLU scalars.
 """
 

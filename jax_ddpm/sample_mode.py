@@ -23,8 +23,9 @@ from jax_ddpm import (builders, config_checks, errors, files, image_io, parallel
 class Program:
   """A checkpoint's weights and the compiled program that draws batches from them.
 
-  name: <step>_<sampler>_<network calls>, with _w<guidance scale> for a conditional model: the
-    samples' directory and eval's result names.
+  name: <step>_<sampler>_<network calls>, then the sampler's non-default options
+    (`Sampler.tags`: eta1, logsnr, learned, ...) and a non-static thresholding, and
+    _w<guidance scale> for a conditional model: the samples' directory and eval's result names.
   settings: everything that determines the images (config.sampling but num_samples, and the
     step); a resumed sample run must match it, and eval writes it into its results.
   """
@@ -53,7 +54,12 @@ def load_program(config, workdir: str, step: Optional[int], mesh: jax.sharding.M
   settings = sampling_config.to_dict()
   settings.pop("num_samples")  # asking for more (or fewer) images extends the same stream
   settings["step"] = step
-  name = f"{step}_{sampler.name}_{len(sampler.timesteps(schedule))}"
+  # Every choice that changes the images shows in the name, so that results of two settings
+  # never share a directory or an eval file.
+  thresholding = () if sampling_config.thresholding == "static" else (
+      str(sampling_config.thresholding),)
+  name = "_".join([str(step), sampler.name, str(len(sampler.timesteps(schedule))),
+                   *sampler.tags, *thresholding])
   if config.model.num_classes is not None:
     name += f"_w{sampling_config.guidance_scale:g}"
   return Program(sample_fn=sample_fn,

@@ -132,3 +132,14 @@ def test_the_registry_builds_each_sampler_from_its_config_keys():
     samplers.from_config(sampling)
   with pytest.raises(ValueError, match=r"order must be 1 or 2"):
     samplers.DPMSolverPP2M(order=3)
+
+
+def test_every_option_that_changes_the_images_shows_in_the_samplers_tags():
+  """Sample directories and eval results are named by these: two settings must not collide."""
+  assert samplers.DDIM().tags == () and samplers.DDPM().tags == ()
+  assert samplers.DDIM(eta=1.0).tags == ("eta1",)
+  assert samplers.DDIM(eta=0.5, spacing="quadratic", learned_variance=True).tags == (
+      "eta0.5", "quadratic", "learned")
+  assert samplers.DDIM(learned_variance=True).tags == ()  # eta 0 draws no noise to scale
+  assert samplers.DDPM(variance="fixed_small").tags == ("fixed_small",)
+  assert samplers.DPMSolverPP2M(spacing="logsnr", order=1).tags == ("logsnr", "order1")

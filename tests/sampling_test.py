@@ -106,6 +106,9 @@ def test_eval_draws_in_memory_the_images_sample_mode_writes(checkpoint_dir, samp
   images, labels = program.draw(10, 8)
   np.testing.assert_array_equal(images, written)
   assert labels is None
+  other = sample_mode.load_program(sample_config(eta=1.0, thresholding="dynamic"),
+                                   checkpoint_dir, None, parallel.data_mesh())
+  assert other.name == "1_ddim_4_eta1_dynamic"  # its samples and scores go elsewhere
 
 
 def test_other_settings_do_not_mix_into_an_existing_sample_directory(checkpoint_dir, sampled):

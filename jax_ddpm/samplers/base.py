@@ -164,6 +164,12 @@ class Sampler(abc.ABC):
     """Whether `step` needs a learned-variance network's variance_output."""
     return False
 
+  @property
+  def tags(self) -> tuple[str, ...]:
+    """Options that change the images, beyond the name and step count, as short words for
+    file names ("eta1", "logsnr"); empty at the defaults, so default names stay short."""
+    return ()
+
   def init_state(self, x_T) -> Any:
     """The scan state the sampler keeps across steps (none by default)."""
     return ()

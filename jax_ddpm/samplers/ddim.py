@@ -99,6 +99,12 @@ class DDIM(base.Sampler):
   def uses_learned_variance(self) -> bool:
     return self.learned_variance and self.eta > 0
 
+  @property
+  def tags(self) -> tuple[str, ...]:
+    return ((f"eta{self.eta:g}",) * (self.eta > 0)
+            + (self.spacing.value,) * (self.spacing != base.Spacing.UNIFORM)
+            + ("learned",) * self.uses_learned_variance)
+
   def timesteps(self, schedule: DiffusionSchedule) -> np.ndarray:
     return base.timestep_indices(schedule, self.num_steps, self.spacing)[::-1].copy()
 

@@ -65,6 +65,10 @@ class DDPM(base.Sampler):
   def uses_learned_variance(self) -> bool:
     return self.variance == Variance.LEARNED
 
+  @property
+  def tags(self) -> tuple[str, ...]:
+    return () if self.variance == Variance.FIXED_LARGE else (self.variance.value,)
+
   def timesteps(self, schedule: DiffusionSchedule) -> np.ndarray:
     return np.arange(schedule.num_timesteps - 1, -1, -1, dtype=np.int32)
 

@@ -55,6 +55,11 @@ class DPMSolverPP2M(base.Sampler):
     if self.order not in (1, 2):
       raise ValueError(f"order must be 1 or 2, got {self.order!r}.")
 
+  @property
+  def tags(self) -> tuple[str, ...]:
+    return ((self.spacing.value,) * (self.spacing != base.Spacing.UNIFORM)
+            + (f"order{self.order}",) * (self.order != 2))
+
   @classmethod
   def from_config(cls, sampling) -> "DPMSolverPP2M":
     return cls(num_steps=sampling.num_steps, spacing=sampling.spacing)
