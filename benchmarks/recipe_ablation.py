@@ -1,14 +1,15 @@
 """Which training recipe draws the best digits in the default run's budget: an ablation table.
 
   python benchmarks/recipe_ablation.py --root=/tmp/ablation --classifier=CLASSIFIER.npz \
-      --variants=default,min_snr,learned_sigma
+      --variants=default,min_snr,learned_sigma,default_eta1
 
 Each variant is configs/mnist.py with a few keys changed (VARIANTS). For each, the script runs the
 README's training command into ROOT/<variant> (timed; training.eval_every_steps = 0 so that every
 row pays for training only), then `--mode=eval` with the one classifier file given, so that every
 row is scored in the same features: the feature distance to the 5000 training digits, the
 classifier's score (its Inception-Score analogue, at most 10) and the histogram of predicted
-digits, for eval.num_samples images drawn by the config's own sampler (DDIM-50 by default).
+digits, for eval.num_samples images drawn by the config's own sampler (DDIM-50 by default; the
+SAMPLED_VARIANTS draw from a trained variant with other sampler settings, the same 50 calls).
 
 A variant whose checkpoint already exists is not trained again (its recorded time is reused), so an
 interrupted ablation resumes. ROOT/results.jsonl keeps one line per scored variant; --report prints
@@ -39,6 +40,13 @@ VARIANTS = {
     "batch_64": {"training.batch_size": 64},
     "width_48": {"model.ch": 48},
     "bfloat16": {"model.compute_dtype": "bfloat16"},
+}
+# Another sampler with the same 50 network calls, on a variant's trained checkpoint:
+# (trained variant, sampling overrides).
+SAMPLED_VARIANTS = {
+    "default_eta1": ("default", {"sampling.eta": 1.0}),
+    "min_snr_eta1": ("min_snr", {"sampling.eta": 1.0}),
+    "learned_sigma_eta1": ("learned_sigma", {"sampling.eta": 1.0, "sampling.variance": "learned"}),
 }
 
 
@@ -72,13 +80,14 @@ def train(name: str, root: str) -> float:
   return seconds
 
 
-def score(name: str, root: str, classifier: str, use_ema: bool = True) -> dict:
-  """`--mode=eval` of variant `name` in the classifier's features; the results JSON."""
+def score(name: str, root: str, classifier: str, sampling: dict) -> dict:
+  """`--mode=eval` of variant `name` in the classifier's features, drawn with the config's
+  sampler changed by `sampling`; the results JSON."""
   workdir = os.path.join(root, name)
   command = [sys.executable, "main.py", "--mode=eval", "--config=configs/mnist.py",
              f"--workdir={workdir}", f"--config.eval.classifier={classifier}",
-             f"--config.sampling.use_ema={use_ema}", *_flags(VARIANTS[name])]
-  _run(command, os.path.join(root, f"{name}_eval.log"))
+             *_flags(VARIANTS[name]), *_flags(sampling)]
+  _run(command, os.path.join(root, f"{name}{'_'.join([''] + sorted(sampling))}_eval.log"))
   eval_dir = os.path.join(workdir, "eval")
   newest = max((f for f in os.listdir(eval_dir) if f.endswith(".json")),
                key=lambda f: os.path.getmtime(os.path.join(eval_dir, f)))
@@ -109,17 +118,20 @@ def main():
   os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   if not args.report:
     names = args.variants.split(",")
-    unknown = [n for n in names if n not in VARIANTS]
+    unknown = [n for n in names if n not in VARIANTS and n not in SAMPLED_VARIANTS]
     if unknown:
-      parser.error(f"unknown variants {unknown}; allowed: {list(VARIANTS)}")
+      parser.error(f"unknown variants {unknown}; allowed: {list(VARIANTS)} and "
+                   f"{list(SAMPLED_VARIANTS)}")
     if not args.classifier or not os.path.exists(args.classifier):
       parser.error(f"--classifier must name an existing .npz, got {args.classifier!r}")
     os.makedirs(args.root, exist_ok=True)
     for name in names:
-      seconds = train(name, args.root)
-      results = score(name, args.root, os.path.abspath(args.classifier))
+      trained, sampling = SAMPLED_VARIANTS.get(name, (name, {}))
+      seconds = train(trained, args.root)
+      results = score(trained, args.root, os.path.abspath(args.classifier), sampling)
       with open(os.path.join(args.root, "results.jsonl"), "a") as f:
-        f.write(json.dumps({"variant": name, "overrides": _flags(VARIANTS[name]),
+        f.write(json.dumps({"variant": name,
+                            "overrides": _flags(VARIANTS[trained]) + _flags(sampling),
                             "seconds": seconds, "steps": results.get("protocol.step"),
                             **results}) + "\n")
   print(common.machine_description())

@@ -70,3 +70,21 @@ def test_misspelt_set_key_fails_before_any_measurement(monkeypatch, capsys):
   with pytest.raises(SystemExit):
     run.main(["--models", "tiny", "--set", "model.rematt=True"])
   assert 'Did you mean "remat"' in capsys.readouterr().err
+
+
+def test_recipe_ablation_refuses_unknown_variants_and_tabulates_its_results(tmp_path, capsys):
+  from benchmarks import recipe_ablation  # pylint: disable=g-import-not-at-top
+  command = [sys.executable, os.path.join(ROOT, "benchmarks", "recipe_ablation.py"),
+             f"--root={tmp_path}", "--variants=default,wider"]
+  failed = subprocess.run(command, capture_output=True, text=True, check=False)
+  assert failed.returncode == 2 and "unknown variants ['wider']" in failed.stderr
+  assert not os.listdir(tmp_path)  # nothing trained
+  row = {"variant": "min_snr_eta1", "overrides": ["--config.sampling.eta=1.0"], "seconds": 1000.0,
+         "steps": 3000, "feature_distance": 50.0, "classifier_score": 9.0, "precision": 0.7,
+         "recall": 0.9, "label_histogram": list(range(10))}
+  with open(tmp_path / "results.jsonl", "w") as f:
+    f.write(json.dumps(row) + "\n")
+  recipe_ablation.print_report(str(tmp_path))
+  table = capsys.readouterr().out
+  assert "| min_snr_eta1 | ['--config.sampling.eta=1.0'] | 1000" in table
+  assert "0 1 2 3 4 5 6 7 8 9" in table
