@@ -47,6 +47,9 @@ SAMPLED_VARIANTS = {
     "default_eta1": ("default", {"sampling.eta": 1.0}),
     "min_snr_eta1": ("min_snr", {"sampling.eta": 1.0}),
     "learned_sigma_eta1": ("learned_sigma", {"sampling.eta": 1.0, "sampling.variance": "learned"}),
+    "min_snr_eta1_quadratic": ("min_snr", {"sampling.eta": 1.0, "sampling.spacing": "quadratic"}),
+    "min_snr_eta1_logsnr": ("min_snr", {"sampling.eta": 1.0, "sampling.spacing": "logsnr"}),
+    "default_eta1_quadratic": ("default", {"sampling.eta": 1.0, "sampling.spacing": "quadratic"}),
 }
 
 
