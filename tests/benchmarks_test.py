@@ -79,12 +79,15 @@ def test_recipe_ablation_refuses_unknown_variants_and_tabulates_its_results(tmp_
   failed = subprocess.run(command, capture_output=True, text=True, check=False)
   assert failed.returncode == 2 and "unknown variants ['wider']" in failed.stderr
   assert not os.listdir(tmp_path)  # nothing trained
-  row = {"variant": "min_snr_eta1", "overrides": ["--config.sampling.eta=1.0"], "seconds": 1000.0,
+  overrides = ["--config.training.loss_weighting=min_snr", "--config.sampling.eta=1.0",
+               "--config.sampling.spacing=uniform"]  # stored as run: the earlier recipe's keys too
+  row = {"variant": "min_snr_eta1", "overrides": overrides, "seconds": 1000.0,
          "steps": 3000, "feature_distance": 50.0, "classifier_score": 9.0, "precision": 0.7,
          "recall": 0.9, "label_histogram": list(range(10))}
   with open(tmp_path / "results.jsonl", "w") as f:
     f.write(json.dumps(row) + "\n")
   recipe_ablation.print_report(str(tmp_path))
   table = capsys.readouterr().out
-  assert "| min_snr_eta1 | ['--config.sampling.eta=1.0'] | 1000" in table
+  # Only what differs from the earlier recipe shows.
+  assert "| min_snr_eta1 | training.loss_weighting=min_snr sampling.eta=1.0 | 1000" in table
   assert "0 1 2 3 4 5 6 7 8 9" in table
