@@ -14,7 +14,7 @@ spread shows in the reported standard error. The decoder term and the prior are 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -96,7 +96,7 @@ def bits_per_dim(terms_fn: Callable, params, schedule: DiffusionSchedule,
   edges = strata(schedule.num_timesteps, num_terms)
   widths = np.diff(edges).astype(np.float64)
   rng, key = np.random.default_rng(seed), jax.random.key(seed)
-  per_image, decoder_sum, kl_sum, prior_sum = [], 0.0, 0.0, 0.0
+  parts = []  # per batch: [3, images] of decoder, KL sum, prior
   prior_fn = jax.jit(lambda x0: diffusion.prior_bpd(schedule, x0))
   for start in range(0, count, batch_size):
     indices = np.arange(start, min(start + batch_size, count))
@@ -119,16 +119,15 @@ def bits_per_dim(terms_fn: Callable, params, schedule: DiffusionSchedule,
     for k, t in enumerate(stratified_timesteps(edges, batch_size, rng)):
       kl += widths[k] * term(t, k + 1)[:real]
     prior = _gathered(prior_fn(x0))[:real].astype(np.float64)
-    per_image.append(decoder + kl + prior)
-    decoder_sum, kl_sum, prior_sum = (decoder_sum + decoder.sum(), kl_sum + kl.sum(),
-                                      prior_sum + prior.sum())
+    parts.append(np.stack([decoder, kl, prior]))
     logging.log_every_n_seconds(logging.INFO, "Bits/dim: %d of %d images.", 60, start + real,
                                 count)
-  per_image = np.concatenate(per_image)
+  decoder, kl, prior = np.concatenate(parts, axis=1)
+  per_image = decoder + kl + prior
   return {"bits_per_dim": float(per_image.mean()),
           "bits_per_dim_se": float(per_image.std(ddof=1) / np.sqrt(count)) if count > 1 else 0.0,
-          "bpd_decoder": decoder_sum / count, "bpd_kl_terms": kl_sum / count,
-          "bpd_prior": prior_sum / count, "bpd_images": int(count),
+          "bpd_decoder": float(decoder.mean()), "bpd_kl_terms": float(kl.mean()),
+          "bpd_prior": float(prior.mean()), "bpd_images": int(count),
           "bpd_terms_per_image": int(len(widths))}
 
 
@@ -143,14 +142,12 @@ def bound_options(config) -> BoundOptions:
 
 def evaluate_bits_per_dim(config, eval_graphdef: nnx.GraphDef, params,
                           schedule: DiffusionSchedule, mesh: jax.sharding.Mesh,
-                          source: Optional[input_pipeline.ImageSource] = None) -> dict:
-  """--mode=eval's likelihood: eval.bpd_split of config.data (or `source`), eval.bpd_images
-  images, eval.bpd_timesteps KL terms per image, global batch eval.batch_size."""
+                          source: input_pipeline.ImageSource) -> dict:
+  """--mode=eval's likelihood of `source` (eval.bpd_split of config.data, checked by the
+  caller): eval.bpd_images images, eval.bpd_timesteps KL terms per image, global batch
+  eval.batch_size."""
   ev = config.eval
   conditional = config.model.num_classes is not None
-  if source is None:
-    source = input_pipeline.create_split_source(config.data, ev.bpd_split, labels=conditional)
-  input_pipeline.check_source_shape(source, config.data)
   terms_fn = make_terms_fn(eval_graphdef, schedule, mesh, bound_options(config))
   return bits_per_dim(terms_fn, params, schedule, source, mesh, batch_size=ev.batch_size,
                       num_images=ev.bpd_images, num_terms=ev.bpd_timesteps, seed=config.seed,
