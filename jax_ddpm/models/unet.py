@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jax_ddpm.models.group_norm import GroupNorm
+
 # The original network's initialiser: variance scaling, fan_avg, uniform (`default_init`);
 # its layers with init_scale 0 (last conv of each block, attention output, network output)
 # start at zero so that every residual branch is the identity at initialisation.
@@ -80,8 +82,8 @@ class UNetConfig:
     if not 0.0 <= self.dropout < 1.0:
       raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}.")
     if self.compute_dtype not in ("float32", "bfloat16"):
-      raise ValueError(f"model.compute_dtype must be 'float32' or 'bfloat16', "
-                       f"got {self.compute_dtype!r}.")
+      raise ValueError(f"model.compute_dtype must be 'float32' or 'bfloat16' (or 'auto' in a "
+                       f"run config), got {self.compute_dtype!r}.")
 
 
 def timestep_embedding(t: jax.Array, dim: int) -> jax.Array:
@@ -99,9 +101,10 @@ def swish(x):
   return jax.nn.silu(x)
 
 
-def group_norm(channels: int, num_groups: int, rngs: nnx.Rngs) -> nnx.GroupNorm:
-  return nnx.GroupNorm(channels, num_groups=num_groups, epsilon=GROUP_NORM_EPSILON,
-                       use_fast_variance=False, dtype=jnp.float32, rngs=rngs)
+def group_norm(channels: int, num_groups: int, rngs: nnx.Rngs) -> GroupNorm:
+  """GroupNorm in float32; `norm(x, swish=True)` is swish(GroupNorm(x)) with one backward."""
+  return GroupNorm(channels, num_groups=num_groups, epsilon=GROUP_NORM_EPSILON,
+                   use_fast_variance=False, dtype=jnp.float32, rngs=rngs)
 
 
 def conv3x3(in_ch, out_ch, dtype, rngs, *, init=default_init, strides=1, padding="SAME"):
@@ -130,9 +133,9 @@ class ResnetBlock(nnx.Module):
     self.shortcut = dense(in_ch, out_ch, dtype, rngs) if in_ch != out_ch else None
 
   def __call__(self, x, temb, rngs=None):
-    h = self.conv1(swish(self.norm1(x)))
+    h = self.conv1(self.norm1(x, swish=True))
     h = h + self.temb_proj(swish(temb))[:, None, None, :]
-    h = self.dropout(swish(self.norm2(h)), rngs=rngs)
+    h = self.dropout(self.norm2(h, swish=True), rngs=rngs)
     h = self.conv2(h)
     if self.shortcut is not None:
       x = self.shortcut(x)
@@ -313,7 +316,7 @@ class UNet(nnx.Module):
       if level.resample is not None:
         h = level.resample(h)
 
-    h = self.conv_out(swish(self.norm_out(h)))
+    h = self.conv_out(self.norm_out(h, swish=True))
     return h.astype(jnp.float32)
 
 
