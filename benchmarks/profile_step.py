@@ -169,11 +169,8 @@ def main(argv=None) -> None:
 
 def cpu_flags() -> str:
   """The vector-instruction flags of /proc/cpuinfo that matter to XLA's CPU code."""
-  try:
-    with open("/proc/cpuinfo") as f:
-      flags = next(line for line in f if line.startswith("flags")).split(":", 1)[1].split()
-  except (OSError, StopIteration):
-    return "unknown"
+  from jax_ddpm import host_devices  # pylint: disable=g-import-not-at-top
+  flags = host_devices.cpu_flags()
   wanted = ("avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
   return " ".join(flag for flag in wanted if flag in flags) or "none of " + ", ".join(wanted)
 

@@ -45,6 +45,7 @@ VARIANTS = {
     "batch_64": {**EARLIER, "training.batch_size": 64},
     "width_48": {**EARLIER, "model.ch": 48},
     "bfloat16": {**EARLIER, "model.compute_dtype": "bfloat16"},
+    "default_bfloat16": {"model.compute_dtype": "bfloat16"},
 }
 # Another sampler with the same 50 network calls, on a variant's trained checkpoint:
 # (trained variant, sampling overrides).

@@ -1,11 +1,13 @@
-"""Every shipped config validates on the suite's mesh, and the improved recipe is what it says."""
+"""Every shipped config validates on the suite's mesh, the improved recipe is what it says, and
+model.compute_dtype="auto" resolves by the hardware."""
 
 import importlib
 import os
 
 import pytest
 
-from jax_ddpm import builders, config_checks
+from configs import default
+from jax_ddpm import builders, config_checks, host_devices
 
 CONFIGS = sorted(name[:-3] for name in os.listdir(os.path.join(os.path.dirname(
     os.path.dirname(os.path.abspath(__file__))), "configs"))
@@ -28,3 +30,27 @@ def test_the_improved_cifar10_config_learns_its_variance_and_samples_with_it():
   assert builders.schedule(config).num_timesteps == 4000
   paper = cifar10.get_config()  # the DDPM paper's recipe stays as it was
   assert not paper.model.learn_sigma and paper.diffusion.schedule == "linear"
+
+
+def test_auto_compute_dtype_is_bfloat16_only_where_the_hardware_multiplies_it():
+  assert builders.compute_dtype("auto", "cpu", cpu_bfloat16=True) == "bfloat16"
+  assert builders.compute_dtype("auto", "cpu", cpu_bfloat16=False) == "float32"
+  assert builders.compute_dtype("auto", "tpu") == "bfloat16"
+  assert builders.compute_dtype("float32", "tpu") == "float32"  # an explicit choice stands
+
+
+def test_native_bfloat16_is_read_from_the_cpu_flags(tmp_path):
+  amx = tmp_path / "cpuinfo_amx"
+  amx.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f amx_bf16 amx_tile\n")
+  avx2 = tmp_path / "cpuinfo_avx2"
+  avx2.write_text("processor\t: 0\nflags\t\t: fpu avx avx2 fma\n")
+  assert host_devices.native_bfloat16(host_devices.cpu_flags(str(amx)))
+  assert not host_devices.native_bfloat16(host_devices.cpu_flags(str(avx2)))
+  assert host_devices.cpu_flags(str(tmp_path / "missing")) == frozenset()
+
+
+def test_auto_compute_dtype_builds_a_network_in_a_run_config():
+  config = default.get_config()
+  config.model.compute_dtype = "auto"
+  expected = "bfloat16" if host_devices.native_bfloat16() else "float32"
+  assert builders.unet_config(config).compute_dtype == expected
