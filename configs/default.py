@@ -41,6 +41,12 @@ Keys (override any on the command line: --config.training.batch_size=64):
   training.loss_weighting  uniform (DDPM eq. 14) | min_snr (Hang et al. 2023, .min_snr_gamma) |
                            p2 (Choi et al. 2022, .p2_gamma, .p2_k): the weight of each timestep's
                            squared error, for any diffusion.prediction (diffusion.loss_weights)
+  training.objective       simple: L_simple (DDPM eq. 14; + lambda L_vlb with model.learn_sigma, i.e.
+                           L_hybrid) | vlb: L_vlb alone, the bound's T L_t in bits/dim through mean
+                           and variance (Improved DDPM Sec. 3.3; needs model.learn_sigma)
+  training.timestep_sampling   uniform (DDPM Algorithm 1) | importance: t with p_t ~ sqrt(E[L_t^2])
+                           over each t's last 10 losses (Improved DDPM eq. 17; objective vlb only;
+                           jax_ddpm/timestep_sampling.py)
   training.nonfinite_policy   halt | skip: on a non-finite loss or gradient, stop with an error
                            naming the step, or withhold that update and count it (nonfinite_steps)
   training.restore_fallback   if the newest checkpoint cannot be read, move it to
@@ -156,6 +162,8 @@ def get_config() -> ml_collections.ConfigDict:
   training.p2_gamma = 1.0
   training.p2_k = 1.0
   training.vlb_weight = 0.001
+  training.objective = "simple"
+  training.timestep_sampling = "uniform"
   training.nonfinite_policy = "halt"
   training.restore_fallback = False
 

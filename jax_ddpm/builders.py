@@ -129,6 +129,9 @@ class StepOptions:
     the unweighted loss.
   learn_sigma: the network also outputs its variance, trained by L_hybrid with lambda =
     vlb_weight (diffusion.training_losses).
+  objective: simple (L_simple or L_hybrid) | vlb (L_vlb alone), diffusion.Objective.
+  importance_sampling: t drawn by importance from the state's loss history
+    (timestep_sampling.py), each example's loss weighted by 1 / (T p_t).
   inject_nonfinite_at_steps: fault injection for the tests (a NaN loss at these steps).
   """
   prediction: str
@@ -139,6 +142,8 @@ class StepOptions:
   loss_weights: Optional[tuple[float, ...]] = None
   learn_sigma: bool = False
   vlb_weight: float = 0.0
+  objective: str = "simple"
+  importance_sampling: bool = False
   inject_nonfinite_at_steps: tuple[int, ...] = ()
 
 
@@ -155,6 +160,13 @@ def loss_weights(config) -> Optional[tuple[float, ...]]:
   return tuple(float(w) for w in weights)
 
 
+def history_timesteps(config) -> int:
+  """T when the state carries a per-timestep loss history (importance-sampled t), else 0."""
+  sampling = config.training.timestep_sampling
+  return (int(config.diffusion.num_timesteps)
+          if sampling == diffusion.TimestepSampling.IMPORTANCE else 0)
+
+
 def step_options(config) -> StepOptions:
   return StepOptions(prediction=str(config.diffusion.prediction), ema=ema_rule(config),
                      learning_rate=learning_rate(config), num_classes=config.model.num_classes,
@@ -162,6 +174,8 @@ def step_options(config) -> StepOptions:
                      loss_weights=loss_weights(config),
                      learn_sigma=bool(config.model.learn_sigma),
                      vlb_weight=float(config.training.vlb_weight),
+                     objective=str(config.training.objective),
+                     importance_sampling=history_timesteps(config) > 0,
                      inject_nonfinite_at_steps=tuple(config.debug.inject_nonfinite_at_steps))
 
 

@@ -3,12 +3,21 @@
 The JSON ("meta") lets a run refuse, before any compile, a workdir whose checkpoints belong to
 another model, and lets the sampling mode rebuild the network. Saves are asynchronous; call
 `wait_until_finished` before reading them back or exiting.
+
+A state's optional fields (None unless a run needs them, e.g. TrainState.timestep_history) are
+left out of the saved tree when None, so a checkpoint holds the fields its run had. Restoring
+reads the fields on disk: an optional field the target wants but the checkpoint lacks starts
+from zeros (the field's empty value), and one on disk that the target does not want is dropped.
+Checkpoints written before a field existed, or by a run without the option, thus stay readable.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -77,14 +86,33 @@ class Checkpointer:
           "Nothing was written.")
 
   def save(self, step: int, state: Any, meta: dict) -> None:
-    self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+    self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_saved(state)),
                                                      meta=ocp.args.JsonSave(meta)))
 
   def restore(self, step: int, target: Any) -> Any:
-    """The state saved at `step`, restored onto the shapes, dtypes and shardings of `target`."""
+    """The state saved at `step`, restored onto the shapes, dtypes and shardings of `target`
+    (a dataclass of arrays or ShapeDtypeStructs); see the module's note on optional fields."""
+    on_disk = self._manager.item_metadata(step)["state"]
+    on_disk = getattr(on_disk, "tree", on_disk)
+    wanted = {f.name: getattr(target, f.name) for f in dataclasses.fields(target)}
+    missing = [name for name, value in wanted.items() if value is not None and name not in on_disk]
+    optional = {f.name for f in dataclasses.fields(target) if f.default is None}
+    if set(missing) - optional:  # not an optional field: a damaged or foreign checkpoint
+      raise ValueError(f"The checkpoint has no {sorted(set(missing) - optional)}.")
+    restore_target = {name: value for name, value in wanted.items()
+                      if value is not None and name in on_disk}
+    for name in set(on_disk) - set(restore_target):  # saved, but not wanted: read and drop
+      restore_target[name] = jax.tree.map(
+          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=_any_sharding(target)),
+          on_disk[name], is_leaf=lambda m: hasattr(m, "shape"))
     restored = self._manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-    return restored["state"]
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(restore_target)))["state"]
+    fields = {name: restored.get(name) for name, value in wanted.items() if value is not None}
+    for name in missing:
+      logging.info("The checkpoint of step %d has no %s: it starts empty.", step, name)
+      fields[name] = jax.tree.map(lambda x: jax.device_put(np.zeros(x.shape, x.dtype),
+                                                           x.sharding), wanted[name])
+    return target.replace(**fields)
 
   def restore_latest(self, target: Any, fallback: bool = False) -> tuple[Any, int]:
     """(state, step) of the newest readable checkpoint.
@@ -118,6 +146,19 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.close()
+
+
+def _saved(state: Any) -> Any:
+  """The tree written for a dataclass state: its fields by name, optional ones only when set."""
+  if not dataclasses.is_dataclass(state):
+    return state
+  return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)
+          if getattr(state, f.name) is not None}
+
+
+def _any_sharding(target: Any):
+  """A sharding of the target's arrays (all replicated over one mesh) for fields to drop."""
+  return jax.tree.leaves(target)[0].sharding
 
 
 def _normalise(value):

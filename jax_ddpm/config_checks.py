@@ -123,6 +123,20 @@ def validate_training(config, num_devices: int, num_processes: int) -> None:
       raise errors.ConfigError(f"training.{key} must be > 0, got {training[key]!r}.")
   if not 0 <= training.vlb_weight < float("inf"):
     raise errors.ConfigError(f"training.vlb_weight must be >= 0, got {training.vlb_weight!r}.")
+  _choice(training.objective, [o.value for o in diffusion.Objective], "training.objective")
+  _choice(training.timestep_sampling, [s.value for s in diffusion.TimestepSampling],
+          "training.timestep_sampling")
+  vlb = training.objective == diffusion.Objective.VLB
+  if vlb and not config.model.learn_sigma:
+    raise errors.ConfigError("training.objective='vlb' trains the bound's learned variance: set "
+                             "model.learn_sigma=True.")
+  if vlb and training.loss_weighting != diffusion.LossWeighting.UNIFORM:
+    raise errors.ConfigError(f"training.objective='vlb' is the bound itself; "
+                             f"training.loss_weighting={training.loss_weighting!r} would change "
+                             "it: use 'uniform'.")
+  if training.timestep_sampling == diffusion.TimestepSampling.IMPORTANCE and not vlb:
+    raise errors.ConfigError("training.timestep_sampling='importance' balances the terms of "
+                             "L_vlb (Improved DDPM Sec. 3.3): set training.objective='vlb'.")
   if not training.p2_k >= 0:
     raise errors.ConfigError(f"training.p2_k must be >= 0, got {training.p2_k!r}.")
   optim = config.optim

@@ -38,6 +38,18 @@ class LossWeighting(str, enum.Enum):
   P2 = "p2"  # perception-prioritised weighting (Choi et al. 2022, eq. 8)
 
 
+class Objective(str, enum.Enum):
+  """What the train step minimises (`training_losses`)."""
+  SIMPLE = "simple"  # L_simple (DDPM eq. 14), plus lambda L_vlb for learned variances (L_hybrid)
+  VLB = "vlb"  # L_vlb alone (Improved DDPM Sec. 3.3)
+
+
+class TimestepSampling(str, enum.Enum):
+  """How the train step draws t (timestep_sampling.py)."""
+  UNIFORM = "uniform"  # DDPM Algorithm 1
+  IMPORTANCE = "importance"  # Improved DDPM Sec. 3.3, eq. 17
+
+
 class Variance(str, enum.Enum):
   """The reverse-process variance sigma_t^2 (DDPM Sec. 3.2)."""
   FIXED_SMALL = "fixed_small"  # sigma_t^2 = beta~_t, the posterior variance (eq. 7)
@@ -260,8 +272,9 @@ def loss_weights(alphas_cumprod: np.ndarray, weighting: LossWeighting, predictio
 
 def training_losses(schedule: DiffusionSchedule, denoise_fn: Callable, x0, t, eps,
                     prediction: Prediction = Prediction.EPS, weights=None, *,
-                    learn_sigma: bool = False, vlb_weight: float = 0.0):
-  """Per-example training loss: L_simple, or L_hybrid for a learned-variance network.
+                    learn_sigma: bool = False, vlb_weight: float = 0.0,
+                    objective: Objective = Objective.SIMPLE):
+  """Per-example training loss: L_simple, L_hybrid for a learned-variance network, or L_vlb.
 
   L_simple (DDPM eq. 14): mean over pixels of |target - net(x_t, t)|^2; for an eps network
   exactly eq. (14), for x_0 and v networks the same squared error against that target.
@@ -270,9 +283,17 @@ def training_losses(schedule: DiffusionSchedule, denoise_fn: Callable, x0, t, ep
   `vlb_weight`, 0.001 in the paper), where L_vlb = T L_{t-1} estimates the bound's sum over t
   from this example's t, in bits/dim, and sees the predicted mean through a stop-gradient so
   that it trains only the variance (their Sec. 3.1); images must be on the 8-bit grid.
+  objective = vlb (learn_sigma required): L_vlb = T L_{t-1} alone, through mean and variance
+  (their Sec. 3.3); `weights` must then be None (weighting the terms changes the bound).
   """
   x_t = q_sample(schedule, x0, t, eps)
   output, variance_output = split_output(denoise_fn(x_t, t), learn_sigma)
+  if parse_enum(Objective, objective, "objective") == Objective.VLB:
+    if not learn_sigma or weights is not None:
+      raise ValueError("objective=vlb needs learn_sigma and no timestep weights.")
+    return schedule.num_timesteps * vlb_terms(
+        schedule, x0, x_t, t, output.astype(jnp.float32), prediction=prediction,
+        variance=Variance.LEARNED, variance_output=variance_output)
   target = training_target(schedule, x0, t, eps, prediction)
   if output.shape != target.shape:
     raise ValueError(f"Network output shape {output.shape} != target shape {target.shape}.")

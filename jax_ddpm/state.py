@@ -17,7 +17,8 @@ import ml_collections
 import optax
 from flax import nnx
 
-from jax_ddpm import builders, checkpointing, config_checks, errors, files, parallel
+from jax_ddpm import (builders, checkpointing, config_checks, errors, files, parallel,
+                      timestep_sampling)
 from jax_ddpm.models.unet import RUNTIME_FIELDS, UNet, UNetConfig
 
 
@@ -30,6 +31,9 @@ class TrainState:
   opt_state: optax.OptState
   rng: jax.Array  # uint32 key data of the run's base key; per-step keys fold in the step
   nonfinite_steps: jax.Array  # int32: steps whose update was withheld for a non-finite loss/grad
+  # Runs with importance-sampled t only (training.timestep_sampling); None otherwise, and then
+  # absent from the checkpoint (checkpointing.py restores states saved with or without it).
+  timestep_history: Optional[timestep_sampling.TimestepHistory] = None
 
 
 def run_metadata(config) -> dict:
@@ -42,7 +46,7 @@ def run_metadata(config) -> dict:
 
 
 def _graphdefs_and_init(unet: UNetConfig, seed: int, mesh: jax.sharding.Mesh,
-                        optimizer: optax.GradientTransformation):
+                        optimizer: optax.GradientTransformation, history_timesteps: int):
   abstract = nnx.eval_shape(lambda: UNet(unet, rngs=nnx.Rngs(params=seed)))
   abstract.train()
   train_graphdef = nnx.graphdef(abstract)
@@ -55,25 +59,30 @@ def _graphdefs_and_init(unet: UNetConfig, seed: int, mesh: jax.sharding.Mesh,
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
                       opt_state=optimizer.init(params),
                       rng=jax.random.key_data(jax.random.key(seed)),
-                      nonfinite_steps=jnp.zeros((), jnp.int32))
+                      nonfinite_steps=jnp.zeros((), jnp.int32),
+                      timestep_history=(timestep_sampling.empty_history(history_timesteps)
+                                        if history_timesteps else None))
 
   return train_graphdef, eval_graphdef, init
 
 
 def create_train_state(unet: UNetConfig, seed: int, mesh: jax.sharding.Mesh,
-                       optimizer: optax.GradientTransformation):
+                       optimizer: optax.GradientTransformation, history_timesteps: int = 0):
   """(train-mode graphdef, eval-mode graphdef, fresh TrainState replicated over the mesh).
 
   The weights are initialised from `seed`, which is also the run's base key (TrainState.rng).
+  history_timesteps = T gives the state an empty loss history for importance-sampled t
+  (builders.history_timesteps).
   """
-  train_graphdef, eval_graphdef, init = _graphdefs_and_init(unet, seed, mesh, optimizer)
+  train_graphdef, eval_graphdef, init = _graphdefs_and_init(unet, seed, mesh, optimizer,
+                                                            history_timesteps)
   return train_graphdef, eval_graphdef, init()
 
 
 def abstract_train_state(unet: UNetConfig, seed: int, mesh: jax.sharding.Mesh,
                          optimizer: optax.GradientTransformation):
   """As create_train_state, but the state is shapes and shardings only: a restore target."""
-  train_graphdef, eval_graphdef, init = _graphdefs_and_init(unet, seed, mesh, optimizer)
+  train_graphdef, eval_graphdef, init = _graphdefs_and_init(unet, seed, mesh, optimizer, 0)
   replicated = parallel.replicated(mesh)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
                           jax.eval_shape(init))

@@ -1,11 +1,12 @@
 """Training: the pure train step and `train_and_evaluate(config, workdir)`.
 
-One train step (DDPM Algorithm 1): x_0 from the data, t ~ U{0..T-1}, eps ~ N(0, I), a gradient
-step on the squared error of the network's prediction (eq. 14's L_simple for an eps network;
-for config.diffusion.prediction = x0 or v the same mean squared error against x_0 or v, see
-`diffusion.training_losses`; training.loss_weighting weights it per timestep, see
-`diffusion.loss_weights`), then the EMA of the parameters. A class-conditional model gets
-the batch's labels, each replaced by the null label with probability training.label_dropout
+One train step (DDPM Algorithm 1): x_0 from the data, t ~ U{0..T-1} (or by importance,
+timestep_sampling.py), eps ~ N(0, I), a gradient step on the squared error of the network's
+prediction (eq. 14's L_simple for an eps network; for config.diffusion.prediction = x0 or v the
+same mean squared error against x_0 or v; training.loss_weighting weights it per timestep,
+training.objective = vlb replaces it by the bound; see `diffusion.training_losses`), then the
+EMA of the parameters. A class-conditional model gets the batch's labels, each replaced by the
+null label with probability training.label_dropout
 (Ho & Salimans 2022, Algorithm 1). The step is one jitted function of (state, batch): the batch
 is sharded over the mesh's 'data' axis, the state replicated, and its random keys are the run's
 key folded with the step, so a resumed run repeats an uninterrupted one exactly.
@@ -35,7 +36,7 @@ from jax.experimental import multihost_utils
 
 from jax_ddpm import (builders, checkpointing, config_checks, diffusion, errors, files, guidance,
                       image_io, input_pipeline, parallel, samplers, sampling, summaries,
-                      training_eval)
+                      timestep_sampling, training_eval)
 from jax_ddpm.schedules import DiffusionSchedule
 from jax_ddpm.state import TrainState, create_train_state, run_metadata
 
@@ -50,7 +51,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   t_key, eps_key, dropout_key = jax.random.split(key, 3)
   x0 = batch["image"]
-  t = diffusion.sample_timesteps(t_key, x0.shape[0], schedule.num_timesteps)
+  if options.importance_sampling:
+    t, t_weights = timestep_sampling.draw(t_key, state.timestep_history, x0.shape[0])
+  else:
+    t, t_weights = diffusion.sample_timesteps(t_key, x0.shape[0], schedule.num_timesteps), 1.0
   eps = jax.random.normal(eps_key, x0.shape, jnp.float32)
   y = _dropped_labels(batch, options, jax.random.fold_in(key, 3))
 
@@ -60,14 +64,15 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.
     losses = diffusion.training_losses(schedule, lambda x_t, t: model(x_t, t, y, rngs=rngs), x0,
                                        t, eps, options.prediction, options.loss_weights,
                                        learn_sigma=options.learn_sigma,
-                                       vlb_weight=options.vlb_weight)
-    loss = jnp.mean(losses)
+                                       vlb_weight=options.vlb_weight,
+                                       objective=options.objective)
+    loss = jnp.mean(losses * t_weights)
     injected = options.inject_nonfinite_at_steps
     if injected:  # fault injection (tests): a NaN loss, hence NaN gradients, at these steps
       loss = jnp.where(jnp.isin(state.step, jnp.asarray(injected)), jnp.nan, loss)
-    return loss
+    return loss, losses
 
-  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  (loss, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   grad_norm = optax.global_norm(grads)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -80,11 +85,15 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.
   def keep_if_finite(new, old):
     return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
 
+  history = state.timestep_history
+  if options.importance_sampling:
+    history = keep_if_finite(timestep_sampling.record(history, t, losses), history)
   new_state = state.replace(
       step=state.step + 1, params=keep_if_finite(params, state.params),
       ema_params=keep_if_finite(ema_params, state.ema_params),
       opt_state=keep_if_finite(opt_state, state.opt_state),
-      nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32))
+      nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
+      timestep_history=history)
   metrics = {"loss": loss, "grad_norm": grad_norm,
              "learning_rate": options.learning_rate(state.step),
              "nonfinite": (~finite).astype(jnp.int32)}
@@ -188,7 +197,8 @@ class TrainingRun:
       self.checkpointer.check_compatible(latest, self.meta)
     self.optimizer = builders.optimizer(self.config)
     train_graphdef, eval_graphdef, self.state = create_train_state(
-        builders.unet_config(self.config), self.config.seed, mesh, self.optimizer)
+        builders.unet_config(self.config), self.config.seed, mesh, self.optimizer,
+        builders.history_timesteps(self.config))
     if latest is not None:
       self.state, restored_step = self.checkpointer.restore_latest(
           self.state, fallback=self.training.restore_fallback)

@@ -1,0 +1,147 @@
+"""Importance-sampled timesteps for L_vlb (Improved DDPM Sec. 3.3) and their checkpointed history."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import tiny
+from jax_ddpm import (builders, checkpointing, config_checks, errors, parallel, state,
+                      timestep_sampling, train)
+
+K = timestep_sampling.HISTORY
+
+
+def _reference_record(losses, counts, pairs):
+  """Improved DDPM's released update, one (t, loss) at a time, in numpy."""
+  losses, counts = losses.copy(), counts.copy()
+  for t, loss in pairs:
+    if counts[t] == K:
+      losses[t, :-1] = losses[t, 1:]
+      losses[t, -1] = loss
+    else:
+      losses[t, counts[t]] = loss
+      counts[t] += 1
+  return losses, counts
+
+
+def test_record_keeps_each_timesteps_last_ten_losses_in_batch_order():
+  rng = np.random.default_rng(0)
+  history = timestep_sampling.empty_history(4)
+  losses, counts = np.zeros((4, K), np.float32), np.zeros(4, np.int32)
+  for _ in range(5):  # repeated timesteps in one batch, rows that fill up and then roll
+    t = rng.integers(0, 4, 8)
+    values = rng.uniform(size=8).astype(np.float32)
+    history = jax.jit(timestep_sampling.record)(history, jnp.asarray(t, jnp.int32),
+                                                jnp.asarray(values))
+    losses, counts = _reference_record(losses, counts, zip(t, values))
+  np.testing.assert_array_equal(np.asarray(history.losses), losses)
+  np.testing.assert_array_equal(np.asarray(history.counts), counts)
+  assert counts.max() == K  # some row did roll over
+
+
+def test_probabilities_are_uniform_until_every_timestep_has_ten_losses():
+  history = timestep_sampling.empty_history(5)
+  full = np.tile(np.arange(1.0, 6.0, dtype=np.float32)[:, None], (1, K))
+  warm = history.replace(losses=jnp.asarray(full), counts=jnp.full((5,), K).at[2].set(K - 1))
+  np.testing.assert_allclose(timestep_sampling.probabilities(warm), np.full(5, 0.2))
+  ready = warm.replace(counts=jnp.full((5,), K, jnp.int32))
+  rms = np.sqrt(np.mean(full.astype(np.float64) ** 2, axis=1))  # eq. (17): sqrt(E[L_t^2])
+  expected = (1 - timestep_sampling.UNIFORM_SHARE) * rms / rms.sum() + (
+      timestep_sampling.UNIFORM_SHARE / 5)
+  np.testing.assert_allclose(timestep_sampling.probabilities(ready), expected, rtol=1e-6)
+
+
+def test_draws_follow_p_and_their_weights_make_the_loss_unbiased():
+  history = timestep_sampling.TimestepHistory(
+      losses=jnp.asarray(np.tile(np.array([1.0, 2.0, 4.0, 8.0], np.float32)[:, None], (1, K))),
+      counts=jnp.full((4,), K, jnp.int32))
+  p = np.asarray(timestep_sampling.probabilities(history), np.float64)
+  t, w = jax.jit(timestep_sampling.draw, static_argnums=2)(jax.random.key(0), history, 200_000)
+  t, w = np.asarray(t), np.asarray(w, np.float64)
+  frequencies = np.bincount(t, minlength=4) / t.size
+  np.testing.assert_allclose(frequencies, p, atol=5 * np.sqrt(p * (1 - p) / t.size).max())
+  np.testing.assert_allclose(w, 1.0 / (4 * p[t]), rtol=1e-6)
+  per_t_loss = np.array([3.0, -1.0, 0.5, 7.0])  # E_p[w L_t] = (1/T) sum_t L_t
+  standard_error = np.std(w * per_t_loss[t]) / np.sqrt(t.size)
+  assert abs(np.mean(w * per_t_loss[t]) - per_t_loss.mean()) < 5 * standard_error
+
+
+def _importance_config():
+  config = tiny.get_config()
+  config.model.learn_sigma = True
+  config.training.objective = "vlb"
+  config.training.timestep_sampling = "importance"
+  return config
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"training.timestep_sampling": "importance"}, "set training.objective='vlb'"),
+    ({"training.objective": "vlb", "model.learn_sigma": False}, "set model.learn_sigma=True"),
+    ({"training.objective": "vlb", "training.loss_weighting": "min_snr"}, "use 'uniform'"),
+    ({"training.objective": "bound"}, "Unknown training.objective"),
+])
+def test_inconsistent_objective_and_timestep_sampling_are_refused(change, message):
+  config = tiny.get_config()
+  config.model.learn_sigma = True
+  for key, value in change.items():
+    section, name = key.split(".")
+    config[section][name] = value
+  with pytest.raises(errors.ConfigError, match=message):
+    config_checks.validate_training(config, num_devices=8, num_processes=1)
+
+
+@functools.lru_cache(maxsize=None)
+def _importance_run():
+  """(train_fn, fresh state, batches, mesh) of the tiny learned-variance L_vlb model."""
+  config = _importance_config()
+  mesh = parallel.data_mesh()
+  optimizer = builders.optimizer(config)
+  graphdef, _, fresh = state.create_train_state(builders.unet_config(config), config.seed, mesh,
+                                                optimizer, builders.history_timesteps(config))
+  train_fn = train.make_train_fn(graphdef, builders.schedule(config), optimizer,
+                                 builders.step_options(config), mesh, donate=False)
+  images = np.random.default_rng(0).integers(0, 256, (4, 8, 16, 16, 1)) / 127.5 - 1.0
+  batches = [{"image": jax.device_put(b.astype(np.float32), parallel.batch_sharding(mesh))}
+             for b in images]
+  return train_fn, fresh, batches, mesh
+
+
+def test_a_run_with_importance_sampling_records_every_examples_loss():
+  train_fn, current, batches, _ = _importance_run()
+  for batch in batches:
+    current, metrics = train_fn(current, batch)
+    assert np.isfinite(float(metrics["loss"]))
+  counts = np.asarray(current.timestep_history.counts)
+  assert counts.sum() == 4 * 8  # 4 steps of 8 examples, no row full yet (T = 100)
+  recorded = np.asarray(current.timestep_history.losses)[counts > 0, 0]
+  assert np.all(recorded > 0)  # L_vlb terms in bits/dim are positive
+
+
+def test_the_loss_history_survives_a_checkpoint_and_older_checkpoints_still_restore(tmp_path):
+  train_fn, current, batches, _ = _importance_run()
+  for batch in batches[:2]:
+    current, _ = train_fn(current, batch)
+  saver = checkpointing.Checkpointer(str(tmp_path))
+  saver.save(1, current.replace(timestep_history=None), {})  # as a run without the option
+  saver.save(2, current, {})
+  saver.wait_until_finished()
+  fresh = _importance_run()[1]
+  restored = saver.restore(2, fresh)
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(current)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  without = saver.restore(1, fresh)  # no history on disk: it starts empty, weights restored
+  assert int(np.asarray(without.timestep_history.counts).sum()) == 0
+  np.testing.assert_array_equal(np.asarray(jax.tree.leaves(without.params)[0]),
+                                np.asarray(jax.tree.leaves(current.params)[0]))
+  dropped = saver.restore(2, fresh.replace(timestep_history=None))  # sampling: not wanted
+  assert dropped.timestep_history is None
+  saver.close()
+  resumed, straight = restored, current
+  for batch in batches[2:]:  # a resumed run draws the same timesteps as an uninterrupted one
+    resumed, _ = train_fn(resumed, batch)
+    straight, _ = train_fn(straight, batch)
+  np.testing.assert_array_equal(np.asarray(resumed.timestep_history.losses),
+                                np.asarray(straight.timestep_history.losses))
