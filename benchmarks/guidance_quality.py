@@ -24,8 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import machine_description, print_table  # pylint: disable=g-import-not-at-top
 from benchmarks.sampler_quality import draw  # pylint: disable=g-import-not-at-top
-from jax_ddpm import (builders, evaluate, image_io, input_pipeline, metrics,  # pylint: disable=g-import-not-at-top
-                      parallel, state)
+from jax_ddpm import (builders, data_sources, evaluate,  # pylint: disable=g-import-not-at-top
+                      image_io, metrics, parallel, state)
 
 
 def per_class_rows(images: np.ndarray, labels: np.ndarray, per_class: int = 8) -> np.ndarray:
@@ -73,7 +73,7 @@ def main():
     config.sampling.guidance_scale = scale
     images, labels, seconds = draw(config, eval_graphdef, train_state.ema_params, schedule, mesh,
                                    sampler, args.num_samples, args.batch)
-    stats, probabilities = extractor.statistics(input_pipeline.ArraySource(images))
+    stats, probabilities = extractor.statistics(data_sources.ArraySource(images))
     verdict = evaluate.classifier_results(probabilities, labels)
     rows.append([f"{scale:g}", f"{verdict['class_accuracy']:.3f}",
                  f"{metrics.frechet_distance(stats, reference):.2f}",

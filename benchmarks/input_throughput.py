@@ -23,20 +23,20 @@ from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jax_ddpm import input_pipeline  # pylint: disable=g-import-not-at-top
+from jax_ddpm import data_sources, input_pipeline  # pylint: disable=g-import-not-at-top
 from benchmarks.common import machine_description  # pylint: disable=g-import-not-at-top
 
 
-def cifar_shaped_tfds(directory: str, count: int) -> input_pipeline.TfdsSource:
+def cifar_shaped_tfds(directory: str, count: int) -> data_sources.TfdsSource:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  images = input_pipeline.fake_images(count, 32, 3, seed=0)
+  images = data_sources.fake_images(count, 32, 3, seed=0)
   features = tfds.features.FeaturesDict({"image": tfds.features.Image(shape=(32, 32, 3))})
   tfds.dataset_builders.store_as_tfds_dataset(
       name="cifar_shaped", version="1.0.0", features=features, data_dir=directory,
       split_datasets={"train": tf.data.Dataset.from_tensor_slices({"image": images})},
       file_format="array_record")
-  return input_pipeline.TfdsSource("cifar_shaped", "train", directory)
+  return data_sources.TfdsSource("cifar_shaped", "train", directory)
 
 
 def plain_loop(source, steps, batch):
@@ -64,8 +64,8 @@ def main():
   args = parser.parse_args()
   flags.FLAGS.mark_as_parsed()  # grain's worker processes read its absl flags
   with tempfile.TemporaryDirectory() as directory:
-    sources = {"in memory": input_pipeline.ArraySource(
-        input_pipeline.fake_images(50_000, 32, 3, seed=0)),
+    sources = {"in memory": data_sources.ArraySource(
+        data_sources.fake_images(50_000, 32, 3, seed=0)),
                "TFDS ArrayRecord (PNG)": cifar_shaped_tfds(directory, 10_000)}
     loaders = {"plain loop (before)": lambda s: plain_loop(s, args.steps, args.batch)}
     for threads in (1, 2, 4):

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from benchmarks import common
-from jax_ddpm import builders, input_pipeline, parallel, sampling, state, train
+from jax_ddpm import builders, data_sources, input_pipeline, parallel, sampling, state, train
 
 
 def model_config(spec: dict):
@@ -54,7 +54,7 @@ def measure_train(spec: dict) -> dict:
                                  builders.step_options(config), mesh, steps_per_dispatch=k,
                                  donate=spec.get("donate", True))
   batches = input_pipeline.BatchIterator(
-      input_pipeline.create_source(config.data), first_step=0, global_batch=spec["batch"],
+      data_sources.create_source(config.data), first_step=0, global_batch=spec["batch"],
       seed=0, random_flip=config.data.random_flip,
       sharding=parallel.batch_sharding(mesh, int(k > 1)), steps_per_dispatch=k)
   try:

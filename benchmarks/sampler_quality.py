@@ -24,8 +24,8 @@ import jax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import machine_description, print_table  # pylint: disable=g-import-not-at-top
-from jax_ddpm import (builders, evaluate, input_pipeline, metrics, parallel,  # pylint: disable=g-import-not-at-top
-                      samplers, sampling, state)
+from jax_ddpm import (builders, data_sources, evaluate,  # pylint: disable=g-import-not-at-top
+                      metrics, parallel, samplers, sampling, state)
 
 
 def draw(config, eval_graphdef, params, schedule, mesh, sampler, num_samples, batch):
@@ -70,7 +70,7 @@ def main():
   for sampler in runs:
     images, _, seconds = draw(config, eval_graphdef, train_state.ema_params, schedule, mesh,
                            sampler, args.num_samples, args.batch)
-    stats, probabilities = extractor.statistics(input_pipeline.ArraySource(images))
+    stats, probabilities = extractor.statistics(data_sources.ArraySource(images))
     score, _ = metrics.inception_score(probabilities)
     rows.append([sampler.name, len(sampler.timesteps(schedule)),
                  f"{metrics.frechet_distance(stats, reference):.2f}", f"{score:.2f}",

@@ -5,7 +5,7 @@ Runs before any data is read, any file is written or anything is compiled.
 
 from __future__ import annotations
 
-from jax_ddpm import builders, diffusion, errors, input_pipeline, samplers, schedules
+from jax_ddpm import builders, data_sources, diffusion, errors, samplers, schedules
 from jax_ddpm.diffusion import Prediction
 
 NONFINITE_POLICIES = ("halt", "skip")
@@ -23,7 +23,7 @@ def _positive_int(value, key):
 
 def validate_model_and_diffusion(config) -> None:
   """The parts of a config that sampling and training both need."""
-  _choice(config.data.source, input_pipeline.SOURCES, "data.source")
+  _choice(config.data.source, data_sources.SOURCES, "data.source")
   _choice(config.diffusion.schedule, sorted(schedules.BETA_SCHEDULES), "diffusion.schedule")
   _choice(config.diffusion.prediction, [p.value for p in Prediction], "diffusion.prediction")
   _positive_int(config.diffusion.num_timesteps, "diffusion.num_timesteps")

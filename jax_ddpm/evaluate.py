@@ -43,9 +43,9 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from jax_ddpm import (builders, config_checks, errors, feature_classifier, fid_weights, files,
-                      input_pipeline, likelihood, manifold, metrics, parallel, sample_mode, state,
-                      summaries)
+from jax_ddpm import (builders, config_checks, data_sources, errors, feature_classifier,
+                      fid_weights, files, likelihood, manifold, metrics, parallel, sample_mode,
+                      state, summaries)
 from jax_ddpm.models import inception
 
 FEATURE_NETS = ("inception", "classifier")
@@ -81,7 +81,7 @@ class FeatureExtractor:
     return (np.concatenate(features),
             np.concatenate(probabilities) if probabilities else None)
 
-  def statistics(self, source: input_pipeline.ImageSource
+  def statistics(self, source: data_sources.ImageSource
                  ) -> tuple[metrics.FeatureStatistics, Optional[np.ndarray]]:
     """Feature moments of every image of `source` and the class probabilities.
 
@@ -204,7 +204,7 @@ def saved_reference(config, workdir: str, extractor: FeatureExtractor
 def compute_reference(config, workdir: str, extractor: FeatureExtractor
                       ) -> metrics.FeatureStatistics:
   """Feature statistics of the dataset split eval.reference_split, cached in workdir/eval/."""
-  source = input_pipeline.create_split_source(config.data, config.eval.reference_split)
+  source = data_sources.create_split_source(config.data, config.eval.reference_split)
   metrics.check_full_rank_possible(len(source), extractor.dim,
                                    f"reference split {config.eval.reference_split!r}")
   logging.info("Computing %s reference statistics of %d images of split %r.", extractor.name,
@@ -264,9 +264,9 @@ def evaluate(config, workdir: str, step: Optional[int] = None) -> dict:
   # Every user-named file is read before sampling or compiling: a bad one fails in seconds.
   bpd_source = None
   if ev.bits_per_dim:
-    bpd_source = input_pipeline.create_split_source(
+    bpd_source = data_sources.create_split_source(
         config.data, ev.bpd_split, labels=config.model.num_classes is not None)
-    input_pipeline.check_source_shape(bpd_source, config.data)
+    data_sources.check_source_shape(bpd_source, config.data)
   results = {}
   if ev.num_samples:
     results.update(sample_quality(config, workdir, step, mesh))
@@ -354,7 +354,7 @@ def reference_features(config, workdir: str, extractor: FeatureExtractor) -> np.
                     f"{ev.reference_split}_features_{ev.manifold_reference}.npz")
   if files.exists(path):
     return files.read_npz(path, "cached reference features", ["features"])["features"]
-  source = input_pipeline.create_split_source(data, ev.reference_split)
+  source = data_sources.create_split_source(data, ev.reference_split)
   count = min(len(source), ev.manifold_reference)
   chosen = np.sort(np.random.default_rng(0).choice(len(source), count, replace=False))
   features = np.concatenate([extractor(source.read(chosen[start:start + 4096]))[0]
@@ -410,7 +410,7 @@ def _write_results(workdir: str, results: dict, name: str) -> None:
 
 def train_classifier(config, workdir: str) -> dict:
   """--mode=train_classifier: trains the feature classifier on config.data's training split."""
-  images, labels = input_pipeline.read_labelled(config.data, "train")
+  images, labels = data_sources.read_labelled(config.data, "train")
   model, report = feature_classifier.train(
       images, labels, num_steps=config.eval.classifier_steps,
       batch_size=config.eval.classifier_batch_size, seed=config.seed)

@@ -23,7 +23,7 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from jax_ddpm import diffusion, input_pipeline, parallel
+from jax_ddpm import data_sources, diffusion, input_pipeline, parallel
 from jax_ddpm.diffusion import Prediction, Variance
 from jax_ddpm.schedules import DiffusionSchedule
 
@@ -87,7 +87,7 @@ def _gathered(array: jax.Array) -> np.ndarray:
 
 
 def bits_per_dim(terms_fn: Callable, params, schedule: DiffusionSchedule,
-                 source: input_pipeline.ImageSource, mesh: jax.sharding.Mesh, *,
+                 source: data_sources.ImageSource, mesh: jax.sharding.Mesh, *,
                  batch_size: int, num_images: int, num_terms: int, seed: int,
                  conditional: bool) -> dict:
   """The bound in bits/dim of the first num_images images of `source` (0: all), its standard
@@ -142,7 +142,7 @@ def bound_options(config) -> BoundOptions:
 
 def evaluate_bits_per_dim(config, eval_graphdef: nnx.GraphDef, params,
                           schedule: DiffusionSchedule, mesh: jax.sharding.Mesh,
-                          source: input_pipeline.ImageSource) -> dict:
+                          source: data_sources.ImageSource) -> dict:
   """--mode=eval's likelihood of `source` (eval.bpd_split of config.data, checked by the
   caller): eval.bpd_images images, eval.bpd_timesteps KL terms per image, global batch
   eval.batch_size."""

@@ -34,9 +34,9 @@ from clu import periodic_actions
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from jax_ddpm import (builders, checkpointing, config_checks, diffusion, errors, files, guidance,
-                      image_io, input_pipeline, parallel, samplers, sampling, summaries,
-                      timestep_sampling, training_eval)
+from jax_ddpm import (builders, checkpointing, config_checks, data_sources, diffusion, errors,
+                      files, guidance, image_io, input_pipeline, parallel, samplers, sampling,
+                      summaries, timestep_sampling, training_eval)
 from jax_ddpm.schedules import DiffusionSchedule
 from jax_ddpm.state import TrainState, create_train_state, run_metadata
 
@@ -304,12 +304,12 @@ class TrainingRun:
       self.writer.flush()
 
 
-def _checked_source(config) -> input_pipeline.ImageSource:
+def _checked_source(config) -> data_sources.ImageSource:
   """config.data's source, with labels for a conditional model; fails naming the keys when its
   images have another shape or its labels do not fit model.num_classes."""
   num_classes = config.model.num_classes
-  source = input_pipeline.create_source(config.data, labels=num_classes is not None)
-  input_pipeline.check_source_shape(source, config.data)
+  source = data_sources.create_source(config.data, labels=num_classes is not None)
+  data_sources.check_source_shape(source, config.data)
   if num_classes is not None:
     found = source.num_classes
     if found is None:

@@ -34,13 +34,13 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from jax_ddpm import (builders, errors, evaluate, feature_classifier, fid_weights, files,
-                      input_pipeline, manifold, metrics, sampling)
+from jax_ddpm import (builders, data_sources, errors, evaluate, feature_classifier, fid_weights,
+                      files, manifold, metrics, sampling)
 
 CLASSIFIER_NAME = "training_classifier.npz"
 
 
-LABELLED_SOURCES = ("mnist_embedded", "idx", "folder", "fake")  # input_pipeline.read_labelled
+LABELLED_SOURCES = ("mnist_embedded", "idx", "folder", "fake")  # data_sources.read_labelled
 
 
 def validate(config, num_devices: int) -> None:
@@ -98,7 +98,7 @@ def _train_classifier_if_missing(config) -> None:
     missing = bool(multihost_utils.broadcast_one_to_all(np.asarray(missing)))
   if not missing:
     return
-  images, labels = input_pipeline.read_labelled(config.data, "train")
+  images, labels = data_sources.read_labelled(config.data, "train")
   started = time.perf_counter()
   model, report = feature_classifier.train(
       images, labels, num_steps=config.training.eval_classifier_steps,

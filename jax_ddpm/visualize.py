@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_ddpm import (builders, diffusion, files, image_io, input_pipeline, parallel, sampling,
-                      schedules, state, summaries)
+from jax_ddpm import (builders, data_sources, diffusion, files, image_io, input_pipeline, parallel,
+                      sampling, schedules, state, summaries)
 
 NUM_STRIP_FRAMES = 10
 NUM_GIF_FRAMES = 40
@@ -76,8 +76,8 @@ def visualize(config, workdir: str, step: int | None = None) -> list[str]:
 
   eval_graphdef, train_state, step = state.load_checkpoint(config, workdir, step)
   schedule = builders.schedule(config)
-  source = input_pipeline.create_source(config.data)
-  input_pipeline.check_source_shape(source, config.data)
+  source = data_sources.create_source(config.data)
+  data_sources.check_source_shape(source, config.data)
   directory = files.join(workdir, "visualize")
   mesh = parallel.data_mesh()
   writer = summaries.create_writer(workdir, just_logging=jax.process_index() > 0)

@@ -294,12 +294,12 @@ def test_data_paths(tmp_path, compiles, source, defect):
 
 def test_sixteen_bit_and_cmyk_images_are_read_scaled_not_clipped(tmp_path):
   from PIL import Image
-  from jax_ddpm import input_pipeline
+  from jax_ddpm import data_sources
   Image.fromarray(np.full((8, 8), 32896, np.uint16)).save(tmp_path / "a_16bit.png")  # 128/255
   Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(tmp_path / "b_cmyk.jpg")  # pure red
-  grey = input_pipeline.read_image_folder(str(tmp_path), 8, 1)
+  grey = data_sources.read_image_folder(str(tmp_path), 8, 1)
   assert grey[0].min() == grey[0].max() == 128
-  rgb = input_pipeline.read_image_folder(str(tmp_path), 8, 3)
+  rgb = data_sources.read_image_folder(str(tmp_path), 8, 3)
   red = rgb[1].reshape(-1, 3).mean(axis=0)
   assert red[0] > 240 and red[1] < 15 and red[2] < 15, red
 

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from configs import tiny
-from jax_ddpm import (builders, evaluate, guidance, input_pipeline, sample_mode,
+from jax_ddpm import (builders, data_sources, evaluate, guidance, input_pipeline, sample_mode,
                       samplers, state, train)
 from samplers_test import SCHEDULE, Z, gaussian_mixture_eps
 
@@ -205,19 +205,19 @@ def test_labelled_sources_pair_each_image_with_its_class(tmp_path):
       Image.fromarray(np.full((8, 8), colour, np.uint8)).save(tmp_path / name / f"{i}.png")
   data = tiny.get_config().data
   data.source, data.path, data.image_size = "folder", str(tmp_path), 8
-  source = input_pipeline.create_source(data, labels=True)
+  source = data_sources.create_source(data, labels=True)
   images, labels = source.read_labelled(np.arange(4))
   np.testing.assert_array_equal(labels, [0, 0, 1, 1])
   assert (images[2:] == 255).all() and (images[:2] == 0).all()
   data = tiny.get_config().data
   data.source = "mnist_embedded"
-  digits = input_pipeline.create_source(data, labels=True)
-  assert digits.num_classes == 10 and input_pipeline.create_source(data).num_classes is None
+  digits = data_sources.create_source(data, labels=True)
+  assert digits.num_classes == 10 and data_sources.create_source(data).num_classes is None
 
 
 def test_the_step_reader_yields_labels_of_the_same_examples_as_the_images():
   images = np.arange(20, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 2, 1), np.uint8)
-  source = input_pipeline.ArraySource(images, np.arange(20, dtype=np.int32))
+  source = data_sources.ArraySource(images, np.arange(20, dtype=np.int32))
   batches = iter(input_pipeline.grain_batches(
       source, first_step=3, global_batch=8, seed=7, random_flip=False, process_index=1,
       process_count=2, labels=True))

@@ -15,7 +15,7 @@ import scipy.linalg
 from flax import nnx
 
 from configs import mnist, tiny
-from jax_ddpm import (builders, evaluate, feature_classifier, input_pipeline, metrics, parallel,
+from jax_ddpm import (builders, data_sources, evaluate, feature_classifier, metrics, parallel,
                       sample_mode, state, train, training_eval)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -112,7 +112,7 @@ def test_classifier_learns_the_digits_and_round_trips_through_npz(digits_classif
   config, workdir, report = digits_classifier
   assert report["holdout_examples"] == 500 and report["holdout_accuracy"] > 0.8, report
   model = feature_classifier.load(evaluate.classifier_path(config, workdir))
-  images = input_pipeline.read_embedded_mnist()[:8]
+  images = data_sources.read_embedded_mnist()[:8]
   features, logits = model(images)
   assert features.shape == (8, feature_classifier.FEATURE_DIM) and logits.shape == (8, 10)
 
@@ -120,7 +120,7 @@ def test_classifier_learns_the_digits_and_round_trips_through_npz(digits_classif
 def test_real_digits_are_far_closer_than_noise_in_classifier_features(digits_classifier, tmp_path):
   config, workdir, _ = digits_classifier
   # The embedded digits are sorted by label; the score's splits need a shuffled sample.
-  digits = input_pipeline.read_embedded_mnist()[np.random.default_rng(1).permutation(5000)[:1000]]
+  digits = data_sources.read_embedded_mnist()[np.random.default_rng(1).permutation(5000)[:1000]]
   noise = np.random.default_rng(0).integers(0, 256, digits.shape, dtype=np.uint8)
   results = {}
   for name, images in (("digits", digits), ("noise", noise)):
@@ -221,7 +221,7 @@ def test_feature_extraction_is_sharded_and_drops_the_padding(digits_classifier):
   config = config.copy_and_resolve_references()
   config.eval.batch_size = 16
   extractor = evaluate.create_extractor(config, workdir, mesh)
-  images = input_pipeline.read_embedded_mnist()[:21]  # one full batch and a padded one
+  images = data_sources.read_embedded_mnist()[:21]  # one full batch and a padded one
   features, probabilities = extractor(images)
   assert features.shape == (21, 128) and probabilities.shape == (21, 10)
   alone, _ = extractor(images[16:17])

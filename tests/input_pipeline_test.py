@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from jax_ddpm import errors, input_pipeline, parallel
+from jax_ddpm import data_sources, errors, input_pipeline, parallel
 import tfds_data
 
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
@@ -33,7 +33,7 @@ def test_batches_straddling_an_epoch_boundary_stay_deterministic():
 
 
 def test_process_slices_assemble_the_global_batch():
-  source = input_pipeline.ArraySource(input_pipeline.fake_images(30, 4, 1, seed=0))
+  source = data_sources.ArraySource(data_sources.fake_images(30, 4, 1, seed=0))
   whole = input_pipeline.local_batch(source, 3, 8, 0, True, process_index=0, process_count=1)
   parts = [input_pipeline.local_batch(source, 3, 8, 0, True, process_index=p, process_count=4)
            for p in range(4)]
@@ -42,8 +42,8 @@ def test_process_slices_assemble_the_global_batch():
 
 
 def test_random_flip_mirrors_exactly_the_chosen_images():
-  images = input_pipeline.fake_images(16, 4, 1, seed=1)
-  source = input_pipeline.ArraySource(images)
+  images = data_sources.fake_images(16, 4, 1, seed=1)
+  source = data_sources.ArraySource(images)
   flipped = input_pipeline.local_batch(source, 0, 16, 0, True, 0, 1)
   plain = input_pipeline.local_batch(source, 0, 16, 0, False, 0, 1)
   flips = input_pipeline.global_flips(0, 16, 0)
@@ -53,7 +53,7 @@ def test_random_flip_mirrors_exactly_the_chosen_images():
 
 
 def test_embedded_mnist_holds_the_5000_real_digits():
-  images = input_pipeline.read_embedded_mnist()
+  images = data_sources.read_embedded_mnist()
   assert images.shape == (5000, 28, 28, 1) and images.dtype == np.uint8
   # Real digits: dark background, bright strokes covering roughly a fifth of the pixels.
   assert images[:, 0, :, 0].max() == 0 and images.max() == 255
@@ -62,7 +62,7 @@ def test_embedded_mnist_holds_the_5000_real_digits():
 
 def test_batch_iterator_yields_sharded_global_batches_from_the_given_step():
   mesh = parallel.data_mesh()
-  source = input_pipeline.ArraySource(input_pipeline.fake_images(20, 4, 1, seed=0))
+  source = data_sources.ArraySource(data_sources.fake_images(20, 4, 1, seed=0))
   for k in (1, 3):
     iterator = input_pipeline.BatchIterator(
         source, first_step=5, global_batch=8, seed=0, random_flip=False,
@@ -78,7 +78,7 @@ def test_batch_iterator_yields_sharded_global_batches_from_the_given_step():
 
 def test_grain_reads_the_plain_loops_batches_for_every_process_and_step():
   # 20 examples, global batch 8: steps 3..9 straddle epochs; flips on; two processes.
-  source = input_pipeline.ArraySource(input_pipeline.fake_images(20, 4, 3, seed=1))
+  source = data_sources.ArraySource(data_sources.fake_images(20, 4, 3, seed=1))
   for process_index in (0, 1):
     batches = iter(input_pipeline.grain_batches(
         source, first_step=3, global_batch=8, seed=7, random_flip=True,
@@ -111,12 +111,12 @@ def test_image_folder_source_crops_resizes_and_checks_shape(tmp_path):
     Image.fromarray(rng.integers(0, 255, size + (3,), dtype=np.uint8)).save(tmp_path / f"{i}.png")
   config = tiny.get_config().data
   config.source, config.path, config.channels, config.image_size = "folder", str(tmp_path), 3, 16
-  source = input_pipeline.create_source(config)
+  source = data_sources.create_source(config)
   assert source.read(np.arange(2)).shape == (2, 16, 16, 3)
-  input_pipeline.check_source_shape(source, config)
+  data_sources.check_source_shape(source, config)
   config.image_size = 8
   with pytest.raises(ValueError, match=r"yields images of shape \(16, 16, 3\).*data.image_size=8"):
-    input_pipeline.check_source_shape(source, config)
+    data_sources.check_source_shape(source, config)
 
 
 @pytest.fixture(scope="module")
@@ -131,23 +131,23 @@ def test_tfds_source_reads_both_file_formats_by_index(tfds_digits, file_format):
   config = ml_collections.ConfigDict(dict(
       source="tfds", tfds_name=tfds_data.NAME, split="train", data_dir=tfds_digits[file_format],
       image_size=28, channels=1))
-  source = input_pipeline.create_source(config)
-  input_pipeline.check_source_shape(source, config)
+  source = data_sources.create_source(config)
+  data_sources.check_source_shape(source, config)
   assert len(source) == 256
-  digits = input_pipeline.read_embedded_mnist()[:256]
+  digits = data_sources.read_embedded_mnist()[:256]
   images = source.read(np.arange(256))
   # TFDS stores examples in an order of its own; the set of images is the digits'.
   assert sorted(map(bytes, images)) == sorted(map(bytes, digits))
   if file_format == "tfrecord":
-    other = input_pipeline.TfdsSource(tfds_data.NAME, "train", tfds_digits["array_record"])
+    other = data_sources.TfdsSource(tfds_data.NAME, "train", tfds_digits["array_record"])
     assert np.array_equal(other.read(np.arange(256)), images)  # the same order in both formats
-  sliced = input_pipeline.TfdsSource(tfds_data.NAME, "train[10:20]", tfds_digits[file_format])
+  sliced = data_sources.TfdsSource(tfds_data.NAME, "train[10:20]", tfds_digits[file_format])
   assert np.array_equal(sliced.read(np.arange(10)), images[10:20])
 
 
 def test_tfrecord_data_too_large_for_memory_names_the_conversion(tfds_digits):
   with pytest.raises(errors.InputFileError, match=r"tfds convert_format --dataset_version_dir="):
-    input_pipeline.TfdsSource(tfds_data.NAME, "train", tfds_digits["tfrecord"], max_bytes=1000)
+    data_sources.TfdsSource(tfds_data.NAME, "train", tfds_digits["tfrecord"], max_bytes=1000)
 
 
 def test_a_truncated_tfrecord_shard_is_named(tmp_path):
@@ -156,7 +156,7 @@ def test_a_truncated_tfrecord_shard_is_named(tmp_path):
   shard, = (data_dir / tfds_data.NAME / "1.0.0").glob("*.tfrecord*")
   shard.write_bytes(shard.read_bytes()[:-100])
   with pytest.raises(errors.InputFileError, match=r"truncated"):
-    input_pipeline.TfdsSource(tfds_data.NAME, "train", str(data_dir))
+    data_sources.TfdsSource(tfds_data.NAME, "train", str(data_dir))
 
 
 def test_idx_source_reads_real_fashion_mnist():
@@ -164,7 +164,7 @@ def test_idx_source_reads_real_fashion_mnist():
     pytest.skip(f"{FASHION_MNIST} absent: apt-get install dataset-fashion-mnist (CI installs it)")
   config = ml_collections.ConfigDict(dict(source="idx", path=FASHION_MNIST, split="test",
                                           image_size=28, channels=1))
-  source = input_pipeline.create_source(config)
+  source = data_sources.create_source(config)
   assert len(source) == 10_000
   images = source.read(np.arange(100))
   assert images.dtype == np.uint8 and images.shape == (100, 28, 28, 1)
@@ -176,7 +176,7 @@ def test_idx_reader_rejects_a_truncated_file(tmp_path):
   path = tmp_path / "train-images-idx3-ubyte"
   path.write_bytes(header + bytes(5))
   with pytest.raises(ValueError, match=r"header says dimensions \(3, 2, 2\), but the file holds 5"):
-    input_pipeline.read_idx_images(str(path))
+    data_sources.read_idx_images(str(path))
 
 
 def write_idx(path, array):
@@ -190,27 +190,27 @@ def test_labelled_idx_split_pairs_images_with_labels(tmp_path):
   write_idx(tmp_path / "t10k-images-idx3-ubyte", images)
   write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.array([3, 1, 4, 1, 5]))
   config = ml_collections.ConfigDict(dict(source="idx", path=str(tmp_path), split="train"))
-  read_images, labels = input_pipeline.read_labelled(config, "test")
+  read_images, labels = data_sources.read_labelled(config, "test")
   np.testing.assert_array_equal(read_images[..., 0], images)
   np.testing.assert_array_equal(labels, [3, 1, 4, 1, 5])
   write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.array([3, 1, 4]))
   with pytest.raises(ValueError, match="5 images but 3 labels in split 'test'"):
-    input_pipeline.read_labelled(config, "test")
+    data_sources.read_labelled(config, "test")
   with pytest.raises(FileNotFoundError, match="No train-images-idx3-ubyte"):
-    input_pipeline.read_labelled(config, "train")
+    data_sources.read_labelled(config, "train")
 
 
 def test_embedded_digits_have_500_labels_of_each_digit():
   config = ml_collections.ConfigDict(dict(source="mnist_embedded"))
-  images, labels = input_pipeline.read_labelled(config, "train")
+  images, labels = data_sources.read_labelled(config, "train")
   assert images.shape == (5000, 28, 28, 1)
   np.testing.assert_array_equal(np.bincount(labels), [500] * 10)
   with pytest.raises(ValueError, match="has only the split 'train'"):
-    input_pipeline.read_labelled(config, "test")
+    data_sources.read_labelled(config, "test")
 
 
 def test_unknown_source_names_the_allowed_values():
   config = tiny.get_config().data
   config.source = "imagenet"
   with pytest.raises(ValueError, match=r"Unknown data.source 'imagenet'.*mnist_embedded"):
-    input_pipeline.create_source(config)
+    data_sources.create_source(config)

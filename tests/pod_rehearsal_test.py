@@ -25,7 +25,7 @@ import fault_injection
 import gcs_emulator
 import tfds_data
 from configs import tiny
-from jax_ddpm import feature_classifier, input_pipeline, state, train
+from jax_ddpm import data_sources, feature_classifier, state, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = f"gs://{gcs_emulator.BUCKET}"
@@ -84,9 +84,9 @@ def bucket(tmp_path_factory):
 
 def test_tfds_data_in_the_bucket_reads_like_the_local_copy(bucket):
   _, local = bucket
-  expected = input_pipeline.TfdsSource(tfds_data.NAME, "train", str(local / "array_record"))
+  expected = data_sources.TfdsSource(tfds_data.NAME, "train", str(local / "array_record"))
   for file_format in ("tfrecord", "array_record"):
-    remote = input_pipeline.TfdsSource(tfds_data.NAME, "train", f"{BUCKET}/tfds/{file_format}")
+    remote = data_sources.TfdsSource(tfds_data.NAME, "train", f"{BUCKET}/tfds/{file_format}")
     assert np.array_equal(remote.read(np.arange(256)), expected.read(np.arange(256)))
 
 

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from jax_ddpm import input_pipeline
+from jax_ddpm import data_sources
 
 NAME = "jax_ddpm_digits"
 
@@ -11,8 +11,8 @@ def build(data_dir: str, file_format: str, count: int = 256) -> str:
   """Writes NAME (train: the first `count` embedded digits with labels) under data_dir."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  images = input_pipeline.read_embedded_mnist()[:count]
-  labels = input_pipeline.read_embedded_mnist_labels()[:count].astype(np.int64)
+  images = data_sources.read_embedded_mnist()[:count]
+  labels = data_sources.read_embedded_mnist_labels()[:count].astype(np.int64)
   features = tfds.features.FeaturesDict({
       "image": tfds.features.Image(shape=(28, 28, 1)),
       "label": tfds.features.ClassLabel(num_classes=10)})

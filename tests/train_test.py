@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from configs import cifar10, tiny
-from jax_ddpm import builders, checkpointing, input_pipeline, parallel, state, train
+from jax_ddpm import builders, checkpointing, data_sources, input_pipeline, parallel, state, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,7 +25,7 @@ def run_steps(config, mesh, num_steps):
                                                   mesh, optimizer)
   train_fn = train.make_train_fn(graphdef, builders.schedule(config), optimizer,
                                  builders.step_options(config), mesh)
-  source = input_pipeline.create_source(config.data)
+  source = data_sources.create_source(config.data)
   losses = []
   for step in range(num_steps):
     batch = input_pipeline.local_batch(source, step, config.training.batch_size, config.seed,
@@ -161,7 +161,7 @@ def test_steps_per_dispatch_scan_matches_single_steps():
                                                   mesh, optimizer)
   train_fn = train.make_train_fn(graphdef, builders.schedule(config), optimizer,
                                  builders.step_options(config), mesh, steps_per_dispatch=2)
-  source = input_pipeline.create_source(config.data)
+  source = data_sources.create_source(config.data)
   batches = np.stack([input_pipeline.local_batch(source, s, 8, config.seed, True, 0, 1)
                       for s in range(2)])
   current, metrics = train_fn(current,

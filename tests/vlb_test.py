@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from jax_ddpm import diffusion, input_pipeline, likelihood, parallel, schedules
+from jax_ddpm import data_sources, diffusion, input_pipeline, likelihood, parallel, schedules
 from jax_ddpm.diffusion import Prediction, Variance
 
 SCHEDULE = schedules.get_schedule("linear", 1000)
@@ -141,7 +141,7 @@ def test_bits_per_dim_sums_every_term_exactly_and_stratified_draws_are_unbiased(
   term = lambda t: 0.01 + 0.002 * (t % 7) + jnp.where(t == 0, 1.0, 0.0)
   terms_fn = jax.jit(lambda params, x0, y, t, key: term(t).astype(jnp.float32))
   images = np.full((256, 4, 4, 1), 128, np.uint8)
-  source = input_pipeline.ArraySource(images)
+  source = data_sources.ArraySource(images)
   prior = float(diffusion.prior_bpd(schedule, jnp.asarray(
       input_pipeline.to_model_range(images[:1])))[0])
   exact = 1.01 + float(np.sum(0.01 + 0.002 * (np.arange(1, 50) % 7))) + prior
