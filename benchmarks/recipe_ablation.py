@@ -46,6 +46,12 @@ VARIANTS = {
     "width_48": {**EARLIER, "model.ch": 48},
     "bfloat16": {**EARLIER, "model.compute_dtype": "bfloat16"},
     "default_bfloat16": {"model.compute_dtype": "bfloat16"},
+    # The bound as the objective (Improved DDPM Sec. 3.3), t uniform or by importance.
+    "vlb_uniform": {"model.learn_sigma": True, "training.objective": "vlb",
+                    "training.loss_weighting": "uniform", "sampling.variance": "learned"},
+    "vlb_importance": {"model.learn_sigma": True, "training.objective": "vlb",
+                       "training.loss_weighting": "uniform", "sampling.variance": "learned",
+                       "training.timestep_sampling": "importance"},
 }
 # Another sampler with the same 50 network calls, on a variant's trained checkpoint:
 # (trained variant, sampling overrides).
@@ -57,6 +63,10 @@ SAMPLED_VARIANTS = {
     "min_snr_eta1_quadratic": ("min_snr", {**ETA1, "sampling.spacing": "quadratic"}),
     "min_snr_eta1_logsnr": ("min_snr", {**ETA1, "sampling.spacing": "logsnr"}),
     "learned_sigma_eta1": ("learned_sigma", {**ETA1, "sampling.variance": "learned"}),
+    "min_snr_eta1_quadratic_static": ("min_snr", {**ETA1, "sampling.spacing": "quadratic",
+                                                  "sampling.thresholding": "static"}),
+    "min_snr_eta1_quadratic_dynamic": ("min_snr", {**ETA1, "sampling.spacing": "quadratic",
+                                                   "sampling.thresholding": "dynamic"}),
 }
 
 

@@ -127,7 +127,8 @@ def test_the_loss_history_survives_a_checkpoint_and_older_checkpoints_still_rest
   saver = checkpointing.Checkpointer(str(tmp_path))
   saver.save(1, current.replace(timestep_history=None), {})  # as a run without the option
   saver.save(2, current, {})
-  saver.wait_until_finished()
+  saver.close()
+  saver = checkpointing.Checkpointer(str(tmp_path), create=False)  # a new process's reader
   fresh = _importance_run()[1]
   restored = saver.restore(2, fresh)
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(current)):
