@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from jax_ddpm import samplers, schedules
+from jax_ddpm.samplers import base
 
 SCHEDULE = schedules.get_schedule("linear", 1000)
 NUM_SAMPLES = 4000
@@ -203,6 +204,24 @@ def test_learned_variance_at_its_ends_samples_as_the_fixed_variance(v, fixed):
                                  variance="learned", learn_sigma=True)
   fixed = samplers.ddpm_sample(nonlinear_eps, SCHEDULE, shape, rng, variance=fixed)
   np.testing.assert_allclose(learned, fixed, atol=2e-5, rtol=0)
+
+
+def test_learned_variance_leaves_quadratic_spacings_repeated_timesteps_in_place():
+  """Quadratic spacing repeats its first indices (0, 0, 1, ...): a step from t to t has beta = 0
+  and must keep x_t for a learned variance too (it once drew infinite noise there)."""
+  indices = base.timestep_indices(SCHEDULE, 50, "quadratic")
+  assert len(np.unique(indices)) < len(indices)
+  shape, rng = (3, 4, 4, 1), jax.random.key(10)
+  for v in (-1.0, 0.5, 1.0):
+    x = samplers.ddim_sample(with_variance_channels(v), SCHEDULE, shape, rng, num_steps=50,
+                             eta=1.0, spacing="quadratic", learned_variance=True,
+                             learn_sigma=True)
+    assert np.all(np.isfinite(np.asarray(x))), v
+  eq_16 = samplers.ddim_sample(nonlinear_eps, SCHEDULE, shape, rng, num_steps=50, eta=1.0,
+                               spacing="quadratic")
+  np.testing.assert_allclose(samplers.ddim_sample(
+      with_variance_channels(-1.0), SCHEDULE, shape, rng, num_steps=50, eta=1.0,
+      spacing="quadratic", learned_variance=True, learn_sigma=True), eq_16, atol=2e-5, rtol=0)
 
 
 def test_ddim_with_learned_variance_is_ddim_at_beta_tilde_and_ddpm_with_every_step():

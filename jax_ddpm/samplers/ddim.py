@@ -48,12 +48,14 @@ def learned_variance(beta, one_minus_alpha_bar_prev, one_minus_alpha_bar, t_prev
                      variance_output):
   """The network's sigma^2 for a step whose beta is 1 - alpha-bar_t / alpha-bar_prev: eq. (15)
   of Improved DDPM between that beta and beta~ = (1 - alpha-bar_prev) / (1 - alpha-bar_t) beta
-  (their respacing, Sec. 4). 0 for the step to the data, where beta~ = 0."""
+  (their respacing, Sec. 4). 0 for the step to the data, where beta~ = 0, and for a repeated
+  timestep (quadratic spacing's first indices, t_prev = t), where beta = 0 and x_t stays."""
   beta_tilde = one_minus_alpha_bar_prev / one_minus_alpha_bar * beta
   log_variance = diffusion.interpolated_log_variance(
-      jnp.log(jnp.maximum(beta_tilde, 1e-20)), jnp.log(beta), variance_output)
-  return jnp.where((t_prev >= 0).reshape(beta.shape[:1] + (1,) * (beta.ndim - 1)),
-                   jnp.exp(log_variance), 0.0)
+      jnp.log(jnp.maximum(beta_tilde, 1e-20)), jnp.log(jnp.maximum(beta, 1e-20)),
+      variance_output)
+  moves = (t_prev >= 0).reshape(beta.shape[:1] + (1,) * (beta.ndim - 1)) & (beta > 0)
+  return jnp.where(moves, jnp.exp(log_variance), 0.0)
 
 
 def ddim_step(schedule: DiffusionSchedule, output, x_t, t, t_prev, noise, *, eta: float,
