@@ -63,8 +63,6 @@ SAMPLED_VARIANTS = {
     "min_snr_eta1_quadratic": ("min_snr", {**ETA1, "sampling.spacing": "quadratic"}),
     "min_snr_eta1_logsnr": ("min_snr", {**ETA1, "sampling.spacing": "logsnr"}),
     "learned_sigma_eta1": ("learned_sigma", {**ETA1, "sampling.variance": "learned"}),
-    "min_snr_eta1_quadratic_static": ("min_snr", {**ETA1, "sampling.spacing": "quadratic",
-                                                  "sampling.thresholding": "static"}),
     "min_snr_eta1_quadratic_dynamic": ("min_snr", {**ETA1, "sampling.spacing": "quadratic",
                                                    "sampling.thresholding": "dynamic"}),
 }
