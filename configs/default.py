@@ -126,7 +126,7 @@ def get_config() -> ml_collections.ConfigDict:
   model.learn_sigma = False
   # float32 | bfloat16 | auto (bfloat16 where the hardware computes it natively: TPU, GPU of
   # compute capability >= 8.0, CPU with AMX or AVX512-BF16; builders.compute_dtype). bfloat16 ran
-  # 9-22% slower on a CPU without native bf16, 5-12% faster with AMX (benchmarks/NOTES.md, 2, 11).
+  # 9-22% slower on a CPU without native bf16, 0-12% faster with AMX (benchmarks/NOTES.md, 2, 11).
   model.compute_dtype = "float32"
   # Off: 12-16% slower and no memory saved at the batches measured (benchmarks/NOTES.md, 8).
   model.remat = False

@@ -104,9 +104,10 @@ class Checkpointer:
       raise ValueError(f"The checkpoint has no {sorted(set(missing) - optional)}.")
     restore_target = {name: value for name, value in wanted.items()
                       if value is not None and name in on_disk}
+    sharding = _any_sharding(target)
     for name in set(on_disk) - set(restore_target):  # saved, but not wanted: read and drop
       restore_target[name] = jax.tree.map(
-          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=_any_sharding(target)),
+          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
           on_disk[name], is_leaf=lambda m: hasattr(m, "shape"))
     restored = self._manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(restore_target)))["state"]

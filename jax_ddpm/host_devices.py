@@ -30,7 +30,10 @@ def with_cpu_devices(xla_flags: str, count: int | None = None) -> str:
 
 
 def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
-  """The instruction-set flags the kernel reports for the first CPU (empty if unreadable)."""
+  """The instruction-set flags the kernel reports for the first CPU (empty if unreadable).
+
+  /proc/cpuinfo describes this host, so it is read as a local file, never through files.py.
+  """
   try:
     with open(cpuinfo) as f:
       for line in f:
