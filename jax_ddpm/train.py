@@ -172,9 +172,20 @@ class TrainingRun:
     source = _checked_source(config)
     self.meta = run_metadata(config)
     self.checkpointer = checkpointing.Checkpointer(workdir, keep=self.training.keep_checkpoints)
+    try:
+      self._set_up(source, mesh)
+    except BaseException:
+      # The caller gets no run to close: an orbax manager left open (e.g. after an unreadable
+      # checkpoint) keeps its threads and event loop until exit.
+      self.close()
+      raise
+
+  def _set_up(self, source, mesh):
+    """The state (restored or fresh), summaries, compiled functions, input and progress report."""
+    config = self.config
     train_graphdef, eval_graphdef = self._restore_or_init(mesh)
     self.step = int(self.state.step)
-    self.writer = summaries.create_writer(workdir, just_logging=jax.process_index() > 0)
+    self.writer = summaries.create_writer(self.workdir, just_logging=jax.process_index() > 0)
     if self.step == 0:
       self.writer.write_hparams(_flatten(config.to_dict()))
     self._compile(train_graphdef, eval_graphdef, mesh)
