@@ -24,8 +24,9 @@ class Program:
   """A checkpoint's weights and the compiled program that draws batches from them.
 
   name: <step>_<sampler>_<network calls>, then the sampler's non-default options
-    (`Sampler.tags`: eta1, logsnr, learned, ...) and a non-static thresholding, and
-    _w<guidance scale> for a conditional model: the samples' directory and eval's result names.
+    (`Sampler.tags`: eta1, logsnr, learned, ...), a non-static thresholding, "online" for the
+    trained rather than the EMA weights, seed<n> for a seed other than 0, and _w<guidance
+    scale> for a conditional model: the samples' directory and eval's result names.
   settings: everything that determines the images (config.sampling but num_samples, and the
     step); a resumed sample run must match it, and eval writes it into its results.
   """
@@ -58,8 +59,10 @@ def load_program(config, workdir: str, step: Optional[int], mesh: jax.sharding.M
   # never share a directory or an eval file.
   thresholding = () if sampling_config.thresholding == "static" else (
       str(sampling_config.thresholding),)
+  weights = () if sampling_config.use_ema else ("online",)
+  seed = () if sampling_config.seed == 0 else (f"seed{sampling_config.seed}",)
   name = "_".join([str(step), sampler.name, str(len(sampler.timesteps(schedule))),
-                   *sampler.tags, *thresholding])
+                   *sampler.tags, *thresholding, *weights, *seed])
   if config.model.num_classes is not None:
     name += f"_w{sampling_config.guidance_scale:g}"
   return Program(sample_fn=sample_fn,

@@ -109,12 +109,15 @@ def test_eval_draws_in_memory_the_images_sample_mode_writes(checkpoint_dir, samp
   other = sample_mode.load_program(sample_config(eta=1.0, thresholding="dynamic"),
                                    checkpoint_dir, None, parallel.data_mesh())
   assert other.name == "1_ddim_4_eta1_dynamic"  # its samples and scores go elsewhere
+  reseeded = sample_mode.load_program(sample_config(seed=3, use_ema=False), checkpoint_dir, None,
+                                      parallel.data_mesh())
+  assert reseeded.name == "1_ddim_4_online_seed3"
 
 
 def test_other_settings_do_not_mix_into_an_existing_sample_directory(checkpoint_dir, sampled):
   before = sorted(os.listdir(sampled))
-  with pytest.raises(ValueError, match=r"other settings:\n  sampling.seed: now 5, before 0"):
-    sample_mode.sample_to_workdir(sample_config(seed=5), checkpoint_dir)
+  with pytest.raises(ValueError, match=r"other settings:\n  sampling.batch_size: now 16, before 8"):
+    sample_mode.sample_to_workdir(sample_config(batch_size=16), checkpoint_dir)
   assert sorted(os.listdir(sampled)) == before
 
 
