@@ -79,11 +79,24 @@ def schedule(config) -> DiffusionSchedule:
 
 
 def learning_rate(config) -> optax.Schedule:
-  """Linear warm-up from 0 to optim.learning_rate, then constant (DDPM Appendix B)."""
+  """Linear warm-up from 0 to optim.learning_rate (DDPM Appendix B), then by optim.lr_decay.
+
+  constant: the DDPM paper's. cosine: eta_t = eta/2 (1 + cos(pi (t - W) / (N - W))) from the end
+  of warm-up W to training.num_train_steps N, reaching 0 at N (Loshchilov & Hutter 2017, eq. 5,
+  one period without restarts). The rate is a function of the step alone, so a resumed run follows
+  the same curve; changing num_train_steps on resume bends it from there on.
+  """
   optim = config.optim
-  if optim.warmup_steps == 0:
-    return optax.constant_schedule(optim.learning_rate)
-  return optax.linear_schedule(0.0, optim.learning_rate, optim.warmup_steps)
+  warmup = optim.warmup_steps
+  if optim.lr_decay == "cosine":
+    after = optax.cosine_decay_schedule(optim.learning_rate,
+                                        config.training.num_train_steps - warmup)
+  else:
+    after = optax.constant_schedule(optim.learning_rate)
+  if warmup == 0:
+    return after
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, optim.learning_rate, warmup), after], [warmup])
 
 
 def optimizer(config) -> optax.GradientTransformation:

@@ -1,13 +1,14 @@
-"""Every shipped config validates on the suite's mesh, the improved recipe is what it says, and
-model.compute_dtype="auto" resolves by the hardware."""
+"""Every shipped config validates on the suite's mesh, the improved recipe is what it says,
+model.compute_dtype="auto" resolves by the hardware, and the learning rate follows optim.lr_decay."""
 
 import importlib
 import os
 
+import numpy as np
 import pytest
 
 from configs import default
-from jax_ddpm import builders, config_checks, host_devices
+from jax_ddpm import builders, config_checks, errors, host_devices
 
 CONFIGS = sorted(name[:-3] for name in os.listdir(os.path.join(os.path.dirname(
     os.path.dirname(os.path.abspath(__file__))), "configs"))
@@ -54,3 +55,32 @@ def test_auto_compute_dtype_builds_a_network_in_a_run_config():
   config.model.compute_dtype = "auto"
   expected = "bfloat16" if host_devices.native_bfloat16() else "float32"
   assert builders.unet_config(config).compute_dtype == expected
+
+
+def _rates(lr_decay, steps):
+  config = default.get_config()
+  config.optim.learning_rate, config.optim.warmup_steps = 1e-3, 100
+  config.optim.lr_decay, config.training.num_train_steps = lr_decay, 1100
+  schedule = builders.learning_rate(config)
+  return np.array([float(schedule(step)) for step in steps])
+
+
+def test_cosine_decay_follows_sgdr_eq5_after_the_warm_up():
+  steps = [0, 50, 100, 350, 600, 850, 1100]
+  eta_max = 1e-3  # eta_t = eta_max / 2 (1 + cos(pi (t - W) / (N - W))), W = 100, N = 1100
+  cosine = [0.0, eta_max / 2] + [eta_max / 2 * (1 + np.cos(np.pi * (t - 100) / 1000))
+                                 for t in steps[2:]]
+  np.testing.assert_allclose(_rates("cosine", steps), cosine, rtol=1e-6, atol=1e-12)
+  np.testing.assert_allclose(_rates("constant", steps), [0.0, eta_max / 2] + [eta_max] * 5,
+                             rtol=1e-6)
+
+
+@pytest.mark.parametrize("lr_decay, warmup, message", [
+    ("linear", 0, "optim.lr_decay must be 'constant' or 'cosine', got 'linear'"),
+    ("cosine", 3000, "the warm-up must end first")])
+def test_a_bad_learning_rate_decay_is_refused_by_name(lr_decay, warmup, message):
+  config = default.get_config()
+  config.optim.lr_decay, config.optim.warmup_steps = lr_decay, warmup
+  config.training.num_train_steps = 3000
+  with pytest.raises(errors.ConfigError, match=message):
+    config_checks.validate_training(config, num_devices=8, num_processes=1)
