@@ -9,16 +9,22 @@ row pays for training only), then `--mode=eval` with the one classifier file giv
 row is scored in the same features: the feature distance to the 5000 training digits, the
 classifier's score (its Inception-Score analogue, at most 10) and the histogram of predicted
 digits, for eval.num_samples images drawn by the config's own sampler (DDIM-50 by default; the
-SAMPLED_VARIANTS draw from a trained variant with other sampler settings, the same 50 calls).
+SAMPLED_VARIANTS draw from a trained variant with other sampler settings).
 
-A variant whose checkpoint already exists is not trained again (its recorded time is reused), so an
-interrupted ablation resumes. ROOT/results.jsonl keeps one line per scored variant; --report prints
-the table from it without running anything.
+One draw of 1000 samples moves the feature distance by several units (the default's checkpoint
+scored 50.1 and 65.4 with sampling seeds 0 and 1), so --sample_seeds scores each variant with
+several sampling seeds and the table gives their mean and standard deviation.
+
+A variant whose checkpoint already exists is not trained again (its recorded time is reused), and
+a (variant, sampling seed) already in ROOT/results.jsonl is not scored again, so an interrupted
+ablation resumes. results.jsonl keeps one line per scored (variant, seed); --report prints the
+table from it without running anything.
 """
 
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -32,6 +38,10 @@ from benchmarks import common  # pylint: disable=g-import-not-at-top
 # file, so each row can be run again as it was; "default" is the file as it is.
 EARLIER = {"training.loss_weighting": "uniform", "sampling.eta": 0.0,
            "sampling.spacing": "uniform"}
+# The recipe the first round chose (the file's from then on): Min-SNR-5, DDIM-50 at eta 1 on
+# quadratic spacing. The default_* rows are changes of it, stated in full for the same reason.
+MIN_SNR_RECIPE = {"training.loss_weighting": "min_snr", "sampling.eta": 1.0,
+                  "sampling.spacing": "quadratic"}
 VARIANTS = {
     "default": {},
     "earlier_default": EARLIER,
@@ -45,15 +55,18 @@ VARIANTS = {
     "batch_64": {**EARLIER, "training.batch_size": 64},
     "width_48": {**EARLIER, "model.ch": 48},
     "bfloat16": {**EARLIER, "model.compute_dtype": "bfloat16"},
-    "default_bfloat16": {"model.compute_dtype": "bfloat16"},
+    "default_bfloat16": {**MIN_SNR_RECIPE, "model.compute_dtype": "bfloat16"},
+    "default_lr_cosine": {**MIN_SNR_RECIPE, "optim.lr_decay": "cosine"},
+    "default_v": {**MIN_SNR_RECIPE, "diffusion.prediction": "v"},
+    "default_cosine_schedule": {**MIN_SNR_RECIPE, "diffusion.schedule": "cosine"},
     # The bound as the objective (Improved DDPM Sec. 3.3), t uniform or by importance.
-    "vlb_uniform": {"model.learn_sigma": True, "training.objective": "vlb",
+    "vlb_uniform": {**MIN_SNR_RECIPE, "model.learn_sigma": True, "training.objective": "vlb",
                     "training.loss_weighting": "uniform", "sampling.variance": "learned"},
-    "vlb_importance": {"model.learn_sigma": True, "training.objective": "vlb",
+    "vlb_importance": {**MIN_SNR_RECIPE, "model.learn_sigma": True, "training.objective": "vlb",
                        "training.loss_weighting": "uniform", "sampling.variance": "learned",
                        "training.timestep_sampling": "importance"},
 }
-# Another sampler with the same 50 network calls, on a variant's trained checkpoint:
+# Another sampler (the same 50 network calls unless said) on a variant's trained checkpoint:
 # (trained variant, sampling overrides).
 ETA1 = {"sampling.eta": 1.0}
 SAMPLED_VARIANTS = {
@@ -65,6 +78,9 @@ SAMPLED_VARIANTS = {
     "learned_sigma_eta1": ("learned_sigma", {**ETA1, "sampling.variance": "learned"}),
     "min_snr_eta1_quadratic_dynamic": ("min_snr", {**ETA1, "sampling.spacing": "quadratic",
                                                    "sampling.thresholding": "dynamic"}),
+    # Twice the network calls (so not at the default's sampling cost): what they would buy.
+    "min_snr_eta1_quadratic_100": ("min_snr", {**ETA1, "sampling.spacing": "quadratic",
+                                               "sampling.num_steps": 100}),
 }
 
 
@@ -113,22 +129,44 @@ def score(name: str, root: str, classifier: str, sampling: dict) -> dict:
     return json.load(f)
 
 
+def _rows_by_variant(root: str) -> dict[str, list[dict]]:
+  """results.jsonl's rows grouped by variant, in order of first appearance (rows written before
+  --sample_seeds existed are seed 0)."""
+  grouped = {}
+  path = os.path.join(root, "results.jsonl")
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        r = json.loads(line)
+        grouped.setdefault(r["variant"], []).append({"sample_seed": 0, **r})
+  return grouped
+
+
+def _mean_std(values: list[float], digits: int) -> str:
+  mean = f"{statistics.mean(values):.{digits}f}"
+  return mean if len(values) == 1 else f"{mean} +- {statistics.stdev(values):.{digits}f}"
+
+
 def print_report(root: str) -> None:
   rows = []
-  with open(os.path.join(root, "results.jsonl")) as f:
-    for line in f:
-      r = json.loads(line)
-      keys = {flag.split("=")[0] for flag in r["overrides"]}
-      # Against the earlier recipe: every key it sets that the row does not, at its value.
-      change = [f for f in r["overrides"] if f not in _flags(EARLIER)] + [
-          f for f in _flags(EARLIER) if f.split("=")[0] not in keys]
-      rows.append([r["variant"], " ".join(f[len("--config."):] for f in change) or "-",
-                   f"{r['seconds']:.0f}",
-                   r["steps"], f"{r['feature_distance']:.1f}", f"{r['classifier_score']:.2f}",
-                   f"{r['precision']:.3f}", f"{r['recall']:.3f}",
-                   " ".join(str(c) for c in r["label_histogram"])])
-  common.print_table(["variant", "change from earlier_default", "train s", "steps", "feature distance",
-                      "classifier score", "precision", "recall", "digits 0-9"], rows)
+  for name, runs in _rows_by_variant(root).items():
+    r = runs[0]
+    keys = {flag.split("=")[0] for flag in r["overrides"]}
+    # Against the earlier recipe: every key it sets that the row does not, at its value.
+    change = [f for f in r["overrides"] if f not in _flags(EARLIER)] + [
+        f for f in _flags(EARLIER) if f.split("=")[0] not in keys]
+    histogram = [round(statistics.mean(c)) for c in zip(*(x["label_histogram"] for x in runs))]
+    rows.append([name, " ".join(f[len("--config."):] for f in change) or "-",
+                 f"{r['seconds']:.0f}", r["steps"],
+                 ",".join(str(x["sample_seed"]) for x in runs),
+                 _mean_std([x["feature_distance"] for x in runs], 1),
+                 _mean_std([x["classifier_score"] for x in runs], 2),
+                 _mean_std([x["precision"] for x in runs], 3),
+                 _mean_std([x["recall"] for x in runs], 3),
+                 " ".join(str(c) for c in histogram)])
+  common.print_table(["variant", "change from earlier_default", "train s", "steps",
+                      "sampling seeds", "feature distance", "classifier score", "precision",
+                      "recall", "digits 0-9 (mean)"], rows)
 
 
 def main():
@@ -136,6 +174,8 @@ def main():
   parser.add_argument("--root", required=True, help="directory of the variants' workdirs")
   parser.add_argument("--classifier", help="the one feature-classifier .npz every row uses")
   parser.add_argument("--variants", default="default", help=f"comma-separated: {list(VARIANTS)}")
+  parser.add_argument("--sample_seeds", default="0",
+                      help="comma-separated sampling seeds; each variant is scored with each")
   parser.add_argument("--report", action="store_true", help="only print the table from ROOT")
   args = parser.parse_args()
   os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -148,15 +188,21 @@ def main():
     if not args.classifier or not os.path.exists(args.classifier):
       parser.error(f"--classifier must name an existing .npz, got {args.classifier!r}")
     os.makedirs(args.root, exist_ok=True)
+    seeds = [int(seed) for seed in args.sample_seeds.split(",")]
     for name in names:
       trained, sampling = SAMPLED_VARIANTS.get(name, (name, {}))
       seconds = train(trained, args.root)
-      results = score(trained, args.root, os.path.abspath(args.classifier), sampling)
-      with open(os.path.join(args.root, "results.jsonl"), "a") as f:
-        f.write(json.dumps({"variant": name,
-                            "overrides": _flags({**VARIANTS[trained], **sampling}),
-                            "seconds": seconds, "steps": results.get("protocol.step"),
-                            **results}) + "\n")
+      scored = {r["sample_seed"] for r in _rows_by_variant(args.root).get(name, [])}
+      for seed in (s for s in seeds if s not in scored):
+        # Seed 0 is the config's own: its command stays the one earlier rows ran.
+        reseed = {"sampling.seed": seed} if seed else {}
+        results = score(trained, args.root, os.path.abspath(args.classifier),
+                        {**sampling, **reseed})
+        with open(os.path.join(args.root, "results.jsonl"), "a") as f:
+          f.write(json.dumps({"variant": name, "sample_seed": seed,
+                              "overrides": _flags({**VARIANTS[trained], **sampling}),
+                              "seconds": seconds, "steps": results.get("protocol.step"),
+                              **results}) + "\n")
   print(common.machine_description())
   print_report(args.root)
 

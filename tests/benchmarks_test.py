@@ -84,10 +84,13 @@ def test_recipe_ablation_refuses_unknown_variants_and_tabulates_its_results(tmp_
   row = {"variant": "min_snr_eta1", "overrides": overrides, "seconds": 1000.0,
          "steps": 3000, "feature_distance": 50.0, "classifier_score": 9.0, "precision": 0.7,
          "recall": 0.9, "label_histogram": list(range(10))}
+  reseeded = {**row, "sample_seed": 1, "feature_distance": 60.0, "label_histogram": [2] * 10}
   with open(tmp_path / "results.jsonl", "w") as f:
-    f.write(json.dumps(row) + "\n")
+    f.write(json.dumps(row) + "\n" + json.dumps(reseeded) + "\n")
   recipe_ablation.print_report(str(tmp_path))
   table = capsys.readouterr().out
-  # Only what differs from the earlier recipe shows.
-  assert "| min_snr_eta1 | training.loss_weighting=min_snr sampling.eta=1.0 | 1000" in table
-  assert "0 1 2 3 4 5 6 7 8 9" in table
+  # Only what differs from the earlier recipe shows; two sampling seeds give mean +- std.
+  cells = [c.strip() for c in table.splitlines()[-1].split("|")[1:-1]]
+  assert cells[:6] == ["min_snr_eta1", "training.loss_weighting=min_snr sampling.eta=1.0", "1000",
+                       "3000", "0,1", "55.0 +- 7.1"]
+  assert "| 1 2 2 2 3 4 4 4 5 6 |" in table  # the histograms' mean, rounded half to even
