@@ -83,14 +83,15 @@ def learning_rate(config) -> optax.Schedule:
 
   constant: the DDPM paper's. cosine: eta_t = eta/2 (1 + cos(pi (t - W) / (N - W))) from the end
   of warm-up W to training.num_train_steps N, reaching 0 at N (Loshchilov & Hutter 2017, eq. 5,
-  one period without restarts). The rate is a function of the step alone, so a resumed run follows
-  the same curve; changing num_train_steps on resume bends it from there on.
+  one period without restarts; a run of N <= W steps ends in its warm-up). The rate is a function
+  of the step alone, so a resumed run follows the same curve; changing num_train_steps on resume
+  bends it from there on.
   """
   optim = config.optim
   warmup = optim.warmup_steps
   if optim.lr_decay == "cosine":
     after = optax.cosine_decay_schedule(optim.learning_rate,
-                                        config.training.num_train_steps - warmup)
+                                        max(config.training.num_train_steps - warmup, 1))
   else:
     after = optax.constant_schedule(optim.learning_rate)
   if warmup == 0:

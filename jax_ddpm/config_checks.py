@@ -147,11 +147,6 @@ def validate_training(config, num_devices: int, num_processes: int) -> None:
   if optim.lr_decay not in ("constant", "cosine"):
     raise errors.ConfigError(f"optim.lr_decay must be 'constant' or 'cosine', got "
                              f"{optim.lr_decay!r}.")
-  if optim.lr_decay == "cosine" and not optim.warmup_steps < training.num_train_steps:
-    raise errors.ConfigError(
-        f"optim.lr_decay='cosine' decays from the end of warm-up (optim.warmup_steps="
-        f"{optim.warmup_steps}) to training.num_train_steps={training.num_train_steps}: "
-        "the warm-up must end first.")
   if not 0.0 <= optim.ema_decay < 1.0:
     raise errors.ConfigError(f"optim.ema_decay must be in [0, 1), got {optim.ema_decay!r}.")
   if config.data.source in ("idx", "folder") and not config.data.path:

@@ -75,12 +75,18 @@ def test_cosine_decay_follows_sgdr_eq5_after_the_warm_up():
                              rtol=1e-6)
 
 
-@pytest.mark.parametrize("lr_decay, warmup, message", [
-    ("linear", 0, "optim.lr_decay must be 'constant' or 'cosine', got 'linear'"),
-    ("cosine", 3000, "the warm-up must end first")])
-def test_a_bad_learning_rate_decay_is_refused_by_name(lr_decay, warmup, message):
+def test_a_run_shorter_than_its_warm_up_never_decays():
+  config = default.get_config()  # e.g. a quick try of a cosine config: 50 steps, warm-up 200
+  config.optim.learning_rate, config.optim.warmup_steps = 1e-3, 200
+  config.optim.lr_decay, config.training.num_train_steps = "cosine", 50
+  schedule = builders.learning_rate(config)
+  np.testing.assert_allclose([float(schedule(t)) for t in (0, 25, 50)], [0.0, 1.25e-4, 2.5e-4],
+                             rtol=1e-6)
+
+
+def test_an_unknown_learning_rate_decay_is_refused_by_name():
   config = default.get_config()
-  config.optim.lr_decay, config.optim.warmup_steps = lr_decay, warmup
-  config.training.num_train_steps = 3000
-  with pytest.raises(errors.ConfigError, match=message):
+  config.optim.lr_decay = "linear"
+  with pytest.raises(errors.ConfigError,
+                     match="optim.lr_decay must be 'constant' or 'cosine', got 'linear'"):
     config_checks.validate_training(config, num_devices=8, num_processes=1)
