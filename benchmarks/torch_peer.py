@@ -42,8 +42,8 @@ def measure_train(spec: dict) -> dict:
   optimizer = torch.optim.Adam(params, lr=optim.learning_rate, betas=(optim.adam_b1, optim.adam_b2),
                                eps=optim.adam_eps)
   ema = [p.detach().clone() for p in params]
-  alphas_cumprod = torch.from_numpy(
-      np.asarray(builders.schedule(config).alphas_cumprod, np.float32))
+  alphas_cumprod = torch.from_numpy(  # a writable copy: the schedule's arrays are read-only
+      np.array(builders.schedule(config).alphas_cumprod, np.float32))
   size, channels = config.data.image_size, config.data.channels
   generator = torch.Generator().manual_seed(0)
   x0 = torch.rand(spec["batch"], channels, size, size, generator=generator) * 2 - 1
@@ -61,7 +61,7 @@ def measure_train(spec: dict) -> dict:
     optimizer.step()
     with torch.no_grad():
       torch._foreach_lerp_(ema, params, 1.0 - optim.ema_decay)  # pylint: disable=protected-access
-    return float(loss)
+    return float(loss.detach())
 
   started = time.perf_counter()
   step()  # the first step allocates Adam's moments and warms oneDNN's kernel caches
