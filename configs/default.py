@@ -46,7 +46,7 @@ Keys (override any on the command line: --config.training.batch_size=64):
                            L_hybrid) | vlb: L_vlb alone, the bound's T L_t in bits/dim through mean
                            and variance (Improved DDPM Sec. 3.3; needs model.learn_sigma)
   training.timestep_sampling   uniform (DDPM Algorithm 1) | importance: t with p_t ~ sqrt(E[L_t^2])
-                           over each t's last 10 losses (Improved DDPM eq. 17; objective vlb only;
+                           over each t's last 10 losses (Improved DDPM eq. 18; objective vlb only;
                            jax_ddpm/timestep_sampling.py)
   training.nonfinite_policy   halt | skip: on a non-finite loss or gradient, stop with an error
                            naming the step, or withhold that update and count it (nonfinite_steps)

@@ -47,7 +47,7 @@ class Objective(str, enum.Enum):
 class TimestepSampling(str, enum.Enum):
   """How the train step draws t (timestep_sampling.py)."""
   UNIFORM = "uniform"  # DDPM Algorithm 1
-  IMPORTANCE = "importance"  # Improved DDPM Sec. 3.3, eq. 17
+  IMPORTANCE = "importance"  # Improved DDPM Sec. 3.3, eq. 18
 
 
 class Variance(str, enum.Enum):

@@ -1,7 +1,7 @@
 """How the train step draws its timesteps: uniformly, or by importance for L_vlb.
 
 Uniform: t ~ U{0..T-1} (DDPM Algorithm 1, line 3). Importance (Nichol & Dhariwal 2021,
-Sec. 3.3, eq. 17): L_vlb = E_{t ~ p_t}[L_t / p_t] with p_t proportional to sqrt(E[L_t^2]),
+Sec. 3.3, eq. 18): L_vlb = E_{t ~ p_t}[L_t / p_t] with p_t proportional to sqrt(E[L_t^2]),
 E[L_t^2] estimated from the last HISTORY values of L_t seen for each t. Until every t has HISTORY
 values, t stays uniform (their warm-up); afterwards a share UNIFORM_SHARE of p is spread evenly
 so that no t's probability reaches 0 (the value of their released code's `uniform_prob`). The

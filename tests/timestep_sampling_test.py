@@ -48,7 +48,7 @@ def test_probabilities_are_uniform_until_every_timestep_has_ten_losses():
   warm = history.replace(losses=jnp.asarray(full), counts=jnp.full((5,), K).at[2].set(K - 1))
   np.testing.assert_allclose(timestep_sampling.probabilities(warm), np.full(5, 0.2))
   ready = warm.replace(counts=jnp.full((5,), K, jnp.int32))
-  rms = np.sqrt(np.mean(full.astype(np.float64) ** 2, axis=1))  # eq. (17): sqrt(E[L_t^2])
+  rms = np.sqrt(np.mean(full.astype(np.float64) ** 2, axis=1))  # eq. (18): sqrt(E[L_t^2])
   expected = (1 - timestep_sampling.UNIFORM_SHARE) * rms / rms.sum() + (
       timestep_sampling.UNIFORM_SHARE / 5)
   np.testing.assert_allclose(timestep_sampling.probabilities(ready), expected, rtol=1e-6)
