@@ -19,7 +19,7 @@ Keys (override any on the command line: --config.training.batch_size=64):
                            beta~_t (Improved DDPM eq. 15), trained with L_hybrid (eq. 16, lambda =
                            training.vlb_weight); sample with sampling.variance = "learned"
   optim.learning_rate, .warmup_steps   Adam step size, linearly warmed up from 0
-  optim.lr_decay           after warm-up: constant (DDPM) | cosine (to 0 at training.num_train_steps)
+  optim.lr_decay           after warm-up: constant (DDPM) | cosine (to 0 at the last step)
   optim.grad_clip_norm     clip the global gradient norm (DDPM: 1.0); 0 disables
   optim.adam_b1, .adam_b2, .adam_eps
   optim.ema_decay          decay of the parameter EMA used for sampling (DDPM: 0.9999)

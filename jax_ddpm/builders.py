@@ -56,7 +56,8 @@ def compute_dtype(name: str, platform: Optional[str] = None,
   "auto" is bfloat16 where the hardware multiplies it natively: TPUs, GPUs of compute
   capability 8.0 or newer, and CPUs with AMX or AVX512-BF16 (host_devices.native_bfloat16;
   measured 0-12% faster there depending on the run, 14-22% slower on an AVX2 CPU,
-  benchmarks/NOTES.md 2 and 11); float32 elsewhere. Other names pass through (UNetConfig.validate checks them).
+  benchmarks/NOTES.md 2 and 11); float32 elsewhere. Other names pass through
+  (UNetConfig.validate checks them).
   """
   if name != "auto":
     return name

@@ -116,6 +116,17 @@ def validate_training(config, num_devices: int, num_processes: int) -> None:
     raise errors.ConfigError(f"training.sample_ddim_steps={training.sample_ddim_steps} exceeds "
                      f"diffusion.num_timesteps={config.diffusion.num_timesteps}.")
   _choice(training.nonfinite_policy, NONFINITE_POLICIES, "training.nonfinite_policy")
+  _validate_objective(config)
+  _validate_optimizer(config.optim)
+  if config.data.source in ("idx", "folder") and not config.data.path:
+    raise errors.ConfigError(f"data.source={config.data.source!r} needs data.path (a directory).")
+  if config.data.source == "tfds" and not config.data.tfds_name:
+    raise errors.ConfigError("data.source='tfds' needs data.tfds_name (e.g. 'cifar10').")
+
+
+def _validate_objective(config) -> None:
+  """training's loss: weighting, objective and how t is drawn, and that they fit together."""
+  training = config.training
   _choice(training.loss_weighting, [w.value for w in diffusion.LossWeighting],
           "training.loss_weighting")
   for key in ("min_snr_gamma", "p2_gamma"):
@@ -139,7 +150,10 @@ def validate_training(config, num_devices: int, num_processes: int) -> None:
                              "L_vlb (Improved DDPM Sec. 3.3): set training.objective='vlb'.")
   if not training.p2_k >= 0:
     raise errors.ConfigError(f"training.p2_k must be >= 0, got {training.p2_k!r}.")
-  optim = config.optim
+
+
+def _validate_optimizer(optim) -> None:
+  """optim: Adam's step and its schedule, clipping and the EMA decay."""
   if not optim.learning_rate > 0:
     raise errors.ConfigError(f"optim.learning_rate must be > 0, got {optim.learning_rate!r}.")
   if optim.warmup_steps < 0 or optim.grad_clip_norm < 0:
@@ -149,7 +163,3 @@ def validate_training(config, num_devices: int, num_processes: int) -> None:
                              f"{optim.lr_decay!r}.")
   if not 0.0 <= optim.ema_decay < 1.0:
     raise errors.ConfigError(f"optim.ema_decay must be in [0, 1), got {optim.ema_decay!r}.")
-  if config.data.source in ("idx", "folder") and not config.data.path:
-    raise errors.ConfigError(f"data.source={config.data.source!r} needs data.path (a directory).")
-  if config.data.source == "tfds" and not config.data.tfds_name:
-    raise errors.ConfigError("data.source='tfds' needs data.tfds_name (e.g. 'cifar10').")

@@ -1,5 +1,6 @@
 """Every shipped config validates on the suite's mesh, the improved recipe is what it says,
-model.compute_dtype="auto" resolves by the hardware, and the learning rate follows optim.lr_decay."""
+model.compute_dtype="auto" resolves by the hardware, and the learning rate follows
+optim.lr_decay."""
 
 import importlib
 import os
