@@ -34,12 +34,20 @@ sys.path.insert(0, ROOT)
 from benchmarks import common  # pylint: disable=g-import-not-at-top
 from jax_ddpm import host_devices  # pylint: disable=g-import-not-at-top
 
+def positive_ints(text: str) -> list[int]:
+  """'32,64' -> [32, 64]; a ValueError names anything that is not a positive integer."""
+  values = [int(s) if s.strip().isdigit() else -1 for s in text.split(",") if s.strip()]
+  if any(v < 1 for v in values):
+    raise ValueError(f"{text!r}: expected positive integers separated by commas")
+  return values
+
+
 def parse_batches(text: str) -> dict[str, list[int]]:
-  """'small=32,64;cifar10=8' -> {'small': [32, 64], 'cifar10': [8]}."""
+  """'small=32,64;cifar10=8' -> {'small': [32, 64], 'cifar10': [8]}; 'small=' measures none."""
   batches = {}
   for part in filter(None, text.split(";")):
     name, _, sizes = part.partition("=")
-    batches[name.strip()] = [int(s) for s in sizes.split(",") if s]
+    batches[name.strip()] = positive_ints(sizes)
   return batches
 
 
@@ -87,9 +95,12 @@ def parse_args(argv=None):
       common.model_config(name, args.overrides)
     except (KeyError, TypeError) as error:
       parser.error(f"--set on model {name}: {error}")
-  args.train_batches = parse_batches(args.train_batches)
-  args.sample_batches = parse_batches(args.sample_batches)
-  args.sample_steps = [int(s) for s in args.sample_steps.split(",") if s]
+  try:
+    args.train_batches = parse_batches(args.train_batches)
+    args.sample_batches = parse_batches(args.sample_batches)
+    args.sample_steps = positive_ints(args.sample_steps)
+  except ValueError as error:
+    parser.error(f"--train_batches, --sample_batches or --sample_steps: {error}")
   return args
 
 

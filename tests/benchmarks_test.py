@@ -72,6 +72,17 @@ def test_misspelt_set_key_fails_before_any_measurement(monkeypatch, capsys):
   assert 'Did you mean "remat"' in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag, value", [("--sample_batches", "small=0"),
+                                         ("--train_batches", "small=32,x"),
+                                         ("--sample_steps", "10,-5")])
+def test_a_batch_or_step_count_that_is_not_positive_fails_before_any_measurement(
+    flag, value, monkeypatch, capsys):
+  monkeypatch.setattr(run, "run_case", lambda *a: pytest.fail("a measurement started"))
+  with pytest.raises(SystemExit):
+    run.main(["--models", "tiny", flag, value])
+  assert "expected positive integers" in capsys.readouterr().err
+
+
 def test_recipe_ablation_refuses_unknown_variants_and_tabulates_its_results(tmp_path, capsys):
   from benchmarks import recipe_ablation  # pylint: disable=g-import-not-at-top
   command = [sys.executable, os.path.join(ROOT, "benchmarks", "recipe_ablation.py"),
