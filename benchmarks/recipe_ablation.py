@@ -9,7 +9,8 @@ row pays for training only), then `--mode=eval` with the one classifier file giv
 row is scored in the same features: the feature distance to the 5000 training digits, the
 classifier's score (its Inception-Score analogue, at most 10) and the histogram of predicted
 digits, for eval.num_samples images drawn by the config's own sampler (DDIM-50 by default; the
-SAMPLED_VARIANTS draw from a trained variant with other sampler settings).
+SAMPLED_VARIANTS draw from a trained variant with other sampler settings, or from one of its
+earlier checkpoints).
 
 One draw of 1000 samples moves the feature distance by several units (the default's checkpoint
 scored 50.1, 65.4 and 67.9 with sampling seeds 0, 1 and 2), so --sample_seeds scores each variant
@@ -94,6 +95,11 @@ SAMPLED_VARIANTS = {
     # Twice the network calls (so not at the default's sampling cost): what they would buy.
     "min_snr_eta1_quadratic_100": ("min_snr", {**ETA1, "sampling.spacing": "quadratic",
                                                "sampling.num_steps": 100}),
+    # An earlier checkpoint of a trained variant (constant step size: the state at step N is the
+    # one a run of N steps ends with); its time is the run's up to that step (`seconds_until`).
+    # Width 24 trains at 3.3 steps/s in main.py against 2.8 at width 32, not the 4.44 / 3.00 of
+    # the bare step, so 3500 steps, not 4400, are the default's wall time.
+    "default_width_24_step3500": ("default_width_24", {}, 3500),
 }
 
 
@@ -127,13 +133,28 @@ def train(name: str, root: str) -> float:
   return seconds
 
 
-def score(name: str, root: str, classifier: str, sampling: dict) -> dict:
-  """`--mode=eval` of variant `name` in the classifier's features, drawn with the config's
-  sampler changed by `sampling`; the results JSON."""
+def seconds_until(name: str, root: str, step: int, seconds: float) -> float:
+  """The training wall time of variant `name` up to `step`: its whole run's `seconds` less the
+  time its summaries' uptime counted after that step."""
+  uptime = {}
+  with open(os.path.join(root, f"{name}_train.log")) as log:
+    for line in log:
+      if " uptime=" in line:
+        at, value = line.split("] uptime=")
+        uptime[int(at.rsplit("[", 1)[1])] = float(value)
+  if step not in uptime:
+    raise ValueError(f"{name}'s training log has no uptime at step {step}.")
+  return seconds - (max(uptime.values()) - uptime[step])
+
+
+def score(name: str, root: str, classifier: str, sampling: dict, step=None) -> dict:
+  """`--mode=eval` of variant `name` (its checkpoint of `step`, default the last) in the
+  classifier's features, drawn with the config's sampler changed by `sampling`; the results
+  JSON."""
   workdir = os.path.join(root, name)
   command = [sys.executable, "main.py", "--mode=eval", "--config=configs/mnist.py",
              f"--workdir={workdir}", f"--config.eval.classifier={classifier}",
-             *_flags(VARIANTS[name]), *_flags(sampling)]
+             *_flags(VARIANTS[name]), *_flags(sampling), *[f"--step={step}"] * (step is not None)]
   _run(command, os.path.join(root, f"{name}{'_'.join([''] + sorted(sampling))}_eval.log"))
   eval_dir = os.path.join(workdir, "eval")
   newest = max((f for f in os.listdir(eval_dir) if f.endswith(".json")),
@@ -203,14 +224,17 @@ def main():
     os.makedirs(args.root, exist_ok=True)
     seeds = [int(seed) for seed in args.sample_seeds.split(",")]
     for name in names:
-      trained, sampling = SAMPLED_VARIANTS.get(name, (name, {}))
+      trained, sampling, *step = SAMPLED_VARIANTS.get(name, (name, {}))
+      step = step[0] if step else None
       seconds = train(trained, args.root)
+      if step is not None:
+        seconds = seconds_until(trained, args.root, step, seconds)
       scored = {r["sample_seed"] for r in _rows_by_variant(args.root).get(name, [])}
       for seed in (s for s in seeds if s not in scored):
         # Seed 0 is the config's own: its command stays the one earlier rows ran.
         reseed = {"sampling.seed": seed} if seed else {}
         results = score(trained, args.root, os.path.abspath(args.classifier),
-                        {**sampling, **reseed})
+                        {**sampling, **reseed}, step)
         with open(os.path.join(args.root, "results.jsonl"), "a") as f:
           f.write(json.dumps({"variant": name, "sample_seed": seed,
                               "overrides": _flags({**VARIANTS[trained], **sampling}),

@@ -113,7 +113,7 @@ def test_every_recipe_ablation_variant_is_a_valid_config():
   from configs import mnist  # pylint: disable=g-import-not-at-top
   from jax_ddpm import config_checks  # pylint: disable=g-import-not-at-top
   sampled = {name: {**recipe_ablation.VARIANTS[trained], **sampling}
-             for name, (trained, sampling) in recipe_ablation.SAMPLED_VARIANTS.items()}
+             for name, (trained, sampling, *_) in recipe_ablation.SAMPLED_VARIANTS.items()}
   for name, overrides in {**recipe_ablation.VARIANTS, **sampled}.items():
     config = mnist.get_config()
     for key in overrides:  # update_from_flattened_dict passes a misspelt key over in silence
@@ -122,3 +122,16 @@ def test_every_recipe_ablation_variant_is_a_valid_config():
     config.update_from_flattened_dict(overrides)
     config_checks.validate_training(config, num_devices=2, num_processes=1)
     config_checks.validate_sampling(config)
+
+
+def test_recipe_ablation_times_an_earlier_checkpoint_by_the_uptime_after_it(tmp_path):
+  from benchmarks import recipe_ablation  # pylint: disable=g-import-not-at-top
+  (tmp_path / "wide_train.log").write_text(
+      "I1130 logging_writer.py:48] [50] uptime=20.5\n"
+      "I1130 logging_writer.py:48] [100] steps_per_sec=2.5\n"
+      "I1130 logging_writer.py:48] [100] uptime=40.0\n"
+      "I1130 logging_writer.py:48] [150] uptime=61.5\n")
+  # A 100 s run whose summaries counted 21.5 s after step 100 took 78.5 s up to it.
+  assert recipe_ablation.seconds_until("wide", str(tmp_path), 100, 100.0) == 78.5
+  with pytest.raises(ValueError, match="no uptime at step 75"):
+    recipe_ablation.seconds_until("wide", str(tmp_path), 75, 100.0)
