@@ -4,9 +4,9 @@ A small U-Net (28 -> 14 -> 7, attention at 7) trained long enough on a 2-core CP
 recognisable digits; see the README for the measured wall time. The recipe is the best one
 measured by benchmarks/recipe_ablation.py at this budget (README, "The default recipe"):
 Min-SNR-5 loss weighting, and DDIM-50 samples with eta = 1 on the DDIM paper's quadratic
-spacing; the feature distance of its samples was 61 +- 10 against 127 +- 6 for the DDPM paper's
-recipe (uniform weighting, deterministic DDIM-50) in the same classifier's features (mean and
-spread over three sampling seeds).
+spacing; the feature distance of its samples was 61 +- 10 (68 +- 5 from a second training
+seed) against 127 +- 6 for the DDPM paper's recipe (uniform weighting, deterministic DDIM-50) in
+the same classifier's features (mean and spread over three sampling seeds).
 """
 
 from configs import default
