@@ -34,6 +34,7 @@ sys.path.insert(0, ROOT)
 from benchmarks import common  # pylint: disable=g-import-not-at-top
 from jax_ddpm import host_devices  # pylint: disable=g-import-not-at-top
 
+
 def positive_ints(text: str) -> list[int]:
   """'32,64' -> [32, 64]; a ValueError names anything that is not a positive integer."""
   values = [int(s) if s.strip().isdigit() else -1 for s in text.split(",") if s.strip()]
