@@ -111,9 +111,10 @@ def test_every_recipe_ablation_variant_is_a_valid_config():
   """A misspelt key or a refused value fails here, not 20 minutes into an ablation."""
   from benchmarks import common, recipe_ablation  # pylint: disable=g-import-not-at-top
   from jax_ddpm import config_checks  # pylint: disable=g-import-not-at-top
-  sampled = {name: {**recipe_ablation.VARIANTS[trained], **sampling}
-             for name, (trained, sampling, *_) in recipe_ablation.SAMPLED_VARIANTS.items()}
-  for overrides in {**recipe_ablation.VARIANTS, **sampled}.values():
+  trained = {name: recipe_ablation.config_overrides(name) for name in recipe_ablation.VARIANTS}
+  sampled = {name: {**trained[variant], **sampling}
+             for name, (variant, sampling, *_) in recipe_ablation.SAMPLED_VARIANTS.items()}
+  for overrides in {**trained, **sampled}.values():
     config = common.model_config("small", overrides)  # locked: a misspelt key raises
     config_checks.validate_training(config, num_devices=2, num_processes=1)
     config_checks.validate_sampling(config)
