@@ -45,7 +45,9 @@ def print_table(header: list[str], rows: list[list]) -> None:
 
 
 def model_config(name: str, overrides: dict | None = None):
-  """The run config of a benchmarked model: "small" (configs/mnist.py, 1.1M parameters),
+  """The run config of a benchmarked model: "small" (configs/mnist.py's network at width 32,
+  1.1M parameters, the width every speed table in the README and NOTES.md measured; the default
+  is width 16 since README's "The default recipe, measured"),
   "cifar10" (configs/cifar10.py, the DDPM paper's 35.7M network) or "tiny" (configs/tiny.py,
   for the benchmark's own test), with `overrides` ({"model.remat": True, ...}) applied.
 
@@ -56,6 +58,8 @@ def model_config(name: str, overrides: dict | None = None):
   if name not in configs:
     raise ValueError(f"Unknown model {name!r}; allowed values: {list(configs)}.")
   config = configs[name].get_config()
+  if name == "small":
+    config.model.ch = 32
   config.lock()
   config.update_from_flattened_dict(overrides or {})
   return config
