@@ -93,6 +93,17 @@ VARIANTS = {
     "default_width_16_seed2": {**WIDTH_16, "seed": 2},
     # The new default with P2 weighting, which matched Min-SNR-5 at width 32.
     "width_16_p2": {**WIDTH_16, "training.loss_weighting": "p2"},
+    # ... and from training seeds 1 and 2, as the width-16 rows were replicated.
+    "width_16_p2_seed1": {**WIDTH_16, "training.loss_weighting": "p2", "seed": 1},
+    "width_16_p2_seed2": {**WIDTH_16, "training.loss_weighting": "p2", "seed": 2},
+    # Adam's step decayed to 0 by a cosine, on the width-16 default.
+    "width_16_lr_cosine": {**WIDTH_16, "optim.lr_decay": "cosine"},
+    # A longer EMA: at 5000 steps the same model, since the EMA's warm-up (1 + t) / (10 + t)
+    # stays below 0.999 until step 8990 (README).
+    "width_16_ema_0.9995": {**WIDTH_16, "optim.ema_decay": 0.9995},
+    # Twice the batch, every checkpoint kept (SAMPLED_VARIANTS scores the one at the default's
+    # wall time).
+    "width_16_batch_64": {**WIDTH_16, "training.batch_size": 64, "training.keep_checkpoints": 12},
     # The bound as the objective (Improved DDPM Sec. 3.3), t uniform or by importance.
     "vlb_uniform": {**MIN_SNR_RECIPE, "model.learn_sigma": True, "training.objective": "vlb",
                     "training.loss_weighting": "uniform", "sampling.variance": "learned"},
@@ -121,6 +132,10 @@ SAMPLED_VARIANTS = {
     # the bare step, so 3500 steps, not 4400, are the default's wall time.
     "default_width_24_step3500": ("default_width_24", {}, 3500),
     "default_width_16_step5000": ("default_width_16", {}, 5000),
+    # The same checkpoint with DPM-Solver++(2M) on log-SNR spacing, its paper's choice, at the
+    # same 50 network calls.
+    "default_width_16_step5000_dpmpp_2m": ("default_width_16", {"sampling.sampler": "dpmpp_2m",
+                                                                "sampling.spacing": "logsnr"}, 5000),
 }
 
 
