@@ -98,6 +98,8 @@ VARIANTS = {
     "width_16_p2_seed2": {**WIDTH_16, "training.loss_weighting": "p2", "seed": 2},
     # Adam's step decayed to 0 by a cosine, on the width-16 default.
     "width_16_lr_cosine": {**WIDTH_16, "optim.lr_decay": "cosine"},
+    # Twice Adam's step: a narrow network limited by its steps may take a larger one.
+    "width_16_lr_2e-3": {**WIDTH_16, "optim.learning_rate": 2e-3},
     # A longer EMA: at 5000 steps the same model, since the EMA's warm-up (1 + t) / (10 + t)
     # stays below 0.999 until step 8990 (README).
     "width_16_ema_0.9995": {**WIDTH_16, "optim.ema_decay": 0.9995},
