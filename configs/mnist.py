@@ -30,7 +30,8 @@ def get_config():
   config.optim.learning_rate = 1e-3
   config.optim.warmup_steps = 200
   # Binds from step 8990 on; up to then the EMA's warm-up decay (1 + t) / (10 + t) is the smaller
-  # (0.9982 at step 5000), so at this budget any decay above it trains the same model (README).
+  # (0.9982 at step 5000), so at this budget any decay of at least 0.9982 gives the same EMA
+  # weights (README).
   config.optim.ema_decay = 0.999
 
   config.training.loss_weighting = "min_snr"  # Hang et al. 2023, gamma = 5
