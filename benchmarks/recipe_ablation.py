@@ -103,6 +103,9 @@ VARIANTS = {
     # A longer EMA: at 5000 steps the same model, since the EMA's warm-up (1 + t) / (10 + t)
     # stays below 0.999 until step 8990 (README).
     "width_16_ema_0.9995": {**WIDTH_16, "optim.ema_decay": 0.9995},
+    # ... and one without the warm-up, so that 0.999 binds from the start: a longer average
+    # (1 / (1 - d): 1000 steps, against the warm-up's (10 + t) / 9, 557 at step 5000).
+    "width_16_ema_no_warmup": {**WIDTH_16, "optim.ema_warmup": False},
     # Twice the batch, every checkpoint kept (SAMPLED_VARIANTS scores the one at the default's
     # wall time).
     "width_16_batch_64": {**WIDTH_16, "training.batch_size": 64, "training.keep_checkpoints": 12},
