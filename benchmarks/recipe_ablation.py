@@ -100,12 +100,14 @@ VARIANTS = {
     "width_16_lr_cosine": {**WIDTH_16, "optim.lr_decay": "cosine"},
     # Twice Adam's step: a narrow network limited by its steps may take a larger one.
     "width_16_lr_2e-3": {**WIDTH_16, "optim.learning_rate": 2e-3},
-    # A longer EMA: at 5000 steps the same model, since the EMA's warm-up (1 + t) / (10 + t)
+    # A longer EMA: at 5000 steps the same EMA weights, since the warm-up (1 + t) / (10 + t)
     # stays below 0.999 until step 8990 (README).
     "width_16_ema_0.9995": {**WIDTH_16, "optim.ema_decay": 0.9995},
     # ... and one without the warm-up, so that 0.999 binds from the start: a longer average
     # (1 / (1 - d): 1000 steps, against the warm-up's (10 + t) / 9, 557 at step 5000).
     "width_16_ema_no_warmup": {**WIDTH_16, "optim.ema_warmup": False},
+    # ... and a shorter one: 0.995 binds from step 1790, a window of 200 steps.
+    "width_16_ema_0.995": {**WIDTH_16, "optim.ema_decay": 0.995},
     # Twice the batch, every checkpoint kept (SAMPLED_VARIANTS scores the one at the default's
     # wall time).
     "width_16_batch_64": {**WIDTH_16, "training.batch_size": 64, "training.keep_checkpoints": 12},
