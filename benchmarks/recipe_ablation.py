@@ -96,6 +96,8 @@ VARIANTS = {
     # ... and from training seeds 1 and 2, as the width-16 rows were replicated.
     "width_16_p2_seed1": {**WIDTH_16, "training.loss_weighting": "p2", "seed": 1},
     "width_16_p2_seed2": {**WIDTH_16, "training.loss_weighting": "p2", "seed": 2},
+    # Min-SNR's clamp at SNR 2 rather than the paper's 5: less weight on the low-noise steps.
+    "width_16_min_snr_2": {**WIDTH_16, "training.min_snr_gamma": 2.0},
     # Adam's step decayed to 0 by a cosine, on the width-16 default.
     "width_16_lr_cosine": {**WIDTH_16, "optim.lr_decay": "cosine"},
     # Twice Adam's step: a narrow network limited by its steps may take a larger one.
