@@ -51,6 +51,7 @@ MIN_SNR_RECIPE = {"training.loss_weighting": "min_snr", "sampling.eta": 1.0,
 # That recipe on a network half as wide for 5000 steps, about the same wall time: configs/mnist.py
 # since the width rows below.
 WIDTH_16 = {**MIN_SNR_RECIPE, "model.ch": 16, "training.num_train_steps": 5000}
+WIDTH_16_P2 = {**WIDTH_16, "training.loss_weighting": "p2"}
 VARIANTS = {
     "default": {},
     "earlier_default": EARLIER,
@@ -91,11 +92,11 @@ VARIANTS = {
     # training seeds: whether one run's lead holds (it did: configs/mnist.py is this since).
     "default_width_16_seed1": {**WIDTH_16, "seed": 1},
     "default_width_16_seed2": {**WIDTH_16, "seed": 2},
-    # The new default with P2 weighting, which matched Min-SNR-5 at width 32.
-    "width_16_p2": {**WIDTH_16, "training.loss_weighting": "p2"},
-    # ... and from training seeds 1 and 2, as the width-16 rows were replicated.
-    "width_16_p2_seed1": {**WIDTH_16, "training.loss_weighting": "p2", "seed": 1},
-    "width_16_p2_seed2": {**WIDTH_16, "training.loss_weighting": "p2", "seed": 2},
+    # The new default with P2 weighting, which matched Min-SNR-5 at width 32, from training
+    # seeds 0, 1 and 2, as the width-16 rows were replicated.
+    "width_16_p2": WIDTH_16_P2,
+    "width_16_p2_seed1": {**WIDTH_16_P2, "seed": 1},
+    "width_16_p2_seed2": {**WIDTH_16_P2, "seed": 2},
     # Min-SNR's clamp at SNR 2 rather than the paper's 5: less weight on the low-noise steps.
     "width_16_min_snr_2": {**WIDTH_16, "training.min_snr_gamma": 2.0},
     # Adam's step decayed to 0 by a cosine, on the width-16 default.
