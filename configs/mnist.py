@@ -21,6 +21,7 @@ def get_config():
   config.data.random_flip = False  # digits are not mirror-symmetric
 
   config.model.ch = 16  # narrow: at this budget more steps beat more width (README)
+  # (1, 2, 4) draws better digits at equal steps but not at equal wall time here (README).
   config.model.ch_mult = (1, 2, 2)
   config.model.num_res_blocks = 1
   config.model.attn_resolutions = (7,)
