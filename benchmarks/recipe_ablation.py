@@ -133,6 +133,9 @@ VARIANTS = {
     "width_16_mult_124": WIDTH_16_MULT_124,
     "width_16_mult_124_seed1": {**WIDTH_16_MULT_124, "seed": 1},
     "width_16_mult_124_seed2": {**WIDTH_16_MULT_124, "seed": 2},
+    # ... without its four attention layers at 7 x 7, to win back the 9% of time per step that
+    # the 64 channels cost.
+    "width_16_mult_124_no_attn": {**WIDTH_16_MULT_124, "model.attn_resolutions": ()},
     # The bound as the objective (Improved DDPM Sec. 3.3), t uniform or by importance.
     "vlb_uniform": {**MIN_SNR_RECIPE, "model.learn_sigma": True, "training.objective": "vlb",
                     "training.loss_weighting": "uniform", "sampling.variance": "learned"},
