@@ -19,7 +19,9 @@ Keys (override any on the command line: --config.training.batch_size=64):
                            beta~_t (Improved DDPM eq. 15), trained with L_hybrid (eq. 16, lambda =
                            training.vlb_weight); sample with sampling.variance = "learned"
   optim.learning_rate, .warmup_steps   Adam step size, linearly warmed up from 0
-  optim.lr_decay           after warm-up: constant (DDPM) | cosine (to 0 at the last step)
+  optim.lr_decay           after warm-up: constant (DDPM) | cosine (to 0 at the last step) |
+                           wsd (constant, then linearly to 0 over the last .decay_fraction of
+                           the steps)
   optim.grad_clip_norm     clip the global gradient norm (DDPM: 1.0); 0 disables
   optim.adam_b1, .adam_b2, .adam_eps
   optim.ema_decay          decay of the parameter EMA used for sampling (DDPM: 0.9999)
@@ -136,6 +138,7 @@ def get_config() -> ml_collections.ConfigDict:
   optim.learning_rate = 2e-4
   optim.warmup_steps = 5000
   optim.lr_decay = "constant"
+  optim.decay_fraction = 0.2
   optim.grad_clip_norm = 1.0
   optim.adam_b1 = 0.9
   optim.adam_b2 = 0.999

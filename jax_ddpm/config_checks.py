@@ -81,7 +81,7 @@ def validate_sampling(config) -> None:
   except ValueError as error:
     raise errors.ConfigError(f"diffusion: {error}") from None
   try:
-    builders.sampler(config).timesteps(schedule)
+    timesteps = builders.sampler(config).timesteps(schedule)
   except ValueError as error:  # "num_steps must be ...", "Unknown spacing ...": sampling.* keys
     message = str(error)
     if not message.startswith("Unknown sampling.sampler"):
@@ -89,6 +89,12 @@ def validate_sampling(config) -> None:
       message = ("Unknown sampling." + message[len("Unknown "):] if unknown
                  else "sampling." + message) + f" (sampling.sampler={sampling.sampler!r})"
     raise errors.ConfigError(message) from None
+  try:
+    samplers.check_start(schedule, timesteps)
+  except ValueError as error:
+    raise errors.ConfigError(
+        f"sampling.spacing={sampling.spacing!r} under diffusion.schedule="
+        f"{config.diffusion.schedule!r}: {error}") from None
 
 
 def validate_training(config, num_devices: int, num_processes: int) -> None:
@@ -158,8 +164,11 @@ def _validate_optimizer(optim) -> None:
     raise errors.ConfigError(f"optim.learning_rate must be > 0, got {optim.learning_rate!r}.")
   if optim.warmup_steps < 0 or optim.grad_clip_norm < 0:
     raise errors.ConfigError("optim.warmup_steps and optim.grad_clip_norm must be >= 0.")
-  if optim.lr_decay not in ("constant", "cosine"):
-    raise errors.ConfigError(f"optim.lr_decay must be 'constant' or 'cosine', got "
+  if optim.lr_decay not in ("constant", "cosine", "wsd"):
+    raise errors.ConfigError(f"optim.lr_decay must be 'constant', 'cosine' or 'wsd', got "
                              f"{optim.lr_decay!r}.")
+  if not 0.0 < optim.decay_fraction <= 1.0:
+    raise errors.ConfigError(f"optim.decay_fraction must be in (0, 1], got "
+                             f"{optim.decay_fraction!r}.")
   if not 0.0 <= optim.ema_decay < 1.0:
     raise errors.ConfigError(f"optim.ema_decay must be in [0, 1), got {optim.ema_decay!r}.")

@@ -110,12 +110,16 @@ def test_recipe_ablation_refuses_unknown_variants_and_tabulates_its_results(tmp_
 def test_every_recipe_ablation_variant_is_a_valid_config():
   """A misspelt key or a refused value fails here, not 20 minutes into an ablation."""
   from benchmarks import common, recipe_ablation  # pylint: disable=g-import-not-at-top
-  from jax_ddpm import config_checks  # pylint: disable=g-import-not-at-top
+  from jax_ddpm import config_checks, errors  # pylint: disable=g-import-not-at-top
   trained = {name: recipe_ablation.config_overrides(name) for name in recipe_ablation.VARIANTS}
   sampled = {name: {**trained[variant], **sampling}
              for name, (variant, sampling, *_) in recipe_ablation.SAMPLED_VARIANTS.items()}
-  for overrides in {**trained, **sampled}.values():
+  for name, overrides in {**trained, **sampled}.items():
     config = common.model_config("small", overrides)  # locked: a misspelt key raises
+    if name in recipe_ablation.REFUSED:  # measured before the check that refuses it
+      with pytest.raises(errors.ConfigError, match=re.escape(recipe_ablation.REFUSED[name])):
+        config_checks.validate_training(config, num_devices=2, num_processes=1)
+      continue
     config_checks.validate_training(config, num_devices=2, num_processes=1)
     config_checks.validate_sampling(config)
 

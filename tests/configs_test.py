@@ -76,6 +76,20 @@ def test_cosine_decay_follows_sgdr_eq5_after_the_warm_up():
                              rtol=1e-6)
 
 
+def test_wsd_holds_the_step_then_decays_linearly_over_the_last_fraction():
+  steps = [0, 100, 500, 879, 880, 990, 1100]  # W = 100, N = 1100, decay over the last 220
+  wsd = [0.0, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3 * 110 / 220, 0.0]
+  np.testing.assert_allclose(_rates("wsd", steps), wsd, rtol=1e-6, atol=1e-12)
+
+
+def test_a_decay_fraction_outside_zero_to_one_is_refused_by_name():
+  config = default.get_config()
+  config.optim.lr_decay, config.optim.decay_fraction = "wsd", 1.5
+  with pytest.raises(errors.ConfigError,
+                     match=r"optim.decay_fraction must be in \(0, 1\], got 1.5"):
+    config_checks.validate_training(config, num_devices=8, num_processes=1)
+
+
 def test_a_run_shorter_than_its_warm_up_never_decays():
   config = default.get_config()  # e.g. a quick try of a cosine config: 50 steps, warm-up 200
   config.optim.learning_rate, config.optim.warmup_steps = 1e-3, 200
@@ -89,5 +103,5 @@ def test_an_unknown_learning_rate_decay_is_refused_by_name():
   config = default.get_config()
   config.optim.lr_decay = "linear"
   with pytest.raises(errors.ConfigError,
-                     match="optim.lr_decay must be 'constant' or 'cosine', got 'linear'"):
+                     match="optim.lr_decay must be 'constant', 'cosine' or 'wsd', got 'linear'"):
     config_checks.validate_training(config, num_devices=8, num_processes=1)

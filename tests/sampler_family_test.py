@@ -143,3 +143,26 @@ def test_every_option_that_changes_the_images_shows_in_the_samplers_tags():
   assert samplers.DDIM(learned_variance=True).tags == ()  # eta 0 draws no noise to scale
   assert samplers.DDPM(variance="fixed_small").tags == ("fixed_small",)
   assert samplers.DPMSolverPP2M(spacing="logsnr", order=1).tags == ("logsnr", "order1")
+
+
+def test_a_spacing_that_starts_short_of_the_schedules_noise_is_refused_before_sampling():
+  """Every sampler starts from x_T ~ N(0, I); quadratic spacing stops at t = 0.8 T, where the
+  cosine schedule still keeps 0.31 of the data (the README's cosine row drew 199.5 there)."""
+  from configs import mnist  # pylint: disable=g-import-not-at-top
+  from jax_ddpm import config_checks, errors, schedules  # pylint: disable=g-import-not-at-top
+  cosine = schedules.get_schedule("cosine", 1000)
+  quadratic = samplers.DDIM(num_steps=50, eta=1.0, spacing="quadratic")
+  with pytest.raises(ValueError, match=r"first timestep t = 800 keeps sqrt\(alpha-bar_t\) = 0\.3"):
+    samplers.run(quadratic, lambda x, t: x, cosine, (2, 4, 4, 1), jax.random.key(0))
+  samplers.check_start(SCHEDULE, quadratic.timesteps(SCHEDULE))  # linear: 0.039 at t = 800
+  samplers.check_start(cosine, samplers.DDIM(spacing="uniform").timesteps(cosine))  # t = 980
+  # A schedule that never reaches noise is its own choice (the tests' tiny config: T = 100).
+  samplers.check_start(schedules.get_schedule("linear", 100), quadratic.timesteps(
+      schedules.get_schedule("linear", 100)))
+  config = mnist.get_config()
+  config.diffusion.schedule = "cosine"
+  with pytest.raises(errors.ConfigError, match="sampling.spacing='quadratic' under "
+                     "diffusion.schedule='cosine': the sampler's first timestep t = 800"):
+    config_checks.validate_sampling(config)
+  config.sampling.spacing = "uniform"
+  config_checks.validate_sampling(config)

@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 
 from jax_ddpm.diffusion import Prediction, Variance
-from jax_ddpm.samplers.base import (Sampler, Spacing, Thresholding, Trajectory, frame_slots, run,
-                                    threshold_x0, timestep_indices)
+from jax_ddpm.samplers.base import (Sampler, Spacing, Thresholding, Trajectory, check_start,
+                                    frame_slots, run, threshold_x0, timestep_indices)
 from jax_ddpm.samplers.ddim import DDIM, ddim_step
 from jax_ddpm.samplers.ddpm import DDPM, ddpm_step
 from jax_ddpm.samplers.dpm_solver import DPMSolverPP2M

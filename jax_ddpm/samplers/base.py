@@ -83,6 +83,30 @@ def timestep_indices(schedule: DiffusionSchedule, num_steps: int,
   return indices.astype(np.int32)
 
 
+# The most of the data, sqrt(alpha-bar_t), that a sampler's first timestep may keep when the
+# schedule's last one keeps no more: every sampler starts from x_T ~ N(0, I), which is q(x_t) only
+# where sqrt(alpha-bar_t) is about 0. Quadratic spacing stops at t = 0.8 T (0.039 under the linear
+# schedule it was made for, 0.31 under the cosine schedule).
+START_SIGNAL_TOLERANCE = 0.1
+
+
+def check_start(schedule: DiffusionSchedule, timesteps) -> None:
+  """Raises ValueError when the first timestep visited keeps more than START_SIGNAL_TOLERANCE of
+  the data though the schedule's last keeps less: the start x_T ~ N(0, I) is then not q(x_t),
+  and the samples are poor (README, "The default recipe, measured": the cosine schedule on
+  quadratic spacing). A schedule that never reaches noise (e.g. T = 100 with the linear betas
+  of T = 1000, as the tests' tiny config) is the schedule's choice, not the sampler's."""
+  log_alpha_bar = np.asarray(schedule.log_alphas_cumprod, np.float64)
+  start = int(np.max(timesteps))
+  signal, last = np.exp(0.5 * log_alpha_bar[start]), np.exp(0.5 * log_alpha_bar[-1])
+  if signal > START_SIGNAL_TOLERANCE >= last:
+    raise ValueError(
+        f"the sampler's first timestep t = {start} keeps sqrt(alpha-bar_t) = {signal:.3f} of the "
+        f"data (the schedule's t = {len(log_alpha_bar) - 1}: {last:.3f}), but it starts from "
+        f"x_T ~ N(0, I); choose a spacing that starts nearer t = T - 1 for this schedule "
+        f"(uniform or logsnr).")
+
+
 def frame_slots(num_steps: int, num_frames: int) -> np.ndarray:
   """For each of the steps in visiting order, the trajectory slot it writes, or -1.
 
@@ -289,6 +313,7 @@ def run(sampler: Sampler, denoise_fn: Callable, schedule: DiffusionSchedule,
     raise ValueError(f"{sampler} uses a learned variance, but the network does not output one "
                      "(learn_sigma=False; model.learn_sigma in a run config).")
   timesteps = tuple(int(t) for t in sampler.timesteps(schedule))
+  check_start(schedule, timesteps)
   frame_slots(len(timesteps), num_frames)
   return _run(sampler, denoise_fn, schedule, shape, rng, initial_noise, timesteps=timesteps,
               prediction=prediction, learn_sigma=bool(learn_sigma), thresholding=thresholding,
