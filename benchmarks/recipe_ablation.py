@@ -3,9 +3,9 @@
   python benchmarks/recipe_ablation.py --root=/tmp/ablation --classifier=CLASSIFIER.npz \
       --variants=earlier_default,min_snr,learned_sigma,min_snr_eta1
 
-Each variant is configs/mnist.py as this ablation found it (width 32, 3000 steps: BASE) with a
-few keys changed (VARIANTS). For each, the script runs the README's training command into
-ROOT/<variant> (timed; training.eval_every_steps = 0 so that every row pays for training only),
+Each variant is configs/mnist.py as this ablation found it (width 32, 3000 steps, a constant step:
+BASE) with a few keys changed (VARIANTS). For each, the script runs the README's training command
+into ROOT/<variant> (timed; training.eval_every_steps = 0 so that every row pays for training only),
 then `--mode=eval` with the one classifier file given, so that every row is scored in the same
 features: the feature distance to the 5000 training digits, the classifier's score (its
 Inception-Score analogue, at most 10) and the histogram of predicted digits, for eval.num_samples
@@ -34,10 +34,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import common  # pylint: disable=g-import-not-at-top
 
-# The network and budget of configs/mnist.py while this ablation ran: every row trains it unless
-# the row says otherwise. (The file became width 16 for 5000 steps, the `default_width_16*` rows,
-# after them.)
-BASE = {"model.ch": 32, "training.num_train_steps": 3000}
+# The network, budget and constant step of configs/mnist.py while this ablation ran: every row
+# trains them unless the row says otherwise. (The file became width 16 for 5000 steps, the
+# `default_width_16*` rows, and then decayed its step, the `width_16_wsd*` rows, after them.)
+BASE = {"model.ch": 32, "training.num_train_steps": 3000, "optim.lr_decay": "constant"}
 # configs/mnist.py before this ablation chose its recipe: the DDPM paper's uniform weighting and
 # deterministic DDIM-50 on uniform spacing. Every variant is stated as overrides of the current
 # file, so each row can be run again as it was; "default" is the file's recipe on BASE.
@@ -144,6 +144,12 @@ VARIANTS = {
     "width_16_wsd": WIDTH_16_WSD,
     "width_16_wsd_seed1": {**WIDTH_16_WSD, "seed": 1},
     "width_16_wsd_seed2": {**WIDTH_16_WSD, "seed": 2},
+    # ... with twice the held step, which the decay may let settle.
+    "width_16_wsd_lr_2e-3": {**WIDTH_16_WSD, "optim.learning_rate": 2e-3},
+    # Both: the (1, 2, 4) network for the 4500 steps of the default's wall time, its step
+    # decayed over the last 900.
+    "width_16_mult_124_wsd_4500": {**WIDTH_16_MULT_124, "optim.lr_decay": "wsd",
+                                   "training.num_train_steps": 4500},
     # Improved DDPM's cosine schedule sampled on uniform spacing, which starts at t = 980, where
     # sqrt(alpha-bar) = 0.03. (Quadratic spacing stops at t = 800, where the cosine schedule's
     # sqrt(alpha-bar) is 0.31, so `default_cosine_schedule` drew from a mismatched start;

@@ -85,7 +85,7 @@ def learning_rate(config) -> optax.Schedule:
   constant: the DDPM paper's. cosine: eta_t = eta/2 (1 + cos(pi (t - W) / (N - W))) from the end
   of warm-up W to training.num_train_steps N, reaching 0 at N (Loshchilov & Hutter 2017, eq. 5,
   one period without restarts; a run of N <= W steps ends in its warm-up). wsd
-  (warmup-stable-decay, Hu et al. 2024, Sec. 4.1; Haegele et al. 2024): eta until the last
+  (warmup-stable-decay: Hu et al. 2024, MiniCPM; Haegele et al. 2024): eta until the last
   D = round(optim.decay_fraction N) steps, then linearly to 0 at N. The rate is a function of
   the step alone, so a resumed run follows the same curve; changing num_train_steps on resume
   bends it from there on.
