@@ -144,6 +144,8 @@ VARIANTS = {
     "width_16_wsd": WIDTH_16_WSD,
     "width_16_wsd_seed1": {**WIDTH_16_WSD, "seed": 1},
     "width_16_wsd_seed2": {**WIDTH_16_WSD, "seed": 2},
+    # ... decayed over the last 40% instead of 20%.
+    "width_16_wsd_decay_0.4": {**WIDTH_16_WSD, "optim.decay_fraction": 0.4},
     # ... with twice the held step, which the decay may let settle.
     "width_16_wsd_lr_2e-3": {**WIDTH_16_WSD, "optim.learning_rate": 2e-3},
     # Both: the (1, 2, 4) network for the 4500 steps of the default's wall time, its step
