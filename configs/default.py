@@ -75,11 +75,12 @@ Keys (override any on the command line: --config.training.batch_size=64):
                            with eval.bpd_timesteps stratified KL terms per image (0: all T, exact;
                            see likelihood.py); eval.num_samples = 0 then skips sample quality
   debug.inject_nonfinite_at_steps   fault injection for tests: make these steps' loss NaN
-  sampling.sampler         ddim | ddpm | dpmpp_2m (DPM-Solver++(2M)); see jax_ddpm/samplers/
-  sampling.num_steps       S, the network calls of ddim and dpmpp_2m (ddpm visits all T)
+  sampling.sampler         ddim | ddpm | dpmpp_2m (DPM-Solver++(2M)) | sde_dpmpp_2m (its SDE
+                           form); see jax_ddpm/samplers/
+  sampling.num_steps       S, the network calls of ddim and the dpmpp samplers (ddpm visits all T)
   sampling.eta             ddim's noise scale in [0, 1] (0: deterministic)
-  sampling.spacing         uniform | quadratic | logsnr: which S of the T timesteps ddim and
-                           dpmpp_2m visit (logsnr: uniform in log alpha_t / sigma_t)
+  sampling.spacing         uniform | quadratic | logsnr: which S of the T timesteps ddim and the
+                           dpmpp samplers visit (logsnr: uniform in log alpha_t / sigma_t)
   sampling.variance        ddpm's sigma_t^2: fixed_large (beta_t, the default), fixed_small
                            (beta~_t) or learned (model.learn_sigma's; also ddim's noise if eta > 0)
   sampling.thresholding    none | static (clip predicted x_0 to [-1, 1]) | dynamic (Imagen's

@@ -153,7 +153,7 @@ def test_checkpoint_of_another_model_is_refused(checkpoint_dir):
 @pytest.mark.parametrize("overrides, message", [
     (dict(num_samples=0), r"sampling.num_samples must be a positive integer, got 0"),
     (dict(sampler="euler"), r"Unknown sampling.sampler 'euler'; allowed values: "
-                          r"\['ddpm', 'ddim', 'dpmpp_2m'\]"),
+                          r"\['ddpm', 'ddim', 'dpmpp_2m', 'sde_dpmpp_2m'\]"),
     (dict(sampler="dpmpp_2m", num_steps=101), r"sampling.num_steps must be an integer in "
                                               r"1..100 \(T\), got 101"),
     (dict(thresholding="soft"), r"Unknown sampling.thresholding 'soft'; allowed values: "

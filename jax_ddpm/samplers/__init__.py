@@ -6,6 +6,7 @@ int32 array of shape [batch] of timestep indices and the output is an eps, x_0 o
   ddpm      Ho et al. 2020, Algorithm 2 (ddpm.py)
   ddim      Song et al. 2021, eq. (12) and (16) (ddim.py)
   dpmpp_2m  DPM-Solver++(2M), Lu et al. 2022, Algorithm 2 (dpm_solver.py)
+  sde_dpmpp_2m  its stochastic form, SDE-DPM-Solver++(2M) (dpm_solver.py)
 
 Adding a sampler: a file with a frozen-dataclass subclass of `base.Sampler` (its options, their
 checks in `__post_init__`, `from_config`, `timesteps`, `step`, and `init_state` if it keeps
@@ -27,13 +28,14 @@ from jax_ddpm.samplers.base import (Sampler, Spacing, Thresholding, Trajectory, 
                                     frame_slots, run, threshold_x0, timestep_indices)
 from jax_ddpm.samplers.ddim import DDIM, ddim_step
 from jax_ddpm.samplers.ddpm import DDPM, ddpm_step
-from jax_ddpm.samplers.dpm_solver import DPMSolverPP2M
+from jax_ddpm.samplers.dpm_solver import DPMSolverPP2M, SDEDPMSolverPP2M
 from jax_ddpm.schedules import DiffusionSchedule
 
 REGISTRY: dict[str, type[Sampler]] = {
     DDPM.name: DDPM,
     DDIM.name: DDIM,
     DPMSolverPP2M.name: DPMSolverPP2M,
+    SDEDPMSolverPP2M.name: SDEDPMSolverPP2M,
 }
 
 
@@ -71,7 +73,7 @@ def dpm_solver_sample(denoise_fn: Callable, schedule: DiffusionSchedule, shape: 
              schedule, shape, rng, initial_noise=initial_noise, **options)
 
 
-__all__ = ["DDIM", "DDPM", "DPMSolverPP2M", "Prediction", "REGISTRY", "Sampler", "Spacing",
-           "Thresholding", "Trajectory", "ddim_sample", "ddim_step", "ddpm_sample", "ddpm_step",
+__all__ = ["DDIM", "DDPM", "DPMSolverPP2M", "Prediction", "REGISTRY", "SDEDPMSolverPP2M", "Sampler",
+           "Spacing", "Thresholding", "Trajectory", "ddim_sample", "ddim_step", "ddpm_sample", "ddpm_step",
            "dpm_solver_sample", "frame_slots", "from_config", "run", "threshold_x0",
            "timestep_indices"]

@@ -13,6 +13,15 @@ D_i = (1 + 1/(2 r_i)) x0_{i-1} - 1/(2 r_i) x0_{i-2} with r_i = h_{i-1} / h_i reu
 step's prediction, so each step still costs one network call. The first step has no previous
 prediction and the last step (to the data, sigma = 0, h = infinity) is first order, as the
 paper's "lower order final" does for few steps.
+
+SDE-DPM-Solver++(2M), the same paper's stochastic counterpart, solves the reverse SDE instead:
+
+  x_{t_i} = (sigma_{t_i} / sigma_{t_{i-1}}) e^{-h_i} x_{t_{i-1}} + alpha_{t_i} (1 - e^{-2 h_i}) D_i
+            + sigma_{t_i} sqrt(1 - e^{-2 h_i}) z,   z ~ N(0, I).
+
+With D_i = x0_{i-1} this is the DDPM posterior q(x_{t_i} | x_{t_{i-1}}, x_0) (Ho et al. 2020,
+eq. 6-7, between any two timesteps) written in lambda, that is DDIM with eta = 1 (DDIM eq. 12 and
+16); the second-order D_i is the one above, so the correction costs no network call.
 """
 
 from __future__ import annotations
@@ -72,12 +81,41 @@ class DPMSolverPP2M(base.Sampler):
     return jnp.zeros_like(x_T), jnp.zeros((), jnp.float32)
 
   def step(self, schedule, x_t, x0, eps, t, t_next, index, noise, state, variance_output):
-    x0_previous, h_previous = state
     sigma_ratio, alpha_next, exp_neg_h, h = step_coefficients(schedule, t, t_next, x_t.ndim)
     h = h.reshape(-1)[0]  # every sample of the batch is at the same t
-    first_order = (index == 0) | (t_next[0] < 0) | (self.order == 1)
+    estimate = self.estimate(x0, h, t_next, index, state)
+    x_next = sigma_ratio * x_t + alpha_next * (1.0 - exp_neg_h) * estimate
+    return x_next, (x0, h)
+
+  def estimate(self, x0, h, t_next, index, state):
+    """D_i: first order on the first step, the step to the data, after a step that did not move
+    (h_{i-1} = 0: quadratic spacing repeats t = 0 for large S), and for order 1."""
+    x0_previous, h_previous = state
+    first_order = (index == 0) | (t_next[0] < 0) | (self.order == 1) | (h_previous <= 0)
     # 1 / (2 r) = h / (2 h_previous); the guard keeps the unused branch finite.
     half_over_r = 0.5 * jnp.where(first_order, 0.0, h / jnp.where(first_order, 1.0, h_previous))
-    estimate = (1.0 + half_over_r) * x0 - half_over_r * x0_previous
-    x_next = sigma_ratio * x_t + alpha_next * (1.0 - exp_neg_h) * estimate
+    return (1.0 + half_over_r) * x0 - half_over_r * x0_previous
+
+
+@dataclasses.dataclass(frozen=True)
+class SDEDPMSolverPP2M(DPMSolverPP2M):
+  """SDE-DPM-Solver++(2M) in num_steps = S network calls (order = 1: DDIM with eta = 1).
+
+  Adds the posterior's noise at every step like DDPM, which corrects what a few deterministic
+  steps leave behind; spacing as DPMSolverPP2M.
+  """
+  name = "sde_dpmpp_2m"
+
+  @property
+  def uses_noise(self) -> bool:
+    return True
+
+  def step(self, schedule, x_t, x0, eps, t, t_next, index, noise, state, variance_output):
+    sigma_ratio, alpha_next, exp_neg_h, h = step_coefficients(schedule, t, t_next, x_t.ndim)
+    h = h.reshape(-1)[0]
+    estimate = self.estimate(x0, h, t_next, index, state)
+    one_minus_exp = -jnp.expm1(-2.0 * h)  # 1 - e^{-2h}: 1 at the data (h = inf), 0 for h = 0
+    sigma_next = jnp.sqrt(-jnp.expm1(base.alpha_bar_pair(schedule, t, t_next, x_t.ndim)[1]))
+    x_next = (sigma_ratio * exp_neg_h * x_t + alpha_next * one_minus_exp * estimate
+              + sigma_next * jnp.sqrt(one_minus_exp) * noise)
     return x_next, (x0, h)
