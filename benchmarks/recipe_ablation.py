@@ -34,10 +34,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import common  # pylint: disable=g-import-not-at-top
 
-# The network, budget and constant step of configs/mnist.py while this ablation ran: every row
-# trains them unless the row says otherwise. (The file became width 16 for 5000 steps, the
-# `default_width_16*` rows, and then decayed its step, the `width_16_wsd*` rows, after them.)
-BASE = {"model.ch": 32, "training.num_train_steps": 3000, "optim.lr_decay": "constant"}
+# The network, budget, constant step and DDIM sampler of configs/mnist.py while this ablation ran:
+# every row uses them unless the row says otherwise. (The file became width 16 for 5000 steps, the
+# `default_width_16*` rows, then decayed its step, the `width_16_wsd*` rows, and then sampled
+# with SDE-DPM-Solver++(2M), the `*_sde_dpmpp_2m` rows, after them.)
+BASE = {"model.ch": 32, "training.num_train_steps": 3000, "optim.lr_decay": "constant",
+        "sampling.sampler": "ddim"}
 # configs/mnist.py before this ablation chose its recipe: the DDPM paper's uniform weighting and
 # deterministic DDIM-50 on uniform spacing. Every variant is stated as overrides of the current
 # file, so each row can be run again as it was; "default" is the file's recipe on BASE.
@@ -208,6 +210,19 @@ SAMPLED_VARIANTS = {
     # The cosine schedule's run on log-SNR spacing (DPM-Solver's), to t = 999.
     "width_16_cosine_schedule_logsnr": ("width_16_cosine_schedule",
                                         {"sampling.spacing": "logsnr"}),
+    # The decayed run's online weights instead of their EMA: once the step has decayed to 0 the
+    # last weights may need no average.
+    "width_16_wsd_online": ("width_16_wsd", {"sampling.use_ema": False}),
+    # The decayed run with the stochastic second-order solver (SDE-DPM-Solver++(2M), whose first
+    # order is the default's DDIM eta = 1), on the default's quadratic spacing and on log-SNR.
+    "width_16_wsd_sde_dpmpp_2m": ("width_16_wsd", {"sampling.sampler": "sde_dpmpp_2m",
+                                                   "sampling.spacing": "quadratic"}),
+    "width_16_wsd_seed1_sde_dpmpp_2m": ("width_16_wsd_seed1", {"sampling.sampler": "sde_dpmpp_2m",
+                                                             "sampling.spacing": "quadratic"}),
+    "width_16_wsd_seed2_sde_dpmpp_2m": ("width_16_wsd_seed2", {"sampling.sampler": "sde_dpmpp_2m",
+                                                             "sampling.spacing": "quadratic"}),
+    "width_16_wsd_sde_dpmpp_2m_logsnr": ("width_16_wsd", {"sampling.sampler": "sde_dpmpp_2m",
+                                                          "sampling.spacing": "logsnr"}),
     # The same checkpoint with DPM-Solver++(2M) on log-SNR spacing, its paper's choice, at the
     # same 50 network calls.
     "default_width_16_step5000_dpmpp_2m": ("default_width_16", {"sampling.sampler": "dpmpp_2m",
