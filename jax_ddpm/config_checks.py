@@ -81,7 +81,8 @@ def validate_sampling(config) -> None:
   except ValueError as error:
     raise errors.ConfigError(f"diffusion: {error}") from None
   try:
-    timesteps = builders.sampler(config).timesteps(schedule)
+    sampler = builders.sampler(config)
+    timesteps = sampler.timesteps(schedule)
   except ValueError as error:  # "num_steps must be ...", "Unknown spacing ...": sampling.* keys
     message = str(error)
     if not message.startswith("Unknown sampling.sampler"):
@@ -89,6 +90,11 @@ def validate_sampling(config) -> None:
       message = ("Unknown sampling." + message[len("Unknown "):] if unknown
                  else "sampling." + message) + f" (sampling.sampler={sampling.sampler!r})"
     raise errors.ConfigError(message) from None
+  if (sampling.variance == diffusion.Variance.LEARNED and sampler.uses_noise
+      and not sampler.uses_learned_variance):
+    raise errors.ConfigError(
+        f"sampling.variance='learned': sampling.sampler={sampling.sampler!r} adds its own noise "
+        "and does not read the network's variance; choose ddpm or ddim (eta > 0) to sample with it.")
   try:
     samplers.check_start(schedule, timesteps)
   except ValueError as error:

@@ -232,3 +232,17 @@ def test_a_spacing_that_starts_short_of_the_schedules_noise_is_refused_before_sa
     config_checks.validate_sampling(config)
   config.sampling.spacing = "uniform"
   config_checks.validate_sampling(config)
+
+
+def test_a_learned_variance_is_refused_for_a_sampler_that_adds_noise_without_it():
+  from configs import mnist  # pylint: disable=g-import-not-at-top
+  from jax_ddpm import config_checks, errors  # pylint: disable=g-import-not-at-top
+  config = mnist.get_config()
+  config.model.learn_sigma = True
+  config.sampling.variance = "learned"
+  with pytest.raises(errors.ConfigError, match="sampling.variance='learned': sampling.sampler="
+                     "'sde_dpmpp_2m' adds its own noise and does not read the network's variance"):
+    config_checks.validate_sampling(config)
+  for sampler, eta in (("ddim", 1.0), ("ddim", 0.0), ("ddpm", 0.0), ("dpmpp_2m", 0.0)):
+    config.sampling.sampler, config.sampling.eta = sampler, eta
+    config_checks.validate_sampling(config)
