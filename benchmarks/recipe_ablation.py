@@ -34,12 +34,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import common  # pylint: disable=g-import-not-at-top
 
-# The network, budget, constant step and DDIM sampler of configs/mnist.py while this ablation ran:
-# every row uses them unless the row says otherwise. (The file became width 16 for 5000 steps, the
-# `default_width_16*` rows, then decayed its step, the `width_16_wsd*` rows, and then sampled
-# with SDE-DPM-Solver++(2M), the `*_sde_dpmpp_2m` rows, after them.)
+# The network, budget, constant step, DDIM sampler and training on every t (T - 1 = 999 is the
+# largest) of configs/mnist.py while this ablation ran: every row uses them unless the row says
+# otherwise. (The file became width 16 for 5000 steps, the `default_width_16*` rows, then decayed
+# its step, the `width_16_wsd*` rows, sampled with SDE-DPM-Solver++(2M), the `*_sde_dpmpp_2m`
+# rows, and trained up to t = 800 only, the `*_max_t_800*` rows, after them.)
 BASE = {"model.ch": 32, "training.num_train_steps": 3000, "optim.lr_decay": "constant",
-        "sampling.sampler": "ddim"}
+        "sampling.sampler": "ddim", "training.max_timestep": 999}
 # configs/mnist.py before this ablation chose its recipe: the DDPM paper's uniform weighting and
 # deterministic DDIM-50 on uniform spacing. Every variant is stated as overrides of the current
 # file, so each row can be run again as it was; "default" is the file's recipe on BASE.
@@ -57,6 +58,8 @@ WIDTH_16_P2 = {**WIDTH_16, "training.loss_weighting": "p2"}
 # The width-16 default with 64 channels at 7 x 7 (from 32), every checkpoint kept.
 WIDTH_16_MULT_124 = {**WIDTH_16, "model.ch_mult": (1, 2, 4), "training.keep_checkpoints": 12}
 WIDTH_16_WSD = {**WIDTH_16, "optim.lr_decay": "wsd"}
+WIDTH_16_WSD_MAX_T_800 = {**WIDTH_16_WSD, "training.max_timestep": 800}
+SDE_QUADRATIC = {"sampling.sampler": "sde_dpmpp_2m", "sampling.spacing": "quadratic"}
 VARIANTS = {
     "default": {},
     "earlier_default": EARLIER,
@@ -154,6 +157,11 @@ VARIANTS = {
     # decayed over the last 900.
     "width_16_mult_124_wsd_4500": {**WIDTH_16_MULT_124, "optim.lr_decay": "wsd",
                                    "training.num_train_steps": 4500},
+    # Trained on t <= 800 only (`training.max_timestep`): quadratic spacing's first timestep, so
+    # the sampler visits no t above it, and the steps spent on t in 801..999 go to the rest.
+    "width_16_wsd_max_t_800": WIDTH_16_WSD_MAX_T_800,
+    "width_16_wsd_max_t_800_seed1": {**WIDTH_16_WSD_MAX_T_800, "seed": 1},
+    "width_16_wsd_max_t_800_seed2": {**WIDTH_16_WSD_MAX_T_800, "seed": 2},
     # Improved DDPM's cosine schedule sampled on uniform spacing, which starts at t = 980, where
     # sqrt(alpha-bar) = 0.03. (Quadratic spacing stops at t = 800, where the cosine schedule's
     # sqrt(alpha-bar) is 0.31, so `default_cosine_schedule` drew from a mismatched start;
@@ -215,12 +223,13 @@ SAMPLED_VARIANTS = {
     "width_16_wsd_online": ("width_16_wsd", {"sampling.use_ema": False}),
     # The decayed run with the stochastic second-order solver (SDE-DPM-Solver++(2M), whose first
     # order is the default's DDIM eta = 1), on the default's quadratic spacing and on log-SNR.
-    "width_16_wsd_sde_dpmpp_2m": ("width_16_wsd", {"sampling.sampler": "sde_dpmpp_2m",
-                                                   "sampling.spacing": "quadratic"}),
-    "width_16_wsd_seed1_sde_dpmpp_2m": ("width_16_wsd_seed1", {"sampling.sampler": "sde_dpmpp_2m",
-                                                             "sampling.spacing": "quadratic"}),
-    "width_16_wsd_seed2_sde_dpmpp_2m": ("width_16_wsd_seed2", {"sampling.sampler": "sde_dpmpp_2m",
-                                                             "sampling.spacing": "quadratic"}),
+    "width_16_wsd_sde_dpmpp_2m": ("width_16_wsd", SDE_QUADRATIC),
+    "width_16_wsd_seed1_sde_dpmpp_2m": ("width_16_wsd_seed1", SDE_QUADRATIC),
+    "width_16_wsd_seed2_sde_dpmpp_2m": ("width_16_wsd_seed2", SDE_QUADRATIC),
+    # The runs trained up to t = 800, sampled so too: the new configs/mnist.py.
+    "width_16_wsd_max_t_800_sde_dpmpp_2m": ("width_16_wsd_max_t_800", SDE_QUADRATIC),
+    "width_16_wsd_max_t_800_seed1_sde_dpmpp_2m": ("width_16_wsd_max_t_800_seed1", SDE_QUADRATIC),
+    "width_16_wsd_max_t_800_seed2_sde_dpmpp_2m": ("width_16_wsd_max_t_800_seed2", SDE_QUADRATIC),
     "width_16_wsd_sde_dpmpp_2m_logsnr": ("width_16_wsd", {"sampling.sampler": "sde_dpmpp_2m",
                                                           "sampling.spacing": "logsnr"}),
     # The same checkpoint with DPM-Solver++(2M) on log-SNR spacing, its paper's choice, at the

@@ -32,7 +32,7 @@ Keys (override any on the command line: --config.training.batch_size=64):
   training.steps_per_dispatch   k train steps per compiled call (lax.scan), for TPUs (slow on CPU)
   training.log_every_steps, .checkpoint_every_steps, .keep_checkpoints
   training.sample_every_steps, .num_sample_images, .sample_ddim_steps   DDIM (eta 0) sample
-                           grids from the EMA params, written during training
+                           grids on sampling.spacing from the EMA params, written during training
   training.label_dropout   conditional models: probability that a training label is replaced by
                            the null label, so the model also learns p(x) (Ho & Salimans 2022)
   training.eval_every_steps   measure sample quality from the EMA weights every this many steps
@@ -50,6 +50,8 @@ Keys (override any on the command line: --config.training.batch_size=64):
   training.timestep_sampling   uniform (DDPM Algorithm 1) | importance: t with p_t ~ sqrt(E[L_t^2])
                            over each t's last 10 losses (Improved DDPM eq. 18; objective vlb only;
                            jax_ddpm/timestep_sampling.py)
+  training.max_timestep    train on t ~ U{0..max_timestep} only (None: every t < T); every sampler
+                           the config names must then start at or below it (checked)
   training.nonfinite_policy   halt | skip: on a non-finite loss or gradient, stop with an error
                            naming the step, or withhold that update and count it (nonfinite_steps)
   training.restore_fallback   if the newest checkpoint cannot be read, move it to
@@ -170,6 +172,7 @@ def get_config() -> ml_collections.ConfigDict:
   training.vlb_weight = 0.001
   training.objective = "simple"
   training.timestep_sampling = "uniform"
+  training.max_timestep = ml_collections.config_dict.placeholder(int)
   training.nonfinite_policy = "halt"
   training.restore_fallback = False
 

@@ -155,6 +155,7 @@ class StepOptions:
   objective: simple (L_simple or L_hybrid) | vlb (L_vlb alone), diffusion.Objective.
   importance_sampling: t drawn by importance from the state's loss history
     (timestep_sampling.py), each example's loss weighted by 1 / (T p_t).
+  max_timestep: t drawn uniformly from {0..max_timestep} instead of {0..T-1} (None: all T).
   inject_nonfinite_at_steps: fault injection for the tests (a NaN loss at these steps).
   """
   prediction: str
@@ -167,6 +168,7 @@ class StepOptions:
   vlb_weight: float = 0.0
   objective: str = "simple"
   importance_sampling: bool = False
+  max_timestep: Optional[int] = None
   inject_nonfinite_at_steps: tuple[int, ...] = ()
 
 
@@ -199,12 +201,20 @@ def step_options(config) -> StepOptions:
                      vlb_weight=float(config.training.vlb_weight),
                      objective=str(config.training.objective),
                      importance_sampling=history_timesteps(config) > 0,
+                     max_timestep=config.training.max_timestep,
                      inject_nonfinite_at_steps=tuple(config.debug.inject_nonfinite_at_steps))
 
 
 def sampler(config) -> samplers.Sampler:
   """The sampler config.sampling names (the one place the name is read: samplers.from_config)."""
   return samplers.from_config(config.sampling)
+
+
+def grid_sampler(config) -> samplers.Sampler:
+  """The training run's own sample grids: deterministic DDIM in training.sample_ddim_steps steps
+  on sampling.spacing, so that they visit the timesteps the config's sampler starts from."""
+  return samplers.DDIM(num_steps=config.training.sample_ddim_steps,
+                       spacing=config.sampling.spacing)
 
 
 def conditioning(config) -> Optional[guidance.Conditioning]:

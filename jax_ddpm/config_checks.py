@@ -5,6 +5,8 @@ Runs before any data is read, any file is written or anything is compiled.
 
 from __future__ import annotations
 
+import numpy as np
+
 from jax_ddpm import builders, data_sources, diffusion, errors, samplers, schedules
 from jax_ddpm.diffusion import Prediction
 
@@ -37,7 +39,25 @@ def validate_model_and_diffusion(config) -> None:
   except ValueError as error:  # the model's own checks name the model.* keys
     raise errors.ConfigError(str(error)) from None
   validate_conditioning(config)
+  max_timestep = config.training.max_timestep
+  if max_timestep is not None and (not isinstance(max_timestep, int)
+                                   or not 1 <= max_timestep < config.diffusion.num_timesteps):
+    raise errors.ConfigError(f"training.max_timestep must be None (every t) or an integer in "
+                             f"1..{config.diffusion.num_timesteps - 1} (T - 1), got "
+                             f"{max_timestep!r}.")
   validate_sampling(config)
+
+
+def check_trained_timesteps(config, sampler: samplers.Sampler, what: str) -> None:
+  """ConfigError when `sampler` (named `what`) visits a timestep above training.max_timestep,
+  where the network was never trained."""
+  max_timestep = config.training.max_timestep
+  start = int(np.max(sampler.timesteps(builders.schedule(config))))
+  if max_timestep is not None and start > max_timestep:
+    raise errors.ConfigError(
+        f"{what} starts at t = {start}, above training.max_timestep={max_timestep}, where the "
+        f"network was never trained: choose a spacing that starts at or below it (quadratic "
+        f"starts at 0.8 T) or raise training.max_timestep.")
 
 
 def validate_conditioning(config) -> None:
@@ -94,7 +114,10 @@ def validate_sampling(config) -> None:
       and not sampler.uses_learned_variance):
     raise errors.ConfigError(
         f"sampling.variance='learned': sampling.sampler={sampling.sampler!r} adds its own noise "
-        "and does not read the network's variance; choose ddpm or ddim (eta > 0) to sample with it.")
+        "and does not read the network's variance; choose ddpm or ddim (eta > 0) to sample "
+        "with it.")
+  check_trained_timesteps(config, sampler, f"sampling.sampler={sampling.sampler!r} on "
+                                          f"sampling.spacing={sampling.spacing!r}")
   try:
     samplers.check_start(schedule, timesteps)
   except ValueError as error:
@@ -127,6 +150,16 @@ def validate_training(config, num_devices: int, num_processes: int) -> None:
   if training.sample_ddim_steps > config.diffusion.num_timesteps:
     raise errors.ConfigError(f"training.sample_ddim_steps={training.sample_ddim_steps} exceeds "
                      f"diffusion.num_timesteps={config.diffusion.num_timesteps}.")
+  check_trained_timesteps(config, builders.grid_sampler(config),
+                          f"The sample grid's DDIM-{training.sample_ddim_steps} "
+                          f"(training.sample_ddim_steps) on sampling.spacing="
+                          f"{config.sampling.spacing!r}")
+  if training.eval_every_steps and training.eval_num_steps:
+    measured = config.copy_and_resolve_references()
+    measured.sampling.num_steps = training.eval_num_steps
+    check_trained_timesteps(config, builders.sampler(measured),
+                            f"The in-training measurement's sampler at training.eval_num_steps="
+                            f"{training.eval_num_steps}")
   _choice(training.nonfinite_policy, NONFINITE_POLICIES, "training.nonfinite_policy")
   _validate_objective(config)
   _validate_optimizer(config.optim)
@@ -157,6 +190,13 @@ def _validate_objective(config) -> None:
     raise errors.ConfigError(f"training.objective='vlb' is the bound itself; "
                              f"training.loss_weighting={training.loss_weighting!r} would change "
                              "it: use 'uniform'.")
+  truncated = (training.max_timestep is not None
+               and training.max_timestep < config.diffusion.num_timesteps - 1)
+  if truncated and (vlb or config.model.learn_sigma):
+    raise errors.ConfigError(f"training.max_timestep={training.max_timestep} leaves the bound's "
+                             "terms above it untrained, and L_vlb (training.objective='vlb', or "
+                             "L_hybrid with model.learn_sigma) sums all T of them: unset it (or "
+                             "set T - 1).")
   if training.timestep_sampling == diffusion.TimestepSampling.IMPORTANCE and not vlb:
     raise errors.ConfigError("training.timestep_sampling='importance' balances the terms of "
                              "L_vlb (Improved DDPM Sec. 3.3): set training.objective='vlb'.")

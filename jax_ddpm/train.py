@@ -1,15 +1,16 @@
 """Training: the pure train step and `train_and_evaluate(config, workdir)`.
 
 One train step (DDPM Algorithm 1): x_0 from the data, t ~ U{0..T-1} (or by importance,
-timestep_sampling.py), eps ~ N(0, I), a gradient step on the squared error of the network's
-prediction (eq. 14's L_simple for an eps network; for config.diffusion.prediction = x0 or v the
-same mean squared error against x_0 or v; training.loss_weighting weights it per timestep,
-training.objective = vlb replaces it by the bound; see `diffusion.training_losses`), then the
-EMA of the parameters. A class-conditional model gets the batch's labels, each replaced by the
-null label with probability training.label_dropout
-(Ho & Salimans 2022, Algorithm 1). The step is one jitted function of (state, batch): the batch
-is sharded over the mesh's 'data' axis, the state replicated, and its random keys are the run's
-key folded with the step, so a resumed run repeats an uninterrupted one exactly.
+timestep_sampling.py, or up to training.max_timestep only), eps ~ N(0, I), a gradient step on
+the squared error of the network's prediction (eq. 14's L_simple for an eps network; for
+config.diffusion.prediction = x0 or v the same mean squared error against x_0 or v;
+training.loss_weighting weights it per timestep, training.objective = vlb replaces it by the
+bound; see `diffusion.training_losses`), then the EMA of the parameters. A class-conditional
+model gets the batch's labels, each replaced by the null label with probability
+training.label_dropout (Ho & Salimans 2022, Algorithm 1). The step is one jitted function of
+(state, batch): the batch is sharded over the mesh's 'data' axis, the state replicated, and its
+random keys are the run's key folded with the step, so a resumed run repeats an uninterrupted
+one exactly.
 
 `train_and_evaluate` is a short loop over the named actions of a `TrainingRun`: dispatch steps,
 write metrics, checkpoint, draw a sample grid, measure sample quality (training_eval.py), each
@@ -35,10 +36,20 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from jax_ddpm import (builders, checkpointing, config_checks, data_sources, diffusion, errors,
-                      files, guidance, image_io, input_pipeline, parallel, samplers, sampling,
+                      files, guidance, image_io, input_pipeline, parallel, sampling,
                       summaries, timestep_sampling, training_eval)
 from jax_ddpm.schedules import DiffusionSchedule
 from jax_ddpm.state import TrainState, create_train_state, run_metadata
+
+
+def draw_timesteps(key: jax.Array, state: TrainState, batch_size: int, num_timesteps: int,
+                   options: builders.StepOptions):
+  """(t [B], per-example loss weights): by importance from the state's history, or uniform over
+  {0..T-1} (DDPM Algorithm 1, line 3), or over {0..max_timestep} (training.max_timestep)."""
+  if options.importance_sampling:
+    return timestep_sampling.draw(key, state.timestep_history, batch_size)
+  count = num_timesteps if options.max_timestep is None else options.max_timestep + 1
+  return diffusion.sample_timesteps(key, batch_size, count), 1.0
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef,
@@ -51,10 +62,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   t_key, eps_key, dropout_key = jax.random.split(key, 3)
   x0 = batch["image"]
-  if options.importance_sampling:
-    t, t_weights = timestep_sampling.draw(t_key, state.timestep_history, x0.shape[0])
-  else:
-    t, t_weights = diffusion.sample_timesteps(t_key, x0.shape[0], schedule.num_timesteps), 1.0
+  t, t_weights = draw_timesteps(t_key, state, x0.shape[0], schedule.num_timesteps, options)
   eps = jax.random.normal(eps_key, x0.shape, jnp.float32)
   y = _dropped_labels(batch, options, jax.random.fold_in(key, 3))
 
@@ -231,7 +239,7 @@ class TrainingRun:
     shape = (num_images, config.data.image_size, config.data.image_size, config.data.channels)
     self.sample_fn = sampling.make_sample_fn(
         eval_graphdef, schedule, shape, mesh,
-        samplers.DDIM(num_steps=self.training.sample_ddim_steps),
+        builders.grid_sampler(config),
         **builders.sampling_options(config))
     self.training_eval = (
         training_eval.TrainingEval(config, self.workdir, mesh, eval_graphdef, schedule)

@@ -226,6 +226,7 @@ def test_a_spacing_that_starts_short_of_the_schedules_noise_is_refused_before_sa
   samplers.check_start(schedules.get_schedule("linear", 100), quadratic.timesteps(
       schedules.get_schedule("linear", 100)))
   config = mnist.get_config()
+  config.training.max_timestep = None  # uniform spacing starts at t = 980
   config.diffusion.schedule = "cosine"
   with pytest.raises(errors.ConfigError, match="sampling.spacing='quadratic' under "
                      "diffusion.schedule='cosine': the sampler's first timestep t = 800"):
@@ -238,6 +239,7 @@ def test_a_learned_variance_is_refused_for_a_sampler_that_adds_noise_without_it(
   from configs import mnist  # pylint: disable=g-import-not-at-top
   from jax_ddpm import config_checks, errors  # pylint: disable=g-import-not-at-top
   config = mnist.get_config()
+  config.training.max_timestep = None  # ddpm visits every t
   config.model.learn_sigma = True
   config.sampling.variance = "learned"
   with pytest.raises(errors.ConfigError, match="sampling.variance='learned': sampling.sampler="

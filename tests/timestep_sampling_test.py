@@ -1,5 +1,7 @@
-"""Importance-sampled timesteps for L_vlb (Improved DDPM Sec. 3.3) and their checkpointed history."""
+"""How the train step draws t: importance-sampled for L_vlb (Improved DDPM Sec. 3.3) with its
+checkpointed history, or uniform up to training.max_timestep."""
 
+import dataclasses
 import functools
 
 import jax
@@ -8,8 +10,8 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from jax_ddpm import (builders, checkpointing, config_checks, errors, parallel, state,
-                      timestep_sampling, train)
+from jax_ddpm import (builders, checkpointing, config_checks, diffusion, errors, parallel,
+                      state, timestep_sampling, train)
 
 K = timestep_sampling.HISTORY
 
@@ -91,6 +93,53 @@ def test_inconsistent_objective_and_timestep_sampling_are_refused(change, messag
     config[section][name] = value
   with pytest.raises(errors.ConfigError, match=message):
     config_checks.validate_training(config, num_devices=8, num_processes=1)
+
+
+def test_max_timestep_limits_the_uniform_draw_to_its_range():
+  key = jax.random.key(4)
+  options = builders.StepOptions(prediction="eps", ema=None, learning_rate=None, max_timestep=7)
+  t, weights = train.draw_timesteps(key, None, 20000, 100, options)
+  assert set(np.asarray(t).tolist()) == set(range(8)) and weights == 1.0
+  # The same draw as DDPM Algorithm 1's uniform t over a range of max_timestep + 1 values.
+  np.testing.assert_array_equal(t, diffusion.sample_timesteps(key, 20000, 8))
+  every, _ = train.draw_timesteps(key, None, 20000, 100,
+                                  dataclasses.replace(options, max_timestep=None))
+  assert np.asarray(every).min() == 0 and np.asarray(every).max() == 99
+
+
+def _mnist_with_max_timestep(**changes):
+  from configs import mnist  # pylint: disable=g-import-not-at-top
+  config = mnist.get_config()
+  config.training.max_timestep = 800  # quadratic spacing's start, 0.8 T
+  for key, value in changes.items():
+    section, name = key.split(".")
+    config[section][name] = value
+  return config
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"training.max_timestep": 0}, r"training.max_timestep must be None \(every t\) or an "
+                                   r"integer in 1..999 \(T - 1\), got 0"),
+    ({"training.max_timestep": 1000}, r"integer in 1..999 \(T - 1\), got 1000"),
+    ({"sampling.spacing": "uniform"}, r"sampling.sampler='sde_dpmpp_2m' on sampling.spacing="
+                                      r"'uniform' starts at t = 980, above "
+                                      r"training.max_timestep=800"),
+    ({"sampling.sampler": "ddpm"}, r"sampling.sampler='ddpm' on .* starts at t = 999"),
+    # Sampler and grid on uniform spacing: 4 steps start at t = 750, 50 steps at t = 980.
+    ({"sampling.spacing": "uniform", "sampling.num_steps": 4, "training.eval_num_steps": 4},
+     r"The sample grid's DDIM-50 \(training.sample_ddim_steps\) on sampling.spacing='uniform' "
+     r"starts at t = 980"),
+    ({"sampling.spacing": "uniform", "sampling.num_steps": 4, "training.sample_ddim_steps": 4,
+      "training.eval_num_steps": 50},
+     r"The in-training measurement's sampler at training.eval_num_steps=50 starts at t = 980"),
+    ({"model.learn_sigma": True}, r"L_vlb \(training.objective='vlb', or L_hybrid with "
+                                  r"model.learn_sigma\) sums all T of them"),
+])
+def test_max_timestep_is_refused_where_a_sampler_or_the_bound_needs_higher_t(changes, message):
+  config_checks.validate_training(_mnist_with_max_timestep(), num_devices=8, num_processes=1)
+  with pytest.raises(errors.ConfigError, match=message):
+    config_checks.validate_training(_mnist_with_max_timestep(**changes), num_devices=8,
+                                    num_processes=1)
 
 
 @functools.lru_cache(maxsize=None)

@@ -74,6 +74,6 @@ def dpm_solver_sample(denoise_fn: Callable, schedule: DiffusionSchedule, shape: 
 
 
 __all__ = ["DDIM", "DDPM", "DPMSolverPP2M", "Prediction", "REGISTRY", "SDEDPMSolverPP2M", "Sampler",
-           "Spacing", "Thresholding", "Trajectory", "ddim_sample", "ddim_step", "ddpm_sample", "ddpm_step",
-           "dpm_solver_sample", "frame_slots", "from_config", "run", "threshold_x0",
+           "Spacing", "Thresholding", "Trajectory", "ddim_sample", "ddim_step", "ddpm_sample",
+           "ddpm_step", "dpm_solver_sample", "frame_slots", "from_config", "run", "threshold_x0",
            "timestep_indices"]
