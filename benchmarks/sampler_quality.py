@@ -1,4 +1,5 @@
-"""Sample quality per network call: DDIM and DPM-Solver++(2M) at a few step counts, and DDPM.
+"""Sample quality per network call: DDIM, DPM-Solver++(2M) and its SDE form at a few step
+counts, and DDPM.
 
   python benchmarks/sampler_quality.py --workdir=runs/mnist [--config=configs/mnist.py]
       [--steps=5,10,20,50] [--num_samples=256] [--ddpm] [--plot=docs/sampler_quality.png]
@@ -7,7 +8,9 @@ Loads the workdir's latest checkpoint (EMA weights) and its digit feature classi
 (`--mode=train_classifier`), draws `num_samples` images per row from the same seeds (in memory,
 through the program sample mode compiles), and prints, per sampler and step count, the feature
 distance to the training digits (lower is better), the classifier score and the sampling time.
-Every row uses the config's thresholding; DPM-Solver++ uses logsnr spacing, DDIM the config's.
+Every row uses the config's thresholding; DPM-Solver++(2M) uses logsnr spacing (its paper's) unless
+that starts above the config's training.max_timestep, DDIM (at eta 0 and 1) and
+SDE-DPM-Solver++(2M) the config's spacing.
 With --plot it also draws the table as a figure (feature distance and time per network call).
 """
 
@@ -61,9 +64,17 @@ def main():
                or evaluate.compute_reference(config, args.workdir, extractor))
   runs = []
   for steps in (int(s) for s in args.steps.split(",") if s):
-    runs.append(samplers.DDIM(num_steps=steps, spacing=config.sampling.spacing))
-    runs.append(samplers.DPMSolverPP2M(num_steps=steps, spacing="logsnr"))
-  if args.ddpm:
+    spacing = config.sampling.spacing
+    runs.append(samplers.DDIM(num_steps=steps, spacing=spacing))
+    runs.append(samplers.DDIM(num_steps=steps, eta=1.0, spacing=spacing))
+    logsnr = samplers.DPMSolverPP2M(num_steps=steps, spacing="logsnr")
+    trained = config.training.max_timestep
+    runs.append(logsnr if trained is None or logsnr.timesteps(schedule).max() <= trained
+                else samplers.DPMSolverPP2M(num_steps=steps, spacing=spacing))
+    runs.append(samplers.SDEDPMSolverPP2M(num_steps=steps, spacing=spacing))
+  if args.ddpm and config.training.max_timestep not in (None, schedule.num_timesteps - 1):
+    print("--ddpm: DDPM visits every t, above training.max_timestep; not drawn.", file=sys.stderr)
+  elif args.ddpm:
     runs.append(samplers.DDPM(variance=config.sampling.variance))
 
   rows = []
@@ -72,7 +83,7 @@ def main():
                            sampler, args.num_samples, args.batch)
     stats, probabilities = extractor.statistics(data_sources.ArraySource(images))
     score, _ = metrics.inception_score(probabilities)
-    rows.append([sampler.name, len(sampler.timesteps(schedule)),
+    rows.append([" ".join((sampler.name,) + sampler.tags), len(sampler.timesteps(schedule)),
                  f"{metrics.frechet_distance(stats, reference):.2f}", f"{score:.2f}",
                  f"{seconds:.1f}"])
     print(f"  {rows[-1]}", file=sys.stderr, flush=True)
