@@ -14,7 +14,8 @@ step's prediction, so each step still costs one network call. The first step has
 prediction and the last step (to the data, sigma = 0, h = infinity) is first order, as the
 paper's "lower order final" does for few steps.
 
-SDE-DPM-Solver++(2M), the same paper's stochastic counterpart, solves the reverse SDE instead:
+SDE-DPM-Solver++(2M) (the name diffusers' "sde-dpmsolver++" and k-diffusion's "DPM++ 2M SDE"
+go by) solves the reverse SDE in the same variables instead:
 
   x_{t_i} = (sigma_{t_i} / sigma_{t_{i-1}}) e^{-h_i} x_{t_{i-1}} + alpha_{t_i} (1 - e^{-2 h_i}) D_i
             + sigma_{t_i} sqrt(1 - e^{-2 h_i}) z,   z ~ N(0, I).
