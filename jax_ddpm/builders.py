@@ -210,6 +210,16 @@ def sampler(config) -> samplers.Sampler:
   return samplers.from_config(config.sampling)
 
 
+def measurement_sampler(config) -> samplers.Sampler:
+  """The sampler of the in-training measurement: config.sampling's, with
+  training.eval_num_steps network calls where that is > 0."""
+  sampling = config.sampling
+  if config.training.eval_num_steps:
+    sampling = sampling.copy_and_resolve_references()
+    sampling.num_steps = config.training.eval_num_steps
+  return samplers.from_config(sampling)
+
+
 def grid_sampler(config) -> samplers.Sampler:
   """The training run's own sample grids: deterministic DDIM in training.sample_ddim_steps steps
   on sampling.spacing, so that they visit the timesteps the config's sampler starts from."""

@@ -52,8 +52,10 @@ def check_trained_timesteps(config, sampler: samplers.Sampler, what: str) -> Non
   """ConfigError when `sampler` (named `what`) visits a timestep above training.max_timestep,
   where the network was never trained."""
   max_timestep = config.training.max_timestep
+  if max_timestep is None:
+    return
   start = int(np.max(sampler.timesteps(builders.schedule(config))))
-  if max_timestep is not None and start > max_timestep:
+  if start > max_timestep:
     raise errors.ConfigError(
         f"{what} starts at t = {start}, above training.max_timestep={max_timestep}, where the "
         f"network was never trained: choose a spacing that starts at or below it (quadratic "
@@ -155,9 +157,7 @@ def validate_training(config, num_devices: int, num_processes: int) -> None:
                           f"(training.sample_ddim_steps) on sampling.spacing="
                           f"{config.sampling.spacing!r}")
   if training.eval_every_steps and training.eval_num_steps:
-    measured = config.copy_and_resolve_references()
-    measured.sampling.num_steps = training.eval_num_steps
-    check_trained_timesteps(config, builders.sampler(measured),
+    check_trained_timesteps(config, builders.measurement_sampler(config),
                             f"The in-training measurement's sampler at training.eval_num_steps="
                             f"{training.eval_num_steps}")
   _choice(training.nonfinite_policy, NONFINITE_POLICIES, "training.nonfinite_policy")

@@ -81,13 +81,11 @@ def validate(config, num_devices: int) -> None:
 
 
 def _measured_config(config, workdir: str):
-  """`config` as this module measures with: its own classifier file, its sampler's steps."""
+  """`config` as this module measures with: its own classifier file."""
   config = config.copy_and_resolve_references()
   config.eval.inception_score = False
   if config.eval.feature_net == "classifier":
     config.eval.classifier = files.join(workdir, "eval", CLASSIFIER_NAME)
-  if config.training.eval_num_steps:
-    config.sampling.num_steps = config.training.eval_num_steps
   return config
 
 
@@ -126,7 +124,7 @@ class TrainingEval:
                       or evaluate.compute_reference(self.config, workdir, self.extractor))
     self.real = (evaluate.reference_features(self.config, workdir, self.extractor)
                  if self.config.eval.manifold_reference else None)
-    self.sampler = builders.sampler(self.config)
+    self.sampler = builders.measurement_sampler(self.config)
     shape = (self.batch_size, config.data.image_size, config.data.image_size,
              config.data.channels)
     self.sample_fn = sampling.make_sample_fn(eval_graphdef, schedule, shape, mesh, self.sampler,
