@@ -41,6 +41,8 @@ def _record(data: bytes) -> bytes:
 
 
 def _tensor(values: np.ndarray) -> tensor_pb2.TensorProto:
+  """A TensorProto of `values` in the dtype tf.summary writes: strings, int64, float32 scalars
+  (TensorBoard's default loader drops DT_DOUBLE scalars) and float64 tables (histograms)."""
   shape = tensor_shape_pb2.TensorShapeProto(
       dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=n) for n in values.shape])
   if values.dtype.kind in "SUO":
@@ -50,6 +52,9 @@ def _tensor(values: np.ndarray) -> tensor_pb2.TensorProto:
   if values.dtype.kind in "iub":
     return tensor_pb2.TensorProto(dtype=types_pb2.DT_INT64, tensor_shape=shape,
                                   int64_val=values.astype(np.int64).ravel().tolist())
+  if values.dtype == np.float32:
+    return tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT, tensor_shape=shape,
+                                  float_val=values.ravel().tolist())
   return tensor_pb2.TensorProto(dtype=types_pb2.DT_DOUBLE, tensor_shape=shape,
                                 double_val=values.astype(np.float64).ravel().tolist())
 
@@ -101,7 +106,8 @@ class EventFileWriter(metric_writers.MetricWriter):
     return summary_pb2.Summary.Value(tag=tag, metadata=metadata, tensor=_tensor(values))
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]):
-    self._add(step, [self._value(tag, np.asarray(value, np.float64).reshape(()), "scalars",
+    """float32 scalar tensors of the scalars plugin, as tf.summary.scalar writes them."""
+    self._add(step, [self._value(tag, np.asarray(value, np.float32).reshape(()), "scalars",
                                  data_class=summary_pb2.DATA_CLASS_SCALAR)
                      for tag, value in scalars.items()])
 

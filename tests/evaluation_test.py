@@ -14,6 +14,7 @@ import pytest
 import scipy.linalg
 from flax import nnx
 
+import tensorboard_server
 from configs import mnist, tiny
 from jax_ddpm import (builders, data_sources, evaluate, feature_classifier, metrics, parallel,
                       sample_mode, state, train, training_eval)
@@ -247,6 +248,31 @@ def test_training_writes_the_feature_distance_and_neighbour_measures_when_due(ti
   assert all(np.isfinite(v) and v > 0 for v in series["train_eval/feature_distance"].values())
   for name in ("precision", "recall", "coverage"):
     assert all(0 <= v <= 1 for v in series[f"train_eval/{name}"].values())
+
+
+def test_a_default_flags_tensorboard_shows_the_runs_curves_and_sample_grids(tiny_run, tmp_path):
+  """What `tensorboard --logdir WORKDIR` serves of a run: the loss at every logged step, the
+  in-training measurement's series and the sample grids."""
+  _, workdir = tiny_run
+  written = train_eval_scalars(workdir)
+  with tensorboard_server.running(workdir, str(tmp_path / "tensorboard.log")) as server:
+    tags = server.wait_for("plugin/scalars/tags",
+                           lambda tags: "train_eval/feature_distance" in tags.get(".", {}))
+    print("scalars plugin tags:", sorted(tags.get(".", {})))
+    assert {"loss", "grad_norm", "learning_rate", "train_eval/feature_distance",
+            "train_eval/precision", "train_eval/recall"} <= set(tags.get(".", {})), server.log()
+    loss = server.get("plugin/scalars/scalars", run=".", tag="loss")
+    assert [step for _, step, _ in loss] == [2, 4, 6]
+    assert all(np.isfinite(value) and value > 0 for _, _, value in loss)
+    for tag, values in written.items():
+      served = {step: value for _, step, value in
+                server.get("plugin/scalars/scalars", run=".", tag=tag)}
+      assert sorted(served) == sorted(values) == [3, 6], tag
+      np.testing.assert_allclose([served[s] for s in (3, 6)], [values[s] for s in (3, 6)],
+                                 rtol=1e-6)
+    images = server.wait_for("plugin/images/tags", lambda tags: "samples" in tags.get(".", {}))
+    print("images plugin tags:", sorted(images.get(".", {})))
+    assert "samples" in images["."]
 
 
 def test_a_resumed_run_measures_in_the_features_of_its_first_part(tiny_run, tmp_path):

@@ -23,6 +23,7 @@ from flax import nnx
 
 import fault_injection
 import gcs_emulator
+import tensorboard_server
 import tfds_data
 from configs import tiny
 from jax_ddpm import data_sources, feature_classifier, state, train
@@ -185,6 +186,20 @@ def test_two_workers_on_a_bucket_survive_preemption_and_match_a_local_run(bucket
   assert f"eval/{STEPS}_ddim_4_classifier_136.json" in files
   # Process 0 alone writes summaries: at most one event file per launch (4), here in the bucket.
   assert 2 <= sum(name.startswith("events.out.tfevents.") for name in files) <= 4
+  # TensorBoard's default loader reads gs:// through its own client of storage.googleapis.com
+  # (no emulator setting), so the bucket's event files are served from a local copy here.
+  served = tmp_path / "events_from_bucket"
+  served.mkdir()
+  for name in files:
+    if name.startswith("events.out.tfevents."):
+      (served / name).write_bytes(epath.Path(f"{BUCKET}/run/{name}").read_bytes())
+  with tensorboard_server.running(str(served), str(tmp_path / "tensorboard.log")) as server:
+    tags = server.wait_for("plugin/scalars/tags",
+                           lambda tags: "eval/feature_distance" in tags.get(".", {}))
+    assert {"loss", "eval/feature_distance"} <= set(tags.get(".", {})), server.log()
+    assert STEPS in {step for _, step, _ in server.get("plugin/scalars/scalars", run=".",
+                                                       tag="loss")}
+    assert "samples" in server.get("plugin/images/tags")["."]
   # The checkpoint the pod wrote loads in one process, through the restore sampling uses.
   _, restored, step = state.load_checkpoint(config, f"{BUCKET}/run")
   assert step == STEPS == int(restored.step)

@@ -6,6 +6,7 @@ import numpy as np
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
+import tensorboard_server
 from jax_ddpm import summaries
 
 
@@ -53,3 +54,30 @@ def test_each_flush_rewrites_the_file_and_a_full_file_starts_the_next(tmp_path):
   assert all(os.path.getsize(tmp_path / name) <= 2000 for name in names)
   steps = [e.step for e in read_back(tmp_path).Tensors("loss")]
   assert steps == list(range(40))
+
+
+def test_a_default_flags_tensorboard_serves_every_kind_of_summary(tmp_path):
+  """TensorBoard's default (Rust) loader drops float64 scalars; the writer's must show."""
+  logdir = tmp_path / "run"
+  writer = summaries.EventFileWriter(str(logdir))
+  writer.write_hparams({"optim.learning_rate": 2e-4, "data.source": "fake"})
+  writer.write_scalars(1, {"loss": 0.5, "nonfinite_steps": 0})
+  writer.write_scalars(2, {"loss": 0.25, "nonfinite_steps": 1})
+  writer.write_images(2, {"samples": np.zeros((1, 4, 6, 3), np.uint8)})
+  writer.write_texts(2, {"note": "hello"})
+  writer.write_histograms(2, {"weights": np.arange(10.0)}, num_buckets={"weights": 5})
+  writer.close()
+  with tensorboard_server.running(str(logdir), str(tmp_path / "tensorboard.log")) as server:
+    scalars = server.wait_for("plugin/scalars/tags", lambda tags: "loss" in tags.get(".", {}))
+    print("scalars plugin:", scalars)
+    assert set(scalars.get(".", {})) == {"loss", "nonfinite_steps"}, server.log()
+    loss = server.get("plugin/scalars/scalars", run=".", tag="loss")
+    assert [(step, value) for _, step, value in loss] == [(1, 0.5), (2, 0.25)]
+    counts = server.get("plugin/scalars/scalars", run=".", tag="nonfinite_steps")
+    assert [(step, value) for _, step, value in counts] == [(1, 0.0), (2, 1.0)]
+    assert "samples" in server.get("plugin/images/tags")["."]
+    assert server.get("plugin/text/tags")["."] == ["note"]
+    histogram = server.get("plugin/histograms/histograms", run=".", tag="weights")
+    assert [sum(bucket[2] for bucket in buckets) for _, _, buckets in histogram] == [10.0]
+    hparams = server.post("plugin/hparams/experiment", {"experimentName": ""})
+    assert {h["name"] for h in hparams["hparamInfos"]} == {"optim.learning_rate", "data.source"}
