@@ -14,7 +14,7 @@ import sys
 
 # One XLA CPU device per core on CPU-only hosts (jax_ddpm/host_devices.py says why); set
 # before JAX is imported.
-from jax_ddpm import host_devices  # pylint: disable=g-import-not-at-top
+from jax_ddpm.runtime import devices as host_devices  # pylint: disable=g-import-not-at-top
 
 os.environ["XLA_FLAGS"] = host_devices.with_cpu_devices(os.environ.get("XLA_FLAGS", ""))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -60,13 +60,15 @@ def main(argv):
                                num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
   logging.info("JAX process %d of %d; devices: %s", jax.process_index(), jax.process_count(),
                jax.devices())
-  from jax_ddpm import sample_mode, state, train  # pylint: disable=g-import-not-at-top
+  from jax_ddpm.cli import sample_mode
+  from jax_ddpm.training import state
+  from jax_ddpm.training import loop as train  # pylint: disable=g-import-not-at-top
   if FLAGS.mode == "train":
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   elif FLAGS.mode == "sample":
     sample_mode.sample_to_workdir(FLAGS.config, FLAGS.workdir, FLAGS.step)
   elif FLAGS.mode == "visualize":
-    from jax_ddpm import visualize  # pylint: disable=g-import-not-at-top
+    from jax_ddpm.evaluation import pictures as visualize  # pylint: disable=g-import-not-at-top
     for path in visualize.visualize(FLAGS.config, FLAGS.workdir, FLAGS.step):
       logging.info("Wrote %s", path)
   elif FLAGS.mode == "import":
@@ -76,13 +78,13 @@ def main(argv):
     logging.info("Imported %s as the checkpoint of step %d in %s.", FLAGS.import_from, step,
                  FLAGS.workdir)
   elif FLAGS.mode == "eval":
-    from jax_ddpm import evaluate  # pylint: disable=g-import-not-at-top
+    from jax_ddpm.evaluation import scoring as evaluate  # pylint: disable=g-import-not-at-top
     evaluate.evaluate(FLAGS.config, FLAGS.workdir, FLAGS.step)
   elif FLAGS.mode == "train_classifier":
-    from jax_ddpm import evaluate  # pylint: disable=g-import-not-at-top
+    from jax_ddpm.evaluation import scoring as evaluate  # pylint: disable=g-import-not-at-top
     evaluate.train_classifier(FLAGS.config, FLAGS.workdir)
   elif FLAGS.mode == "import_inception":
-    from jax_ddpm import fid_weights  # pylint: disable=g-import-not-at-top
+    from jax_ddpm.evaluation import inception_weights as fid_weights  # pylint: disable=g-import-not-at-top
     if not FLAGS.import_from:
       raise app.UsageError("--mode=import_inception needs --import_from=<default_1.pt or "
                            "inception-2015-12-05.tgz>. " + fid_weights.HOW_TO_GET)
@@ -97,7 +99,8 @@ def run_and_report(argv):
   asynchronous tasks behind whose shutdown would bury the message under tracebacks, so the
   process exits at once (everything was already flushed by the library's own cleanup).
   """
-  from jax_ddpm import checkpointing, errors  # pylint: disable=g-import-not-at-top
+  from jax_ddpm.training import checkpointing
+  from jax_ddpm.io import errors  # pylint: disable=g-import-not-at-top
   try:
     main(argv)
   except (errors.UserInputError, checkpointing.UnreadableCheckpointError, FloatingPointError,

@@ -24,8 +24,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import machine_description, print_table  # pylint: disable=g-import-not-at-top
 from benchmarks.sampler_quality import draw  # pylint: disable=g-import-not-at-top
-from jax_ddpm import (builders, data_sources, evaluate,  # pylint: disable=g-import-not-at-top
-                      image_io, metrics, parallel, state)
+from jax_ddpm.config import builders
+from jax_ddpm.data import sources as data_sources
+from jax_ddpm.evaluation import scoring as evaluate
+from jax_ddpm.io import images as image_io
+from jax_ddpm.evaluation import metrics
+from jax_ddpm.runtime import mesh as parallel
+from jax_ddpm.training import state
 
 
 def per_class_rows(images: np.ndarray, labels: np.ndarray, per_class: int = 8) -> np.ndarray:

@@ -23,7 +23,8 @@ from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jax_ddpm import data_sources, input_pipeline  # pylint: disable=g-import-not-at-top
+from jax_ddpm.data import sources as data_sources
+from jax_ddpm.data import pipeline as input_pipeline  # pylint: disable=g-import-not-at-top
 from benchmarks.common import machine_description  # pylint: disable=g-import-not-at-top
 
 

@@ -20,7 +20,13 @@ import numpy as np
 from flax import nnx
 
 from benchmarks import common
-from jax_ddpm import builders, data_sources, input_pipeline, parallel, sampling, state, train
+from jax_ddpm.config import builders
+from jax_ddpm.data import sources as data_sources
+from jax_ddpm.data import pipeline as input_pipeline
+from jax_ddpm.runtime import mesh as parallel
+from jax_ddpm.samplers import program as sampling
+from jax_ddpm.training import state
+from jax_ddpm.training import loop as train
 
 
 def model_config(spec: dict):

@@ -54,7 +54,7 @@ def parse_args(argv=None):
 
 def start_jax(devices):
   """XLA flags for per-operation timing and the device count; then imports JAX."""
-  from jax_ddpm import host_devices  # pylint: disable=g-import-not-at-top
+  from jax_ddpm.runtime import devices as host_devices  # pylint: disable=g-import-not-at-top
   flags = os.environ.get("XLA_FLAGS", "")
   if devices:
     flags += f" --xla_force_host_platform_device_count={devices}"
@@ -121,7 +121,10 @@ def main(argv=None) -> None:
   import numpy as np  # pylint: disable=g-import-not-at-top
   from benchmarks import common  # pylint: disable=g-import-not-at-top
   from benchmarks.run import parse_value  # pylint: disable=g-import-not-at-top
-  from jax_ddpm import builders, parallel, state, train  # pylint: disable=g-import-not-at-top
+  from jax_ddpm.config import builders
+  from jax_ddpm.runtime import mesh as parallel
+  from jax_ddpm.training import state
+  from jax_ddpm.training import loop as train  # pylint: disable=g-import-not-at-top
 
   overrides = {key: parse_value(value) for key, value in (item.split("=", 1) for item in args.set)}
   config = common.model_config(args.model, overrides or None)
@@ -169,7 +172,7 @@ def main(argv=None) -> None:
 
 def cpu_flags() -> str:
   """The vector-instruction flags of /proc/cpuinfo that matter to XLA's CPU code."""
-  from jax_ddpm import host_devices  # pylint: disable=g-import-not-at-top
+  from jax_ddpm.runtime import devices as host_devices  # pylint: disable=g-import-not-at-top
   flags = host_devices.cpu_flags()
   wanted = ("avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
   return " ".join(flag for flag in wanted if flag in flags) or "none of " + ", ".join(wanted)

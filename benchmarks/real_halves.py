@@ -26,8 +26,12 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import machine_description, print_table  # pylint: disable=g-import-not-at-top
-from jax_ddpm import (evaluate, fid_weights, files, manifold, metrics,  # pylint: disable=g-import-not-at-top
-                      parallel)
+from jax_ddpm.evaluation import scoring as evaluate
+from jax_ddpm.evaluation import inception_weights as fid_weights
+from jax_ddpm.io import paths as files
+from jax_ddpm.evaluation import manifold
+from jax_ddpm.evaluation import metrics
+from jax_ddpm.runtime import mesh as parallel
 
 
 def read_images(path: str) -> np.ndarray:

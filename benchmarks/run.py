@@ -32,7 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks import common  # pylint: disable=g-import-not-at-top
-from jax_ddpm import host_devices  # pylint: disable=g-import-not-at-top
+from jax_ddpm.runtime import devices as host_devices  # pylint: disable=g-import-not-at-top
 
 
 def positive_ints(text: str) -> list[int]:

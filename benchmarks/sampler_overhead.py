@@ -19,7 +19,8 @@ import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 from flax import nnx  # pylint: disable=g-import-not-at-top
 
 from benchmarks import common  # pylint: disable=g-import-not-at-top
-from jax_ddpm import samplers, schedules  # pylint: disable=g-import-not-at-top
+from jax_ddpm import samplers
+from jax_ddpm.diffusion import schedules  # pylint: disable=g-import-not-at-top
 from jax_ddpm.models import unet  # pylint: disable=g-import-not-at-top
 
 SMALL_UNET = unet.UNetConfig(image_size=28, in_channels=1, out_channels=1, ch=32,

@@ -27,8 +27,14 @@ import jax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import machine_description, print_table  # pylint: disable=g-import-not-at-top
-from jax_ddpm import (builders, data_sources, evaluate,  # pylint: disable=g-import-not-at-top
-                      metrics, parallel, samplers, sampling, state)
+from jax_ddpm.config import builders
+from jax_ddpm.data import sources as data_sources
+from jax_ddpm.evaluation import scoring as evaluate
+from jax_ddpm.evaluation import metrics
+from jax_ddpm.runtime import mesh as parallel
+from jax_ddpm import samplers
+from jax_ddpm.samplers import program as sampling
+from jax_ddpm.training import state
 
 
 def draw(config, eval_graphdef, params, schedule, mesh, sampler, num_samples, batch):

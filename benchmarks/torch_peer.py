@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from benchmarks import common
-from jax_ddpm import builders, convert
+from jax_ddpm.config import builders
+from jax_ddpm.models import diffusers_weights as convert
 
 
 def peer_model(spec: dict):

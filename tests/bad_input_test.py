@@ -17,7 +17,13 @@ import pytest
 from flax import nnx
 
 from configs import tiny
-from jax_ddpm import builders, errors, evaluate, feature_classifier, fid_weights, state, train
+from jax_ddpm.config import builders
+from jax_ddpm.io import errors
+from jax_ddpm.evaluation import scoring as evaluate
+from jax_ddpm.evaluation import classifier as feature_classifier
+from jax_ddpm.evaluation import inception_weights as fid_weights
+from jax_ddpm.training import state
+from jax_ddpm.training import loop as train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -169,7 +175,7 @@ def test_eval_input_files(eval_workdir, tmp_path, compiles, key, defect):
 
 def diffusers_folder(path, defect):
   """A diffusers folder with a real config.json whose weights (or config) are broken."""
-  from jax_ddpm import convert
+  from jax_ddpm.models import diffusers_weights as convert
   config = tiny.get_config()
   os.makedirs(path)
   with open(os.path.join(path, "config.json"), "w") as f:
@@ -294,7 +300,7 @@ def test_data_paths(tmp_path, compiles, source, defect):
 
 def test_sixteen_bit_and_cmyk_images_are_read_scaled_not_clipped(tmp_path):
   from PIL import Image
-  from jax_ddpm import data_sources
+  from jax_ddpm.data import sources as data_sources
   Image.fromarray(np.full((8, 8), 32896, np.uint16)).save(tmp_path / "a_16bit.png")  # 128/255
   Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(tmp_path / "b_cmyk.jpg")  # pure red
   grey = data_sources.read_image_folder(str(tmp_path), 8, 1)

@@ -110,7 +110,8 @@ def test_recipe_ablation_refuses_unknown_variants_and_tabulates_its_results(tmp_
 def test_every_recipe_ablation_variant_is_a_valid_config():
   """A misspelt key or a refused value fails here, not 20 minutes into an ablation."""
   from benchmarks import common, recipe_ablation  # pylint: disable=g-import-not-at-top
-  from jax_ddpm import config_checks, errors  # pylint: disable=g-import-not-at-top
+  from jax_ddpm.config import checks as config_checks
+  from jax_ddpm.io import errors  # pylint: disable=g-import-not-at-top
   trained = {name: recipe_ablation.config_overrides(name) for name in recipe_ablation.VARIANTS}
   sampled = {name: {**trained[variant], **sampling}
              for name, (variant, sampling, *_) in recipe_ablation.SAMPLED_VARIANTS.items()}

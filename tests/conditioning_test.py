@@ -10,8 +10,15 @@ import pytest
 from PIL import Image
 
 from configs import tiny
-from jax_ddpm import (builders, data_sources, evaluate, guidance, input_pipeline, sample_mode,
-                      samplers, state, train)
+from jax_ddpm.config import builders
+from jax_ddpm.data import sources as data_sources
+from jax_ddpm.evaluation import scoring as evaluate
+from jax_ddpm.diffusion import guidance
+from jax_ddpm.data import pipeline as input_pipeline
+from jax_ddpm.cli import sample_mode
+from jax_ddpm import samplers
+from jax_ddpm.training import state
+from jax_ddpm.training import loop as train
 from samplers_test import SCHEDULE, Z, gaussian_mixture_eps
 
 # Two overlapping classes in 2-D that differ only along the first axis.
@@ -259,7 +266,7 @@ def test_bad_conditioning_fails_before_compiling(tmp_path, monkeypatch, change, 
 
 def test_conditional_configs_validate_and_build_a_guided_sampler():
   from configs import cifar10_cond, mnist_cond  # pylint: disable=g-import-not-at-top
-  from jax_ddpm import config_checks  # pylint: disable=g-import-not-at-top
+  from jax_ddpm.config import checks as config_checks  # pylint: disable=g-import-not-at-top
   for module in (mnist_cond, cifar10_cond):
     config = module.get_config()
     config_checks.validate_training(config, num_devices=8, num_processes=1)
@@ -269,7 +276,7 @@ def test_conditional_configs_validate_and_build_a_guided_sampler():
 
 
 def test_visualize_draws_the_guided_reverse_process_of_a_conditional_model(conditional_runs):
-  from jax_ddpm import visualize  # pylint: disable=g-import-not-at-top
+  from jax_ddpm.evaluation import pictures as visualize  # pylint: disable=g-import-not-at-top
   paths = visualize.visualize(conditional_config(), conditional_runs[1])
   assert sorted(os.path.basename(p) for p in paths) == [
       "forward_process.png", "reverse_process.gif", "reverse_process.png", "schedules.png"]

@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 
 from configs import default
-from jax_ddpm import builders, config_checks, errors, host_devices
+from jax_ddpm.config import builders
+from jax_ddpm.config import checks as config_checks
+from jax_ddpm.io import errors
+from jax_ddpm.runtime import devices as host_devices
 
 CONFIGS = sorted(name[:-3] for name in os.listdir(os.path.join(os.path.dirname(
     os.path.dirname(os.path.abspath(__file__))), "configs"))

@@ -10,7 +10,8 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from jax_ddpm import convert, errors
+from jax_ddpm.models import diffusers_weights as convert
+from jax_ddpm.io import errors
 from jax_ddpm.models import unet
 
 torch = pytest.importorskip("torch")
@@ -69,7 +70,7 @@ def test_small_unet_matches_diffusers_after_import(tmp_path):
 def test_a_learned_variance_unet_with_2c_outputs_imports_exactly(tmp_path):
   """Improved DDPM's layout (out_channels = 2C) matches a learn_sigma run config."""
   from configs import tiny  # pylint: disable=g-import-not-at-top
-  from jax_ddpm import builders  # pylint: disable=g-import-not-at-top
+  from jax_ddpm.config import builders  # pylint: disable=g-import-not-at-top
   torch_model = save_random_diffusers_unet(tmp_path, dict(SMALL_DIFFUSERS, out_channels=6))
   run_config = tiny.get_config()
   run_config.data.channels, run_config.model.learn_sigma = 3, True
@@ -158,7 +159,7 @@ def test_config_mismatch_names_the_keys(small_checkpoint):
 def test_diffusers_settings_of_our_configs_describe_the_same_network(name):
   """The inverse mapping builds the PyTorch peer of benchmarks/: same config, same parameters."""
   import importlib  # pylint: disable=g-import-not-at-top
-  from jax_ddpm import builders  # pylint: disable=g-import-not-at-top
+  from jax_ddpm.config import builders  # pylint: disable=g-import-not-at-top
   ours = builders.unet_config(importlib.import_module(f"configs.{name}").get_config())
   settings = convert.diffusers_config_from_unet(ours)
   assert convert.unet_config_from_diffusers(settings, dropout=ours.dropout) == ours
@@ -189,7 +190,8 @@ TINY_DIFFUSERS = dict(
 
 def test_import_mode_writes_a_checkpoint_that_samples(tmp_path):
   from configs import tiny
-  from jax_ddpm import sample_mode, state
+  from jax_ddpm.cli import sample_mode
+  from jax_ddpm.training import state
   save_random_diffusers_unet(tmp_path / "diffusers", TINY_DIFFUSERS)
   config = tiny.get_config()
   config.sampling.num_samples, config.sampling.batch_size = 8, 8

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_ddpm import diffusion, schedules
+from jax_ddpm.diffusion import process as diffusion
+from jax_ddpm.diffusion import schedules
 
 SCHEDULE = schedules.get_schedule("linear", 1000)
 BETAS = np.linspace(1e-4, 0.02, 1000)  # float64, independent of the float32 table
@@ -145,7 +146,7 @@ def test_a_weighting_asks_the_same_of_every_prediction_target(weighting):
 
 def test_unknown_loss_weighting_is_refused_before_training(tmp_path):
   from configs import tiny
-  from jax_ddpm import train
+  from jax_ddpm.training import loop as train
   config = tiny.get_config()
   config.training.loss_weighting = "snr"
   with pytest.raises(ValueError, match=r"Unknown training.loss_weighting 'snr'.*min_snr"):
@@ -155,7 +156,7 @@ def test_unknown_loss_weighting_is_refused_before_training(tmp_path):
 
 def test_the_train_step_options_carry_the_configs_weights():
   from configs import tiny
-  from jax_ddpm import builders
+  from jax_ddpm.config import builders
   config = tiny.get_config()
   assert builders.step_options(config).loss_weights is None  # uniform: the loss is unchanged
   config.training.loss_weighting = "min_snr"

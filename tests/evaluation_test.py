@@ -16,8 +16,16 @@ from flax import nnx
 
 import tensorboard_server
 from configs import mnist, tiny
-from jax_ddpm import (builders, data_sources, evaluate, feature_classifier, metrics, parallel,
-                      sample_mode, state, train, training_eval)
+from jax_ddpm.config import builders
+from jax_ddpm.data import sources as data_sources
+from jax_ddpm.evaluation import scoring as evaluate
+from jax_ddpm.evaluation import classifier as feature_classifier
+from jax_ddpm.evaluation import metrics
+from jax_ddpm.runtime import mesh as parallel
+from jax_ddpm.cli import sample_mode
+from jax_ddpm.training import state
+from jax_ddpm.training import loop as train
+from jax_ddpm.training import measurement as training_eval
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

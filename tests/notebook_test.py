@@ -6,7 +6,10 @@ import sys
 import pytest
 
 from configs import tiny
-from jax_ddpm import builders, checkpointing, parallel, state
+from jax_ddpm.config import builders
+from jax_ddpm.training import checkpointing
+from jax_ddpm.runtime import mesh as parallel
+from jax_ddpm.training import state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "examples"))

@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # all-reduce needs both threads (rendezvous timeout, exit 134).
 PROGRAM = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
-    from jax_ddpm import parallel
+    from jax_ddpm.runtime import mesh as parallel
     mesh = parallel.data_mesh()
     assert mesh.size == 2, mesh
 
@@ -40,7 +40,7 @@ def test_a_loop_that_reads_no_result_runs_to_the_end_on_two_cpu_devices():
 
 def test_dispatch_limit_waits_for_the_oldest_result_beyond_the_limit():
   import jax.numpy as jnp
-  from jax_ddpm import parallel
+  from jax_ddpm.runtime import mesh as parallel
 
   class Watched:
     """A result whose readiness the limit asks for; records the order of the waits."""

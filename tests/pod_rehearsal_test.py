@@ -26,7 +26,10 @@ import gcs_emulator
 import tensorboard_server
 import tfds_data
 from configs import tiny
-from jax_ddpm import data_sources, feature_classifier, state, train
+from jax_ddpm.data import sources as data_sources
+from jax_ddpm.evaluation import classifier as feature_classifier
+from jax_ddpm.training import state
+from jax_ddpm.training import loop as train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = f"gs://{gcs_emulator.BUCKET}"

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from jax_ddpm import checkpointing, train
+from jax_ddpm.training import checkpointing
+from jax_ddpm.training import loop as train
 
 
 def nan_config(policy, steps=6):

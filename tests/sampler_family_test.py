@@ -215,7 +215,9 @@ def test_a_spacing_that_starts_short_of_the_schedules_noise_is_refused_before_sa
   """Every sampler starts from x_T ~ N(0, I); quadratic spacing stops at t = 0.8 T, where the
   cosine schedule still keeps 0.31 of the data (the README's cosine row drew 199.5 there)."""
   from configs import mnist  # pylint: disable=g-import-not-at-top
-  from jax_ddpm import config_checks, errors, schedules  # pylint: disable=g-import-not-at-top
+  from jax_ddpm.config import checks as config_checks
+  from jax_ddpm.io import errors
+  from jax_ddpm.diffusion import schedules  # pylint: disable=g-import-not-at-top
   cosine = schedules.get_schedule("cosine", 1000)
   quadratic = samplers.DDIM(num_steps=50, eta=1.0, spacing="quadratic")
   with pytest.raises(ValueError, match=r"first timestep t = 800 keeps sqrt\(alpha-bar_t\) = 0\.3"):
@@ -237,7 +239,8 @@ def test_a_spacing_that_starts_short_of_the_schedules_noise_is_refused_before_sa
 
 def test_a_learned_variance_is_refused_for_a_sampler_that_adds_noise_without_it():
   from configs import mnist  # pylint: disable=g-import-not-at-top
-  from jax_ddpm import config_checks, errors  # pylint: disable=g-import-not-at-top
+  from jax_ddpm.config import checks as config_checks
+  from jax_ddpm.io import errors  # pylint: disable=g-import-not-at-top
   config = mnist.get_config()
   config.training.max_timestep = None  # ddpm visits every t
   config.model.learn_sigma = True

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_ddpm import samplers, schedules
+from jax_ddpm import samplers
+from jax_ddpm.diffusion import schedules
 from jax_ddpm.samplers import base
 
 SCHEDULE = schedules.get_schedule("linear", 1000)

@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from jax_ddpm import builders, checkpointing, parallel, sample_mode, samplers, sampling, state
+from jax_ddpm.config import builders
+from jax_ddpm.training import checkpointing
+from jax_ddpm.runtime import mesh as parallel
+from jax_ddpm.cli import sample_mode
+from jax_ddpm import samplers
+from jax_ddpm.samplers import program as sampling
+from jax_ddpm.training import state
 
 
 def sample_config(**overrides):
@@ -170,7 +176,7 @@ def test_bad_sampling_settings_fail_before_anything_is_written(checkpoint_dir, o
 
 def test_visualize_writes_four_non_blank_pictures(checkpoint_dir):
   from PIL import Image
-  from jax_ddpm import visualize
+  from jax_ddpm.evaluation import pictures as visualize
   paths = visualize.visualize(sample_config(sampler="ddpm"), checkpoint_dir)  # T = 100 steps
   names = sorted(os.path.basename(p) for p in paths)
   assert names == ["forward_process.png", "reverse_process.gif", "reverse_process.png",

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from jax_ddpm import schedules
+from jax_ddpm.diffusion import schedules
 
 T = 1000
 

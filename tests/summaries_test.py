@@ -7,7 +7,7 @@ from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
 import tensorboard_server
-from jax_ddpm import summaries
+from jax_ddpm.io import summaries
 
 
 def read_back(logdir):

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from jax_ddpm import data_sources
+from jax_ddpm.data import sources as data_sources
 
 NAME = "jax_ddpm_digits"
 

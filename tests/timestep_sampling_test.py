@@ -10,8 +10,15 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from jax_ddpm import (builders, checkpointing, config_checks, diffusion, errors, parallel,
-                      state, timestep_sampling, train)
+from jax_ddpm.config import builders
+from jax_ddpm.training import checkpointing
+from jax_ddpm.config import checks as config_checks
+from jax_ddpm.diffusion import process as diffusion
+from jax_ddpm.io import errors
+from jax_ddpm.runtime import mesh as parallel
+from jax_ddpm.training import state
+from jax_ddpm.diffusion import timesteps as timestep_sampling
+from jax_ddpm.training import loop as train
 
 K = timestep_sampling.HISTORY
 

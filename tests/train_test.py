@@ -13,7 +13,13 @@ import numpy as np
 import pytest
 
 from configs import cifar10, tiny
-from jax_ddpm import builders, checkpointing, data_sources, input_pipeline, parallel, state, train
+from jax_ddpm.config import builders
+from jax_ddpm.training import checkpointing
+from jax_ddpm.data import sources as data_sources
+from jax_ddpm.data import pipeline as input_pipeline
+from jax_ddpm.runtime import mesh as parallel
+from jax_ddpm.training import state
+from jax_ddpm.training import loop as train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -6,8 +6,13 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from jax_ddpm import data_sources, diffusion, input_pipeline, likelihood, parallel, schedules
-from jax_ddpm.diffusion import Prediction, Variance
+from jax_ddpm.data import sources as data_sources
+from jax_ddpm.diffusion import process as diffusion
+from jax_ddpm.data import pipeline as input_pipeline
+from jax_ddpm.evaluation import likelihood
+from jax_ddpm.runtime import mesh as parallel
+from jax_ddpm.diffusion import schedules
+from jax_ddpm.diffusion.process import Prediction, Variance
 
 SCHEDULE = schedules.get_schedule("linear", 1000)
 BETAS = np.linspace(1e-4, 0.02, 1000)  # float64, independent of the float32 table
@@ -158,7 +163,9 @@ def test_bits_per_dim_sums_every_term_exactly_and_stratified_draws_are_unbiased(
 
 def test_a_learned_variance_is_refused_for_a_model_without_one_before_training(tmp_path):
   from configs import tiny  # pylint: disable=g-import-not-at-top
-  from jax_ddpm import builders, errors, train  # pylint: disable=g-import-not-at-top
+  from jax_ddpm.config import builders
+  from jax_ddpm.io import errors
+  from jax_ddpm.training import loop as train  # pylint: disable=g-import-not-at-top
   config = tiny.get_config()
   config.sampling.variance = "learned"
   with pytest.raises(errors.ConfigError, match="sampling.variance='learned' needs a model that "

@@ -23,13 +23,13 @@ from typing import Callable, Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-from jax_ddpm.diffusion import Prediction, Variance
+from jax_ddpm.diffusion.process import Prediction, Variance
 from jax_ddpm.samplers.base import (Sampler, Spacing, Thresholding, Trajectory, check_start,
                                     frame_slots, run, threshold_x0, timestep_indices)
 from jax_ddpm.samplers.ddim import DDIM, ddim_step
 from jax_ddpm.samplers.ddpm import DDPM, ddpm_step
 from jax_ddpm.samplers.dpm_solver import DPMSolverPP2M, SDEDPMSolverPP2M
-from jax_ddpm.schedules import DiffusionSchedule
+from jax_ddpm.diffusion.schedules import DiffusionSchedule
 
 REGISTRY: dict[str, type[Sampler]] = {
     DDPM.name: DDPM,

@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_ddpm import diffusion
-from jax_ddpm.diffusion import Prediction, parse_enum
-from jax_ddpm.schedules import DiffusionSchedule
+from jax_ddpm.diffusion import process as diffusion
+from jax_ddpm.diffusion.process import Prediction, parse_enum
+from jax_ddpm.diffusion.schedules import DiffusionSchedule
 
 
 class Thresholding(str, enum.Enum):

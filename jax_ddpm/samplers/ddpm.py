@@ -7,10 +7,10 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
-from jax_ddpm import diffusion
-from jax_ddpm.diffusion import Prediction, Variance, parse_enum
+from jax_ddpm.diffusion import process as diffusion
+from jax_ddpm.diffusion.process import Prediction, Variance, parse_enum
 from jax_ddpm.samplers import base
-from jax_ddpm.schedules import DiffusionSchedule
+from jax_ddpm.diffusion.schedules import DiffusionSchedule
 
 
 def ddpm_update(schedule: DiffusionSchedule, x_t, x0, t, noise, variance: Variance,

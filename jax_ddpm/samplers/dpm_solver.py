@@ -32,9 +32,9 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
-from jax_ddpm.diffusion import parse_enum
+from jax_ddpm.diffusion.process import parse_enum
 from jax_ddpm.samplers import base
-from jax_ddpm.schedules import DiffusionSchedule
+from jax_ddpm.diffusion.schedules import DiffusionSchedule
 
 
 def step_coefficients(schedule: DiffusionSchedule, t, t_next, ndim: int):

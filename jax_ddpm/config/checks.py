@@ -7,8 +7,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from jax_ddpm import builders, data_sources, diffusion, errors, samplers, schedules
-from jax_ddpm.diffusion import Prediction
+from jax_ddpm.config import builders
+from jax_ddpm.data import sources as data_sources
+from jax_ddpm.diffusion import process as diffusion
+from jax_ddpm.io import errors
+from jax_ddpm import samplers
+from jax_ddpm.diffusion import schedules
+from jax_ddpm.diffusion.process import Prediction
 
 NONFINITE_POLICIES = ("halt", "skip")
 

@@ -15,8 +15,14 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from jax_ddpm import (builders, config_checks, errors, files, image_io, parallel, sampling,
-                      state)
+from jax_ddpm.config import builders
+from jax_ddpm.config import checks as config_checks
+from jax_ddpm.io import errors
+from jax_ddpm.io import paths as files
+from jax_ddpm.io import images as image_io
+from jax_ddpm.runtime import mesh as parallel
+from jax_ddpm.samplers import program as sampling
+from jax_ddpm.training import state
 
 
 @dataclasses.dataclass(frozen=True)

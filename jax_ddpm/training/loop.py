@@ -35,11 +35,23 @@ from clu import periodic_actions
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from jax_ddpm import (builders, checkpointing, config_checks, data_sources, diffusion, errors,
-                      files, guidance, image_io, input_pipeline, parallel, sampling,
-                      summaries, timestep_sampling, training_eval)
-from jax_ddpm.schedules import DiffusionSchedule
-from jax_ddpm.state import TrainState, create_train_state, run_metadata
+from jax_ddpm.config import builders
+from jax_ddpm.training import checkpointing
+from jax_ddpm.config import checks as config_checks
+from jax_ddpm.data import sources as data_sources
+from jax_ddpm.diffusion import process as diffusion
+from jax_ddpm.io import errors
+from jax_ddpm.io import paths as files
+from jax_ddpm.diffusion import guidance
+from jax_ddpm.io import images as image_io
+from jax_ddpm.data import pipeline as input_pipeline
+from jax_ddpm.runtime import mesh as parallel
+from jax_ddpm.samplers import program as sampling
+from jax_ddpm.io import summaries
+from jax_ddpm.diffusion import timesteps as timestep_sampling
+from jax_ddpm.training import measurement as training_eval
+from jax_ddpm.diffusion.schedules import DiffusionSchedule
+from jax_ddpm.training.state import TrainState, create_train_state, run_metadata
 
 
 def draw_timesteps(key: jax.Array, state: TrainState, batch_size: int, num_timesteps: int,

@@ -18,7 +18,7 @@ from typing import Iterator
 import jax
 import numpy as np
 
-from jax_ddpm.data_sources import ImageSource
+from jax_ddpm.data.sources import ImageSource
 
 def global_indices(step: int, global_batch: int, num_examples: int, seed: int) -> np.ndarray:
   """Dataset indices of the global batch at `step`: each epoch is a fresh seeded permutation."""

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import jax.scipy.special as special
 import numpy as np
 
-from jax_ddpm.schedules import DiffusionSchedule
+from jax_ddpm.diffusion.schedules import DiffusionSchedule
 
 
 class Prediction(str, enum.Enum):

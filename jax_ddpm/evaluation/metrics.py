@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from jax_ddpm import errors, files
+from jax_ddpm.io import errors
+from jax_ddpm.io import paths as files
 
 SQRT_EPS = 1e-6  # the offset TTUR and pytorch-fid add to singular covariances
 

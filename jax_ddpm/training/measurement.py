@@ -34,8 +34,16 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from jax_ddpm import (builders, data_sources, errors, evaluate, feature_classifier, fid_weights,
-                      files, manifold, metrics, sampling)
+from jax_ddpm.config import builders
+from jax_ddpm.data import sources as data_sources
+from jax_ddpm.io import errors
+from jax_ddpm.evaluation import scoring as evaluate
+from jax_ddpm.evaluation import classifier as feature_classifier
+from jax_ddpm.evaluation import inception_weights as fid_weights
+from jax_ddpm.io import paths as files
+from jax_ddpm.evaluation import manifold
+from jax_ddpm.evaluation import metrics
+from jax_ddpm.samplers import program as sampling
 
 CLASSIFIER_NAME = "training_classifier.npz"
 

@@ -17,8 +17,11 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from jax_ddpm import guidance, image_io, parallel, samplers
-from jax_ddpm.schedules import DiffusionSchedule
+from jax_ddpm.diffusion import guidance
+from jax_ddpm.io import images as image_io
+from jax_ddpm.runtime import mesh as parallel
+from jax_ddpm import samplers
+from jax_ddpm.diffusion.schedules import DiffusionSchedule
 
 LABEL_STREAM = 0x1abe1  # the labels of a batch are drawn from fold_in(its key, LABEL_STREAM)
 

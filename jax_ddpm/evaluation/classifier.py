@@ -24,7 +24,9 @@ import optax
 from absl import logging
 from flax import nnx
 
-from jax_ddpm import errors, files, parallel
+from jax_ddpm.io import errors
+from jax_ddpm.io import paths as files
+from jax_ddpm.runtime import mesh as parallel
 
 FEATURE_DIM = 128
 CONFIG_KEY = "__config__"

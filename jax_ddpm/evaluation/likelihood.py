@@ -23,9 +23,12 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from jax_ddpm import data_sources, diffusion, input_pipeline, parallel
-from jax_ddpm.diffusion import Prediction, Variance
-from jax_ddpm.schedules import DiffusionSchedule
+from jax_ddpm.data import sources as data_sources
+from jax_ddpm.diffusion import process as diffusion
+from jax_ddpm.data import pipeline as input_pipeline
+from jax_ddpm.runtime import mesh as parallel
+from jax_ddpm.diffusion.process import Prediction, Variance
+from jax_ddpm.diffusion.schedules import DiffusionSchedule
 
 
 @dataclasses.dataclass(frozen=True)

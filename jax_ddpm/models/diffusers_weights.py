@@ -16,7 +16,8 @@ from typing import Callable, Iterator
 import numpy as np
 from flax import nnx
 
-from jax_ddpm import errors, files
+from jax_ddpm.io import errors
+from jax_ddpm.io import paths as files
 from jax_ddpm.models.unet import RUNTIME_FIELDS, UNet, UNetConfig
 
 CONFIG_FILE = "config.json"

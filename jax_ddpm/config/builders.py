@@ -18,9 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jax_ddpm import diffusion, guidance, host_devices, samplers, schedules
+from jax_ddpm.diffusion import process as diffusion
+from jax_ddpm.diffusion import guidance
+from jax_ddpm.runtime import devices as host_devices
+from jax_ddpm import samplers
+from jax_ddpm.diffusion import schedules
 from jax_ddpm.models.unet import UNetConfig
-from jax_ddpm.schedules import DiffusionSchedule, get_schedule
+from jax_ddpm.diffusion.schedules import DiffusionSchedule, get_schedule
 
 
 def unet_config(config) -> UNetConfig:

@@ -22,7 +22,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from jax_ddpm import errors, files
+from jax_ddpm.io import errors
+from jax_ddpm.io import paths as files
 
 
 class UnreadableCheckpointError(RuntimeError):

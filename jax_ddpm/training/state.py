@@ -17,8 +17,13 @@ import ml_collections
 import optax
 from flax import nnx
 
-from jax_ddpm import (builders, checkpointing, config_checks, errors, files, parallel,
-                      timestep_sampling)
+from jax_ddpm.config import builders
+from jax_ddpm.training import checkpointing
+from jax_ddpm.config import checks as config_checks
+from jax_ddpm.io import errors
+from jax_ddpm.io import paths as files
+from jax_ddpm.runtime import mesh as parallel
+from jax_ddpm.diffusion import timesteps as timestep_sampling
 from jax_ddpm.models.unet import RUNTIME_FIELDS, UNet, UNetConfig
 
 
@@ -129,7 +134,7 @@ def import_diffusers_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   Params and EMA params both take the imported weights, so sampling and fine-tuning start from
   them. Refuses a workdir that already holds checkpoints. Returns the step written (0).
   """
-  from jax_ddpm import convert  # pylint: disable=g-import-not-at-top
+  from jax_ddpm.models import diffusers_weights as convert  # pylint: disable=g-import-not-at-top
 
   config_checks.validate_model_and_diffusion(config)
   unet = builders.unet_config(config)

@@ -23,7 +23,7 @@ from typing import IO, Any, Callable, Iterable, Optional
 import numpy as np
 from etils import epath
 
-from jax_ddpm.errors import InputFileError, MissingInputError
+from jax_ddpm.io.errors import InputFileError, MissingInputError
 
 PathLike = str | epath.Path
 

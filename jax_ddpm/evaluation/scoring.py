@@ -43,10 +43,21 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from jax_ddpm import (builders, config_checks, data_sources, errors, feature_classifier,
-                      fid_weights, files, likelihood, manifold, metrics, parallel, sample_mode,
-                      state, summaries)
-from jax_ddpm.models import inception
+from jax_ddpm.config import builders
+from jax_ddpm.config import checks as config_checks
+from jax_ddpm.data import sources as data_sources
+from jax_ddpm.io import errors
+from jax_ddpm.evaluation import classifier as feature_classifier
+from jax_ddpm.evaluation import inception_weights as fid_weights
+from jax_ddpm.io import paths as files
+from jax_ddpm.evaluation import likelihood
+from jax_ddpm.evaluation import manifold
+from jax_ddpm.evaluation import metrics
+from jax_ddpm.runtime import mesh as parallel
+from jax_ddpm.cli import sample_mode
+from jax_ddpm.training import state
+from jax_ddpm.io import summaries
+from jax_ddpm.evaluation import inception
 
 FEATURE_NETS = ("inception", "classifier")
 FEATURE_DIMS = {"inception": inception.FEATURE_DIM, "classifier": feature_classifier.FEATURE_DIM}

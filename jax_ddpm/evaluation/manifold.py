@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jax_ddpm import parallel
+from jax_ddpm.runtime import mesh as parallel
 
 BLOCK = 1024  # query points per compiled call (a multiple of any power-of-two mesh up to 1024)
 

@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from jax_ddpm import files
+from jax_ddpm.io import paths as files
 
 
 def to_uint8(images) -> np.ndarray:

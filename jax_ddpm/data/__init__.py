@@ -1,0 +1,1 @@
+"""Where images come from: sources and the sharded input pipeline."""

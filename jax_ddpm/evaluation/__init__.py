@@ -1,0 +1,1 @@
+"""Measuring models: feature networks, FID/KID/IS, precision/recall, bits/dim, pictures."""

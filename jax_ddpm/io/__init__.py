@@ -1,0 +1,1 @@
+"""The file boundary: paths, summaries, images, and the errors of user input."""

@@ -1,0 +1,1 @@
+"""What a process runs on: host CPU devices and the device mesh."""

@@ -1,0 +1,1 @@
+"""Training: the state, the pure train step, the loop, checkpoints."""
