@@ -68,3 +68,9 @@ def model_config(name: str, overrides: dict | None = None):
 def peak_rss_mb() -> float:
   """The peak resident memory of this process so far, in MiB (Linux reports KiB)."""
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def build(config):
+  """The built run (jax_ddpm.config.builders.Run) of a ConfigDict."""
+  from jax_ddpm.config import builders, run_config  # pylint: disable=g-import-not-at-top
+  return builders.build(run_config.from_config_dict(config))

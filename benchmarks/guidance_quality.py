@@ -24,13 +24,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import machine_description, print_table  # pylint: disable=g-import-not-at-top
 from benchmarks.sampler_quality import draw  # pylint: disable=g-import-not-at-top
-from jax_ddpm.config import builders
+from jax_ddpm.config import builders, run_config
 from jax_ddpm.data import sources as data_sources
-from jax_ddpm.evaluation import scoring as evaluate
+from jax_ddpm.evaluation import features, metrics, scoring
 from jax_ddpm.io import images as image_io
-from jax_ddpm.evaluation import metrics
 from jax_ddpm.runtime import mesh as parallel
-from jax_ddpm.training import state
+from jax_ddpm.training import checkpointing
 
 
 def per_class_rows(images: np.ndarray, labels: np.ndarray, per_class: int = 8) -> np.ndarray:
@@ -63,23 +62,24 @@ def main():
   parser.add_argument("--batch", type=int, default=100)
   parser.add_argument("--figure", default="")
   args = parser.parse_args()
-  config = runpy.run_path(args.config)["get_config"]()
+  run = builders.build(run_config.from_config_dict(runpy.run_path(args.config)["get_config"]()))
+  config, schedule, sampler = run.config, run.schedule, run.sampler
   if config.model.num_classes is None:
     raise SystemExit(f"{args.config} is an unconditional model (model.num_classes unset).")
 
   mesh = parallel.data_mesh()
-  eval_graphdef, train_state, step = state.load_checkpoint(config, args.workdir)
-  schedule, sampler = builders.schedule(config), builders.sampler(config)
-  extractor = evaluate.create_extractor(config, args.workdir, mesh)
-  reference = (evaluate.saved_reference(config, args.workdir, extractor)
-               or evaluate.compute_reference(config, args.workdir, extractor))
+  eval_graphdef, train_state, step = checkpointing.load_checkpoint(run, args.workdir)
+  extractor = features.create_extractor(config.eval, config.data, args.workdir, mesh)
+  path = scoring.reference_path(config.eval, config.data, args.workdir)
+  reference = (scoring.saved_reference(config.eval, path, extractor)
+               or scoring.compute_reference(config.eval, config.data, path, extractor))
   rows, grids = [], {}
   for scale in (float(w) for w in args.scales.split(",")):
-    config.sampling.guidance_scale = scale
-    images, labels, seconds = draw(config, eval_graphdef, train_state.ema_params, schedule, mesh,
-                                   sampler, args.num_samples, args.batch)
+    guided = run.with_sampling(guidance_scale=scale)
+    images, labels, seconds = draw(guided, eval_graphdef, train_state.ema_params, mesh, sampler,
+                                   args.num_samples, args.batch)
     stats, probabilities = extractor.statistics(data_sources.ArraySource(images))
-    verdict = evaluate.classifier_results(probabilities, labels)
+    verdict = scoring.classifier_results(probabilities, labels)
     rows.append([f"{scale:g}", f"{verdict['class_accuracy']:.3f}",
                  f"{metrics.frechet_distance(stats, reference):.2f}",
                  f"{verdict['classifier_score']:.2f}", f"{seconds:.1f}"])

@@ -20,17 +20,21 @@ import numpy as np
 from flax import nnx
 
 from benchmarks import common
-from jax_ddpm.config import builders
-from jax_ddpm.data import sources as data_sources
+from jax_ddpm.config import builders, run_config
 from jax_ddpm.data import pipeline as input_pipeline
+from jax_ddpm.data import sources as data_sources
 from jax_ddpm.runtime import mesh as parallel
 from jax_ddpm.samplers import program as sampling
 from jax_ddpm.training import state
-from jax_ddpm.training import loop as train
+from jax_ddpm.training import step as train
 
 
 def model_config(spec: dict):
   return common.model_config(spec["model"], spec.get("set"))
+
+
+def build(config) -> builders.Run:
+  return builders.build(run_config.from_config_dict(config))
 
 
 def compiled_costs(compiled, num_devices: int) -> dict:
@@ -53,14 +57,13 @@ def measure_train(spec: dict) -> dict:
     if spec["model"] != "small":
       config.data.source = "fake"
   mesh = parallel.data_mesh()
-  optimizer = builders.optimizer(config)
-  train_graphdef, _, train_state = state.create_train_state(
-      builders.unet_config(config), config.seed, mesh, optimizer)
-  train_fn = train.make_train_fn(train_graphdef, builders.schedule(config), optimizer,
-                                 builders.step_options(config), mesh, steps_per_dispatch=k,
-                                 donate=spec.get("donate", True))
+  run = build(config)
+  train_graphdef, _, train_state = state.create_train_state(run.unet, config.seed, mesh,
+                                                            run.optimizer)
+  train_fn = train.make_train_fn(train_graphdef, run.schedule, run.optimizer, run.step_options,
+                                 mesh, steps_per_dispatch=k, donate=spec.get("donate", True))
   batches = input_pipeline.BatchIterator(
-      data_sources.create_source(config.data), first_step=0, global_batch=spec["batch"],
+      data_sources.create_source(run.config.data), first_step=0, global_batch=spec["batch"],
       seed=0, random_flip=config.data.random_flip,
       sharding=parallel.batch_sharding(mesh, int(k > 1)), steps_per_dispatch=k)
   try:
@@ -98,12 +101,12 @@ def state_param_count(train_state) -> int:
 def measure_sample(spec: dict) -> dict:
   config = model_config(spec)
   mesh = parallel.data_mesh()
-  _, eval_graphdef, train_state = state.create_train_state(
-      builders.unet_config(config), config.seed, mesh, builders.optimizer(config))
-  shape = (spec["batch"], config.data.image_size, config.data.image_size, config.data.channels)
   config.sampling.sampler, config.sampling.num_steps = spec["sampler"], spec["steps"]
-  sample_fn = sampling.make_sample_fn(eval_graphdef, builders.schedule(config), shape,
-                                      mesh, builders.sampler(config))
+  run = build(config)
+  _, eval_graphdef, train_state = state.create_train_state(run.unet, config.seed, mesh,
+                                                           run.optimizer)
+  shape = (spec["batch"], *run.image_shape)
+  sample_fn = sampling.make_sample_fn(eval_graphdef, run.schedule, shape, mesh, run.sampler)
   params = train_state.ema_params
   started = time.perf_counter()
   compiled = sample_fn.lower(params, jax.random.key(0)).compile()

@@ -121,19 +121,16 @@ def main(argv=None) -> None:
   import numpy as np  # pylint: disable=g-import-not-at-top
   from benchmarks import common  # pylint: disable=g-import-not-at-top
   from benchmarks.run import parse_value  # pylint: disable=g-import-not-at-top
-  from jax_ddpm.config import builders
-  from jax_ddpm.runtime import mesh as parallel
-  from jax_ddpm.training import state
-  from jax_ddpm.training import loop as train  # pylint: disable=g-import-not-at-top
+  from jax_ddpm.runtime import mesh as parallel  # pylint: disable=g-import-not-at-top
+  from jax_ddpm.training import state  # pylint: disable=g-import-not-at-top
+  from jax_ddpm.training import step as train  # pylint: disable=g-import-not-at-top
 
   overrides = {key: parse_value(value) for key, value in (item.split("=", 1) for item in args.set)}
   config = common.model_config(args.model, overrides or None)
   mesh = parallel.data_mesh()
-  optimizer = builders.optimizer(config)
-  graphdef, _, train_state = state.create_train_state(builders.unet_config(config), config.seed,
-                                                      mesh, optimizer)
-  train_fn = train.make_train_fn(graphdef, builders.schedule(config), optimizer,
-                                 builders.step_options(config), mesh)
+  run = common.build(config)
+  graphdef, _, train_state = state.create_train_state(run.unet, config.seed, mesh, run.optimizer)
+  train_fn = train.make_train_fn(graphdef, run.schedule, run.optimizer, run.step_options, mesh)
   size, channels = config.data.image_size, config.data.channels
   images = np.random.default_rng(0).uniform(-1, 1, (args.batch, size, size, channels))
   batch = {"image": jax.device_put(images.astype(np.float32), parallel.batch_sharding(mesh))}

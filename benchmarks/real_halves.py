@@ -25,8 +25,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks import common  # pylint: disable=g-import-not-at-top
 from benchmarks.common import machine_description, print_table  # pylint: disable=g-import-not-at-top
-from jax_ddpm.evaluation import scoring as evaluate
+from jax_ddpm.evaluation import features as feature_nets
 from jax_ddpm.evaluation import inception_weights as fid_weights
 from jax_ddpm.io import paths as files
 from jax_ddpm.evaluation import manifold
@@ -56,7 +57,8 @@ def features_and_probabilities(images: np.ndarray, weights: str, cache: str | No
     config.eval.inception_score = True
   except FileNotFoundError as error:
     print(f"No Inception Score: {error}\n")
-  extractor = evaluate.create_extractor(config, "unused", parallel.data_mesh())
+  typed = common.build(config).config
+  extractor = feature_nets.create_extractor(typed.eval, typed.data, "unused", parallel.data_mesh())
   started = time.perf_counter()
   features, probabilities = extractor(images)
   print(f"pool3 features of {len(images)} images: {time.perf_counter() - started:.0f} s")

@@ -19,7 +19,9 @@ import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 from flax import nnx  # pylint: disable=g-import-not-at-top
 
 from benchmarks import common  # pylint: disable=g-import-not-at-top
-from jax_ddpm import samplers
+from jax_ddpm.samplers import base
+from jax_ddpm.samplers.ddim import DDIM
+from jax_ddpm.samplers.ddpm import DDPM
 from jax_ddpm.diffusion import schedules  # pylint: disable=g-import-not-at-top
 from jax_ddpm.models import unet  # pylint: disable=g-import-not-at-top
 
@@ -61,8 +63,8 @@ def main():
         model_ = nnx.merge(graphdef, p)
         denoise = lambda x_t, t: model_(x_t, t)  # noqa: E731
       if name == "ddpm":
-        return samplers.ddpm_sample(denoise, schedule, shape, rng)
-      return samplers.ddim_sample(denoise, schedule, shape, rng, num_steps=args.steps)
+        return base.run(DDPM(), denoise, schedule, shape, rng)
+      return base.run(DDIM(num_steps=args.steps), denoise, schedule, shape, rng)
 
     for kind in ("trivial", "unet"):
       fn = jax.jit(lambda p, rng, kind=kind: run(p, rng, kind))

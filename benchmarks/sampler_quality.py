@@ -27,23 +27,23 @@ import jax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import machine_description, print_table  # pylint: disable=g-import-not-at-top
-from jax_ddpm.config import builders
+from jax_ddpm.config import builders, run_config
 from jax_ddpm.data import sources as data_sources
-from jax_ddpm.evaluation import scoring as evaluate
-from jax_ddpm.evaluation import metrics
+from jax_ddpm.evaluation import features, metrics, scoring
 from jax_ddpm.runtime import mesh as parallel
-from jax_ddpm import samplers
 from jax_ddpm.samplers import program as sampling
-from jax_ddpm.training import state
+from jax_ddpm.samplers.ddim import DDIM
+from jax_ddpm.samplers.ddpm import DDPM
+from jax_ddpm.samplers.dpm_solver import DPMSolverPP2M, SDEDPMSolverPP2M
+from jax_ddpm.training import checkpointing
 
 
-def draw(config, eval_graphdef, params, schedule, mesh, sampler, num_samples, batch):
-  """num_samples uint8 images drawn with `sampler` (the config's thresholding, labels and
+def draw(run, eval_graphdef, params, mesh, sampler, num_samples, batch):
+  """num_samples uint8 images drawn with `sampler` (the run's thresholding, labels and
   guidance), their labels (None if unconditional), and the seconds it took after compiling."""
-  shape = (batch, config.data.image_size, config.data.image_size, config.data.channels)
-  sample_fn = sampling.make_sample_fn(eval_graphdef, schedule, shape, mesh, sampler,
-                                      **builders.sampling_options(config))
-  key = jax.random.key(config.sampling.seed)
+  sample_fn = sampling.make_sample_fn(eval_graphdef, run.schedule, (batch, *run.image_shape),
+                                      mesh, sampler, run.sampling_options)
+  key = jax.random.key(run.config.sampling.seed)
   jax.block_until_ready(sample_fn(params, key))  # compile
   started = time.perf_counter()
   images, labels = sampling.draw_images(sample_fn, params, key, num_samples, batch)
@@ -60,33 +60,34 @@ def main():
   parser.add_argument("--ddpm", action="store_true", help="also DDPM with all T steps")
   parser.add_argument("--plot", default="", help="PNG path for the table as a figure")
   args = parser.parse_args()
-  config = runpy.run_path(args.config)["get_config"]()
+  run = builders.build(run_config.from_config_dict(runpy.run_path(args.config)["get_config"]()))
+  config, schedule = run.config, run.schedule
 
   mesh = parallel.data_mesh()
-  eval_graphdef, train_state, step = state.load_checkpoint(config, args.workdir)
-  schedule = builders.schedule(config)
-  extractor = evaluate.create_extractor(config, args.workdir, mesh)
-  reference = (evaluate.saved_reference(config, args.workdir, extractor)
-               or evaluate.compute_reference(config, args.workdir, extractor))
+  eval_graphdef, train_state, step = checkpointing.load_checkpoint(run, args.workdir)
+  extractor = features.create_extractor(config.eval, config.data, args.workdir, mesh)
+  path = scoring.reference_path(config.eval, config.data, args.workdir)
+  reference = (scoring.saved_reference(config.eval, path, extractor)
+               or scoring.compute_reference(config.eval, config.data, path, extractor))
   runs = []
   for steps in (int(s) for s in args.steps.split(",") if s):
     spacing = config.sampling.spacing
-    runs.append(samplers.DDIM(num_steps=steps, spacing=spacing))
-    runs.append(samplers.DDIM(num_steps=steps, eta=1.0, spacing=spacing))
-    logsnr = samplers.DPMSolverPP2M(num_steps=steps, spacing="logsnr")
+    runs.append(DDIM(num_steps=steps, spacing=spacing))
+    runs.append(DDIM(num_steps=steps, eta=1.0, spacing=spacing))
+    logsnr = DPMSolverPP2M(num_steps=steps, spacing="logsnr")
     trained = config.training.max_timestep
     runs.append(logsnr if trained is None or logsnr.timesteps(schedule).max() <= trained
-                else samplers.DPMSolverPP2M(num_steps=steps, spacing=spacing))
-    runs.append(samplers.SDEDPMSolverPP2M(num_steps=steps, spacing=spacing))
+                else DPMSolverPP2M(num_steps=steps, spacing=spacing))
+    runs.append(SDEDPMSolverPP2M(num_steps=steps, spacing=spacing))
   if args.ddpm and config.training.max_timestep not in (None, schedule.num_timesteps - 1):
     print("--ddpm: DDPM visits every t, above training.max_timestep; not drawn.", file=sys.stderr)
   elif args.ddpm:
-    runs.append(samplers.DDPM(variance=config.sampling.variance))
+    runs.append(DDPM(variance=config.sampling.variance))
 
   rows = []
   for sampler in runs:
-    images, _, seconds = draw(config, eval_graphdef, train_state.ema_params, schedule, mesh,
-                           sampler, args.num_samples, args.batch)
+    images, _, seconds = draw(run, eval_graphdef, train_state.ema_params, mesh, sampler,
+                              args.num_samples, args.batch)
     stats, probabilities = extractor.statistics(data_sources.ArraySource(images))
     score, _ = metrics.inception_score(probabilities)
     rows.append([" ".join((sampler.name,) + sampler.tags), len(sampler.timesteps(schedule)),

@@ -18,7 +18,6 @@ import numpy as np
 import torch
 
 from benchmarks import common
-from jax_ddpm.config import builders
 from jax_ddpm.models import diffusers_weights as convert
 
 
@@ -26,7 +25,7 @@ def peer_model(spec: dict):
   import diffusers  # pylint: disable=g-import-not-at-top
   config = common.model_config(spec["model"])
   torch.manual_seed(0)
-  unet_config = builders.unet_config(config)
+  unet_config = common.build(config).unet
   model = diffusers.UNet2DModel(**convert.diffusers_config_from_unet(unet_config))
   return config, model
 
@@ -44,7 +43,7 @@ def measure_train(spec: dict) -> dict:
                                eps=optim.adam_eps)
   ema = [p.detach().clone() for p in params]
   alphas_cumprod = torch.from_numpy(  # a writable copy: the schedule's arrays are read-only
-      np.array(builders.schedule(config).alphas_cumprod, np.float32))
+      np.array(common.build(config).schedule.alphas_cumprod, np.float32))
   size, channels = config.data.image_size, config.data.channels
   generator = torch.Generator().manual_seed(0)
   x0 = torch.rand(spec["batch"], channels, size, size, generator=generator) * 2 - 1

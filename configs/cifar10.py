@@ -4,11 +4,11 @@ TFDS cifar10 must be prepared in data.data_dir beforehand (tfds build cifar10, o
 prepared directory); nothing is downloaded at run time.
 """
 
-from configs import default
+from jax_ddpm.config import shipped
 
 
 def get_config():
-  config = default.get_config()
+  config = shipped.load("default")
   config.data.source = "tfds"
   config.data.tfds_name = "cifar10"
   config.data.image_size = 32

@@ -6,8 +6,8 @@ The DDPM paper's network and training, plus a class embedding added to the times
 w: 1 is the plain conditional model); labels "grid" give one row per class in each grid.
 """
 
-from configs import cifar10, default
+from jax_ddpm.config import shipped
 
 
 def get_config():
-  return default.make_conditional(cifar10.get_config(), grid_images_per_class=10)
+  return shipped.module("default").make_conditional(shipped.load("cifar10"), grid_images_per_class=10)

@@ -12,11 +12,11 @@ strided ancestral sampler: DDIM's update with eta = 1 and the learned variance o
 configs/cifar10.py keeps the DDPM paper's recipe.
 """
 
-from configs import cifar10
+from jax_ddpm.config import shipped
 
 
 def get_config():
-  config = cifar10.get_config()
+  config = shipped.load("cifar10")
   config.diffusion.schedule = "cosine"
   config.diffusion.num_timesteps = 4000
 

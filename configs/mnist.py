@@ -14,11 +14,11 @@ for the DDPM paper's recipe (uniform weighting, deterministic DDIM-50, width 32)
 classifier's features.
 """
 
-from configs import default
+from jax_ddpm.config import shipped
 
 
 def get_config():
-  config = default.get_config()
+  config = shipped.load("default")
   config.data.source = "mnist_embedded"
   config.data.image_size = 28
   config.data.channels = 1

@@ -6,11 +6,11 @@ so the same network is also the unconditional model that guidance needs). Sample
 DPM-Solver++(2M) in 20 steps; see the README for the measured guidance table.
 """
 
-from configs import default, mnist
+from jax_ddpm.config import shipped
 
 
 def get_config():
-  config = default.make_conditional(mnist.get_config(), grid_images_per_class=8)
+  config = shipped.module("default").make_conditional(shipped.load("mnist"), grid_images_per_class=8)
   # The network, steps, constant step size and timesteps the README's conditional numbers were
   # measured with (configs/mnist.py trained these until its recipe ablation moved it to width 16
   # for 5000 steps, a decayed step and t <= 800).

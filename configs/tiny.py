@@ -1,10 +1,10 @@
 """A seconds-long run on fake 16x16 data, for tests of the training machinery."""
 
-from configs import default
+from jax_ddpm.config import shipped
 
 
 def get_config():
-  config = default.get_config()
+  config = shipped.load("default")
   config.data.source = "fake"
   config.data.image_size = 16
   config.data.channels = 1

@@ -1,6 +1,6 @@
 """Executes examples/explore.ipynb headless and keeps what it drew.
 
-  python examples/run_notebook.py [--config=configs/mnist.py] [--workdir=runs/mnist]
+  python examples/run_notebook.py [--config=mnist] [--workdir=runs/mnist]
       [--output=runs/mnist/explore.ipynb] [--figures=docs/explore]
 
 Runs every cell in a fresh Jupyter kernel (nbclient), with the run chosen through the
@@ -22,8 +22,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def execute(config: str, workdir: str, timeout: int = 600):
-  """The notebook after running every cell against `config` and `workdir` (relative to the
-  repository root or absolute)."""
+  """The notebook after running every cell against `config` (a shipped config's name or a
+  config file) and `workdir` (relative to the repository root or absolute)."""
   import nbclient  # pylint: disable=g-import-not-at-top
   import nbformat  # pylint: disable=g-import-not-at-top
 
@@ -45,7 +45,7 @@ def pngs(notebook) -> list[bytes]:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--config", default="configs/mnist.py")
+  parser.add_argument("--config", default="mnist")
   parser.add_argument("--workdir", default="runs/mnist")
   parser.add_argument("--output", default=None)
   parser.add_argument("--figures", default=None, help="path prefix of the PNG files")

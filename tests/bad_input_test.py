@@ -16,14 +16,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import runs
 from configs import tiny
-from jax_ddpm.config import builders
-from jax_ddpm.io import errors
-from jax_ddpm.evaluation import scoring as evaluate
+from jax_ddpm import cli
 from jax_ddpm.evaluation import classifier as feature_classifier
 from jax_ddpm.evaluation import inception_weights as fid_weights
-from jax_ddpm.training import state
-from jax_ddpm.training import loop as train
+from jax_ddpm.io import errors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -169,8 +167,8 @@ def test_eval_input_files(eval_workdir, tmp_path, compiles, key, defect):
   bad = str(tmp_path / f"bad_{key}.npz")
   defect(bad)
   config.eval[key] = bad
-  assert_fails_cleanly(lambda: evaluate.evaluate(config, workdir), f"eval.{key}", workdir,
-                       compiles)
+  assert_fails_cleanly(lambda: cli.evaluate(cli.Arguments(config, workdir)), f"eval.{key}",
+                       workdir, compiles)
 
 
 def diffusers_folder(path, defect):
@@ -180,7 +178,7 @@ def diffusers_folder(path, defect):
   os.makedirs(path)
   with open(os.path.join(path, "config.json"), "w") as f:
     import json
-    json.dump(convert.diffusers_config_from_unet(builders.unet_config(config)), f)
+    json.dump(convert.diffusers_config_from_unet(runs.build(config).unet), f)
   weights = os.path.join(path, "diffusion_pytorch_model.safetensors")
   if defect == "no weights file":
     return
@@ -218,7 +216,7 @@ def test_import_from_a_diffusers_folder(tmp_path, compiles, defect):
   workdir = str(tmp_path / "run")
   os.makedirs(workdir)
   assert_fails_cleanly(
-      lambda: state.import_diffusers_checkpoint(tiny.get_config(), workdir, folder),
+      lambda: cli.import_diffusers(cli.Arguments(tiny.get_config(), workdir, import_from=folder)),
       "--import_from", workdir, compiles)
 
 
@@ -294,7 +292,7 @@ def test_data_paths(tmp_path, compiles, source, defect):
     config.data.path = path
   workdir = str(tmp_path / "run")
   os.makedirs(workdir)
-  assert_fails_cleanly(lambda: train.train_and_evaluate(config, workdir), key, workdir,
+  assert_fails_cleanly(lambda: runs.train(config, workdir), key, workdir,
                        compiles)
 
 

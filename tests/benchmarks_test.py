@@ -110,8 +110,12 @@ def test_recipe_ablation_refuses_unknown_variants_and_tabulates_its_results(tmp_
 def test_every_recipe_ablation_variant_is_a_valid_config():
   """A misspelt key or a refused value fails here, not 20 minutes into an ablation."""
   from benchmarks import common, recipe_ablation  # pylint: disable=g-import-not-at-top
-  from jax_ddpm.config import checks as config_checks
+  import jax  # pylint: disable=g-import-not-at-top
+  import runs  # pylint: disable=g-import-not-at-top
   from jax_ddpm.io import errors  # pylint: disable=g-import-not-at-top
+  from jax_ddpm.runtime import mesh  # pylint: disable=g-import-not-at-top
+  from jax_ddpm.training import loop  # pylint: disable=g-import-not-at-top
+  two_devices = mesh.data_mesh(jax.devices()[:2])
   trained = {name: recipe_ablation.config_overrides(name) for name in recipe_ablation.VARIANTS}
   sampled = {name: {**trained[variant], **sampling}
              for name, (variant, sampling, *_) in recipe_ablation.SAMPLED_VARIANTS.items()}
@@ -119,10 +123,9 @@ def test_every_recipe_ablation_variant_is_a_valid_config():
     config = common.model_config("small", overrides)  # locked: a misspelt key raises
     if name in recipe_ablation.REFUSED:  # measured before the check that refuses it
       with pytest.raises(errors.ConfigError, match=re.escape(recipe_ablation.REFUSED[name])):
-        config_checks.validate_training(config, num_devices=2, num_processes=1)
+        loop.check_machine(runs.build(config), two_devices)
       continue
-    config_checks.validate_training(config, num_devices=2, num_processes=1)
-    config_checks.validate_sampling(config)
+    loop.check_machine(runs.build(config), two_devices)
 
 
 def test_recipe_ablation_times_an_earlier_checkpoint_by_the_uptime_after_it(tmp_path):

@@ -9,16 +9,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import runs
 from configs import tiny
+from jax_ddpm import cli
 from jax_ddpm.config import builders
-from jax_ddpm.data import sources as data_sources
-from jax_ddpm.evaluation import scoring as evaluate
-from jax_ddpm.diffusion import guidance
 from jax_ddpm.data import pipeline as input_pipeline
-from jax_ddpm.cli import sample_mode
-from jax_ddpm import samplers
-from jax_ddpm.training import state
-from jax_ddpm.training import loop as train
+from jax_ddpm.data import sources as data_sources
+from jax_ddpm.diffusion import guidance
+from jax_ddpm.evaluation import scoring
+from jax_ddpm.samplers import base
+from jax_ddpm.samplers.dpm_solver import DPMSolverPP2M
+from jax_ddpm.training import checkpointing, loop, step
 from samplers_test import SCHEDULE, Z, gaussian_mixture_eps
 
 # Two overlapping classes in 2-D that differ only along the first axis.
@@ -79,9 +80,8 @@ def test_guidance_leaves_a_learned_variance_to_the_conditional_branch():
 def guided_samples(w):
   y = jnp.zeros((NUM_SAMPLES,), jnp.int32)  # every sample asks for class 0, mean (-0.5, 0)
   denoise = guidance.guide(mixture_denoiser(), y, w, 2)
-  return np.asarray(samplers.run(samplers.DPMSolverPP2M(num_steps=20), denoise, SCHEDULE,
-                                 (NUM_SAMPLES, 2), jax.random.key(3), thresholding="none"),
-                    np.float64)
+  return np.asarray(base.run(DPMSolverPP2M(num_steps=20), denoise, SCHEDULE, (NUM_SAMPLES, 2),
+                            jax.random.key(3), thresholding="none"), np.float64)
 
 
 def tilted_density_mass_on_the_class_side(w):
@@ -118,25 +118,24 @@ def test_guided_samples_concentrate_on_the_class_mode_as_the_tilted_density_pred
 
 
 def test_label_dropout_replaces_labels_by_the_null_label_at_its_rate():
-  options = builders.StepOptions(prediction="eps", ema=builders.EMARule(0.9, False),
-                                 learning_rate=lambda step: 0.0, num_classes=10,
-                                 label_dropout=0.2)
+  options = step.StepOptions(prediction="eps", ema=step.EMARule(0.9, False),
+                             learning_rate=lambda step: 0.0, num_classes=10, label_dropout=0.2)
   labels = jnp.arange(100_000, dtype=jnp.int32) % 10
-  dropped = np.asarray(train._dropped_labels({"label": labels}, options, jax.random.key(0)))
+  dropped = np.asarray(step._dropped_labels({"label": labels}, options, jax.random.key(0)))
   null = dropped == guidance.null_label(10)
   assert abs(null.mean() - 0.2) < Z * np.sqrt(0.2 * 0.8 / len(labels)), null.mean()
   np.testing.assert_array_equal(dropped[~null], np.asarray(labels)[~null])
-  none = builders.StepOptions(**{**options.__dict__, "label_dropout": 0.0})
-  np.testing.assert_array_equal(train._dropped_labels({"label": labels}, none, jax.random.key(0)),
+  none = step.StepOptions(**{**options.__dict__, "label_dropout": 0.0})
+  np.testing.assert_array_equal(step._dropped_labels({"label": labels}, none, jax.random.key(0)),
                                 labels)
 
 
 def test_the_unet_embeds_one_more_label_the_null_label():
   config = tiny.get_config()
   config.model.num_classes = 10
-  assert builders.unet_config(config).num_classes == 11 and guidance.null_label(10) == 10
+  assert runs.build(config).unet.num_classes == 11 and guidance.null_label(10) == 10
   config.model.num_classes = None
-  assert builders.unet_config(config).num_classes is None
+  assert runs.build(config).unet.num_classes is None
 
 
 def test_grid_labels_give_each_class_an_equal_run_and_lists_repeat():
@@ -166,17 +165,18 @@ def conditional_runs(tmp_path_factory):
   """The conditional tiny run to step 4 in one go, and the same run resumed from its step-2
   checkpoint (a copy of the workdir without the checkpoint of step 4)."""
   straight = str(tmp_path_factory.mktemp("straight"))
-  train.train_and_evaluate(conditional_config(), straight)
+  runs.train(conditional_config(), straight)
   resumed = str(tmp_path_factory.mktemp("resumed") / "run")
   shutil.copytree(straight, resumed)
   shutil.rmtree(os.path.join(resumed, "checkpoints", "4"))
-  train.train_and_evaluate(conditional_config(), resumed)
+  runs.train(conditional_config(), resumed)
   return straight, resumed
 
 
 def test_a_resumed_conditional_run_repeats_the_straight_run_exactly(conditional_runs):
   config = conditional_config()
-  finals = [state.load_checkpoint(config, workdir)[1] for workdir in conditional_runs]
+  run = runs.build(config)
+  finals = [checkpointing.load_checkpoint(run, workdir)[1] for workdir in conditional_runs]
   assert int(finals[0].step) == int(finals[1].step) == 4
   for a, b in zip(jax.tree.leaves(finals[0]), jax.tree.leaves(finals[1])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -185,7 +185,7 @@ def test_a_resumed_conditional_run_repeats_the_straight_run_exactly(conditional_
 def test_sample_mode_writes_the_requested_labels_beside_the_images(conditional_runs):
   config = conditional_config()
   config.sampling.labels = "2,5"
-  directory = sample_mode.sample_to_workdir(config, conditional_runs[0])
+  directory = cli.sample(cli.Arguments(config, conditional_runs[0]))
   assert os.path.basename(directory) == "4_ddim_4_w2"
   written = np.load(os.path.join(directory, "samples_16x16x16x1.npz"))
   assert sorted(written.files) == ["arr_0", "labels"]
@@ -195,13 +195,13 @@ def test_sample_mode_writes_the_requested_labels_beside_the_images(conditional_r
 
 def test_classifier_accuracy_is_scored_on_the_requested_labels():
   probabilities = np.eye(3)[[0, 1, 2, 2] * 5] * 0.9 + 0.1 / 3
-  results = evaluate.classifier_results(probabilities, np.array([0, 1, 1, 2] * 5))
+  results = scoring.classifier_results(probabilities, np.array([0, 1, 1, 2] * 5))
   assert results["class_accuracy"] == 0.75 and results["label_histogram"] == [5, 5, 10]
-  assert "class_accuracy" not in evaluate.classifier_results(probabilities, None)
+  assert "class_accuracy" not in scoring.classifier_results(probabilities, None)
   # Samples ordered by class (labels "grid"): the score is not cut down by class-pure splits.
   ordered = np.eye(10)[np.repeat(np.arange(10), 20)]
-  score = evaluate.classifier_results(ordered, np.repeat(np.arange(10), 20))["classifier_score"]
-  in_order = evaluate.classifier_results(ordered, None)["classifier_score"]
+  score = scoring.classifier_results(ordered, np.repeat(np.arange(10), 20))["classifier_score"]
+  in_order = scoring.classifier_results(ordered, None)["classifier_score"]
   assert in_order == pytest.approx(1.0) and score > 7.0, (in_order, score)  # 10 at most
 
 
@@ -257,26 +257,25 @@ def test_bad_conditioning_fails_before_compiling(tmp_path, monkeypatch, change, 
   def no_model_yet(*args, **kwargs):
     raise AssertionError("the model was built (and compiled) before the input was checked")
 
-  monkeypatch.setattr(train, "create_train_state", no_model_yet)
+  monkeypatch.setattr(loop, "create_train_state", no_model_yet)
   with pytest.raises(ValueError, match=message):
-    train.train_and_evaluate(config, str(tmp_path / "run"))
+    runs.train(config, str(tmp_path / "run"))
   assert not os.path.exists(tmp_path / "run" / "checkpoints") or not os.listdir(
       tmp_path / "run" / "checkpoints")
 
 
 def test_conditional_configs_validate_and_build_a_guided_sampler():
   from configs import cifar10_cond, mnist_cond  # pylint: disable=g-import-not-at-top
-  from jax_ddpm.config import checks as config_checks  # pylint: disable=g-import-not-at-top
+  from jax_ddpm.runtime import mesh  # pylint: disable=g-import-not-at-top
   for module in (mnist_cond, cifar10_cond):
-    config = module.get_config()
-    config_checks.validate_training(config, num_devices=8, num_processes=1)
-    assert builders.unet_config(config).num_classes == 11
-    assert builders.conditioning(config) == guidance.Conditioning(10, "grid", 2.0)
-    assert builders.sampler(config) == samplers.DPMSolverPP2M(num_steps=20, spacing="logsnr")
+    run = runs.build(module.get_config())
+    loop.check_machine(run, mesh.data_mesh())
+    assert run.unet.num_classes == 11
+    assert builders.conditioning(run.config) == guidance.Conditioning(10, "grid", 2.0)
+    assert run.sampler == DPMSolverPP2M(num_steps=20, spacing="logsnr")
 
 
 def test_visualize_draws_the_guided_reverse_process_of_a_conditional_model(conditional_runs):
-  from jax_ddpm.evaluation import pictures as visualize  # pylint: disable=g-import-not-at-top
-  paths = visualize.visualize(conditional_config(), conditional_runs[1])
+  paths = cli.visualize(cli.Arguments(conditional_config(), conditional_runs[1]))
   assert sorted(os.path.basename(p) for p in paths) == [
       "forward_process.png", "reverse_process.gif", "reverse_process.png", "schedules.png"]

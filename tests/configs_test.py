@@ -8,11 +8,13 @@ import os
 import numpy as np
 import pytest
 
+import runs
 from configs import default
 from jax_ddpm.config import builders
-from jax_ddpm.config import checks as config_checks
 from jax_ddpm.io import errors
 from jax_ddpm.runtime import devices as host_devices
+from jax_ddpm.runtime import mesh
+from jax_ddpm.training import loop
 
 CONFIGS = sorted(name[:-3] for name in os.listdir(os.path.join(os.path.dirname(
     os.path.dirname(os.path.abspath(__file__))), "configs"))
@@ -21,18 +23,17 @@ CONFIGS = sorted(name[:-3] for name in os.listdir(os.path.join(os.path.dirname(
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_every_shipped_config_passes_the_training_checks(name):
-  config = importlib.import_module(f"configs.{name}").get_config()
-  config_checks.validate_training(config, num_devices=8, num_processes=1)
+  run = runs.build(importlib.import_module(f"configs.{name}").get_config())
+  loop.check_machine(run, mesh.data_mesh())  # the suite's 8 devices
 
 
 def test_the_improved_cifar10_config_learns_its_variance_and_samples_with_it():
   from configs import cifar10, cifar10_improved  # pylint: disable=g-import-not-at-top
-  config = cifar10_improved.get_config()
-  assert builders.unet_config(config).out_channels == 6
-  assert builders.step_options(config).learn_sigma and builders.step_options(config).vlb_weight == 0.001
-  sampler = builders.sampler(config)
-  assert sampler.uses_learned_variance and len(sampler.timesteps(builders.schedule(config))) == 100
-  assert builders.schedule(config).num_timesteps == 4000
+  run = runs.build(cifar10_improved.get_config())
+  assert run.unet.out_channels == 6
+  assert run.step_options.learn_sigma and run.step_options.vlb_weight == 0.001
+  assert run.sampler.uses_learned_variance and len(run.sampler.timesteps(run.schedule)) == 100
+  assert run.schedule.num_timesteps == 4000
   paper = cifar10.get_config()  # the DDPM paper's recipe stays as it was
   assert not paper.model.learn_sigma and paper.diffusion.schedule == "linear"
 
@@ -58,14 +59,14 @@ def test_auto_compute_dtype_builds_a_network_in_a_run_config():
   config = default.get_config()
   config.model.compute_dtype = "auto"
   expected = "bfloat16" if host_devices.native_bfloat16() else "float32"
-  assert builders.unet_config(config).compute_dtype == expected
+  assert runs.build(config).unet.compute_dtype == expected
 
 
 def _rates(lr_decay, steps):
   config = default.get_config()
   config.optim.learning_rate, config.optim.warmup_steps = 1e-3, 100
   config.optim.lr_decay, config.training.num_train_steps = lr_decay, 1100
-  schedule = builders.learning_rate(config)
+  schedule = builders.learning_rate(runs.typed(config))
   return np.array([float(schedule(step)) for step in steps])
 
 
@@ -90,14 +91,14 @@ def test_a_decay_fraction_outside_zero_to_one_is_refused_by_name():
   config.optim.lr_decay, config.optim.decay_fraction = "wsd", 1.5
   with pytest.raises(errors.ConfigError,
                      match=r"optim.decay_fraction must be in \(0, 1\], got 1.5"):
-    config_checks.validate_training(config, num_devices=8, num_processes=1)
+    runs.typed(config)
 
 
 def test_a_run_shorter_than_its_warm_up_never_decays():
   config = default.get_config()  # e.g. a quick try of a cosine config: 50 steps, warm-up 200
   config.optim.learning_rate, config.optim.warmup_steps = 1e-3, 200
   config.optim.lr_decay, config.training.num_train_steps = "cosine", 50
-  schedule = builders.learning_rate(config)
+  schedule = builders.learning_rate(runs.typed(config))
   np.testing.assert_allclose([float(schedule(t)) for t in (0, 25, 50)], [0.0, 1.25e-4, 2.5e-4],
                              rtol=1e-6)
 
@@ -107,4 +108,4 @@ def test_an_unknown_learning_rate_decay_is_refused_by_name():
   config.optim.lr_decay = "linear"
   with pytest.raises(errors.ConfigError,
                      match="optim.lr_decay must be 'constant', 'cosine' or 'wsd', got 'linear'"):
-    config_checks.validate_training(config, num_devices=8, num_processes=1)
+    runs.typed(config)

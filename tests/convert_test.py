@@ -69,16 +69,17 @@ def test_small_unet_matches_diffusers_after_import(tmp_path):
 
 def test_a_learned_variance_unet_with_2c_outputs_imports_exactly(tmp_path):
   """Improved DDPM's layout (out_channels = 2C) matches a learn_sigma run config."""
+  import runs  # pylint: disable=g-import-not-at-top
   from configs import tiny  # pylint: disable=g-import-not-at-top
-  from jax_ddpm.config import builders  # pylint: disable=g-import-not-at-top
   torch_model = save_random_diffusers_unet(tmp_path, dict(SMALL_DIFFUSERS, out_channels=6))
   run_config = tiny.get_config()
   run_config.data.channels, run_config.model.learn_sigma = 3, True
   run_config.model.ch, run_config.model.ch_mult = 32, (1, 2, 2)
   run_config.model.attn_resolutions, run_config.model.dropout = (8,), 0.0
-  config, params = convert.load_diffusers_unet(str(tmp_path), builders.unet_config(run_config))
+  ours = runs.build(run_config).unet
+  config, params = convert.load_diffusers_unet(str(tmp_path), ours)
   assert config.out_channels == 6
-  assert convert.config_differences(builders.unet_config(run_config), config) == []
+  assert convert.config_differences(ours, config) == []
   max_error, scale = compare_outputs(torch_model, config, params, batch=2, seed=3)
   assert scale > 1.0 and max_error <= 1e-4, max_error
 
@@ -159,8 +160,8 @@ def test_config_mismatch_names_the_keys(small_checkpoint):
 def test_diffusers_settings_of_our_configs_describe_the_same_network(name):
   """The inverse mapping builds the PyTorch peer of benchmarks/: same config, same parameters."""
   import importlib  # pylint: disable=g-import-not-at-top
-  from jax_ddpm.config import builders  # pylint: disable=g-import-not-at-top
-  ours = builders.unet_config(importlib.import_module(f"configs.{name}").get_config())
+  import runs  # pylint: disable=g-import-not-at-top
+  ours = runs.build(importlib.import_module(f"configs.{name}").get_config()).unet
   settings = convert.diffusers_config_from_unet(ours)
   assert convert.unet_config_from_diffusers(settings, dropout=ours.dropout) == ours
   peer = diffusers.UNet2DModel(**settings)
@@ -189,23 +190,25 @@ TINY_DIFFUSERS = dict(
 
 
 def test_import_mode_writes_a_checkpoint_that_samples(tmp_path):
+  import runs
   from configs import tiny
-  from jax_ddpm.cli import sample_mode
-  from jax_ddpm.training import state
+  from jax_ddpm import cli
+  from jax_ddpm.training import checkpointing
   save_random_diffusers_unet(tmp_path / "diffusers", TINY_DIFFUSERS)
   config = tiny.get_config()
   config.sampling.num_samples, config.sampling.batch_size = 8, 8
   workdir = str(tmp_path / "run")
-  assert state.import_diffusers_checkpoint(config, workdir, str(tmp_path / "diffusers")) == 0
+  arguments = cli.Arguments(config, workdir, import_from=str(tmp_path / "diffusers"))
+  assert cli.import_diffusers(arguments) == 0
   _, imported = convert.load_diffusers_unet(str(tmp_path / "diffusers"))
-  _, restored, step = state.load_checkpoint(config, workdir)
+  _, restored, step = checkpointing.load_checkpoint(runs.build(config), workdir)
   assert step == 0
   for a, b, c in zip(jax.tree.leaves(imported), jax.tree.leaves(restored.params),
                      jax.tree.leaves(restored.ema_params)):
     np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(a, c)
-  directory = sample_mode.sample_to_workdir(config, workdir)
+  directory = cli.sample(cli.Arguments(config, workdir))
   images = np.load(os.path.join(directory, "samples_8x16x16x1.npz"))["arr_0"]
   assert images.shape == (8, 16, 16, 1) and images.std() > 0
   with pytest.raises(errors.UserInputError, match="already holds checkpoints"):
-    state.import_diffusers_checkpoint(config, workdir, str(tmp_path / "diffusers"))
+    cli.import_diffusers(arguments)

@@ -14,20 +14,24 @@ import pytest
 import scipy.linalg
 from flax import nnx
 
+import runs
 import tensorboard_server
 from configs import mnist, tiny
-from jax_ddpm.config import builders
+from jax_ddpm import cli
 from jax_ddpm.data import sources as data_sources
-from jax_ddpm.evaluation import scoring as evaluate
 from jax_ddpm.evaluation import classifier as feature_classifier
-from jax_ddpm.evaluation import metrics
+from jax_ddpm.evaluation import metrics, scoring
+from jax_ddpm.evaluation.features import create_extractor
 from jax_ddpm.runtime import mesh as parallel
-from jax_ddpm.cli import sample_mode
-from jax_ddpm.training import state
-from jax_ddpm.training import loop as train
-from jax_ddpm.training import measurement as training_eval
+from jax_ddpm.samplers import program
+from jax_ddpm.training import checkpointing, measurement
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def evaluate(config, workdir):
+  """--mode=eval."""
+  return cli.evaluate(cli.Arguments(config, workdir))
 
 
 def random_covariance(rng, dim):
@@ -120,7 +124,7 @@ def digits_classifier(tmp_path_factory):
 def test_classifier_learns_the_digits_and_round_trips_through_npz(digits_classifier):
   config, workdir, report = digits_classifier
   assert report["holdout_examples"] == 500 and report["holdout_accuracy"] > 0.8, report
-  model = feature_classifier.load(evaluate.classifier_path(config, workdir))
+  model = feature_classifier.load(feature_classifier.path_for(runs.typed(config).eval, workdir))
   images = data_sources.read_embedded_mnist()[:8]
   features, logits = model(images)
   assert features.shape == (8, feature_classifier.FEATURE_DIM) and logits.shape == (8, 10)
@@ -137,17 +141,17 @@ def test_real_digits_are_far_closer_than_noise_in_classifier_features(digits_cla
     np.savez(path, arr_0=images)
     run = config.copy_and_resolve_references()
     run.eval.samples = path
-    results[name] = evaluate.evaluate(run, workdir)
+    results[name] = evaluate(run, workdir)
   assert results["digits"]["feature_distance"] < 0.05 * results["noise"]["feature_distance"]
   assert results["digits"]["classifier_score"] > 5 > results["noise"]["classifier_score"]
   assert sum(results["digits"]["label_histogram"]) == 1000
-  tag = evaluate.feature_tag(config, workdir)
+  tag = scoring.feature_tag(runs.typed(config).eval, workdir)
   assert os.path.exists(os.path.join(workdir, "eval", f"reference_{tag}_mnist_embedded_train.npz"))
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-  """A trained tiny checkpoint, measured while training (training_eval.py) every 3 steps, and
+  """A trained tiny checkpoint, measured while training (measurement.py) every 3 steps, and
   an (untrained) classifier for its 16x16 images."""
   workdir = str(tmp_path_factory.mktemp("tiny"))
   config = tiny.get_config()
@@ -160,7 +164,7 @@ def tiny_run(tmp_path_factory):
   config.training.eval_every_steps = 3
   config.training.eval_num_samples = 136
   config.training.eval_classifier_steps = 2
-  train.train_and_evaluate(config, workdir)
+  runs.train(config, workdir)
   classifier = feature_classifier.Classifier(feature_classifier.ClassifierConfig(16, 1, 10),
                                              rngs=nnx.Rngs(0))
   feature_classifier.save(classifier, os.path.join(workdir, "feature_classifier.npz"))
@@ -169,7 +173,7 @@ def tiny_run(tmp_path_factory):
 
 def test_eval_mode_samples_the_checkpoint_and_writes_json_and_summaries(tiny_run):
   config, workdir = tiny_run
-  results = evaluate.evaluate(config, workdir)
+  results = evaluate(config, workdir)
   assert results["protocol.step"] == 6 and results["protocol.sampler"] == "ddim"
   assert results["protocol.use_ema"] and results["num_samples"] == 136
   assert np.isfinite(results["feature_distance"]) and results["feature_distance"] > 0
@@ -184,14 +188,14 @@ def test_eval_mode_samples_the_checkpoint_and_writes_json_and_summaries(tiny_run
   for name in ("precision", "recall", "coverage"):
     assert 0.0 <= results[name] <= 1.0, (name, results[name])
   # Cached under the classifier file's digest: a retrained classifier gets its own cache.
-  tag = evaluate.feature_tag(config, workdir)
+  tag = scoring.feature_tag(runs.typed(config).eval, workdir)
   assert re.fullmatch(r"classifier_[0-9a-f]{8}", tag)
   assert os.path.exists(os.path.join(workdir, "eval",
                                      f"reference_{tag}_fake_train_features_10000.npz"))
   # The images were drawn in memory: eval leaves no sample files behind.
   assert not os.path.exists(os.path.join(workdir, "samples", "6_ddim_4"))
   # A second evaluation draws the same images and reuses the cached reference: same number.
-  assert evaluate.evaluate(config, workdir)["feature_distance"] == results["feature_distance"]
+  assert evaluate(config, workdir)["feature_distance"] == results["feature_distance"]
 
 
 @pytest.mark.parametrize("change, error, message", [
@@ -209,7 +213,7 @@ def test_bad_eval_settings_fail_before_sampling(tiny_run, change, error, message
     config.eval.feature_net, config.eval.num_samples = "inception", 4096
   before = sorted(os.listdir(os.path.join(workdir, "samples")))
   with pytest.raises(error, match=message):
-    evaluate.evaluate(config, workdir)
+    evaluate(config, workdir)
   assert sorted(os.listdir(os.path.join(workdir, "samples"))) == before
 
 
@@ -221,7 +225,7 @@ def test_reference_statistics_of_another_dimension_are_refused(tiny_run, tmp_pat
   config.eval.reference_stats = path
   with pytest.raises(ValueError, match="2048-d features, but eval.feature_net='classifier' "
                                        "gives 128-d"):
-    evaluate.evaluate(config, workdir)
+    evaluate(config, workdir)
 
 
 def test_feature_extraction_is_sharded_and_drops_the_padding(digits_classifier):
@@ -229,7 +233,8 @@ def test_feature_extraction_is_sharded_and_drops_the_padding(digits_classifier):
   mesh = parallel.data_mesh()
   config = config.copy_and_resolve_references()
   config.eval.batch_size = 16
-  extractor = evaluate.create_extractor(config, workdir, mesh)
+  typed = runs.typed(config)
+  extractor = create_extractor(typed.eval, typed.data, workdir, mesh)
   images = data_sources.read_embedded_mnist()[:21]  # one full batch and a padded one
   features, probabilities = extractor(images)
   assert features.shape == (21, 128) and probabilities.shape == (21, 10)
@@ -286,11 +291,11 @@ def test_a_default_flags_tensorboard_shows_the_runs_curves_and_sample_grids(tiny
 def test_a_resumed_run_measures_in_the_features_of_its_first_part(tiny_run, tmp_path):
   config, workdir = tiny_run
   workdir = shutil.copytree(workdir, tmp_path / "resumed")
-  classifier = os.path.join(workdir, "eval", training_eval.CLASSIFIER_NAME)
+  classifier = os.path.join(workdir, "eval", measurement.CLASSIFIER_NAME)
   before = open(classifier, "rb").read()
   config = config.copy_and_resolve_references()
   config.training.num_train_steps = 9
-  train.train_and_evaluate(config, str(workdir))
+  runs.train(config, str(workdir))
   assert open(classifier, "rb").read() == before
   assert sorted(train_eval_scalars(str(workdir))["train_eval/feature_distance"]) == [3, 6, 9]
 
@@ -299,9 +304,13 @@ def test_a_preemption_notice_stops_a_measurement_between_batches(tiny_run):
   config, workdir = tiny_run
   config = config.copy_and_resolve_references()
   config.sampling.batch_size = 72  # two batches
-  eval_graphdef, train_state, _ = state.load_checkpoint(config, workdir, None)
-  measure = training_eval.TrainingEval(config, workdir, parallel.data_mesh(), eval_graphdef,
-                                       builders.schedule(config))
+  run = runs.build(config)
+  eval_graphdef, train_state, _ = checkpointing.load_checkpoint(run, workdir)
+  sample_fn = program.make_sample_fn(eval_graphdef, run.schedule, (72, 16, 16, 1),
+                                     parallel.data_mesh(), run.measurement_sampler,
+                                     run.sampling_options)
+  measure = measurement.Measurement(sample_fn, None, run.config.training.eval_num_samples, 72,
+                                    run.config.sampling.seed)
   calls = []
   assert measure(train_state.ema_params, stop=lambda: calls.append(1) or len(calls) > 1) is None
   assert len(calls) == 2  # one batch drawn, then the notice seen
@@ -323,7 +332,7 @@ def test_bad_measurement_settings_are_refused_before_training(changes, message, 
   config.training.eval_every_steps = 3
   config.update_from_flattened_dict(changes)
   with pytest.raises(ValueError, match=message):
-    train.train_and_evaluate(config, str(tmp_path))
+    runs.train(config, str(tmp_path))
   assert not os.listdir(tmp_path)
 
 
@@ -336,14 +345,14 @@ def test_a_learned_variance_model_trains_samples_and_reports_its_bits_per_dim(tm
   config.training.num_train_steps = 3
   config.sampling.sampler, config.sampling.variance = "ddpm", "learned"
   config.sampling.num_samples = config.sampling.batch_size = 8
-  train.train_and_evaluate(config, workdir)
-  directory = sample_mode.sample_to_workdir(config, workdir)
+  runs.train(config, workdir)
+  directory = cli.sample(cli.Arguments(config, workdir))
   images = np.load(os.path.join(directory, "samples_8x16x16x1.npz"), allow_pickle=False)["arr_0"]
   assert images.shape == (8, 16, 16, 1) and images.std() > 0
   config.eval.num_samples, config.eval.bits_per_dim = 0, True
   config.eval.bpd_split, config.eval.bpd_images, config.eval.batch_size = "train", 12, 8
   config.eval.bpd_timesteps = 4
-  results = evaluate.evaluate(config, workdir)
+  results = evaluate(config, workdir)
   assert results["bpd_images"] == 12 and results["bpd_terms_per_image"] == 4
   parts = results["bpd_decoder"] + results["bpd_kl_terms"] + results["bpd_prior"]
   assert 0 < results["bits_per_dim"] < 50 and abs(results["bits_per_dim"] - parts) < 1e-6

@@ -192,28 +192,30 @@ def test_a_file_that_is_no_graph_is_refused_by_name(tmp_path, content):
 
 def inception_eval_config(weights: str, inception_score: bool):
   from configs import default
+  import runs
   config = default.get_config()
   config.eval.feature_net, config.eval.batch_size = "inception", 8
   config.eval.inception_weights, config.eval.inception_score = weights, inception_score
-  return config
+  return runs.typed(config)
 
 
 def test_inception_score_without_the_layer_fails_before_anything_compiles(converted):
-  from jax_ddpm.evaluation import scoring as evaluate
+  from jax_ddpm.evaluation import features
   from jax_ddpm.runtime import mesh as parallel
+  config = inception_eval_config(converted, True)
   with pytest.raises(FileNotFoundError, match=r"inception-2015-12-05\.tgz"):
-    evaluate.create_extractor(inception_eval_config(converted, True), "unused",
-                              parallel.data_mesh())
+    features.create_extractor(config.eval, config.data, "unused", parallel.data_mesh())
 
 
 def test_class_probabilities_are_the_softmax_of_pool3_times_the_layer(graph, tmp_path):
-  from jax_ddpm.evaluation import scoring as evaluate
-  from jax_ddpm.evaluation import metrics
+  from jax_ddpm.evaluation import features as feature_nets
+  from jax_ddpm.evaluation import metrics, scoring
   from jax_ddpm.runtime import mesh as parallel
   source, _, softmax = graph
   weights = fid_weights.convert_graph(source, str(tmp_path / "fid.npz"))
-  extractor = evaluate.create_extractor(inception_eval_config(weights, True), "unused",
-                                        parallel.data_mesh())
+  config = inception_eval_config(weights, True)
+  extractor = feature_nets.create_extractor(config.eval, config.data, "unused",
+                                            parallel.data_mesh())
   images = np.random.default_rng(3).integers(0, 256, (10, 32, 32, 3), dtype=np.uint8)
   features, probabilities = extractor(images)
   logits = features.astype(np.float64) @ softmax  # no bias, as the reference IS code
@@ -221,5 +223,5 @@ def test_class_probabilities_are_the_softmax_of_pool3_times_the_layer(graph, tmp
   expected /= expected.sum(1, keepdims=True)
   assert probabilities.shape == (10, 1008)
   np.testing.assert_allclose(probabilities, expected, rtol=1e-4, atol=1e-7)
-  results = evaluate.inception_score_results(probabilities, None)
+  results = scoring.inception_score_results(probabilities, None)
   assert results["inception_score"] == pytest.approx(metrics.inception_score(expected)[0], 1e-4)

@@ -1,12 +1,12 @@
 """Data sources, the deterministic batch order, and per-process slices of the global batch."""
 
+import dataclasses
 import os
 
-import ml_collections
 import numpy as np
 import pytest
 
-from configs import tiny
+from jax_ddpm.config.run_config import DataConfig
 from jax_ddpm.data import sources as data_sources
 from jax_ddpm.io import errors
 from jax_ddpm.data import pipeline as input_pipeline
@@ -112,12 +112,11 @@ def test_image_folder_source_crops_resizes_and_checks_shape(tmp_path):
   rng = np.random.default_rng(0)
   for i, size in enumerate([(40, 30), (20, 20)]):
     Image.fromarray(rng.integers(0, 255, size + (3,), dtype=np.uint8)).save(tmp_path / f"{i}.png")
-  config = tiny.get_config().data
-  config.source, config.path, config.channels, config.image_size = "folder", str(tmp_path), 3, 16
+  config = DataConfig(source="folder", path=str(tmp_path), channels=3, image_size=16)
   source = data_sources.create_source(config)
   assert source.read(np.arange(2)).shape == (2, 16, 16, 3)
   data_sources.check_source_shape(source, config)
-  config.image_size = 8
+  config = dataclasses.replace(config, image_size=8)
   with pytest.raises(ValueError, match=r"yields images of shape \(16, 16, 3\).*data.image_size=8"):
     data_sources.check_source_shape(source, config)
 
@@ -131,9 +130,8 @@ def tfds_digits(tmp_path_factory):
 
 @pytest.mark.parametrize("file_format", ["array_record", "tfrecord"])
 def test_tfds_source_reads_both_file_formats_by_index(tfds_digits, file_format):
-  config = ml_collections.ConfigDict(dict(
-      source="tfds", tfds_name=tfds_data.NAME, split="train", data_dir=tfds_digits[file_format],
-      image_size=28, channels=1))
+  config = DataConfig(source="tfds", tfds_name=tfds_data.NAME, split="train",
+                      data_dir=tfds_digits[file_format], image_size=28, channels=1)
   source = data_sources.create_source(config)
   data_sources.check_source_shape(source, config)
   assert len(source) == 256
@@ -165,7 +163,7 @@ def test_a_truncated_tfrecord_shard_is_named(tmp_path):
 def test_idx_source_reads_real_fashion_mnist():
   if not os.path.isdir(FASHION_MNIST):
     pytest.skip(f"{FASHION_MNIST} absent: apt-get install dataset-fashion-mnist (CI installs it)")
-  config = ml_collections.ConfigDict(dict(source="idx", path=FASHION_MNIST, split="test",
+  config = DataConfig(**dict(source="idx", path=FASHION_MNIST, split="test",
                                           image_size=28, channels=1))
   source = data_sources.create_source(config)
   assert len(source) == 10_000
@@ -192,7 +190,7 @@ def test_labelled_idx_split_pairs_images_with_labels(tmp_path):
   images = np.arange(5 * 4 * 4).reshape(5, 4, 4) % 256
   write_idx(tmp_path / "t10k-images-idx3-ubyte", images)
   write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.array([3, 1, 4, 1, 5]))
-  config = ml_collections.ConfigDict(dict(source="idx", path=str(tmp_path), split="train"))
+  config = DataConfig(source="idx", path=str(tmp_path), split="train")
   read_images, labels = data_sources.read_labelled(config, "test")
   np.testing.assert_array_equal(read_images[..., 0], images)
   np.testing.assert_array_equal(labels, [3, 1, 4, 1, 5])
@@ -204,7 +202,7 @@ def test_labelled_idx_split_pairs_images_with_labels(tmp_path):
 
 
 def test_embedded_digits_have_500_labels_of_each_digit():
-  config = ml_collections.ConfigDict(dict(source="mnist_embedded"))
+  config = DataConfig(source="mnist_embedded")
   images, labels = data_sources.read_labelled(config, "train")
   assert images.shape == (5000, 28, 28, 1)
   np.testing.assert_array_equal(np.bincount(labels), [500] * 10)
@@ -213,7 +211,5 @@ def test_embedded_digits_have_500_labels_of_each_digit():
 
 
 def test_unknown_source_names_the_allowed_values():
-  config = tiny.get_config().data
-  config.source = "imagenet"
   with pytest.raises(ValueError, match=r"Unknown data.source 'imagenet'.*mnist_embedded"):
-    data_sources.create_source(config)
+    DataConfig(source="imagenet")

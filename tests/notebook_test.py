@@ -3,13 +3,10 @@
 import os
 import sys
 
-import pytest
-
+import runs
 from configs import tiny
-from jax_ddpm.config import builders
-from jax_ddpm.training import checkpointing
 from jax_ddpm.runtime import mesh as parallel
-from jax_ddpm.training import state
+from jax_ddpm.training import checkpointing, state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
@@ -18,19 +15,18 @@ import run_notebook  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 def freshly_initialised_checkpoint(workdir: str) -> None:
   """A step-0 checkpoint of the tiny config, as a training run's first save writes it."""
-  config = tiny.get_config()
+  run = runs.build(tiny.get_config())
   mesh = parallel.data_mesh()
-  _, _, initial = state.create_train_state(builders.unet_config(config), config.seed, mesh,
-                                           builders.optimizer(config))
+  _, _, initial = state.create_train_state(run.unet, run.config.seed, mesh, run.optimizer)
   checkpointer = checkpointing.Checkpointer(workdir)
-  checkpointer.save(0, initial, state.run_metadata(config))
+  checkpointer.save(0, initial, run.metadata)
   checkpointer.close()
 
 
 def test_the_explorer_draws_every_section_of_a_tiny_checkpoint(tmp_path):
   workdir = str(tmp_path / "tiny")
   freshly_initialised_checkpoint(workdir)
-  notebook = run_notebook.execute("configs/tiny.py", workdir, timeout=240)
+  notebook = run_notebook.execute("tiny", workdir, timeout=240)
   # Schedules, forward strip, forward slider's view, reverse strip, reverse slider's view, and
   # the samples-by-timesteps grid.
   assert len(run_notebook.pngs(notebook)) == 6

@@ -23,13 +23,13 @@ from flax import nnx
 
 import fault_injection
 import gcs_emulator
+import runs
 import tensorboard_server
 import tfds_data
 from configs import tiny
 from jax_ddpm.data import sources as data_sources
 from jax_ddpm.evaluation import classifier as feature_classifier
-from jax_ddpm.training import state
-from jax_ddpm.training import loop as train
+from jax_ddpm.training import checkpointing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = f"gs://{gcs_emulator.BUCKET}"
@@ -170,7 +170,7 @@ def test_two_workers_on_a_bucket_survive_preemption_and_match_a_local_run(bucket
   config.update_from_flattened_dict(dict(OVERRIDES, **{"data.data_dir": str(
       local / "array_record"), "training.checkpoint_every_steps": STEPS}))
   reference = str(tmp_path / "local")
-  train.train_and_evaluate(config, reference)  # one process, 8 devices, local disk, no resume
+  runs.train(config, reference)  # one process, 8 devices, local disk, no resume
   pod_state = fault_injection.final_state(f"{BUCKET}/run", STEPS)
   local_state = fault_injection.final_state(reference, STEPS)
   difference = max(float(np.abs(a - b).max()) for a, b in
@@ -204,6 +204,6 @@ def test_two_workers_on_a_bucket_survive_preemption_and_match_a_local_run(bucket
                                                        tag="loss")}
     assert "samples" in server.get("plugin/images/tags")["."]
   # The checkpoint the pod wrote loads in one process, through the restore sampling uses.
-  _, restored, step = state.load_checkpoint(config, f"{BUCKET}/run")
+  _, restored, step = checkpointing.load_checkpoint(runs.build(config), f"{BUCKET}/run")
   assert step == STEPS == int(restored.step)
   assert os.listdir(cwd) == [], os.listdir(cwd)

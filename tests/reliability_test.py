@@ -12,9 +12,9 @@ import jax
 import numpy as np
 import pytest
 
+import runs
 from configs import tiny
 from jax_ddpm.training import checkpointing
-from jax_ddpm.training import loop as train
 
 
 def nan_config(policy, steps=6):
@@ -29,12 +29,12 @@ def test_halt_policy_stops_at_the_bad_step_and_keeps_the_last_checkpoint(tmp_pat
   with pytest.raises(FloatingPointError,
                      match=r"Non-finite loss or gradient at step 4 .*last checkpoint, step 3, "
                            r"is kept"):
-    train.train_and_evaluate(nan_config("halt"), str(tmp_path))
+    runs.train(nan_config("halt"), str(tmp_path))
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3"]
 
 
 def test_skip_policy_withholds_the_bad_update_and_counts_it(tmp_path):
-  final = train.train_and_evaluate(nan_config("skip"), str(tmp_path))
+  final = runs.train(nan_config("skip"), str(tmp_path))
   assert int(final.step) == 6 and int(final.nonfinite_steps) == 1
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(final.params)))
   from tensorboard.backend.event_processing import event_accumulator
@@ -49,7 +49,7 @@ def test_skip_policy_withholds_the_bad_update_and_counts_it(tmp_path):
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("finished"))
-  train.train_and_evaluate(tiny.get_config(), workdir)
+  runs.train(tiny.get_config(), workdir)
   return workdir
 
 
@@ -76,10 +76,10 @@ def test_a_truncated_checkpoint_is_named_and_the_fallback_resumes_from_the_previ
   config.training.num_train_steps = 9
   with pytest.raises(checkpointing.UnreadableCheckpointError,
                      match=r"(?s)checkpoint of step 6 in .* cannot be read.*restore_fallback=True"):
-    train.train_and_evaluate(config, workdir)
+    runs.train(config, workdir)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
   config.training.restore_fallback = True
-  final = train.train_and_evaluate(config, workdir)
+  final = runs.train(config, workdir)
   assert int(final.step) == 9
   assert os.listdir(os.path.join(workdir, "checkpoints_unreadable")) == ["6"]  # kept, not lost
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6", "9"]

@@ -1,13 +1,19 @@
 """The sampler family: DPM-Solver++(2M) and its SDE form against exact solutions, thresholding,
 the registry."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
-from jax_ddpm import samplers
+import runs
+from jax_ddpm.config.run_config import SamplingConfig
+from jax_ddpm.samplers import base, registry
+from jax_ddpm.samplers.ddim import DDIM
+from jax_ddpm.samplers.ddpm import DDPM
+from jax_ddpm.samplers.dpm_solver import DPMSolverPP2M, SDEDPMSolverPP2M
 from samplers_test import (GAUSSIAN, SCHEDULE, assert_moments, gaussian_mixture_eps,
                            nonlinear_eps)
 
@@ -35,10 +41,8 @@ def solver_errors(order, step_counts):
   x_T = jax.random.normal(jax.random.key(0), (512, 2))
   errors = []
   for steps in step_counts:
-    out = samplers.dpm_solver_sample(gaussian_mixture_eps(**GAUSSIAN), SCHEDULE, x_T.shape,
-                                     jax.random.key(1), num_steps=steps, order=order,
-                                     initial_noise=x_T, thresholding="none")
-    exact = exact_flow_then_denoise(x_T, samplers.timestep_indices(SCHEDULE, steps, "logsnr")[-1])
+    out = base.run(DPMSolverPP2M(num_steps=steps, order=order), gaussian_mixture_eps(**GAUSSIAN), SCHEDULE, x_T.shape, jax.random.key(1), initial_noise=x_T, thresholding="none")
+    exact = exact_flow_then_denoise(x_T, base.timestep_indices(SCHEDULE, steps, "logsnr")[-1])
     errors.append(float(np.abs(np.asarray(out, np.float64) - exact).max()))
   return errors
 
@@ -49,11 +53,12 @@ def test_first_order_dpm_solver_is_ddim_with_eta_zero(prediction, thresholding):
   """Same timesteps, any prediction: equal up to float32 round-off (relative 1e-6; without
   thresholding this toy denoiser drives samples to ~100)."""
   shape, rng = (4, 3, 3, 2), jax.random.key(3)
-  options = dict(num_steps=20, spacing="uniform", prediction=prediction,
-                 thresholding=thresholding, num_frames=20)
-  dpm, dpm_path = samplers.dpm_solver_sample(nonlinear_eps, SCHEDULE, shape, rng, order=1,
-                                             **options)
-  ddim, ddim_path = samplers.ddim_sample(nonlinear_eps, SCHEDULE, shape, rng, eta=0.0, **options)
+  steps = dict(num_steps=20, spacing="uniform")
+  options = dict(prediction=prediction, thresholding=thresholding, num_frames=20)
+  dpm, dpm_path = base.run(DPMSolverPP2M(order=1, **steps), nonlinear_eps, SCHEDULE, shape, rng,
+                           **options)
+  ddim, ddim_path = base.run(DDIM(eta=0.0, **steps), nonlinear_eps, SCHEDULE, shape, rng,
+                             **options)
   np.testing.assert_allclose(dpm, ddim, atol=2e-6, rtol=2e-6)
   np.testing.assert_allclose(dpm_path.x_t, ddim_path.x_t, atol=2e-6, rtol=2e-6)
 
@@ -72,9 +77,7 @@ def test_dpm_solver_error_falls_at_second_order_and_its_first_order_form_at_firs
 
 def test_dpm_solver_at_20_steps_beats_ddim_at_50_on_the_exact_flow():
   x_T = jax.random.normal(jax.random.key(0), (512, 2))
-  ddim = samplers.ddim_sample(gaussian_mixture_eps(**GAUSSIAN), SCHEDULE, x_T.shape,
-                              jax.random.key(1), num_steps=50, spacing="uniform",
-                              initial_noise=x_T, thresholding="none")
+  ddim = base.run(DDIM(num_steps=50, spacing="uniform"), gaussian_mixture_eps(**GAUSSIAN), SCHEDULE, x_T.shape, jax.random.key(1), initial_noise=x_T, thresholding="none")
   ddim_error = np.abs(np.asarray(ddim, np.float64) - exact_flow_then_denoise(x_T, 980)).max()
   (dpm_error,) = solver_errors(2, (20,))
   assert dpm_error < ddim_error, (dpm_error, ddim_error)
@@ -84,10 +87,9 @@ def test_dpm_solver_at_20_steps_beats_ddim_at_50_on_the_exact_flow():
 def test_first_order_sde_dpm_solver_is_ddim_with_eta_one(spacing):
   """Same timesteps and noise: the SDE solver's first order is the DDPM posterior step."""
   shape, rng = (4, 3, 3, 2), jax.random.key(3)
-  sde = samplers.run(samplers.SDEDPMSolverPP2M(num_steps=20, spacing=spacing, order=1),
+  sde = base.run(SDEDPMSolverPP2M(num_steps=20, spacing=spacing, order=1),
                      nonlinear_eps, SCHEDULE, shape, rng)
-  ddim = samplers.ddim_sample(nonlinear_eps, SCHEDULE, shape, rng, num_steps=20, eta=1.0,
-                              spacing=spacing)
+  ddim = base.run(DDIM(num_steps=20, eta=1.0, spacing=spacing), nonlinear_eps, SCHEDULE, shape, rng)
   np.testing.assert_allclose(sde, ddim, atol=2e-6, rtol=0)
 
 
@@ -101,7 +103,7 @@ def sde_solver_law(num_steps, spacing, order, mu, s):
   """
   alpha_bar = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
   half_log_snr = lambda a2: 0.5 * np.log(a2 / (1 - a2)) if a2 < 1 else np.inf
-  visited = samplers.timestep_indices(SCHEDULE, num_steps, spacing)[::-1]
+  visited = base.timestep_indices(SCHEDULE, num_steps, spacing)[::-1]
   mean, cov, h_previous = np.zeros(2), np.diag([1.0, 0.0]), 0.0
   for i, (t, t_next) in enumerate(zip(visited, np.append(visited[1:], -1))):
     a2, a2_next = alpha_bar[t], 1.0 if t_next < 0 else alpha_bar[t_next]
@@ -119,8 +121,8 @@ def sde_solver_law(num_steps, spacing, order, mu, s):
 
 
 def test_sde_dpm_solver_output_follows_its_exact_law_on_gaussian_data():
-  samples = np.asarray(samplers.run(
-      samplers.SDEDPMSolverPP2M(num_steps=20, spacing="logsnr"), gaussian_mixture_eps(**GAUSSIAN),
+  samples = np.asarray(base.run(
+      SDEDPMSolverPP2M(num_steps=20, spacing="logsnr"), gaussian_mixture_eps(**GAUSSIAN),
       SCHEDULE, (4000, 2), jax.random.key(0), thresholding="none"), np.float64)
   laws = [sde_solver_law(20, "logsnr", 2, MU[d], S) for d in range(2)]
   assert_moments(samples, np.array([m for m, _ in laws]), np.array([v for _, v in laws]))
@@ -138,9 +140,9 @@ def test_second_order_sde_solver_keeps_the_data_variance_that_ddim_eta_one_shrin
 def test_dpm_solvers_step_over_the_repeated_timesteps_of_quadratic_spacing(name):
   """At S = 100 quadratic spacing visits t = 0 four times; a step after one that did not move
   (h = 0) is first order instead of dividing by that h."""
-  assert np.sum(samplers.timestep_indices(SCHEDULE, 100, "quadratic") == 0) == 4
-  sampler = samplers.REGISTRY[name](num_steps=100, spacing="quadratic")
-  out = samplers.run(sampler, nonlinear_eps, SCHEDULE, (4, 3, 3, 2), jax.random.key(3))
+  assert np.sum(base.timestep_indices(SCHEDULE, 100, "quadratic") == 0) == 4
+  sampler = registry.REGISTRY[name](num_steps=100, spacing="quadratic")
+  out = base.run(sampler, nonlinear_eps, SCHEDULE, (4, 3, 3, 2), jax.random.key(3))
   assert np.all(np.isfinite(out))
 
 
@@ -154,10 +156,10 @@ def reference_dynamic_threshold(x0, percentile):
 def test_dynamic_thresholding_matches_a_numpy_reference(percentile):
   scales = np.array([0.2, 1.0, 3.0], np.float32).reshape(-1, 1, 1, 1)  # below, at, above 1
   x0 = np.asarray(jax.random.normal(jax.random.key(4), (3, 8, 8, 2))) * scales
-  ours = np.asarray(samplers.threshold_x0(jnp.asarray(x0), "dynamic", percentile))
+  ours = np.asarray(base.threshold_x0(jnp.asarray(x0), "dynamic", percentile))
   np.testing.assert_allclose(ours, reference_dynamic_threshold(x0, percentile), atol=1e-6)
   np.testing.assert_array_equal(ours[0], x0[0])  # |x0| < 1: left alone
-  np.testing.assert_array_equal(samplers.threshold_x0(jnp.asarray(x0), "static"),
+  np.testing.assert_array_equal(base.threshold_x0(jnp.asarray(x0), "static"),
                                 np.clip(x0, -1, 1))
 
 
@@ -166,14 +168,14 @@ def overshooting_x0(x_t, t):
   return 2.5 * jnp.tanh(x_t)
 
 
-@pytest.mark.parametrize("name", sorted(samplers.REGISTRY))
+@pytest.mark.parametrize("name", sorted(registry.REGISTRY))
 def test_every_sampler_thresholds_its_x0_predictions(name):
-  sampler = samplers.REGISTRY[name]()
+  sampler = registry.REGISTRY[name]()
   schedule = SCHEDULE
   shape, rng = (4, 4, 4, 1), jax.random.key(5)
   finals = {}
   for thresholding in ("none", "static", "dynamic"):
-    finals[thresholding], path = samplers.run(
+    finals[thresholding], path = base.run(
         sampler, overshooting_x0, schedule, shape, rng, prediction="x0",
         thresholding=thresholding, threshold_percentile=0.9, num_frames=3)
     if thresholding != "none":
@@ -185,61 +187,60 @@ def test_every_sampler_thresholds_its_x0_predictions(name):
 
 
 def test_the_registry_builds_each_sampler_from_its_config_keys():
-  sampling = ml_collections.ConfigDict(dict(sampler="dpmpp_2m", num_steps=12, eta=0.5,
-                                            spacing="logsnr", variance="fixed_small"))
-  assert samplers.from_config(sampling) == samplers.DPMSolverPP2M(num_steps=12, spacing="logsnr")
-  sampling.sampler = "ddim"
-  assert samplers.from_config(sampling) == samplers.DDIM(num_steps=12, eta=0.5, spacing="logsnr")
-  sampling.sampler = "ddpm"
-  assert samplers.from_config(sampling) == samplers.DDPM(variance="fixed_small")
-  sampling.sampler = "euler"
+  sampling = SamplingConfig(sampler="dpmpp_2m", num_steps=12, eta=0.5, spacing="logsnr",
+                            variance="fixed_small")
+  from_config = lambda s: registry.sampler_class(s.sampler, "sampling.sampler").from_config(s)
+  assert from_config(sampling) == DPMSolverPP2M(num_steps=12, spacing="logsnr")
+  sampling = dataclasses.replace(sampling, sampler="ddim")
+  assert from_config(sampling) == DDIM(num_steps=12, eta=0.5, spacing="logsnr")
+  sampling = dataclasses.replace(sampling, sampler="ddpm")
+  assert from_config(sampling) == DDPM(variance="fixed_small")
+  sampling = dataclasses.replace(sampling, sampler="euler")
   with pytest.raises(ValueError, match=r"Unknown sampling.sampler 'euler'; allowed values: "
                                        r"\['ddpm', 'ddim', 'dpmpp_2m', 'sde_dpmpp_2m'\]"):
-    samplers.from_config(sampling)
+    from_config(sampling)
   with pytest.raises(ValueError, match=r"order must be 1 or 2"):
-    samplers.DPMSolverPP2M(order=3)
+    DPMSolverPP2M(order=3)
 
 
 def test_every_option_that_changes_the_images_shows_in_the_samplers_tags():
   """Sample directories and eval results are named by these: two settings must not collide."""
-  assert samplers.DDIM().tags == () and samplers.DDPM().tags == ()
-  assert samplers.DDIM(eta=1.0).tags == ("eta1",)
-  assert samplers.DDIM(eta=0.5, spacing="quadratic", learned_variance=True).tags == (
+  assert DDIM().tags == () and DDPM().tags == ()
+  assert DDIM(eta=1.0).tags == ("eta1",)
+  assert DDIM(eta=0.5, spacing="quadratic", learned_variance=True).tags == (
       "eta0.5", "quadratic", "learned")
-  assert samplers.DDIM(learned_variance=True).tags == ()  # eta 0 draws no noise to scale
-  assert samplers.DDPM(variance="fixed_small").tags == ("fixed_small",)
-  assert samplers.DPMSolverPP2M(spacing="logsnr", order=1).tags == ("logsnr", "order1")
+  assert DDIM(learned_variance=True).tags == ()  # eta 0 draws no noise to scale
+  assert DDPM(variance="fixed_small").tags == ("fixed_small",)
+  assert DPMSolverPP2M(spacing="logsnr", order=1).tags == ("logsnr", "order1")
 
 
 def test_a_spacing_that_starts_short_of_the_schedules_noise_is_refused_before_sampling():
   """Every sampler starts from x_T ~ N(0, I); quadratic spacing stops at t = 0.8 T, where the
   cosine schedule still keeps 0.31 of the data (the README's cosine row drew 199.5 there)."""
   from configs import mnist  # pylint: disable=g-import-not-at-top
-  from jax_ddpm.config import checks as config_checks
-  from jax_ddpm.io import errors
   from jax_ddpm.diffusion import schedules  # pylint: disable=g-import-not-at-top
+  from jax_ddpm.io import errors  # pylint: disable=g-import-not-at-top
   cosine = schedules.get_schedule("cosine", 1000)
-  quadratic = samplers.DDIM(num_steps=50, eta=1.0, spacing="quadratic")
+  quadratic = DDIM(num_steps=50, eta=1.0, spacing="quadratic")
   with pytest.raises(ValueError, match=r"first timestep t = 800 keeps sqrt\(alpha-bar_t\) = 0\.3"):
-    samplers.run(quadratic, lambda x, t: x, cosine, (2, 4, 4, 1), jax.random.key(0))
-  samplers.check_start(SCHEDULE, quadratic.timesteps(SCHEDULE))  # linear: 0.039 at t = 800
-  samplers.check_start(cosine, samplers.DDIM(spacing="uniform").timesteps(cosine))  # t = 980
+    base.run(quadratic, lambda x, t: x, cosine, (2, 4, 4, 1), jax.random.key(0))
+  base.check_start(SCHEDULE, quadratic.timesteps(SCHEDULE))  # linear: 0.039 at t = 800
+  base.check_start(cosine, DDIM(spacing="uniform").timesteps(cosine))  # t = 980
   # A schedule that never reaches noise is its own choice (the tests' tiny config: T = 100).
-  samplers.check_start(schedules.get_schedule("linear", 100), quadratic.timesteps(
+  base.check_start(schedules.get_schedule("linear", 100), quadratic.timesteps(
       schedules.get_schedule("linear", 100)))
   config = mnist.get_config()
   config.training.max_timestep = None  # uniform spacing starts at t = 980
   config.diffusion.schedule = "cosine"
   with pytest.raises(errors.ConfigError, match="sampling.spacing='quadratic' under "
                      "diffusion.schedule='cosine': the sampler's first timestep t = 800"):
-    config_checks.validate_sampling(config)
+    runs.build(config)
   config.sampling.spacing = "uniform"
-  config_checks.validate_sampling(config)
+  runs.build(config)
 
 
 def test_a_learned_variance_is_refused_for_a_sampler_that_adds_noise_without_it():
   from configs import mnist  # pylint: disable=g-import-not-at-top
-  from jax_ddpm.config import checks as config_checks
   from jax_ddpm.io import errors  # pylint: disable=g-import-not-at-top
   config = mnist.get_config()
   config.training.max_timestep = None  # ddpm visits every t
@@ -247,7 +248,7 @@ def test_a_learned_variance_is_refused_for_a_sampler_that_adds_noise_without_it(
   config.sampling.variance = "learned"
   with pytest.raises(errors.ConfigError, match="sampling.variance='learned': sampling.sampler="
                      "'sde_dpmpp_2m' adds its own noise and does not read the network's variance"):
-    config_checks.validate_sampling(config)
+    runs.build(config)
   for sampler, eta in (("ddim", 1.0), ("ddim", 0.0), ("ddpm", 0.0), ("dpmpp_2m", 0.0)):
     config.sampling.sampler, config.sampling.eta = sampler, eta
-    config_checks.validate_sampling(config)
+    runs.build(config)

@@ -1,15 +1,16 @@
 """Samplers against distributions whose optimal denoiser is known in closed form."""
 
-import inspect
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_ddpm import samplers
 from jax_ddpm.diffusion import schedules
+from jax_ddpm.diffusion.process import Prediction
 from jax_ddpm.samplers import base
+from jax_ddpm.samplers.ddim import DDIM
+from jax_ddpm.samplers.ddpm import DDPM
+from jax_ddpm.samplers.dpm_solver import DPMSolverPP2M
 
 SCHEDULE = schedules.get_schedule("linear", 1000)
 NUM_SAMPLES = 4000
@@ -51,14 +52,13 @@ SAMPLERS = {
     "ddim_50_eta1": ("ddim", dict(num_steps=50, eta=1.0)),
     "ddim_50_quadratic_eta0": ("ddim", dict(num_steps=50, eta=0.0, spacing="quadratic")),
 }
-SAMPLE_FUNCTIONS = {"ddpm": samplers.ddpm_sample, "ddim": samplers.ddim_sample,
-                    "dpmpp_2m": samplers.dpm_solver_sample}
+SAMPLER_CLASSES = {"ddpm": DDPM, "ddim": DDIM, "dpmpp_2m": DPMSolverPP2M}
 
 
 def run_sampler(name, denoise, rng):
   kind, kwargs = dict(SAMPLERS, dpmpp_2m_20=("dpmpp_2m", dict(num_steps=20)))[name]
-  return np.asarray(SAMPLE_FUNCTIONS[kind](denoise, SCHEDULE, (NUM_SAMPLES, 2), rng,
-                                           thresholding="none", **kwargs), np.float64)
+  return np.asarray(base.run(SAMPLER_CLASSES[kind](**kwargs), denoise, SCHEDULE, (NUM_SAMPLES, 2),
+                            rng, thresholding="none"), np.float64)
 
 
 def exact_output_law(name, mu, s):
@@ -77,7 +77,7 @@ def exact_output_law(name, mu, s):
   if kind == "ddpm":
     steps = [(t, t - 1) for t in range(999, -1, -1)]
   else:
-    visited = samplers.timestep_indices(SCHEDULE, kwargs["num_steps"],
+    visited = base.timestep_indices(SCHEDULE, kwargs["num_steps"],
                                         kwargs.get("spacing", "uniform"))
     steps = list(zip(visited[::-1], np.append(-1, visited[:-1])[::-1]))
   mean, var = 0.0, 1.0  # x_T ~ N(0, I)
@@ -167,20 +167,19 @@ def test_ddim_step_with_eta_one_equals_the_ddpm_step_at_every_t(thresholding):
   x_t = jax.random.normal(keys[0], (1000, 4, 4, 2))
   output = jax.random.normal(keys[1], x_t.shape)
   noise = jax.random.normal(keys[2], x_t.shape)
-  ddpm_prev, ddpm_x0 = samplers.ddpm_step(SCHEDULE, output, x_t, t, noise, variance="fixed_small",
-                                          prediction="eps", thresholding=thresholding)
-  ddim_prev, ddim_x0 = samplers.ddim_step(SCHEDULE, output, x_t, t, t - 1, noise, eta=1.0,
-                                          prediction="eps", thresholding=thresholding)
+  # The scan thresholds x_0 and recomputes eps once for every sampler (base.denoised).
+  x0, eps = base.denoised(SCHEDULE, x_t, t, output, prediction=Prediction.EPS,
+                          thresholding=base.Thresholding(thresholding), percentile=0.995)
+  step, denoised = base.Step(t, t - 1, 0), base.Denoised(x0, eps)
+  ddpm_prev, _ = DDPM(variance="fixed_small").step(SCHEDULE, x_t, denoised, step, noise, ())
+  ddim_prev, _ = DDIM(num_steps=1000, eta=1.0).step(SCHEDULE, x_t, denoised, step, noise, ())
   np.testing.assert_allclose(ddim_prev, ddpm_prev, atol=1e-5, rtol=0)
-  np.testing.assert_array_equal(ddim_x0, ddpm_x0)
 
 
 def test_ddim_with_all_steps_and_eta_one_follows_the_ddpm_trajectory():
   shape, rng = (4, 3, 3, 2), jax.random.key(2)
-  _, ddpm = samplers.ddpm_sample(nonlinear_eps, SCHEDULE, shape, rng, variance="fixed_small",
-                                 num_frames=1000)
-  _, ddim = samplers.ddim_sample(nonlinear_eps, SCHEDULE, shape, rng, num_steps=1000, eta=1.0,
-                                 num_frames=1000)
+  _, ddpm = base.run(DDPM(variance="fixed_small"), nonlinear_eps, SCHEDULE, shape, rng, num_frames=1000)
+  _, ddim = base.run(DDIM(num_steps=1000, eta=1.0), nonlinear_eps, SCHEDULE, shape, rng, num_frames=1000)
   np.testing.assert_array_equal(ddpm.timesteps, np.arange(999, -1, -1))
   np.testing.assert_array_equal(ddpm.timesteps, ddim.timesteps)
   # Every intermediate state; float32 rounding of the two formulas adds up over 1000 steps
@@ -201,9 +200,8 @@ def with_variance_channels(v):
 def test_learned_variance_at_its_ends_samples_as_the_fixed_variance(v, fixed):
   """Improved DDPM eq. (15): v = 0 (raw -1) is beta~_t, v = 1 (raw +1) is beta_t."""
   shape, rng = (3, 4, 4, 1), jax.random.key(8)
-  learned = samplers.ddpm_sample(with_variance_channels(v), SCHEDULE, shape, rng,
-                                 variance="learned", learn_sigma=True)
-  fixed = samplers.ddpm_sample(nonlinear_eps, SCHEDULE, shape, rng, variance=fixed)
+  learned = base.run(DDPM(variance="learned"), with_variance_channels(v), SCHEDULE, shape, rng, learn_sigma=True)
+  fixed = base.run(DDPM(variance=fixed), nonlinear_eps, SCHEDULE, shape, rng)
   np.testing.assert_allclose(learned, fixed, atol=2e-5, rtol=0)
 
 
@@ -214,49 +212,35 @@ def test_learned_variance_leaves_quadratic_spacings_repeated_timesteps_in_place(
   assert len(np.unique(indices)) < len(indices)
   shape, rng = (3, 4, 4, 1), jax.random.key(10)
   for v in (-1.0, 0.5, 1.0):
-    x = samplers.ddim_sample(with_variance_channels(v), SCHEDULE, shape, rng, num_steps=50,
-                             eta=1.0, spacing="quadratic", learned_variance=True,
-                             learn_sigma=True)
+    x = base.run(DDIM(num_steps=50, eta=1.0, spacing="quadratic", learned_variance=True), with_variance_channels(v), SCHEDULE, shape, rng, learn_sigma=True)
     assert np.all(np.isfinite(np.asarray(x))), v
-  eq_16 = samplers.ddim_sample(nonlinear_eps, SCHEDULE, shape, rng, num_steps=50, eta=1.0,
-                               spacing="quadratic")
-  np.testing.assert_allclose(samplers.ddim_sample(
-      with_variance_channels(-1.0), SCHEDULE, shape, rng, num_steps=50, eta=1.0,
-      spacing="quadratic", learned_variance=True, learn_sigma=True), eq_16, atol=2e-5, rtol=0)
+  eq_16 = base.run(DDIM(num_steps=50, eta=1.0, spacing="quadratic"), nonlinear_eps, SCHEDULE, shape, rng)
+  np.testing.assert_allclose(base.run(DDIM(num_steps=50, eta=1.0, spacing="quadratic", learned_variance=True), with_variance_channels(-1.0), SCHEDULE, shape, rng, learn_sigma=True), eq_16, atol=2e-5, rtol=0)
 
 
 def test_ddim_with_learned_variance_is_ddim_at_beta_tilde_and_ddpm_with_every_step():
   shape, rng = (3, 4, 4, 1), jax.random.key(9)
-  at_beta_tilde = samplers.ddim_sample(with_variance_channels(-1.0), SCHEDULE, shape, rng,
-                                       num_steps=25, eta=0.7, learned_variance=True,
-                                       learn_sigma=True)
-  eq_16 = samplers.ddim_sample(nonlinear_eps, SCHEDULE, shape, rng, num_steps=25, eta=0.7)
+  at_beta_tilde = base.run(DDIM(num_steps=25, eta=0.7, learned_variance=True), with_variance_channels(-1.0), SCHEDULE, shape, rng, learn_sigma=True)
+  eq_16 = base.run(DDIM(num_steps=25, eta=0.7), nonlinear_eps, SCHEDULE, shape, rng)
   np.testing.assert_allclose(at_beta_tilde, eq_16, atol=2e-5, rtol=0)
-  _, ddpm = samplers.ddpm_sample(with_variance_channels(0.3), SCHEDULE, shape, rng,
-                                 variance="learned", learn_sigma=True, num_frames=20)
-  _, ddim = samplers.ddim_sample(with_variance_channels(0.3), SCHEDULE, shape, rng,
-                                 num_steps=1000, eta=1.0, learned_variance=True,
-                                 learn_sigma=True, num_frames=20)
+  _, ddpm = base.run(DDPM(variance="learned"), with_variance_channels(0.3), SCHEDULE, shape, rng, learn_sigma=True, num_frames=20)
+  _, ddim = base.run(DDIM(num_steps=1000, eta=1.0, learned_variance=True), with_variance_channels(0.3), SCHEDULE, shape, rng, learn_sigma=True, num_frames=20)
   np.testing.assert_allclose(ddim.x_t, ddpm.x_t, atol=1e-4, rtol=0)
-  _, fixed = samplers.ddpm_sample(nonlinear_eps, SCHEDULE, shape, rng, variance="fixed_small",
-                                  num_frames=20)
+  _, fixed = base.run(DDPM(variance="fixed_small"), nonlinear_eps, SCHEDULE, shape, rng, num_frames=20)
   assert np.abs(np.asarray(fixed.x_t) - np.asarray(ddpm.x_t)).max() > 1e-2  # v mattered
 
 
 def test_ddim_eta_zero_is_deterministic_given_initial_noise():
   noise = jax.random.normal(jax.random.key(3), (2, 4, 4, 1))
-  first = samplers.ddim_sample(nonlinear_eps, SCHEDULE, noise.shape, jax.random.key(4),
-                               num_steps=20, initial_noise=noise)
-  second = samplers.ddim_sample(nonlinear_eps, SCHEDULE, noise.shape, jax.random.key(5),
-                                num_steps=20, initial_noise=noise)
+  first = base.run(DDIM(num_steps=20), nonlinear_eps, SCHEDULE, noise.shape, jax.random.key(4), initial_noise=noise)
+  second = base.run(DDIM(num_steps=20), nonlinear_eps, SCHEDULE, noise.shape, jax.random.key(5), initial_noise=noise)
   np.testing.assert_array_equal(first, second)
-  stochastic = samplers.ddim_sample(nonlinear_eps, SCHEDULE, noise.shape, jax.random.key(5),
-                                    num_steps=20, eta=1.0, initial_noise=noise)
+  stochastic = base.run(DDIM(num_steps=20, eta=1.0), nonlinear_eps, SCHEDULE, noise.shape, jax.random.key(5), initial_noise=noise)
   assert not np.allclose(first, stochastic)
 
 
 def test_timestep_spacings():
-  indices = lambda steps, spacing: samplers.timestep_indices(SCHEDULE, steps, spacing)
+  indices = lambda steps, spacing: base.timestep_indices(SCHEDULE, steps, spacing)
   np.testing.assert_array_equal(indices(50, "uniform"), np.arange(0, 1000, 20))
   quadratic = indices(10, "quadratic")
   assert quadratic[0] == 0 and len(np.unique(quadratic)) == 10 and quadratic[-1] in (799, 800)
@@ -275,8 +259,7 @@ def test_timestep_spacings():
 
 def test_trajectory_keeps_only_the_requested_frames():
   shape = (2, 4, 4, 1)
-  final, trajectory = samplers.ddim_sample(nonlinear_eps, SCHEDULE, shape, jax.random.key(6),
-                                           num_steps=10, num_frames=4)
+  final, trajectory = base.run(DDIM(num_steps=10), nonlinear_eps, SCHEDULE, shape, jax.random.key(6), num_frames=4)
   assert trajectory.x_t.shape == trajectory.x0.shape == (4,) + shape
   np.testing.assert_array_equal(trajectory.timesteps, [900, 600, 300, 0])
   # The last frame's prediction of x_0 is the returned sample (clipped, with no noise left).
@@ -304,10 +287,10 @@ def test_compile_cost_does_not_grow_with_step_count(name):
     denoise = CountingDenoiser()
     schedule = schedules.get_schedule("linear", steps) if name == "ddpm" else SCHEDULE
     if name == "ddpm":
-      fn = lambda rng: samplers.ddpm_sample(denoise, schedule, shape, rng)
+      fn = lambda rng: base.run(DDPM(), denoise, schedule, shape, rng)
     else:
-      fn = lambda rng: SAMPLE_FUNCTIONS[name](denoise, schedule, shape, rng, num_steps=steps,
-                                              thresholding="dynamic")
+      fn = lambda rng: base.run(SAMPLER_CLASSES[name](num_steps=steps), denoise, schedule, shape,
+                                rng, thresholding="dynamic")
     compiled = jax.jit(fn).lower(jax.random.key(0)).compile()
     sizes.append(instruction_count(compiled.as_text()))
     denoisers.append(denoise.traces)
@@ -325,20 +308,21 @@ def test_compile_cost_does_not_grow_with_step_count(name):
 ])
 def test_bad_ddim_arguments_fail_before_tracing(kwargs, message):
   denoise = CountingDenoiser()
+  options = {k: v for k, v in kwargs.items() if k in ("num_steps", "eta", "spacing")}
   with pytest.raises(ValueError, match=message):
-    samplers.ddim_sample(denoise, SCHEDULE, (1, 2), jax.random.key(0), **kwargs)
+    base.run(DDIM(**options), denoise, SCHEDULE, (1, 2), jax.random.key(0),
+             **{k: v for k, v in kwargs.items() if k not in options})
   assert denoise.traces == 0
 
 
 def test_bad_ddpm_arguments_fail_before_tracing():
   denoise = CountingDenoiser()
   with pytest.raises(ValueError, match=r"Unknown variance 'huge'.*fixed_small.*fixed_large"):
-    samplers.ddpm_sample(denoise, SCHEDULE, (1, 2), jax.random.key(0), variance="huge")
+    base.run(DDPM(variance="huge"), denoise, SCHEDULE, (1, 2), jax.random.key(0))
   with pytest.raises(ValueError, match=r"learned variance, but the network does not output one"):
-    samplers.ddpm_sample(denoise, SCHEDULE, (1, 2), jax.random.key(0), variance="learned")
+    base.run(DDPM(variance="learned"), denoise, SCHEDULE, (1, 2), jax.random.key(0))
   with pytest.raises(ValueError, match=r"initial_noise has shape \(3, 2\), expected \(1, 2\)"):
-    samplers.ddpm_sample(denoise, SCHEDULE, (1, 2), jax.random.key(0),
-                         initial_noise=jnp.zeros((3, 2)))
+    base.run(DDPM(), denoise, SCHEDULE, (1, 2), jax.random.key(0), initial_noise=jnp.zeros((3, 2)))
   assert denoise.traces == 0
 
 
@@ -347,15 +331,12 @@ def test_sampler_keeps_the_batch_sharded_over_the_mesh():
   mesh = jax.sharding.Mesh(devices, ("data",))
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   shape = (2 * len(devices), 4, 4, 1)
-  sharded = samplers.ddim_sample(nonlinear_eps, SCHEDULE, shape, jax.random.key(7), num_steps=5,
-                                 eta=1.0, sharding=sharding)
+  sharded = base.run(DDIM(num_steps=5, eta=1.0), nonlinear_eps, SCHEDULE, shape, jax.random.key(7), sharding=sharding)
   assert sharded.sharding.is_equivalent_to(sharding, len(shape))
-  single = samplers.ddim_sample(nonlinear_eps, SCHEDULE, shape, jax.random.key(7), num_steps=5,
-                                eta=1.0)
+  single = base.run(DDIM(num_steps=5, eta=1.0), nonlinear_eps, SCHEDULE, shape, jax.random.key(7))
   np.testing.assert_allclose(sharded, single, atol=1e-6)
 
 
 def test_ddpm_sample_defaults_to_the_configs_variance():
   from configs import default  # pylint: disable=g-import-not-at-top
-  signature = inspect.signature(samplers.ddpm_sample)
-  assert signature.parameters["variance"].default == default.get_config().sampling.variance
+  assert DDPM().variance.value == default.get_config().sampling.variance

@@ -9,16 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import runs
 from configs import tiny
-from jax_ddpm.config import builders
-from jax_ddpm.training import checkpointing
-from jax_ddpm.config import checks as config_checks
-from jax_ddpm.diffusion import process as diffusion
+from jax_ddpm.diffusion import timesteps as timestep_sampling
 from jax_ddpm.io import errors
 from jax_ddpm.runtime import mesh as parallel
-from jax_ddpm.training import state
-from jax_ddpm.diffusion import timesteps as timestep_sampling
-from jax_ddpm.training import loop as train
+from jax_ddpm.training import checkpointing, loop, state
+from jax_ddpm.training import step as train
 
 K = timestep_sampling.HISTORY
 
@@ -99,16 +96,16 @@ def test_inconsistent_objective_and_timestep_sampling_are_refused(change, messag
     section, name = key.split(".")
     config[section][name] = value
   with pytest.raises(errors.ConfigError, match=message):
-    config_checks.validate_training(config, num_devices=8, num_processes=1)
+    runs.build(config)
 
 
 def test_max_timestep_limits_the_uniform_draw_to_its_range():
   key = jax.random.key(4)
-  options = builders.StepOptions(prediction="eps", ema=None, learning_rate=None, max_timestep=7)
+  options = train.StepOptions(prediction="eps", ema=None, learning_rate=None, max_timestep=7)
   t, weights = train.draw_timesteps(key, None, 20000, 100, options)
   assert set(np.asarray(t).tolist()) == set(range(8)) and weights == 1.0
   # The same draw as DDPM Algorithm 1's uniform t over a range of max_timestep + 1 values.
-  np.testing.assert_array_equal(t, diffusion.sample_timesteps(key, 20000, 8))
+  np.testing.assert_array_equal(t, timestep_sampling.uniform(key, 20000, 8))
   every, _ = train.draw_timesteps(key, None, 20000, 100,
                                   dataclasses.replace(options, max_timestep=None))
   assert np.asarray(every).min() == 0 and np.asarray(every).max() == 99
@@ -143,22 +140,20 @@ def _mnist_with_max_timestep(**changes):
                                   r"model.learn_sigma\) sums all T of them"),
 ])
 def test_max_timestep_is_refused_where_a_sampler_or_the_bound_needs_higher_t(changes, message):
-  config_checks.validate_training(_mnist_with_max_timestep(), num_devices=8, num_processes=1)
+  loop.check_machine(runs.build(_mnist_with_max_timestep()), parallel.data_mesh())
   with pytest.raises(errors.ConfigError, match=message):
-    config_checks.validate_training(_mnist_with_max_timestep(**changes), num_devices=8,
-                                    num_processes=1)
+    runs.build(_mnist_with_max_timestep(**changes))
 
 
 @functools.lru_cache(maxsize=None)
 def _importance_run():
   """(train_fn, fresh state, batches, mesh) of the tiny learned-variance L_vlb model."""
-  config = _importance_config()
+  run = runs.build(_importance_config())
   mesh = parallel.data_mesh()
-  optimizer = builders.optimizer(config)
-  graphdef, _, fresh = state.create_train_state(builders.unet_config(config), config.seed, mesh,
-                                                optimizer, builders.history_timesteps(config))
-  train_fn = train.make_train_fn(graphdef, builders.schedule(config), optimizer,
-                                 builders.step_options(config), mesh, donate=False)
+  graphdef, _, fresh = state.create_train_state(run.unet, run.config.seed, mesh, run.optimizer,
+                                                run.history_timesteps)
+  train_fn = train.make_train_fn(graphdef, run.schedule, run.optimizer, run.step_options, mesh,
+                                 donate=False)
   images = np.random.default_rng(0).integers(0, 256, (4, 8, 16, 16, 1)) / 127.5 - 1.0
   batches = [{"image": jax.device_put(b.astype(np.float32), parallel.batch_sharding(mesh))}
              for b in images]

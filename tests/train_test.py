@@ -12,26 +12,23 @@ import jax
 import numpy as np
 import pytest
 
+import runs
 from configs import cifar10, tiny
-from jax_ddpm.config import builders
-from jax_ddpm.training import checkpointing
-from jax_ddpm.data import sources as data_sources
 from jax_ddpm.data import pipeline as input_pipeline
+from jax_ddpm.data import sources as data_sources
 from jax_ddpm.runtime import mesh as parallel
-from jax_ddpm.training import state
-from jax_ddpm.training import loop as train
+from jax_ddpm.training import checkpointing, loop, state
+from jax_ddpm.training import step as train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_steps(config, mesh, num_steps):
   """Losses and final state of `num_steps` train steps on `mesh`, fed the pipeline's batches."""
-  optimizer = builders.optimizer(config)
-  graphdef, _, current = state.create_train_state(builders.unet_config(config), config.seed,
-                                                  mesh, optimizer)
-  train_fn = train.make_train_fn(graphdef, builders.schedule(config), optimizer,
-                                 builders.step_options(config), mesh)
-  source = data_sources.create_source(config.data)
+  run = runs.build(config)
+  graphdef, _, current = state.create_train_state(run.unet, run.config.seed, mesh, run.optimizer)
+  train_fn = train.make_train_fn(graphdef, run.schedule, run.optimizer, run.step_options, mesh)
+  source = data_sources.create_source(run.config.data)
   losses = []
   for step in range(num_steps):
     batch = input_pipeline.local_batch(source, step, config.training.batch_size, config.seed,
@@ -53,7 +50,8 @@ def test_one_device_and_eight_devices_train_identically():
 
 def test_cifar10_config_uses_the_papers_plain_ema_from_step_0():
   config = cifar10.get_config()
-  decays = [float(builders.ema_rule(config).decay_at(s)) for s in (0, 1000, 89_000)]
+  ema = runs.build(config).step_options.ema
+  decays = [float(ema.decay_at(s)) for s in (0, 1000, 89_000)]
   assert decays == [np.float32(0.9999)] * 3
 
 
@@ -61,13 +59,11 @@ def test_cifar10_config_builds_the_35m_model_and_traces_its_train_step():
   """The paper's config end to end up to XLA (compiling the 35.7M step on 8 CPU devices would
   take a minute and a half; its forward pass is compared with diffusers in convert_test.py)."""
   config = cifar10.get_config()
+  run = runs.build(config)
   mesh = parallel.data_mesh()
-  optimizer = builders.optimizer(config)
-  graphdef, _, current = state.abstract_train_state(builders.unet_config(config), config.seed,
-                                                    mesh, optimizer)
+  graphdef, _, current = state.abstract_train_state(run.unet, config.seed, mesh, run.optimizer)
   assert sum(x.size for x in jax.tree.leaves(current.params)) == 35_746_307
-  train_fn = train.make_train_fn(graphdef, builders.schedule(config), optimizer,
-                                 builders.step_options(config), mesh)
+  train_fn = train.make_train_fn(graphdef, run.schedule, run.optimizer, run.step_options, mesh)
   batch = {"image": jax.ShapeDtypeStruct((config.training.batch_size, 32, 32, 3), np.float32)}
   after, metrics = jax.eval_shape(train_fn, current, batch)
   assert jax.tree.map(lambda a: (a.shape, a.dtype), after) == jax.tree.map(
@@ -120,14 +116,14 @@ def test_a_workdir_of_another_model_is_refused_and_left_untouched(straight_run, 
   with pytest.raises(checkpointing.IncompatibleCheckpointError,
                      match=r"latest step 6\) of a different model:\n  model.ch: config 32 vs "
                            r"checkpoint 16"):
-    train.train_and_evaluate(config, workdir)
+    runs.train(config, workdir)
   after = {path: os.path.getmtime(os.path.join(root, path))
            for root, _, names in os.walk(workdir) for path in names}
   assert before == after
 
 
 @pytest.mark.parametrize("change, message", [
-    (("training", "batch_size", 12), r"batch_size=12 \(the global batch\) must be divisible by "
+    (("training", "batch_size", 12), r"training.batch_size=12 must be a positive multiple of "
                                      r"the number of devices, 8"),
     (("data", "image_size", 15), r"image_size=15 must be divisible by 2\^\(levels-1\) = 2"),
     (("data", "source", "imagenet"), r"Unknown data.source 'imagenet'; allowed values"),
@@ -143,9 +139,9 @@ def test_bad_config_fails_before_anything_is_written(tmp_path, change, message, 
   def no_model_yet(*args, **kwargs):
     raise AssertionError("the model was built (and compiled) before the config was checked")
 
-  monkeypatch.setattr(train, "create_train_state", no_model_yet)
+  monkeypatch.setattr(loop, "create_train_state", no_model_yet)
   with pytest.raises(ValueError, match=message):
-    train.train_and_evaluate(config, str(tmp_path / "run"))
+    runs.train(config, str(tmp_path / "run"))
   assert not os.path.exists(tmp_path / "run")
 
 
@@ -161,12 +157,12 @@ def test_steps_per_dispatch_scan_matches_single_steps():
   config.training.num_train_steps = 2
   mesh = parallel.data_mesh()
   _, single = run_steps(config, mesh, 2)
-  config.training.steps_per_dispatch = 2
-  optimizer = builders.optimizer(config)
-  graphdef, _, current = state.create_train_state(builders.unet_config(config), config.seed,
-                                                  mesh, optimizer)
-  train_fn = train.make_train_fn(graphdef, builders.schedule(config), optimizer,
-                                 builders.step_options(config), mesh, steps_per_dispatch=2)
+  config.training.steps_per_dispatch = 2  # every interval a multiple of it, as the checks ask
+  config.training.checkpoint_every_steps = config.training.sample_every_steps = 2
+  run = runs.build(config)
+  graphdef, _, current = state.create_train_state(run.unet, config.seed, mesh, run.optimizer)
+  train_fn = train.make_train_fn(graphdef, run.schedule, run.optimizer, run.step_options, mesh,
+                                 steps_per_dispatch=2)
   source = data_sources.create_source(config.data)
   batches = np.stack([input_pipeline.local_batch(source, s, 8, config.seed, True, 0, 1)
                       for s in range(2)])

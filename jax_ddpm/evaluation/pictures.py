@@ -1,6 +1,7 @@
-"""--mode=visualize: pictures of the schedules, the forward process and the reverse process.
+"""Pictures of the process (--mode=visualize and the notebook): the schedules, the forward process
+and the reverse process.
 
-Writes, under <workdir>/visualize/ and as TensorBoard image summaries:
+`write` puts them under <workdir>/visualize/ and into TensorBoard image summaries:
   schedules.png        beta_t and alpha-bar_t of the linear, cosine and quadratic schedules
   forward_process.png  one training image noised by q(x_t | x_0) (DDPM eq. 4) at increasing t
   reverse_process.png  one sampling run: x_t (top row) and the predicted x_0 (bottom row)
@@ -9,21 +10,21 @@ Writes, under <workdir>/visualize/ and as TensorBoard image summaries:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from jax_ddpm.config import builders
-from jax_ddpm.data import sources as data_sources
-from jax_ddpm.diffusion import process as diffusion
-from jax_ddpm.io import paths as files
+from jax_ddpm.diffusion import process, schedules
 from jax_ddpm.io import images as image_io
-from jax_ddpm.data import pipeline as input_pipeline
-from jax_ddpm.runtime import mesh as parallel
-from jax_ddpm.samplers import program as sampling
-from jax_ddpm.diffusion import schedules
-from jax_ddpm.training import state
+from jax_ddpm.io import paths as files
 from jax_ddpm.io import summaries
+from jax_ddpm.samplers import program
+
+if TYPE_CHECKING:
+  from jax_ddpm.config.builders import Run
 
 NUM_STRIP_FRAMES = 10
 NUM_GIF_FRAMES = 40
@@ -58,10 +59,10 @@ def forward_strip(schedule: schedules.DiffusionSchedule, image: np.ndarray,
                   seed: int) -> tuple[np.ndarray, np.ndarray]:
   """x_t of one image at NUM_STRIP_FRAMES timesteps from 0 to T-1, as a uint8 row."""
   t = np.linspace(0, schedule.num_timesteps - 1, NUM_STRIP_FRAMES).round().astype(np.int32)
-  x0 = jnp.broadcast_to(jnp.asarray(input_pipeline.to_model_range(image)),
+  x0 = jnp.broadcast_to(jnp.asarray(image_io.to_model_range(image)),
                         (len(t),) + image.shape)
   eps = jnp.broadcast_to(jax.random.normal(jax.random.key(seed), image.shape), x0.shape)
-  x_t = diffusion.q_sample(schedule, x0, jnp.asarray(t), eps)
+  x_t = process.q_sample(schedule, x0, jnp.asarray(t), eps)
   return image_io.image_grid(image_io.to_uint8(jnp.clip(x_t, -1, 1)), columns=len(t)), t
 
 
@@ -80,46 +81,49 @@ def _gif(frames: list[np.ndarray]) -> bytes:
   return buffer.getvalue()
 
 
-def visualize(config, workdir: str, step: int | None = None) -> list[str]:
-  """Writes the four pictures; returns their paths."""
+def draw(run: Run, eval_graphdef: nnx.GraphDef, params, image: np.ndarray,
+         mesh: jax.sharding.Mesh) -> tuple[dict[str, np.ndarray], bytes]:
+  """The four pictures of a model (`write` names them): the schedules, `image` (a uint8 training
+  image) noised at increasing t, and one recorded sampling run (strip and GIF)."""
+  schedule = run.schedule
+  drawn = {"schedules": schedule_plot(schedule.num_timesteps),
+           "forward_process": forward_strip(schedule, image, run.config.seed)[0]}
+  drawn["reverse_process"], gif = reverse_pictures(run, eval_graphdef, params, mesh)
+  return drawn, gif
 
-  eval_graphdef, train_state, step = state.load_checkpoint(config, workdir, step)
-  schedule = builders.schedule(config)
-  source = data_sources.create_source(config.data)
-  data_sources.check_source_shape(source, config.data)
-  directory = files.join(workdir, "visualize")
-  mesh = parallel.data_mesh()
-  writer = summaries.create_writer(workdir, just_logging=jax.process_index() > 0)
-  pictures = {"schedules": schedule_plot(schedule.num_timesteps)}
-  pictures["forward_process"], _ = forward_strip(schedule, source.read(np.array([0]))[0],
-                                                 config.seed)
 
-  size, channels = config.data.image_size, config.data.channels
-  gif_count = sampling.padded_count(GIF_GRID, mesh)
-  sampling_config = config.sampling
-  sampler = builders.sampler(config)
-  num_steps = len(sampler.timesteps(schedule))
-  sample_fn = sampling.make_sample_fn(
-      eval_graphdef, schedule, (gif_count, size, size, channels), mesh, sampler,
-      num_frames=min(NUM_GIF_FRAMES, num_steps), **builders.sampling_options(config))
-  params = train_state.ema_params if sampling_config.use_ema else train_state.params
-  samples = sample_fn(params, jax.random.key(sampling_config.seed))
-  final, trajectory = samples.images, samples.trajectory
-  x_t = image_io.to_uint8(jnp.clip(trajectory.x_t, -1, 1))  # [K, N, H, W, C]
-  x0 = image_io.to_uint8(trajectory.x0)
+def reverse_pictures(run: Run, eval_graphdef: nnx.GraphDef, params,
+                     mesh: jax.sharding.Mesh) -> tuple[np.ndarray, bytes]:
+  """One sampling run of GIF_GRID images with the run's sampler, every step recorded: the strip
+  of x_t (top) and predicted x_0 (bottom) of its first image, and the GIF of the grid."""
+  count = program.padded_count(GIF_GRID, mesh)
+  num_steps = len(run.sampler.timesteps(run.schedule))
+  sample_fn = program.make_sample_fn(eval_graphdef, run.schedule, (count, *run.image_shape),
+                                     mesh, run.sampler, run.sampling_options,
+                                     num_frames=min(NUM_GIF_FRAMES, num_steps))
+  samples = sample_fn(params, jax.random.key(run.config.sampling.seed))
+  x_t = image_io.to_uint8(jnp.clip(samples.trajectory.x_t, -1, 1))  # [K, N, H, W, C]
+  x0 = image_io.to_uint8(samples.trajectory.x0)
   chosen = np.linspace(0, len(x_t) - 1, NUM_STRIP_FRAMES).round().astype(int)
-  strip = np.concatenate([x_t[chosen, 0], x0[chosen, 0]])
-  pictures["reverse_process"] = image_io.image_grid(strip, columns=len(chosen))
+  strip = image_io.image_grid(np.concatenate([x_t[chosen, 0], x0[chosen, 0]]),
+                              columns=len(chosen))
+  frames = [image_io.image_grid(frame[:GIF_GRID], columns=4) for frame in x_t]
+  frames.append(image_io.image_grid(image_io.to_uint8(samples.images)[:GIF_GRID], columns=4))
+  return strip, _gif(frames)
 
+
+def write(workdir: str, step: int, pictures: dict[str, np.ndarray], gif: bytes) -> list[str]:
+  """<workdir>/visualize/<name>.png and reverse_process.gif by process 0, and the pictures as
+  TensorBoard images at `step`; returns the paths written."""
   paths = []
+  directory = files.join(workdir, "visualize")
   if jax.process_index() == 0:
     for name, picture in pictures.items():
       paths.append(files.join(directory, f"{name}.png"))
-      image_io.save_png(paths[-1], picture)
+      files.save_png(paths[-1], picture)
     paths.append(files.join(directory, "reverse_process.gif"))
-    files.save_bytes(paths[-1], _gif([image_io.image_grid(frame[:GIF_GRID], columns=4)
-                                      for frame in x_t] + [image_io.image_grid(
-                                          image_io.to_uint8(final)[:GIF_GRID], columns=4)]))
+    files.save_bytes(paths[-1], gif)
+  writer = summaries.create_writer(workdir, just_logging=jax.process_index() > 0)
   writer.write_images(step, {f"visualize/{name}": picture[None]
                              for name, picture in pictures.items()})
   writer.flush()

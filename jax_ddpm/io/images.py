@@ -1,16 +1,19 @@
-"""Images at the file boundary: float [-1, 1] to uint8, grids of images, PNG files.
+"""Images at the file boundary: uint8 to float [-1, 1] and back, and grids of images.
 
-Inside the project images are float32 NHWC in [-1, 1]; every file holds uint8 (DESIGN.md).
+Inside the project images are float32 NHWC in [-1, 1] (the data scaling of DDPM Sec. 3.3); every
+file holds uint8. Pure array functions: paths.save_png writes a grid.
 """
 
 from __future__ import annotations
 
-import io
 import math
 
 import numpy as np
 
-from jax_ddpm.io import paths as files
+
+def to_model_range(images: np.ndarray) -> np.ndarray:
+  """uint8 [0, 255] -> float32 [-1, 1], the DDPM data scaling (Sec. 3.3)."""
+  return images.astype(np.float32) / 127.5 - 1.0
 
 
 def to_uint8(images) -> np.ndarray:
@@ -31,14 +34,6 @@ def image_grid(images: np.ndarray, columns: int | None = None, padding: int = 2)
     top, left = padding + row * (height + padding), padding + column * (width + padding)
     grid[top:top + height, left:left + width] = image
   return grid
-
-
-def save_png(path: str, image: np.ndarray) -> None:
-  """Writes a uint8 [H, W, C] image (C = 1 or 3) as PNG (local path or URL), atomically."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  buffer = io.BytesIO()
-  Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, format="PNG")
-  files.save_bytes(path, buffer.getvalue())
 
 
 def class_grid(images: np.ndarray, labels: np.ndarray, padding: int = 2) -> np.ndarray:

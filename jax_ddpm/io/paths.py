@@ -17,11 +17,19 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import zipfile
 from typing import IO, Any, Callable, Iterable, Optional
 
-import numpy as np
-from etils import epath
+# gs:// paths through gcsfs (etils.epath's fsspec backend) rather than TensorFlow's GCS client, for
+# our files, orbax's and TFDS's alike. gcsfs honours STORAGE_EMULATOR_HOST, so the pod rehearsal
+# (tests/pod_rehearsal_test.py) runs the very client a pod runs. epath decides at its first use
+# of any path, and every module that touches files imports this one first;
+# EPATH_USE_TF=true in the environment keeps TensorFlow's client.
+os.environ.setdefault("EPATH_USE_TF", "false")
+
+import numpy as np  # noqa: E402
+from etils import epath  # noqa: E402
 
 from jax_ddpm.io.errors import InputFileError, MissingInputError
 
@@ -56,10 +64,6 @@ def exists(path: PathLike) -> bool:
 
 def is_dir(path: PathLike) -> bool:
   return epath.Path(path).is_dir()
-
-
-def make_dirs(path: PathLike) -> None:
-  epath.Path(path).mkdir(parents=True, exist_ok=True)
 
 
 def list_names(directory: PathLike) -> list[str]:
@@ -103,6 +107,14 @@ def load_json(path: PathLike) -> Any:
 
 def save_bytes(path: PathLike, data: bytes) -> None:
   write_atomically(path, lambda f: f.write(data))
+
+
+def save_png(path: str, image: np.ndarray) -> None:
+  """Writes a uint8 [H, W, C] image (C = 1 or 3) as PNG (local path or URL), atomically."""
+  from PIL import Image  # noqa: PLC0415 (pillow only where PNGs are written)
+  buffer = io.BytesIO()
+  Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, format="PNG")
+  save_bytes(path, buffer.getvalue())
 
 
 def append_bytes(path: PathLike, data: bytes) -> None:

@@ -17,8 +17,8 @@ custom VJP keeps only x and the per-group statistics and computes, with u the co
 the normalisation's gradient (Ioffe & Szegedy 2015, Sec. 3, with the group in place of the
 mini-batch). A and B come out of one reduction over the activation, dx out of one elementwise
 pass. The forward is Flax's `nnx.GroupNorm` formula step for step, and the parameters are its
-`scale` and `bias`, so checkpoints and imported weights do not change. Measured on a 2-core CPU
-(benchmarks/NOTES.md, 11): the same step time, 29% less XLA memory for the small model.
+`scale` and `bias`, so checkpoints and imported weights do not change; the saving in memory is
+in docs/benchmarks.md.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The noise-prediction U-Net of Ho et al. 2020 (Appendix B), in Flax NNX.
 
 Layer for layer the network of the original DDPM code (`diffusion_tf/models/unet.py`), so that
-the published DDPM weights load (see convert.py): a sinusoidal timestep embedding and a 4*ch MLP;
+the published DDPM weights load (diffusers_weights.py): a sinusoidal timestep embedding and a 4*ch MLP;
 at each resolution `num_res_blocks` residual blocks (GroupNorm -> swish -> conv3x3 -> + time
 projection -> GroupNorm -> swish -> dropout -> conv3x3), self-attention at the resolutions in
 `attn_resolutions`, a stride-2 conv down; a middle of block, attention, block; the mirror path up
@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jax_ddpm.io.errors import ConfigError
 from jax_ddpm.models.group_norm import GroupNorm
 
 # The original network's initialiser: variance scaling, fan_avg, uniform (`default_init`);
@@ -53,36 +54,36 @@ class UNetConfig:
   num_classes: Optional[int] = None
   compute_dtype: str = "float32"
   # Recompute each residual block's activations in the backward pass instead of storing them
-  # (jax.checkpoint): less memory for more compute; benchmarks/NOTES.md has the trade.
+  # (jax.checkpoint): less memory for more compute.
   remat: bool = False
 
   def validate(self) -> None:
-    """Raises ValueError naming the first inconsistent field."""
+    """Raises ConfigError naming the first inconsistent field (by its run-config key)."""
     levels = len(self.ch_mult)
     if levels < 1 or any(m < 1 for m in self.ch_mult):
-      raise ValueError(f"model.ch_mult must be a non-empty tuple of positive ints, got {self.ch_mult}.")
+      raise ConfigError(f"model.ch_mult must be a non-empty tuple of positive ints, got {self.ch_mult}.")
     if self.image_size % 2 ** (levels - 1):
-      raise ValueError(
+      raise ConfigError(
           f"model.image_size={self.image_size} must be divisible by 2^(levels-1) = "
           f"{2 ** (levels - 1)} for ch_mult={self.ch_mult} ({levels} levels).")
     resolutions = [self.image_size // 2**i for i in range(levels)]
     unknown = [r for r in self.attn_resolutions if r not in resolutions]
     if unknown:
-      raise ValueError(f"model.attn_resolutions {unknown} are not among the U-Net's resolutions "
+      raise ConfigError(f"model.attn_resolutions {unknown} are not among the U-Net's resolutions "
                        f"{resolutions}.")
     for width in {self.ch * m for m in self.ch_mult}:
       if width % self.num_groups:
-        raise ValueError(f"Channel width {width} (ch * ch_mult) is not divisible by "
+        raise ConfigError(f"Channel width {width} (ch * ch_mult) is not divisible by "
                          f"model.num_groups={self.num_groups}.")
       if self.attention_head_dim and width % self.attention_head_dim:
-        raise ValueError(f"Channel width {width} is not divisible by "
+        raise ConfigError(f"Channel width {width} is not divisible by "
                          f"model.attention_head_dim={self.attention_head_dim}.")
     if self.ch % 2:
-      raise ValueError(f"model.ch must be even for the sinusoidal embedding, got {self.ch}.")
+      raise ConfigError(f"model.ch must be even for the sinusoidal embedding, got {self.ch}.")
     if not 0.0 <= self.dropout < 1.0:
-      raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}.")
+      raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}.")
     if self.compute_dtype not in ("float32", "bfloat16"):
-      raise ValueError(f"model.compute_dtype must be 'float32' or 'bfloat16' (or 'auto' in a "
+      raise ConfigError(f"model.compute_dtype must be 'float32' or 'bfloat16' (or 'auto' in a "
                        f"run config), got {self.compute_dtype!r}.")
 
 
@@ -164,8 +165,7 @@ class AttentionBlock(nnx.Module):
 
     q, k, v = heads(self.q), heads(self.k), heads(self.v)
     # Attention weights softmax(q k^T / sqrt(d)) (Vaswani et al. 2017, eq. 1), in float32.
-    # (jax.nn.dot_product_attention computes the same but its backward pass measured slower on
-    # CPU, benchmarks/NOTES.md, 3.)
+    # (jax.nn.dot_product_attention computes the same; its backward pass is slower on CPU.)
     logits = jnp.einsum("bqhc,bkhc->bhqk", q, k, preferred_element_type=jnp.float32)
     weights = jax.nn.softmax(logits * head_dim**-0.5, axis=-1).astype(v.dtype)
     out = jnp.einsum("bhqk,bkhc->bqhc", weights, v).reshape(batch, height, width, channels)

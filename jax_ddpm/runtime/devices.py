@@ -1,10 +1,10 @@
 """What the host CPU offers XLA: how many CPU devices to start, and whether it computes bfloat16.
 
-XLA's CPU backend runs one device on all cores but uses the second core poorly (see
-benchmarks/NOTES.md, 1); one device per core runs the same mesh code faster: one per core, a
-power of two, at most 8. This module imports no JAX: the flag must be in XLA_FLAGS before JAX is
-first imported. A CPU with AMX or AVX512-BF16 multiplies bfloat16 natively, where bfloat16
-compute trains faster; elsewhere it is emulated and slower (benchmarks/NOTES.md, 2 and 11).
+XLA's CPU backend runs one device on all cores but uses the second core poorly; one device per
+core runs the same mesh code faster (docs/benchmarks.md): one per core, a power of two, at most
+8. This module imports no JAX: the flag must be in XLA_FLAGS before JAX starts its CPU client. A
+CPU with AMX or AVX512-BF16 multiplies bfloat16 natively, where bfloat16 compute trains faster;
+elsewhere it is emulated and slower.
 """
 
 import os

@@ -8,10 +8,14 @@ deadlocking when the host runs far ahead of the devices.
 """
 
 import collections
+from typing import Optional
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from jax_ddpm.io.errors import ConfigError
 
 DATA_AXIS = "data"
 
@@ -29,6 +33,26 @@ def batch_sharding(mesh: Mesh, leading_axes: int = 0) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
+
+
+def check_divisible(batch_size, key: str, count: int, what: str = "devices") -> None:
+  """ConfigError unless the global batch `key` = batch_size splits evenly over `count` devices
+  (or processes): each gets an equal share of every batch."""
+  if not isinstance(batch_size, int) or batch_size <= 0 or batch_size % count:
+    raise ConfigError(f"{key}={batch_size} must be a positive multiple of the number of {what}, "
+                      f"{count}: the global batch is split evenly over them.")
+
+
+def shard_batch(array: np.ndarray, mesh: Mesh) -> jax.Array:
+  """A host array, the same on every process, as a global array sharded along its batch axis."""
+  return jax.make_array_from_callback(array.shape, batch_sharding(mesh), lambda i: array[i])
+
+
+def gather(array: Optional[jax.Array]) -> Optional[np.ndarray]:
+  """A batch sharded over every process's devices, whole on each process (None stays None)."""
+  if array is None:
+    return None
+  return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
 class DispatchLimit:

@@ -9,6 +9,9 @@ own scan state.
 Noise stream: with rng split into (rng_init, rng_steps), x_T ~ N(0, I) is drawn from rng_init
 and the noise added when leaving timestep index t from fold_in(rng_steps, t). Every sampler
 shares this convention, so DDIM with S = T and eta = 1 follows DDPM ("fixed_small") step for step.
+
+The checks of a sampler's options are functions of the value and the name to report, so that a
+run config names its key (sampling.num_steps) and a Python caller its argument (num_steps).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import numpy as np
 from jax_ddpm.diffusion import process as diffusion
 from jax_ddpm.diffusion.process import Prediction, parse_enum
 from jax_ddpm.diffusion.schedules import DiffusionSchedule
+from jax_ddpm.io.errors import ConfigError
 
 
 class Thresholding(str, enum.Enum):
@@ -52,9 +56,32 @@ class Trajectory(NamedTuple):
   x0: jnp.ndarray  # [K, *shape]
 
 
-def check_num_steps(num_steps, num_timesteps: int) -> None:
+class Denoised(NamedTuple):
+  """The network's estimates at (x_t, t) that a step reads: x_0 (thresholded) and the eps
+  consistent with it, and a learned-variance network's raw variance channels (else None)."""
+  x0: jax.Array
+  eps: jax.Array
+  variance_output: Optional[jax.Array] = None
+
+
+class Step(NamedTuple):
+  """Where a step goes: from t to t_next ([B] int32 indices; t_next = -1 is the data), and its
+  index in the run (0 first)."""
+  t: jax.Array
+  t_next: jax.Array
+  index: jax.Array
+
+
+def check_num_steps(num_steps, num_timesteps: int, key: str = "num_steps") -> None:
+  """ConfigError unless `key` = num_steps is an integer in 1..T."""
   if not isinstance(num_steps, (int, np.integer)) or not 1 <= num_steps <= num_timesteps:
-    raise ValueError(f"num_steps must be an integer in 1..{num_timesteps} (T), got {num_steps!r}.")
+    raise ConfigError(f"{key} must be an integer in 1..{num_timesteps} (T), got {num_steps!r}.")
+
+
+def check_eta(eta, key: str = "eta") -> None:
+  """ConfigError unless `key` = eta, DDIM's noise scale (DDIM eq. 16), is in [0, 1]."""
+  if not isinstance(eta, (int, float)) or not 0.0 <= float(eta) <= 1.0:
+    raise ConfigError(f"{key} must be in [0, 1], got {eta!r}.")
 
 
 def timestep_indices(schedule: DiffusionSchedule, num_steps: int,
@@ -90,21 +117,21 @@ def timestep_indices(schedule: DiffusionSchedule, num_steps: int,
 START_SIGNAL_TOLERANCE = 0.1
 
 
-def check_start(schedule: DiffusionSchedule, timesteps) -> None:
-  """Raises ValueError when the first timestep visited keeps more than START_SIGNAL_TOLERANCE of
-  the data though the schedule's last keeps less: the start x_T ~ N(0, I) is then not q(x_t),
-  and the samples are poor (README, "The default recipe, measured": the cosine schedule on
-  quadratic spacing). A schedule that never reaches noise (e.g. T = 100 with the linear betas
-  of T = 1000, as the tests' tiny config) is the schedule's choice, not the sampler's."""
+def check_start(schedule: DiffusionSchedule, timesteps, what: str = "the sampler") -> None:
+  """ConfigError when the first timestep visited keeps more than START_SIGNAL_TOLERANCE of the
+  data though the schedule's last keeps less: the start x_T ~ N(0, I) is then not q(x_t), and
+  the samples are poor (the cosine schedule on quadratic spacing). A schedule that never reaches
+  noise (e.g. T = 100 with the linear betas of T = 1000, as the tests' tiny config) is the
+  schedule's choice, not the sampler's. `what` names the sampler's settings in the message."""
   log_alpha_bar = np.asarray(schedule.log_alphas_cumprod, np.float64)
   start = int(np.max(timesteps))
   signal, last = np.exp(0.5 * log_alpha_bar[start]), np.exp(0.5 * log_alpha_bar[-1])
   if signal > START_SIGNAL_TOLERANCE >= last:
-    raise ValueError(
-        f"the sampler's first timestep t = {start} keeps sqrt(alpha-bar_t) = {signal:.3f} of the "
-        f"data (the schedule's t = {len(log_alpha_bar) - 1}: {last:.3f}), but it starts from "
-        f"x_T ~ N(0, I); choose a spacing that starts nearer t = T - 1 for this schedule "
-        f"(uniform or logsnr).")
+    raise ConfigError(
+        f"{what}: the sampler's first timestep t = {start} keeps sqrt(alpha-bar_t) = "
+        f"{signal:.3f} of the data (the schedule's t = {len(log_alpha_bar) - 1}: {last:.3f}), but "
+        f"it starts from x_T ~ N(0, I); choose a spacing that starts nearer t = T - 1 for this "
+        f"schedule (uniform or logsnr).")
 
 
 def frame_slots(num_steps: int, num_frames: int) -> np.ndarray:
@@ -153,14 +180,6 @@ def denoised(schedule: DiffusionSchedule, x_t, t, output, *, prediction: Predict
   return x0, eps
 
 
-def alpha_bar_pair(schedule: DiffusionSchedule, t, t_next, ndim: int):
-  """log alpha-bar at t and at t_next, broadcast to rank ndim; t_next = -1 is the data (log 1)."""
-  log_with_data = jnp.append(schedule.log_alphas_cumprod, 0.0)
-  t_next = jnp.where(t_next < 0, schedule.num_timesteps, t_next)
-  return (diffusion.extract(schedule.log_alphas_cumprod, t, ndim),
-          diffusion.extract(log_with_data, t_next, ndim))
-
-
 @dataclasses.dataclass(frozen=True)
 class Sampler(abc.ABC):
   """A reverse process. Subclasses are frozen dataclasses of their options (hashable, so a
@@ -177,7 +196,8 @@ class Sampler(abc.ABC):
   @classmethod
   @abc.abstractmethod
   def from_config(cls, sampling) -> "Sampler":
-    """The sampler from its keys of the `sampling` config section."""
+    """The sampler from its options among the keys of a run config's typed `sampling` section
+    (config.run_config.SamplingConfig)."""
 
   @property
   def uses_noise(self) -> bool:
@@ -199,15 +219,10 @@ class Sampler(abc.ABC):
     return ()
 
   @abc.abstractmethod
-  def step(self, schedule: DiffusionSchedule, x_t, x0, eps, t, t_next, index, noise, state,
-           variance_output):
-    """x_t -> x_{t_next}; returns (x_next, state).
-
-    t, t_next: [B] int32 indices, t_next = -1 for the data; x0, eps: the thresholded
-    predictions at (x_t, t); index: the step's position in the run (0 first); noise: N(0, I)
-    of x_t's shape, or None unless `uses_noise`; variance_output: a learned-variance network's
-    raw variance channels at (x_t, t) (diffusion.split_output), or None.
-    """
+  def step(self, schedule: DiffusionSchedule, x_t, denoised: Denoised, step: Step, noise,
+           state):
+    """x_t -> x_{t_next}; returns (x_next, state). noise: N(0, I) of x_t's shape, or None
+    unless `uses_noise`; state: what `init_state` or the previous step returned."""
 
 
 def _initial_state(rng, shape, initial_noise, sharding):
@@ -261,8 +276,8 @@ def _run(sampler, denoise_fn, schedule, shape, rng, initial_noise, *, timesteps,
     x0, eps = denoised(schedule, x_t, t_batch, output, prediction=prediction,
                        thresholding=thresholding, percentile=percentile)
     noise = _step_noise(rng_steps, t, shape, sharding) if sampler.uses_noise else None
-    x_next, state = sampler.step(schedule, x_t, x0, eps, t_batch, t_next_batch, index, noise,
-                                 state, variance_output)
+    x_next, state = sampler.step(schedule, x_t, Denoised(x0, eps, variance_output),
+                                 Step(t_batch, t_next_batch, index), noise, state)
     return (x_next, state, _record(frames, slot, x_t, x0)), None
 
   xs = tuple(jnp.asarray(v) for v in (timesteps, following, np.arange(len(timesteps)), slots))
@@ -281,7 +296,7 @@ def run(sampler: Sampler, denoise_fn: Callable, schedule: DiffusionSchedule,
   """Samples with `sampler`, one `lax.scan` over its timesteps.
 
   Args:
-    sampler: a `Sampler` (see the registry in jax_ddpm.samplers).
+    sampler: a `Sampler` (samplers/registry.py lists them by name).
     denoise_fn: (x_t [B, ...] float32, t [B] int32) -> eps, x_0 or v prediction.
     schedule: the coefficient table the model was trained with (concrete, not traced).
     shape: [B, H, W, C] of the samples.

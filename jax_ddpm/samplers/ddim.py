@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_ddpm.diffusion import process as diffusion
-from jax_ddpm.diffusion.process import Prediction, Variance, parse_enum
+from jax_ddpm.diffusion.process import Variance, parse_enum
 from jax_ddpm.samplers import base
 from jax_ddpm.diffusion.schedules import DiffusionSchedule
 
@@ -23,7 +23,7 @@ def ddim_update(schedule: DiffusionSchedule, x_t, x0, eps, t, t_prev, noise, eta
   eq. (12)'s. At eta = 1 that is Improved DDPM's strided ancestral sampling; with the
   interpolation at beta~ it is DDIM's eq. (16) exactly.
   """
-  log_alpha_bar, log_alpha_bar_prev = base.alpha_bar_pair(schedule, t, t_prev, x_t.ndim)
+  log_alpha_bar, log_alpha_bar_prev = diffusion.alpha_bar_pair(schedule, t, t_prev, x_t.ndim)
   # The differences 1 - alpha-bar are ~1e-4 near the data; expm1 keeps them exact in float32.
   one_minus_alpha_bar = -jnp.expm1(log_alpha_bar)
   one_minus_alpha_bar_prev = -jnp.expm1(log_alpha_bar_prev)
@@ -58,18 +58,6 @@ def learned_variance(beta, one_minus_alpha_bar_prev, one_minus_alpha_bar, t_prev
   return jnp.where(moves, jnp.exp(log_variance), 0.0)
 
 
-def ddim_step(schedule: DiffusionSchedule, output, x_t, t, t_prev, noise, *, eta: float,
-              prediction: Prediction | str, thresholding: base.Thresholding | str = "static",
-              threshold_percentile: float = 0.995, learn_sigma: bool = False):
-  """One DDIM step from the network output; returns (x_{t_prev}, predicted x_0). A
-  learned-variance network's output (learn_sigma) sets the noise as in `ddim_update`."""
-  output, variance_output = diffusion.split_output(output, learn_sigma)
-  x0, eps = base.denoised(schedule, x_t, t, output, prediction=Prediction(prediction),
-                          thresholding=base.Thresholding(thresholding),
-                          percentile=threshold_percentile)
-  return ddim_update(schedule, x_t, x0, eps, t, t_prev, noise, eta, variance_output), x0
-
-
 @dataclasses.dataclass(frozen=True)
 class DDIM(base.Sampler):
   """DDIM in num_steps = S steps; eta = 0 is deterministic, eta = 1 with S = T is DDPM with
@@ -84,12 +72,11 @@ class DDIM(base.Sampler):
 
   def __post_init__(self):
     object.__setattr__(self, "spacing", parse_enum(base.Spacing, self.spacing, "spacing"))
-    if not 0.0 <= float(self.eta) <= 1.0:
-      raise ValueError(f"eta must be in [0, 1], got {self.eta!r}.")
+    base.check_eta(self.eta)
     object.__setattr__(self, "eta", float(self.eta))
 
   @classmethod
-  def from_config(cls, sampling) -> "DDIM":
+  def from_config(cls, sampling) -> DDIM:
     return cls(num_steps=sampling.num_steps, eta=sampling.eta, spacing=sampling.spacing,
                learned_variance=sampling.variance == Variance.LEARNED)
 
@@ -110,6 +97,7 @@ class DDIM(base.Sampler):
   def timesteps(self, schedule: DiffusionSchedule) -> np.ndarray:
     return base.timestep_indices(schedule, self.num_steps, self.spacing)[::-1].copy()
 
-  def step(self, schedule, x_t, x0, eps, t, t_next, index, noise, state, variance_output):
-    variance_output = variance_output if self.uses_learned_variance else None
-    return ddim_update(schedule, x_t, x0, eps, t, t_next, noise, self.eta, variance_output), state
+  def step(self, schedule, x_t, denoised, step, noise, state):
+    variance_output = denoised.variance_output if self.uses_learned_variance else None
+    return ddim_update(schedule, x_t, denoised.x0, denoised.eps, step.t, step.t_next, noise,
+                       self.eta, variance_output), state

@@ -28,17 +28,6 @@ def ddpm_update(schedule: DiffusionSchedule, x_t, x0, t, noise, variance: Varian
   return mean + nonzero * jnp.exp(0.5 * log_variance) * noise
 
 
-def ddpm_step(schedule: DiffusionSchedule, output, x_t, t, noise, *, variance: Variance | str,
-              prediction: Prediction | str, thresholding: base.Thresholding | str = "static",
-              threshold_percentile: float = 0.995, learn_sigma: bool = False):
-  """One ancestral step from the network output; returns (x_{t-1}, predicted x_0)."""
-  output, variance_output = diffusion.split_output(output, learn_sigma)
-  x0, _ = base.denoised(schedule, x_t, t, output, prediction=Prediction(prediction),
-                        thresholding=base.Thresholding(thresholding),
-                        percentile=threshold_percentile)
-  return ddpm_update(schedule, x_t, x0, t, noise, Variance(variance), variance_output), x0
-
-
 @dataclasses.dataclass(frozen=True)
 class DDPM(base.Sampler):
   """Ancestral sampling, Algorithm 2, visiting every t from T - 1 down to 0.
@@ -54,7 +43,7 @@ class DDPM(base.Sampler):
     object.__setattr__(self, "variance", parse_enum(Variance, self.variance, "variance"))
 
   @classmethod
-  def from_config(cls, sampling) -> "DDPM":
+  def from_config(cls, sampling) -> DDPM:
     return cls(variance=sampling.variance)
 
   @property
@@ -72,5 +61,6 @@ class DDPM(base.Sampler):
   def timesteps(self, schedule: DiffusionSchedule) -> np.ndarray:
     return np.arange(schedule.num_timesteps - 1, -1, -1, dtype=np.int32)
 
-  def step(self, schedule, x_t, x0, eps, t, t_next, index, noise, state, variance_output):
-    return ddpm_update(schedule, x_t, x0, t, noise, self.variance, variance_output), state
+  def step(self, schedule, x_t, denoised, step, noise, state):
+    return ddpm_update(schedule, x_t, denoised.x0, step.t, noise, self.variance,
+                       denoised.variance_output), state

@@ -32,7 +32,7 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
-from jax_ddpm.diffusion.process import parse_enum
+from jax_ddpm.diffusion.process import alpha_bar_pair, parse_enum
 from jax_ddpm.samplers import base
 from jax_ddpm.diffusion.schedules import DiffusionSchedule
 
@@ -40,7 +40,7 @@ from jax_ddpm.diffusion.schedules import DiffusionSchedule
 def step_coefficients(schedule: DiffusionSchedule, t, t_next, ndim: int):
   """(sigma_next / sigma_t, alpha_next, e^{-h}, h) for a step t -> t_next; t_next = -1 is the
   data, where sigma_next = 0, e^{-h} = 0 and h = +inf."""
-  log_alpha_bar, log_alpha_bar_next = base.alpha_bar_pair(schedule, t, t_next, ndim)
+  log_alpha_bar, log_alpha_bar_next = alpha_bar_pair(schedule, t, t_next, ndim)
   log_one_minus = jnp.log(-jnp.expm1(log_alpha_bar))
   log_one_minus_next = jnp.log(-jnp.expm1(log_alpha_bar_next))  # -inf at the data
   log_sigma_ratio = 0.5 * (log_one_minus_next - log_one_minus)
@@ -71,7 +71,7 @@ class DPMSolverPP2M(base.Sampler):
             + (f"order{self.order}",) * (self.order != 2))
 
   @classmethod
-  def from_config(cls, sampling) -> "DPMSolverPP2M":
+  def from_config(cls, sampling) -> DPMSolverPP2M:
     return cls(num_steps=sampling.num_steps, spacing=sampling.spacing)
 
   def timesteps(self, schedule: DiffusionSchedule) -> np.ndarray:
@@ -81,18 +81,20 @@ class DPMSolverPP2M(base.Sampler):
     """(the previous step's x_0 prediction, the previous step's h)."""
     return jnp.zeros_like(x_T), jnp.zeros((), jnp.float32)
 
-  def step(self, schedule, x_t, x0, eps, t, t_next, index, noise, state, variance_output):
-    sigma_ratio, alpha_next, exp_neg_h, h = step_coefficients(schedule, t, t_next, x_t.ndim)
+  def step(self, schedule, x_t, denoised, step, noise, state):
+    sigma_ratio, alpha_next, exp_neg_h, h = step_coefficients(schedule, step.t, step.t_next,
+                                                              x_t.ndim)
     h = h.reshape(-1)[0]  # every sample of the batch is at the same t
-    estimate = self.estimate(x0, h, t_next, index, state)
+    estimate = self.estimate(denoised.x0, h, step, state)
     x_next = sigma_ratio * x_t + alpha_next * (1.0 - exp_neg_h) * estimate
-    return x_next, (x0, h)
+    return x_next, (denoised.x0, h)
 
-  def estimate(self, x0, h, t_next, index, state):
+  def estimate(self, x0, h, step, state):
     """D_i: first order on the first step, the step to the data, after a step that did not move
     (h_{i-1} = 0: quadratic spacing repeats t = 0 for large S), and for order 1."""
     x0_previous, h_previous = state
-    first_order = (index == 0) | (t_next[0] < 0) | (self.order == 1) | (h_previous <= 0)
+    first_order = ((step.index == 0) | (step.t_next[0] < 0) | (self.order == 1)
+                   | (h_previous <= 0))
     # 1 / (2 r) = h / (2 h_previous); the guard keeps the unused branch finite.
     half_over_r = 0.5 * jnp.where(first_order, 0.0, h / jnp.where(first_order, 1.0, h_previous))
     return (1.0 + half_over_r) * x0 - half_over_r * x0_previous
@@ -111,12 +113,14 @@ class SDEDPMSolverPP2M(DPMSolverPP2M):
   def uses_noise(self) -> bool:
     return True
 
-  def step(self, schedule, x_t, x0, eps, t, t_next, index, noise, state, variance_output):
-    sigma_ratio, alpha_next, exp_neg_h, h = step_coefficients(schedule, t, t_next, x_t.ndim)
+  def step(self, schedule, x_t, denoised, step, noise, state):
+    sigma_ratio, alpha_next, exp_neg_h, h = step_coefficients(schedule, step.t, step.t_next,
+                                                              x_t.ndim)
     h = h.reshape(-1)[0]
-    estimate = self.estimate(x0, h, t_next, index, state)
+    estimate = self.estimate(denoised.x0, h, step, state)
     one_minus_exp = -jnp.expm1(-2.0 * h)  # 1 - e^{-2h}: 1 at the data (h = inf), 0 for h = 0
-    sigma_next = jnp.sqrt(-jnp.expm1(base.alpha_bar_pair(schedule, t, t_next, x_t.ndim)[1]))
+    log_alpha_bar_next = alpha_bar_pair(schedule, step.t, step.t_next, x_t.ndim)[1]
+    sigma_next = jnp.sqrt(-jnp.expm1(log_alpha_bar_next))
     x_next = (sigma_ratio * exp_neg_h * x_t + alpha_next * one_minus_exp * estimate
               + sigma_next * jnp.sqrt(one_minus_exp) * noise)
-    return x_next, (x0, h)
+    return x_next, (denoised.x0, h)

@@ -1,7 +1,8 @@
-"""Orbax checkpoints of the TrainState, with a JSON record of the architecture beside each.
+"""Orbax checkpoints of the TrainState, with a JSON record of the run beside each.
 
-The JSON ("meta") lets a run refuse, before any compile, a workdir whose checkpoints belong to
-another model, and lets the sampling mode rebuild the network. Saves are asynchronous; call
+The JSON ("meta", config/builders.py's `metadata`) lets a run refuse, before any compile, a
+workdir whose checkpoints belong to another model, and lets `jax_ddpm.load` rebuild the network
+from a workdir alone. Saves are asynchronous; call
 `wait_until_finished` before reading them back or exiting.
 
 A state's optional fields (None unless a run needs them, e.g. TrainState.timestep_history) are
@@ -14,7 +15,7 @@ Checkpoints written before a field existed, or by a run without the option, thus
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import jax
 import numpy as np
@@ -24,6 +25,11 @@ from etils import epath
 
 from jax_ddpm.io import errors
 from jax_ddpm.io import paths as files
+from jax_ddpm.runtime import mesh as mesh_lib
+from jax_ddpm.training import state as state_lib
+
+if TYPE_CHECKING:
+  from jax_ddpm.config.builders import Run
 
 
 class UnreadableCheckpointError(RuntimeError):
@@ -171,3 +177,86 @@ def _normalise(value):
   if isinstance(value, (list, tuple)):
     return [_normalise(v) for v in value]
   return value
+
+
+def load_checkpoint(run: Run, workdir: str, step: Optional[int] = None):
+  """(eval-mode graphdef, TrainState, step) of a workdir's checkpoint, latest unless `step`.
+
+  Fails, before anything is compiled or written, when the workdir has no checkpoint, lacks
+  `step`, or holds another model than `run`'s.
+  """
+  checkpointer, steps = _reader(workdir)
+  directory = checkpointer.directory
+  try:
+    if step is None:
+      step = max(steps)
+    elif step not in steps:
+      raise errors.ConfigError(f"No checkpoint of step {step} (--step) in {directory}; "
+                               f"available: {sorted(steps)}.")
+    checkpointer.check_compatible(step, run.metadata)
+    mesh = mesh_lib.data_mesh()
+    _, eval_graphdef, abstract = state_lib.abstract_train_state(run.unet, run.config.seed, mesh,
+                                                                run.optimizer)
+    try:
+      restored = checkpointer.restore(step, abstract)
+    except Exception as error:  # orbax and tensorstore raise many types for damaged files
+      earlier = sorted(s for s in steps if s < step)
+      raise UnreadableCheckpointError(
+          f"The checkpoint of step {step} in {directory} cannot be read: "
+          f"{type(error).__name__}: {str(error)[:500]}\nEarlier checkpoints (choose one with "
+          f"--step): {earlier}.") from error
+  finally:
+    checkpointer.close()
+  return eval_graphdef, restored, step
+
+
+def read_saved_config(workdir: str, step: Optional[int] = None) -> tuple[dict, int]:
+  """(the run config saved beside a checkpoint, as nested dicts; its step), latest unless
+  `step`: what a workdir was trained with."""
+  checkpointer, steps = _reader(workdir)
+  try:
+    step = max(steps) if step is None else step
+    if step not in steps:
+      raise errors.ConfigError(f"No checkpoint of step {step} in {checkpointer.directory}; "
+                               f"available: {sorted(steps)}.")
+    meta = checkpointer.read_meta(step)
+  finally:
+    checkpointer.close()
+  if "config" not in meta:
+    raise errors.InputFileError(f"The checkpoint of step {step} in {checkpointer.directory} "
+                                "records no run config; pass the config it was trained with.")
+  return meta["config"], step
+
+
+def _reader(workdir: str) -> tuple[Checkpointer, list[int]]:
+  """A reading Checkpointer of `workdir` and its steps; MissingInputError when it has none."""
+  directory = files.join(files.as_path(workdir), "checkpoints")
+  checkpointer = Checkpointer(workdir, create=False) if files.is_dir(directory) else None
+  steps = checkpointer.all_steps() if checkpointer else []
+  if not steps:
+    if checkpointer:
+      checkpointer.close()
+    raise errors.MissingInputError(f"No checkpoint in {directory}: train first (--mode=train) "
+                                   "or import weights (--mode=import).")
+  return checkpointer, steps
+
+
+def save_imported(run: Run, workdir: str, params) -> int:
+  """Writes imported weights as the step-0 checkpoint of an empty `workdir`; returns 0.
+
+  Params and EMA params both take them, so sampling and fine-tuning start from them. A workdir
+  that already holds checkpoints is refused, and nothing is written.
+  """
+  existing = files.join(workdir, "checkpoints")
+  if files.list_names(existing):
+    raise errors.ConfigError(f"{existing} already holds checkpoints; import into an empty "
+                             "--workdir. Nothing was written.")
+  mesh = mesh_lib.data_mesh()
+  _, _, state = state_lib.create_train_state(run.unet, run.config.seed, mesh, run.optimizer)
+  params = jax.device_put(params, mesh_lib.replicated(mesh))
+  state = state.replace(params=params, ema_params=params,
+                        opt_state=jax.jit(run.optimizer.init)(params))
+  checkpointer = Checkpointer(workdir, keep=run.config.training.keep_checkpoints)
+  checkpointer.save(0, state, run.metadata)
+  checkpointer.close()  # waits for the save
+  return 0
