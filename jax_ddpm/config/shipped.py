@@ -1,7 +1,7 @@
 """The configs shipped with jax_ddpm, found by name from anywhere: `--config=mnist`.
 
-In a checkout they are the files of configs/ beside the package; an installed package carries the
-same files as jax_ddpm/configs/ (pyproject.toml maps them there). A config is always loaded from
+An installed package carries them as jax_ddpm/configs/ (pyproject.toml maps configs/ there); in a
+checkout they are the files of configs/ beside the package. A config is always loaded from
 its file, so `--config=configs/mnist.py` (a path) and `--config=mnist` (a name) give the same run.
 """
 
@@ -13,8 +13,8 @@ import os
 from jax_ddpm.io.errors import MissingInputError
 
 PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DIRECTORIES = (os.path.join(os.path.dirname(PACKAGE), "configs"),  # a checkout
-               os.path.join(PACKAGE, "configs"))  # an installed package
+DIRECTORIES = (os.path.join(PACKAGE, "configs"),  # an installed package
+               os.path.join(os.path.dirname(PACKAGE), "configs"))  # a checkout
 
 
 def directory() -> str:
