@@ -8,7 +8,8 @@ import time
 
 
 def machine_description() -> str:
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax
+
   devices = jax.devices()
   cpu = platform.processor() or platform.machine()
   try:
@@ -19,8 +20,10 @@ def machine_description() -> str:
           break
   except OSError:
     pass
-  return (f"{cpu}, {os.cpu_count()} cores; jax {jax.__version__} on {len(devices)} "
-          f"{devices[0].platform} device(s) ({devices[0].device_kind})")
+  return (
+    f"{cpu}, {os.cpu_count()} cores; jax {jax.__version__} on {len(devices)} "
+    f"{devices[0].platform} device(s) ({devices[0].device_kind})"
+  )
 
 
 def time_call(fn, repeats: int = 5, warmup: int = 1) -> tuple[float, float, float]:
@@ -53,7 +56,8 @@ def model_config(name: str, overrides: dict | None = None):
 
   The config is locked, so a misspelt override key raises KeyError naming the near miss.
   """
-  from configs import cifar10, mnist, tiny  # pylint: disable=g-import-not-at-top
+  from configs import cifar10, mnist, tiny
+
   configs = {"small": mnist, "cifar10": cifar10, "tiny": tiny}
   if name not in configs:
     raise ValueError(f"Unknown model {name!r}; allowed values: {list(configs)}.")
@@ -72,5 +76,6 @@ def peak_rss_mb() -> float:
 
 def build(config):
   """The built run (jax_ddpm.config.builders.Run) of a ConfigDict."""
-  from jax_ddpm.config import builders, run_config  # pylint: disable=g-import-not-at-top
+  from jax_ddpm.config import builders, run_config
+
   return builders.build(run_config.from_config_dict(config))

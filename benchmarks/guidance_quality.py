@@ -22,8 +22,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import machine_description, print_table  # pylint: disable=g-import-not-at-top
-from benchmarks.sampler_quality import draw  # pylint: disable=g-import-not-at-top
+from benchmarks.common import machine_description, print_table
+from benchmarks.sampler_quality import draw
 from jax_ddpm.config import builders, run_config
 from jax_ddpm.data import sources as data_sources
 from jax_ddpm.evaluation import features, metrics, scoring
@@ -39,9 +39,11 @@ def per_class_rows(images: np.ndarray, labels: np.ndarray, per_class: int = 8) -
 
 
 def figure(grids: dict[float, np.ndarray], path: str, subtitle: str) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
+  import matplotlib
+
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  import matplotlib.pyplot as plt
+
   fig, axes = plt.subplots(1, len(grids), figsize=(3 * len(grids), 3.6))
   for axis, (scale, grid) in zip(np.atleast_1d(axes), grids.items()):
     axis.imshow(grid.squeeze(-1) if grid.shape[-1] == 1 else grid, cmap="gray")
@@ -71,30 +73,42 @@ def main():
   eval_graphdef, train_state, step = checkpointing.load_checkpoint(run, args.workdir)
   extractor = features.create_extractor(config.eval, config.data, args.workdir, mesh)
   path = scoring.reference_path(config.eval, config.data, args.workdir)
-  reference = (scoring.saved_reference(config.eval, path, extractor)
-               or scoring.compute_reference(config.eval, config.data, path, extractor))
+  reference = scoring.saved_reference(config.eval, path, extractor) or scoring.compute_reference(
+    config.eval, config.data, path, extractor
+  )
   rows, grids = [], {}
   for scale in (float(w) for w in args.scales.split(",")):
     guided = run.with_sampling(guidance_scale=scale)
-    images, labels, seconds = draw(guided, eval_graphdef, train_state.ema_params, mesh, sampler,
-                                   args.num_samples, args.batch)
+    images, labels, seconds = draw(
+      guided, eval_graphdef, train_state.ema_params, mesh, sampler, args.num_samples, args.batch
+    )
     stats, probabilities = extractor.statistics(data_sources.ArraySource(images))
     verdict = scoring.classifier_results(probabilities, labels)
-    rows.append([f"{scale:g}", f"{verdict['class_accuracy']:.3f}",
-                 f"{metrics.frechet_distance(stats, reference):.2f}",
-                 f"{verdict['classifier_score']:.2f}", f"{seconds:.1f}"])
+    rows.append(
+      [
+        f"{scale:g}",
+        f"{verdict['class_accuracy']:.3f}",
+        f"{metrics.frechet_distance(stats, reference):.2f}",
+        f"{verdict['classifier_score']:.2f}",
+        f"{seconds:.1f}",
+      ]
+    )
     print(f"  {rows[-1]}", file=sys.stderr, flush=True)
     grids[scale] = per_class_rows(images, labels)
   calls = len(sampler.timesteps(schedule))
   print(f"Machine: {machine_description()}")
-  print(f"Checkpoint: {args.workdir}, step {step}, EMA weights; {sampler.name}, {calls} steps "
-        f"({2 * calls} network evaluations per image when w is not 0 or 1); "
-        f"{args.num_samples} samples per row, labels {config.sampling.labels!r}")
-  print_table(["guidance w", "class accuracy", "feature distance", "classifier score",
-               "sampling s"], rows)
+  print(
+    f"Checkpoint: {args.workdir}, step {step}, EMA weights; {sampler.name}, {calls} steps "
+    f"({2 * calls} network evaluations per image when w is not 0 or 1); "
+    f"{args.num_samples} samples per row, labels {config.sampling.labels!r}"
+  )
+  print_table(
+    ["guidance w", "class accuracy", "feature distance", "classifier score", "sampling s"], rows
+  )
   if args.figure:
-    figure(grids, args.figure, f"{args.workdir}, step {step}: {sampler.name}-{calls}, one row "
-           "per class")
+    figure(
+      grids, args.figure, f"{args.workdir}, step {step}: {sampler.name}-{calls}, one row per class"
+    )
 
 
 if __name__ == "__main__":

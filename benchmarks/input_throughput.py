@@ -23,20 +23,25 @@ from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.common import machine_description
+from jax_ddpm.data import pipeline as input_pipeline
 from jax_ddpm.data import sources as data_sources
-from jax_ddpm.data import pipeline as input_pipeline  # pylint: disable=g-import-not-at-top
-from benchmarks.common import machine_description  # pylint: disable=g-import-not-at-top
 
 
 def cifar_shaped_tfds(directory: str, count: int) -> data_sources.TfdsSource:
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf
+  import tensorflow_datasets as tfds
+
   images = data_sources.fake_images(count, 32, 3, seed=0)
   features = tfds.features.FeaturesDict({"image": tfds.features.Image(shape=(32, 32, 3))})
   tfds.dataset_builders.store_as_tfds_dataset(
-      name="cifar_shaped", version="1.0.0", features=features, data_dir=directory,
-      split_datasets={"train": tf.data.Dataset.from_tensor_slices({"image": images})},
-      file_format="array_record")
+    name="cifar_shaped",
+    version="1.0.0",
+    features=features,
+    data_dir=directory,
+    split_datasets={"train": tf.data.Dataset.from_tensor_slices({"image": images})},
+    file_format="array_record",
+  )
   return data_sources.TfdsSource("cifar_shaped", "train", directory)
 
 
@@ -45,9 +50,18 @@ def plain_loop(source, steps, batch):
 
 
 def grain_loop(source, steps, batch, **options):
-  iterator = iter(input_pipeline.grain_batches(source, first_step=0, global_batch=batch, seed=0,
-                                               random_flip=True, process_index=0,
-                                               process_count=1, **options))
+  iterator = iter(
+    input_pipeline.grain_batches(
+      source,
+      first_step=0,
+      global_batch=batch,
+      seed=0,
+      random_flip=True,
+      process_index=0,
+      process_count=1,
+      **options,
+    )
+  )
   return (next(iterator)["image"] for _ in range(steps))
 
 
@@ -65,16 +79,21 @@ def main():
   args = parser.parse_args()
   flags.FLAGS.mark_as_parsed()  # grain's worker processes read its absl flags
   with tempfile.TemporaryDirectory() as directory:
-    sources = {"in memory": data_sources.ArraySource(
-        data_sources.fake_images(50_000, 32, 3, seed=0)),
-               "TFDS ArrayRecord (PNG)": cifar_shaped_tfds(directory, 10_000)}
+    sources = {
+      "in memory": data_sources.ArraySource(data_sources.fake_images(50_000, 32, 3, seed=0)),
+      "TFDS ArrayRecord (PNG)": cifar_shaped_tfds(directory, 10_000),
+    }
     loaders = {"plain loop (before)": lambda s: plain_loop(s, args.steps, args.batch)}
     for threads in (1, 2, 4):
       loaders[f"grain, {threads} thread(s)"] = functools.partial(
-          lambda s, t: grain_loop(s, args.steps, args.batch, num_threads=t), t=threads)
+        lambda s, t: grain_loop(s, args.steps, args.batch, num_threads=t), t=threads
+      )
     loaders["grain, 2 threads + 2 processes"] = lambda s: grain_loop(
-        s, args.steps, args.batch, worker_processes=2)
-    print(f"{machine_description()}; {args.steps} steps of batch {args.batch}, images/s for one process")
+      s, args.steps, args.batch, worker_processes=2
+    )
+    print(
+      f"{machine_description()}; {args.steps} steps of batch {args.batch}, images/s for one process"
+    )
     print(f"| loader | {' | '.join(sources)} |")
     print("|---|" + "---|" * len(sources))
     for name, loader in loaders.items():

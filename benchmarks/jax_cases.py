@@ -42,10 +42,13 @@ def compiled_costs(compiled, num_devices: int) -> dict:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   memory = compiled.memory_analysis()
-  per_device = (memory.argument_size_in_bytes + memory.output_size_in_bytes
-                + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
-  return {"flops": float(cost.get("flops", 0.0)) * num_devices,
-          "xla_memory_mb": per_device / 2**20}
+  per_device = (
+    memory.argument_size_in_bytes
+    + memory.output_size_in_bytes
+    + memory.temp_size_in_bytes
+    - memory.alias_size_in_bytes
+  )
+  return {"flops": float(cost.get("flops", 0.0)) * num_devices, "xla_memory_mb": per_device / 2**20}
 
 
 def measure_train(spec: dict) -> dict:
@@ -58,14 +61,27 @@ def measure_train(spec: dict) -> dict:
       config.data.source = "fake"
   mesh = parallel.data_mesh()
   run = build(config)
-  train_graphdef, _, train_state = state.create_train_state(run.unet, config.seed, mesh,
-                                                            run.optimizer)
-  train_fn = train.make_train_fn(train_graphdef, run.schedule, run.optimizer, run.step_options,
-                                 mesh, steps_per_dispatch=k, donate=spec.get("donate", True))
+  train_graphdef, _, train_state = state.create_train_state(
+    run.unet, config.seed, mesh, run.optimizer
+  )
+  train_fn = train.make_train_fn(
+    train_graphdef,
+    run.schedule,
+    run.optimizer,
+    run.step_options,
+    mesh,
+    steps_per_dispatch=k,
+    donate=spec.get("donate", True),
+  )
   batches = input_pipeline.BatchIterator(
-      data_sources.create_source(run.config.data), first_step=0, global_batch=spec["batch"],
-      seed=0, random_flip=config.data.random_flip,
-      sharding=parallel.batch_sharding(mesh, int(k > 1)), steps_per_dispatch=k)
+    data_sources.create_source(run.config.data),
+    first_step=0,
+    global_batch=spec["batch"],
+    seed=0,
+    random_flip=config.data.random_flip,
+    sharding=parallel.batch_sharding(mesh, int(k > 1)),
+    steps_per_dispatch=k,
+  )
   try:
     batch = next(batches)
     started = time.perf_counter()
@@ -88,10 +104,15 @@ def measure_train(spec: dict) -> dict:
   finally:
     batches.close()
   timed_waits = waits[2:]
-  return dict(costs, compile_s=compile_s, seconds=[median / k, low / k, high / k],
-              data_wait=float(np.sum(timed_waits)) / (median * len(timed_waits)),
-              params=state_param_count(train_state), devices=mesh.size,
-              peak_rss_mb=common.peak_rss_mb())
+  return dict(
+    costs,
+    compile_s=compile_s,
+    seconds=[median / k, low / k, high / k],
+    data_wait=float(np.sum(timed_waits)) / (median * len(timed_waits)),
+    params=state_param_count(train_state),
+    devices=mesh.size,
+    peak_rss_mb=common.peak_rss_mb(),
+  )
 
 
 def state_param_count(train_state) -> int:
@@ -103,8 +124,9 @@ def measure_sample(spec: dict) -> dict:
   mesh = parallel.data_mesh()
   config.sampling.sampler, config.sampling.num_steps = spec["sampler"], spec["steps"]
   run = build(config)
-  _, eval_graphdef, train_state = state.create_train_state(run.unet, config.seed, mesh,
-                                                           run.optimizer)
+  _, eval_graphdef, train_state = state.create_train_state(
+    run.unet, config.seed, mesh, run.optimizer
+  )
   shape = (spec["batch"], *run.image_shape)
   sample_fn = sampling.make_sample_fn(eval_graphdef, run.schedule, shape, mesh, run.sampler)
   params = train_state.ema_params
@@ -117,12 +139,20 @@ def measure_sample(spec: dict) -> dict:
   repeats = 1 if single else spec["repeats"]
   calls = iter(range(1, 10**6))
   median, low, high = common.time_call(
-      lambda: jax.block_until_ready(compiled(params, jax.random.key(next(calls)))), repeats,
-      warmup=0 if single else 1)
-  return {"compile_s": compile_s, "seconds": [median, low, high], "xla_memory_mb": memory,
-          "flops": forward_flops * spec["steps"], "devices": mesh.size,
-          "params": state_param_count(train_state), "peak_rss_mb": common.peak_rss_mb(),
-          "num_timesteps": config.diffusion.num_timesteps}
+    lambda: jax.block_until_ready(compiled(params, jax.random.key(next(calls)))),
+    repeats,
+    warmup=0 if single else 1,
+  )
+  return {
+    "compile_s": compile_s,
+    "seconds": [median, low, high],
+    "xla_memory_mb": memory,
+    "flops": forward_flops * spec["steps"],
+    "devices": mesh.size,
+    "params": state_param_count(train_state),
+    "peak_rss_mb": common.peak_rss_mb(),
+    "num_timesteps": config.diffusion.num_timesteps,
+  }
 
 
 def _forward_flops(eval_graphdef, params, shape, mesh) -> float:
@@ -142,12 +172,13 @@ def measure_ceiling(spec: dict) -> dict:
   sharding = parallel.batch_sharding(mesh)
   a = jax.device_put(jax.random.normal(jax.random.key(0), (mesh.size, n, n), dtype), sharding)
   b = jax.device_put(jax.random.normal(jax.random.key(1), (mesh.size, n, n), dtype), sharding)
-  matmul = jax.jit(lambda a, b: jnp.einsum("dij,djk->dik", a, b,
-                                           preferred_element_type=jnp.float32))
-  median, low, high = common.time_call(lambda: matmul(a, b).block_until_ready(),
-                                       spec["repeats"], warmup=1)
-  return {"flops": 2.0 * n**3 * mesh.size, "seconds": [median, low, high],
-          "devices": mesh.size}
+  matmul = jax.jit(
+    lambda a, b: jnp.einsum("dij,djk->dik", a, b, preferred_element_type=jnp.float32)
+  )
+  median, low, high = common.time_call(
+    lambda: matmul(a, b).block_until_ready(), spec["repeats"], warmup=1
+  )
+  return {"flops": 2.0 * n**3 * mesh.size, "seconds": [median, low, high], "devices": mesh.size}
 
 
 MEASURE = {"train": measure_train, "sample": measure_sample, "ceiling": measure_ceiling}

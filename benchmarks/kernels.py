@@ -14,10 +14,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # pylint: disable=g-import-not-at-top
-import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+import jax
+import jax.numpy as jnp
 
-from benchmarks import common  # pylint: disable=g-import-not-at-top
+from benchmarks import common
 
 # (batch, height = width, channels): the small U-Net at batch 16 per device, the CIFAR-10 one at 8.
 CONV_SHAPES = ((16, 28, 32), (16, 14, 64), (8, 32, 128), (8, 16, 256))
@@ -30,8 +30,9 @@ def milliseconds(fn, repeats) -> str:
 
 
 def conv(x, w):
-  return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return jax.lax.conv_general_dilated(
+    x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
 
 
 def conv_rows(repeats, with_torch) -> list[list]:
@@ -43,8 +44,9 @@ def conv_rows(repeats, with_torch) -> list[list]:
     input_grad = jax.jit(lambda x, w: jax.grad(lambda x: conv(x, w).sum())(x))
     weight_grad = jax.jit(lambda x, w: jax.grad(lambda w: conv(x, w).sum())(w))
     row = [f"{batch}x{size}x{size}x{channels}"] + [
-        milliseconds(lambda f=f: f(x, w).block_until_ready(), repeats)
-        for f in (forward, input_grad, weight_grad)]
+      milliseconds(lambda f=f: f(x, w).block_until_ready(), repeats)
+      for f in (forward, input_grad, weight_grad)
+    ]
     row.append(f"{sum(float(ms) for ms in row[1:]):.2f}")
     if with_torch:
       row += torch_conv(batch, size, channels, repeats)
@@ -53,7 +55,8 @@ def conv_rows(repeats, with_torch) -> list[list]:
 
 
 def torch_conv(batch, size, channels, repeats) -> list[str]:
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch
+
   torch.set_num_threads(os.cpu_count())
   x = torch.randn(batch, channels, size, size, requires_grad=True)
   w = 0.01 * torch.randn(channels, channels, 3, 3)
@@ -72,22 +75,26 @@ def torch_conv(batch, size, channels, repeats) -> list[str]:
 def einsum_attention(q, k, v):
   """jax_ddpm's AttentionBlock core: softmax(q k^T / sqrt(d)) v with float32 logits."""
   logits = jnp.einsum("bqhc,bkhc->bhqk", q, k, preferred_element_type=jnp.float32)
-  weights = jax.nn.softmax(logits * q.shape[-1]**-0.5, axis=-1).astype(v.dtype)
+  weights = jax.nn.softmax(logits * q.shape[-1] ** -0.5, axis=-1).astype(v.dtype)
   return jnp.einsum("bhqk,bkhc->bqhc", weights, v)
 
 
 def attention_rows(repeats) -> list[list]:
   rows = []
   for batch, positions, channels in ATTENTION_SHAPES:
-    q, k, v = (jax.random.normal(jax.random.key(i), (batch, positions, 1, channels))
-               for i in range(3))
+    q, k, v = (
+      jax.random.normal(jax.random.key(i), (batch, positions, 1, channels)) for i in range(3)
+    )
     row = [f"{batch}x{positions}x{channels}"]
     for attention in (einsum_attention, jax.nn.dot_product_attention):
       forward = jax.jit(attention)
-      both = jax.jit(jax.grad(lambda q, k, v, f=attention: (f(q, k, v)**2).sum(),
-                              argnums=(0, 1, 2)))
-      row += [milliseconds(lambda f=forward: f(q, k, v).block_until_ready(), repeats),
-              milliseconds(lambda f=both: jax.block_until_ready(f(q, k, v)), repeats)]
+      both = jax.jit(
+        jax.grad(lambda q, k, v, f=attention: (f(q, k, v) ** 2).sum(), argnums=(0, 1, 2))
+      )
+      row += [
+        milliseconds(lambda f=forward: f(q, k, v).block_until_ready(), repeats),
+        milliseconds(lambda f=both: jax.block_until_ready(f(q, k, v)), repeats),
+      ]
     rows.append(row)
   return rows
 
@@ -104,9 +111,16 @@ def main():
   print("3x3 convolution, ms")
   common.print_table(header, conv_rows(args.repeats, not args.no_torch))
   print("\nSelf-attention (one head), ms")
-  common.print_table(["batch x positions x C", "einsums forward", "einsums fwd+bwd",
-                      "dot_product_attention forward", "dot_product_attention fwd+bwd"],
-                     attention_rows(args.repeats))
+  common.print_table(
+    [
+      "batch x positions x C",
+      "einsums forward",
+      "einsums fwd+bwd",
+      "dot_product_attention forward",
+      "dot_product_attention fwd+bwd",
+    ],
+    attention_rows(args.repeats),
+  )
 
 
 if __name__ == "__main__":

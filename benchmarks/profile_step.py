@@ -28,13 +28,54 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # The HLO operation kinds, heaviest first: a fusion is named after the first one it contains.
-KINDS = ("convolution", "dot", "all-reduce", "reduce", "concatenate", "copy", "transpose",
-         "scatter", "gather", "dynamic-update-slice", "elementwise")
-ELEMENTWISE = {"add", "multiply", "subtract", "divide", "exponential", "log", "logistic",
-               "maximum", "minimum", "rsqrt", "sqrt", "tanh", "select", "compare", "convert",
-               "broadcast", "negate", "power", "abs", "clamp", "and", "or", "constant",
-               "parameter", "reshape", "bitcast", "slice", "iota", "pad", "tuple",
-               "get-tuple-element", "exponential-minus-one", "log-plus-one"}
+KINDS = (
+  "convolution",
+  "dot",
+  "all-reduce",
+  "reduce",
+  "concatenate",
+  "copy",
+  "transpose",
+  "scatter",
+  "gather",
+  "dynamic-update-slice",
+  "elementwise",
+)
+ELEMENTWISE = {
+  "add",
+  "multiply",
+  "subtract",
+  "divide",
+  "exponential",
+  "log",
+  "logistic",
+  "maximum",
+  "minimum",
+  "rsqrt",
+  "sqrt",
+  "tanh",
+  "select",
+  "compare",
+  "convert",
+  "broadcast",
+  "negate",
+  "power",
+  "abs",
+  "clamp",
+  "and",
+  "or",
+  "constant",
+  "parameter",
+  "reshape",
+  "bitcast",
+  "slice",
+  "iota",
+  "pad",
+  "tuple",
+  "get-tuple-element",
+  "exponential-minus-one",
+  "log-plus-one",
+}
 INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*\S.*?\s([a-z][\w\-]*)\(")
 COMPUTATION = re.compile(r"^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 CALLS = re.compile(r"calls=%?([\w.\-]+)")
@@ -44,8 +85,9 @@ def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--model", default="small", help="small | cifar10 | tiny")
   parser.add_argument("--batch", type=int, default=32)
-  parser.add_argument("--devices", type=int, default=None,
-                      help="XLA CPU devices (default: one per core, as main.py)")
+  parser.add_argument(
+    "--devices", type=int, default=None, help="XLA CPU devices (default: one per core, as main.py)"
+  )
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--top", type=int, default=25)
   parser.add_argument("--set", action="append", default=[], help="key=value config overrides")
@@ -54,14 +96,16 @@ def parse_args(argv=None):
 
 def start_jax(devices):
   """XLA flags for per-operation timing and the device count; then imports JAX."""
-  from jax_ddpm.runtime import devices as host_devices  # pylint: disable=g-import-not-at-top
+  from jax_ddpm.runtime import devices as host_devices
+
   flags = os.environ.get("XLA_FLAGS", "")
   if devices:
     flags += f" --xla_force_host_platform_device_count={devices}"
   else:
     flags = host_devices.with_cpu_devices(flags)
   os.environ["XLA_FLAGS"] = flags + " --xla_cpu_enable_xprof_traceme=true"
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax
+
   return jax
 
 
@@ -87,8 +131,9 @@ def hlo_kinds(hlo_text: str) -> dict[str, str]:
     opcode = opcodes.get(name, "")
     if name in calls and depth < 8:
       inner = [kind_of(member, depth + 1) for member in members.get(calls[name], [])]
-      return min(inner, default="elementwise",
-                 key=lambda k: KINDS.index(k) if k in KINDS else len(KINDS))
+      return min(
+        inner, default="elementwise", key=lambda k: KINDS.index(k) if k in KINDS else len(KINDS)
+      )
     if opcode.startswith("all-reduce") or opcode.startswith("reduce-scatter"):
       return "all-reduce"
     if opcode in KINDS:
@@ -101,7 +146,8 @@ def hlo_kinds(hlo_text: str) -> dict[str, str]:
 
 def recorded_operations(trace_dir: str) -> list[tuple[str, float]]:
   """(HLO operation name, duration ms) of every XLA-operation event in the trace."""
-  from tensorflow.tsl.profiler.protobuf import xplane_pb2  # pylint: disable=g-import-not-at-top
+  from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
   events = []
   for path in glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True):
     space = xplane_pb2.XSpace()
@@ -118,12 +164,13 @@ def recorded_operations(trace_dir: str) -> list[tuple[str, float]]:
 def main(argv=None) -> None:
   args = parse_args(argv)
   jax = start_jax(args.devices)
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from benchmarks import common  # pylint: disable=g-import-not-at-top
-  from benchmarks.run import parse_value  # pylint: disable=g-import-not-at-top
-  from jax_ddpm.runtime import mesh as parallel  # pylint: disable=g-import-not-at-top
-  from jax_ddpm.training import state  # pylint: disable=g-import-not-at-top
-  from jax_ddpm.training import step as train  # pylint: disable=g-import-not-at-top
+  import numpy as np
+
+  from benchmarks import common
+  from benchmarks.run import parse_value
+  from jax_ddpm.runtime import mesh as parallel
+  from jax_ddpm.training import state
+  from jax_ddpm.training import step as train
 
   overrides = {key: parse_value(value) for key, value in (item.split("=", 1) for item in args.set)}
   config = common.model_config(args.model, overrides or None)
@@ -152,24 +199,35 @@ def main(argv=None) -> None:
       totals[kinds[name]] += ms / args.steps
       per_operation[name] += ms / args.steps
   if not totals:
-    raise SystemExit("The trace holds no XLA operation events: this jaxlib's CPU backend did not "
-                     "honour --xla_cpu_enable_xprof_traceme.")
+    raise SystemExit(
+      "The trace holds no XLA operation events: this jaxlib's CPU backend did not "
+      "honour --xla_cpu_enable_xprof_traceme."
+    )
   recorded = sum(totals.values())
   print(f"{args.model}, batch {args.batch}, {mesh.size} device(s); {common.machine_description()}")
   print(f"CPU flags: {cpu_flags()}")
-  print(f"wall time per step (traced): {wall_ms:.1f} ms; operations' time summed over devices: "
-        f"{recorded:.1f} ms\n")
-  common.print_table(["kind", "ms/step", "share"],
-                     [[k, f"{v:.2f}", f"{v / recorded:.1%}"] for k, v in totals.most_common()])
+  print(
+    f"wall time per step (traced): {wall_ms:.1f} ms; operations' time summed over devices: "
+    f"{recorded:.1f} ms\n"
+  )
+  common.print_table(
+    ["kind", "ms/step", "share"],
+    [[k, f"{v:.2f}", f"{v / recorded:.1%}"] for k, v in totals.most_common()],
+  )
   print()
-  common.print_table(["operation", "kind", "ms/step", "share"],
-                     [[n, kinds[n], f"{v:.2f}", f"{v / recorded:.1%}"]
-                      for n, v in per_operation.most_common(args.top)])
+  common.print_table(
+    ["operation", "kind", "ms/step", "share"],
+    [
+      [n, kinds[n], f"{v:.2f}", f"{v / recorded:.1%}"]
+      for n, v in per_operation.most_common(args.top)
+    ],
+  )
 
 
 def cpu_flags() -> str:
   """The vector-instruction flags of /proc/cpuinfo that matter to XLA's CPU code."""
-  from jax_ddpm.runtime import devices as host_devices  # pylint: disable=g-import-not-at-top
+  from jax_ddpm.runtime import devices as host_devices
+
   flags = host_devices.cpu_flags()
   wanted = ("avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
   return " ".join(flag for flag in wanted if flag in flags) or "none of " + ", ".join(wanted)

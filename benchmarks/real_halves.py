@@ -25,13 +25,12 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import common  # pylint: disable=g-import-not-at-top
-from benchmarks.common import machine_description, print_table  # pylint: disable=g-import-not-at-top
+from benchmarks import common
+from benchmarks.common import machine_description, print_table
 from jax_ddpm.evaluation import features as feature_nets
 from jax_ddpm.evaluation import inception_weights as fid_weights
+from jax_ddpm.evaluation import manifold, metrics
 from jax_ddpm.io import paths as files
-from jax_ddpm.evaluation import manifold
-from jax_ddpm.evaluation import metrics
 from jax_ddpm.runtime import mesh as parallel
 
 
@@ -48,7 +47,8 @@ def features_and_probabilities(images: np.ndarray, weights: str, cache: str | No
   if cache and os.path.exists(cache):
     arrays = files.read_npz(cache, "--features")
     return arrays["features"], arrays.get("probabilities")
-  from configs import default  # pylint: disable=g-import-not-at-top
+  from configs import default
+
   config = default.get_config()
   config.eval.feature_net, config.eval.inception_weights = "inception", weights
   config.eval.batch_size = 50 * len(parallel.data_mesh().devices.flat)
@@ -76,8 +76,9 @@ def main() -> None:
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args()
   images = read_images(args.images)
-  features, probabilities = features_and_probabilities(images, args.inception_weights,
-                                                       args.features)
+  features, probabilities = features_and_probabilities(
+    images, args.inception_weights, args.features
+  )
   order = np.random.default_rng(args.seed).permutation(len(images))
   first, second = np.array_split(order, 2)
   moments = []
@@ -93,8 +94,9 @@ def main() -> None:
   if probabilities is not None:
     for name, part in (("first half", first), ("second half", second), ("all", order)):
       score, spread = metrics.inception_score(probabilities[part])
-      rows.append([f"Inception Score, {name} ({len(part)}, 10 splits)",
-                   f"{score:.3f} +- {spread:.3f}"])
+      rows.append(
+        [f"Inception Score, {name} ({len(part)}, 10 splits)", f"{score:.3f} +- {spread:.3f}"]
+      )
   print(f"{len(second)} images against {len(first)} of {args.images}; {machine_description()}")
   print_table(["measure", "second half against the first"], rows)
 

@@ -14,20 +14,28 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # pylint: disable=g-import-not-at-top
-import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-from flax import nnx  # pylint: disable=g-import-not-at-top
+import jax
+import jax.numpy as jnp
+from flax import nnx
 
-from benchmarks import common  # pylint: disable=g-import-not-at-top
+from benchmarks import common
+from jax_ddpm.diffusion import schedules
+from jax_ddpm.models import unet
 from jax_ddpm.samplers import base
 from jax_ddpm.samplers.ddim import DDIM
 from jax_ddpm.samplers.ddpm import DDPM
-from jax_ddpm.diffusion import schedules  # pylint: disable=g-import-not-at-top
-from jax_ddpm.models import unet  # pylint: disable=g-import-not-at-top
 
-SMALL_UNET = unet.UNetConfig(image_size=28, in_channels=1, out_channels=1, ch=32,
-                             ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(7,),
-                             dropout=0.0, num_groups=8)
+SMALL_UNET = unet.UNetConfig(
+  image_size=28,
+  in_channels=1,
+  out_channels=1,
+  ch=32,
+  ch_mult=(1, 2, 2),
+  num_res_blocks=1,
+  attn_resolutions=(7,),
+  dropout=0.0,
+  num_groups=8,
+)
 
 
 def main():
@@ -46,8 +54,9 @@ def main():
   t = jnp.full((args.batch,), 500, jnp.int32)
 
   forward = jax.jit(lambda p, x, t: nnx.merge(graphdef, p)(x, t))
-  forward_s, _, _ = common.time_call(lambda: forward(params, x, t).block_until_ready(),
-                                     args.repeats)
+  forward_s, _, _ = common.time_call(
+    lambda: forward(params, x, t).block_until_ready(), args.repeats
+  )
 
   def trivial(x_t, t):
     return 0.1 * x_t
@@ -73,17 +82,38 @@ def main():
       compile_s = time.perf_counter() - started
       repeats = max(1, args.repeats // (5 if name == "ddpm" and kind == "unet" else 1))
       median, low, high = common.time_call(
-          lambda: fn(params, jax.random.key(2)).block_until_ready(), repeats, warmup=0)
+        lambda: fn(params, jax.random.key(2)).block_until_ready(), repeats, warmup=0
+      )
       per_step = median / num_steps
       overhead = "" if kind == "trivial" else f"{100 * (per_step - forward_s) / forward_s:+.1f}%"
-      rows.append([name, num_steps, kind, f"{1e3 * per_step:.3f}",
-                   f"{1e3 * low / num_steps:.3f}-{1e3 * high / num_steps:.3f}", overhead,
-                   f"{compile_s:.1f}"])
+      rows.append(
+        [
+          name,
+          num_steps,
+          kind,
+          f"{1e3 * per_step:.3f}",
+          f"{1e3 * low / num_steps:.3f}-{1e3 * high / num_steps:.3f}",
+          overhead,
+          f"{compile_s:.1f}",
+        ]
+      )
   print(f"Machine: {common.machine_description()}")
-  print(f"U-Net: {unet.count_params(model):,} params, batch {args.batch}; one jitted forward "
-        f"pass: {1e3 * forward_s:.2f} ms (median of {args.repeats})\n")
-  common.print_table(["sampler", "steps", "denoiser", "ms/step (median)", "min-max",
-                      "overhead vs forward", "first call incl. compile (s)"], rows)
+  print(
+    f"U-Net: {unet.count_params(model):,} params, batch {args.batch}; one jitted forward "
+    f"pass: {1e3 * forward_s:.2f} ms (median of {args.repeats})\n"
+  )
+  common.print_table(
+    [
+      "sampler",
+      "steps",
+      "denoiser",
+      "ms/step (median)",
+      "min-max",
+      "overhead vs forward",
+      "first call incl. compile (s)",
+    ],
+    rows,
+  )
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import jax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import machine_description, print_table  # pylint: disable=g-import-not-at-top
+from benchmarks.common import machine_description, print_table
 from jax_ddpm.config import builders, run_config
 from jax_ddpm.data import sources as data_sources
 from jax_ddpm.evaluation import features, metrics, scoring
@@ -41,8 +41,9 @@ from jax_ddpm.training import checkpointing
 def draw(run, eval_graphdef, params, mesh, sampler, num_samples, batch):
   """num_samples uint8 images drawn with `sampler` (the run's thresholding, labels and
   guidance), their labels (None if unconditional), and the seconds it took after compiling."""
-  sample_fn = sampling.make_sample_fn(eval_graphdef, run.schedule, (batch, *run.image_shape),
-                                      mesh, sampler, run.sampling_options)
+  sample_fn = sampling.make_sample_fn(
+    eval_graphdef, run.schedule, (batch, *run.image_shape), mesh, sampler, run.sampling_options
+  )
   key = jax.random.key(run.config.sampling.seed)
   jax.block_until_ready(sample_fn(params, key))  # compile
   started = time.perf_counter()
@@ -67,8 +68,9 @@ def main():
   eval_graphdef, train_state, step = checkpointing.load_checkpoint(run, args.workdir)
   extractor = features.create_extractor(config.eval, config.data, args.workdir, mesh)
   path = scoring.reference_path(config.eval, config.data, args.workdir)
-  reference = (scoring.saved_reference(config.eval, path, extractor)
-               or scoring.compute_reference(config.eval, config.data, path, extractor))
+  reference = scoring.saved_reference(config.eval, path, extractor) or scoring.compute_reference(
+    config.eval, config.data, path, extractor
+  )
   runs = []
   for steps in (int(s) for s in args.steps.split(",") if s):
     spacing = config.sampling.spacing
@@ -76,8 +78,11 @@ def main():
     runs.append(DDIM(num_steps=steps, eta=1.0, spacing=spacing))
     logsnr = DPMSolverPP2M(num_steps=steps, spacing="logsnr")
     trained = config.training.max_timestep
-    runs.append(logsnr if trained is None or logsnr.timesteps(schedule).max() <= trained
-                else DPMSolverPP2M(num_steps=steps, spacing=spacing))
+    runs.append(
+      logsnr
+      if trained is None or logsnr.timesteps(schedule).max() <= trained
+      else DPMSolverPP2M(num_steps=steps, spacing=spacing)
+    )
     runs.append(SDEDPMSolverPP2M(num_steps=steps, spacing=spacing))
   if args.ddpm and config.training.max_timestep not in (None, schedule.num_timesteps - 1):
     print("--ddpm: DDPM visits every t, above training.max_timestep; not drawn.", file=sys.stderr)
@@ -86,35 +91,51 @@ def main():
 
   rows = []
   for sampler in runs:
-    images, _, seconds = draw(run, eval_graphdef, train_state.ema_params, mesh, sampler,
-                              args.num_samples, args.batch)
+    images, _, seconds = draw(
+      run, eval_graphdef, train_state.ema_params, mesh, sampler, args.num_samples, args.batch
+    )
     stats, probabilities = extractor.statistics(data_sources.ArraySource(images))
     score, _ = metrics.inception_score(probabilities)
-    rows.append([" ".join((sampler.name,) + sampler.tags), len(sampler.timesteps(schedule)),
-                 f"{metrics.frechet_distance(stats, reference):.2f}", f"{score:.2f}",
-                 f"{seconds:.1f}"])
+    rows.append(
+      [
+        " ".join((sampler.name,) + sampler.tags),
+        len(sampler.timesteps(schedule)),
+        f"{metrics.frechet_distance(stats, reference):.2f}",
+        f"{score:.2f}",
+        f"{seconds:.1f}",
+      ]
+    )
     print(f"  {rows[-1]}", file=sys.stderr, flush=True)
   print(f"Machine: {machine_description()}")
-  print(f"Checkpoint: {args.workdir}, step {step}, EMA weights; {args.num_samples} samples per "
-        f"row, thresholding {config.sampling.thresholding!r}")
-  print_table(["sampler", "network calls", "feature distance", "classifier score",
-               "sampling s"], rows)
+  print(
+    f"Checkpoint: {args.workdir}, step {step}, EMA weights; {args.num_samples} samples per "
+    f"row, thresholding {config.sampling.thresholding!r}"
+  )
+  print_table(
+    ["sampler", "network calls", "feature distance", "classifier score", "sampling s"], rows
+  )
   if args.plot:
     plot(rows, args.plot, f"{args.num_samples} samples, step {step}; {machine_description()}")
 
 
 def plot(rows: list[list], path: str, subtitle: str) -> None:
   """Feature distance and sampling time against network calls, one line per sampler."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
+  import matplotlib
+
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  import matplotlib.pyplot as plt
+
   figure, axes = plt.subplots(1, 2, figsize=(10, 3.8))
   for name in dict.fromkeys(row[0] for row in rows):
     mine = [row for row in rows if row[0] == name]
     calls = [row[1] for row in mine]
     for axis, column in zip(axes, (2, 4)):
-      axis.plot(calls, [float(row[column]) for row in mine], "o-" if len(mine) > 1 else "s",
-                label=f"{name}-{calls[0]}" if len(mine) == 1 else name)
+      axis.plot(
+        calls,
+        [float(row[column]) for row in mine],
+        "o-" if len(mine) > 1 else "s",
+        label=f"{name}-{calls[0]}" if len(mine) == 1 else name,
+      )
   axes[1].set_yscale("log")
   for axis, label in zip(axes, ("feature distance (lower is better)", "sampling seconds")):
     axis.set_xscale("log")

@@ -22,7 +22,8 @@ from jax_ddpm.models import diffusers_weights as convert
 
 
 def peer_model(spec: dict):
-  import diffusers  # pylint: disable=g-import-not-at-top
+  import diffusers
+
   config = common.model_config(spec["model"])
   torch.manual_seed(0)
   unet_config = common.build(config).unet
@@ -39,11 +40,13 @@ def measure_train(spec: dict) -> dict:
   model.train()
   params = [p for p in model.parameters() if p.requires_grad]
   optim = config.optim
-  optimizer = torch.optim.Adam(params, lr=optim.learning_rate, betas=(optim.adam_b1, optim.adam_b2),
-                               eps=optim.adam_eps)
+  optimizer = torch.optim.Adam(
+    params, lr=optim.learning_rate, betas=(optim.adam_b1, optim.adam_b2), eps=optim.adam_eps
+  )
   ema = [p.detach().clone() for p in params]
   alphas_cumprod = torch.from_numpy(  # a writable copy: the schedule's arrays are read-only
-      np.array(common.build(config).schedule.alphas_cumprod, np.float32))
+    np.array(common.build(config).schedule.alphas_cumprod, np.float32)
+  )
   size, channels = config.data.image_size, config.data.channels
   generator = torch.Generator().manual_seed(0)
   x0 = torch.rand(spec["batch"], channels, size, size, generator=generator) * 2 - 1
@@ -60,26 +63,37 @@ def measure_train(spec: dict) -> dict:
       torch.nn.utils.clip_grad_norm_(params, optim.grad_clip_norm)
     optimizer.step()
     with torch.no_grad():
-      torch._foreach_lerp_(ema, params, 1.0 - optim.ema_decay)  # pylint: disable=protected-access
+      torch._foreach_lerp_(ema, params, 1.0 - optim.ema_decay)
     return float(loss.detach())
 
   started = time.perf_counter()
   step()  # the first step allocates Adam's moments and warms oneDNN's kernel caches
   first_s = time.perf_counter() - started
   median, low, high = common.time_call(step, spec["repeats"], warmup=1)
-  return {"seconds": [median, low, high], "first_call_s": first_s,
-          "params": param_count(model), "peak_rss_mb": common.peak_rss_mb()}
+  return {
+    "seconds": [median, low, high],
+    "first_call_s": first_s,
+    "params": param_count(model),
+    "peak_rss_mb": common.peak_rss_mb(),
+  }
 
 
 def measure_sample(spec: dict) -> dict:
-  import diffusers  # pylint: disable=g-import-not-at-top
+  import diffusers
+
   config, model = peer_model(spec)
   model.eval()
   d = config.diffusion
-  scheduler_class = (diffusers.DDPMScheduler if spec["sampler"] == "ddpm"
-                     else diffusers.DDIMScheduler)
-  scheduler = scheduler_class(num_train_timesteps=d.num_timesteps, beta_start=d.beta_start,
-                              beta_end=d.beta_end, beta_schedule=d.schedule, clip_sample=True)
+  scheduler_class = (
+    diffusers.DDPMScheduler if spec["sampler"] == "ddpm" else diffusers.DDIMScheduler
+  )
+  scheduler = scheduler_class(
+    num_train_timesteps=d.num_timesteps,
+    beta_start=d.beta_start,
+    beta_end=d.beta_end,
+    beta_schedule=d.schedule,
+    clip_sample=True,
+  )
   scheduler.set_timesteps(spec["steps"])
   size, channels = config.data.image_size, config.data.channels
   calls = iter(range(10**6))
@@ -94,8 +108,11 @@ def measure_sample(spec: dict) -> dict:
 
   repeats = 1 if spec["sampler"] == "ddpm" else spec["repeats"]
   median, low, high = common.time_call(sample, repeats, warmup=0 if repeats == 1 else 1)
-  return {"seconds": [median, low, high], "params": param_count(model),
-          "peak_rss_mb": common.peak_rss_mb()}
+  return {
+    "seconds": [median, low, high],
+    "params": param_count(model),
+    "peak_rss_mb": common.peak_rss_mb(),
+  }
 
 
 def measure_ceiling(spec: dict) -> dict:

@@ -10,4 +10,6 @@ from jax_ddpm.config import shipped
 
 
 def get_config():
-  return shipped.module("default").make_conditional(shipped.load("cifar10"), grid_images_per_class=10)
+  return shipped.module("default").make_conditional(
+    shipped.load("cifar10"), grid_images_per_class=10
+  )

@@ -10,7 +10,9 @@ from jax_ddpm.config import shipped
 
 
 def get_config():
-  config = shipped.module("default").make_conditional(shipped.load("mnist"), grid_images_per_class=8)
+  config = shipped.module("default").make_conditional(
+    shipped.load("mnist"), grid_images_per_class=8
+  )
   # The network, steps, constant step size and timesteps the README's conditional numbers were
   # measured with (configs/mnist.py trained these until its recipe ablation moved it to width 16
   # for 5000 steps, a decayed step and t <= 800).

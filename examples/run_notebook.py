@@ -24,23 +24,31 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def execute(config: str, workdir: str, timeout: int = 600):
   """The notebook after running every cell against `config` (a shipped config's name or a
   config file) and `workdir` (relative to the repository root or absolute)."""
-  import nbclient  # pylint: disable=g-import-not-at-top
-  import nbformat  # pylint: disable=g-import-not-at-top
+  import nbclient
+  import nbformat
 
   notebook = nbformat.read(NOTEBOOK, as_version=4)
-  client = nbclient.NotebookClient(notebook, timeout=timeout, kernel_name="python3",
-                                   resources={"metadata": {"path": ROOT}})
+  client = nbclient.NotebookClient(
+    notebook, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": ROOT}}
+  )
   # The kernel's environment: this process's, plus the run to show.
-  client.execute(env=dict(os.environ, JAX_DDPM_CONFIG=config, JAX_DDPM_WORKDIR=workdir,
-                          JAX_DDPM_NOTEBOOK_STATIC="1"))
+  client.execute(
+    env=dict(
+      os.environ, JAX_DDPM_CONFIG=config, JAX_DDPM_WORKDIR=workdir, JAX_DDPM_NOTEBOOK_STATIC="1"
+    )
+  )
   return notebook
 
 
 def pngs(notebook) -> list[bytes]:
   """Every PNG the executed notebook displays, in order."""
-  return [base64.b64decode(output["data"]["image/png"])
-          for cell in notebook.cells if cell.cell_type == "code"
-          for output in cell.get("outputs", []) if "image/png" in output.get("data", {})]
+  return [
+    base64.b64decode(output["data"]["image/png"])
+    for cell in notebook.cells
+    if cell.cell_type == "code"
+    for output in cell.get("outputs", [])
+    if "image/png" in output.get("data", {})
+  ]
 
 
 def main() -> None:
@@ -52,7 +60,8 @@ def main() -> None:
   args = parser.parse_args()
   notebook = execute(args.config, args.workdir)
   if args.output:
-    import nbformat  # pylint: disable=g-import-not-at-top
+    import nbformat
+
     nbformat.write(notebook, args.output)
   for index, data in enumerate(pngs(notebook) if args.figures else [], start=1):
     with open(f"{args.figures}_{index}.png", "wb") as f:

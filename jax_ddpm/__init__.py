@@ -17,7 +17,8 @@ Nothing is imported until it is used, so `import jax_ddpm` is cheap.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple, Union
 
 import numpy as np
 
@@ -35,6 +36,7 @@ ConfigLike = Union[str, "ml_collections.ConfigDict", dict, "RunConfig"]
 class Trajectory(NamedTuple):
   """A recorded sampling run (`Model.trajectory`): the timesteps of the recorded steps [K],
   x_t entering each and the predicted x_0 there (uint8 [K, N, H, W, C]), and the samples."""
+
   timesteps: np.ndarray
   x_t: np.ndarray
   x0: np.ndarray
@@ -47,6 +49,7 @@ class Model:
 
   config: the typed run config (`model.config.sampling`, ...). step: the checkpoint's step.
   """
+
   run: Run
   eval_graphdef: Any
   params: Any
@@ -63,11 +66,18 @@ class Model:
     """The noise schedule the model was trained with (betas, alphas_cumprod, ...)."""
     return self.run.schedule
 
-  def sample(self, num_images: int, *, sampler: Optional[str] = None,
-             steps: Optional[int] = None, seed: Optional[int] = None,
-             labels: Union[str, Sequence[int], None] = None,
-             guidance_scale: Optional[float] = None, batch_size: Optional[int] = None,
-             **sampling: Any) -> np.ndarray:
+  def sample(
+    self,
+    num_images: int,
+    *,
+    sampler: str | None = None,
+    steps: int | None = None,
+    seed: int | None = None,
+    labels: str | Sequence[int] | None = None,
+    guidance_scale: float | None = None,
+    batch_size: int | None = None,
+    **sampling: Any,
+  ) -> np.ndarray:
     """`num_images` uint8 images [N, H, W, C] drawn with the run's sampling settings, changed by
     the arguments given: sampler (one of SAMPLERS), steps (network calls), seed, labels ("grid",
     "random" or classes, for a conditional model), guidance_scale (1: conditional, 0:
@@ -83,10 +93,17 @@ class Model:
     from jax_ddpm.runtime import mesh  # noqa: PLC0415
     from jax_ddpm.samplers import program  # noqa: PLC0415
 
-    keys = dict(sampling, sampler=sampler, num_steps=steps, seed=seed, guidance_scale=guidance_scale,
-                batch_size=batch_size,
-                labels=labels if labels is None or isinstance(labels, str)
-                else ",".join(str(int(y)) for y in labels))
+    keys = dict(
+      sampling,
+      sampler=sampler,
+      num_steps=steps,
+      seed=seed,
+      guidance_scale=guidance_scale,
+      batch_size=batch_size,
+      labels=labels
+      if labels is None or isinstance(labels, str)
+      else ",".join(str(int(y)) for y in labels),
+    )
     run = self.run.with_sampling(**{k: v for k, v in keys.items() if v is not None})
     sampling = run.config.sampling
     cache_key = (run.sampler, run.sampling_options, sampling.batch_size)
@@ -94,14 +111,24 @@ class Model:
       devices = mesh.data_mesh()
       mesh.check_divisible(sampling.batch_size, "sampling.batch_size", devices.size)
       self._compiled[cache_key] = program.make_sample_fn(
-          self.eval_graphdef, run.schedule, (sampling.batch_size, *run.image_shape), devices,
-          run.sampler, run.sampling_options)
-    return program.draw_images(self._compiled[cache_key], self.params,
-                               jax.random.key(sampling.seed), num_images,
-                               sampling.batch_size)[0]
+        self.eval_graphdef,
+        run.schedule,
+        (sampling.batch_size, *run.image_shape),
+        devices,
+        run.sampler,
+        run.sampling_options,
+      )
+    return program.draw_images(
+      self._compiled[cache_key],
+      self.params,
+      jax.random.key(sampling.seed),
+      num_images,
+      sampling.batch_size,
+    )[0]
 
-  def trajectory(self, num_images: int = 8, *, frames: Optional[int] = None,
-                 **sampling: Any) -> Trajectory:
+  def trajectory(
+    self, num_images: int = 8, *, frames: int | None = None, **sampling: Any
+  ) -> Trajectory:
     """One sampling run of `num_images` that records `frames` of its steps (default: all):
     x_t entering each recorded step and the network's x_0 there, as uint8 (sampling keys as in
     `sample`).
@@ -120,19 +147,28 @@ class Model:
     devices = mesh.data_mesh()
     count = program.padded_count(num_images, devices)
     steps = len(run.sampler.timesteps(run.schedule))
-    sample_fn = program.make_sample_fn(self.eval_graphdef, run.schedule,
-                                       (count, *run.image_shape), devices, run.sampler,
-                                       run.sampling_options, num_frames=frames or steps)
+    sample_fn = program.make_sample_fn(
+      self.eval_graphdef,
+      run.schedule,
+      (count, *run.image_shape),
+      devices,
+      run.sampler,
+      run.sampling_options,
+      num_frames=frames or steps,
+    )
     samples = sample_fn(self.params, jax.random.key(run.config.sampling.seed))
     path = samples.trajectory
-    return Trajectory(np.asarray(path.timesteps),
-                      image_io.to_uint8(jnp.clip(path.x_t, -1, 1))[:, :num_images],
-                      image_io.to_uint8(path.x0)[:, :num_images],
-                      image_io.to_uint8(samples.images)[:num_images])
+    return Trajectory(
+      np.asarray(path.timesteps),
+      image_io.to_uint8(jnp.clip(path.x_t, -1, 1))[:, :num_images],
+      image_io.to_uint8(path.x0)[:, :num_images],
+      image_io.to_uint8(samples.images)[:num_images],
+    )
 
 
-def load(workdir: str, *, step: Optional[int] = None, config: Optional[ConfigLike] = None,
-         ema: bool = True) -> Model:
+def load(
+  workdir: str, *, step: int | None = None, config: ConfigLike | None = None, ema: bool = True
+) -> Model:
   """The model of a training run's checkpoint: the newest unless `step`, its EMA weights unless
   `ema=False`, built from the config saved beside it unless `config` is given.
 
@@ -186,8 +222,9 @@ def train(config: ConfigLike, workdir: str) -> Model:
   return Model(run, nnx.graphdef(abstract), state.ema_params, int(state.step), state)
 
 
-def grid(images: np.ndarray, *, labels: Optional[np.ndarray] = None,
-         columns: Optional[int] = None) -> np.ndarray:
+def grid(
+  images: np.ndarray, *, labels: np.ndarray | None = None, columns: int | None = None
+) -> np.ndarray:
   """uint8 images [N, H, W, C] tiled into one uint8 image on white: `columns` wide (default:
   square), or one row per class with `labels`.
 
@@ -200,8 +237,13 @@ def grid(images: np.ndarray, *, labels: Optional[np.ndarray] = None,
   return image_io.class_grid(np.asarray(images), np.asarray(labels))
 
 
-def save_grid(images: np.ndarray, path: str, *, labels: Optional[np.ndarray] = None,
-              columns: Optional[int] = None) -> str:
+def save_grid(
+  images: np.ndarray,
+  path: str,
+  *,
+  labels: np.ndarray | None = None,
+  columns: int | None = None,
+) -> str:
   """Writes `grid(images, labels=..., columns=...)` as a PNG, local or gs://; returns the path.
 
   >>> jax_ddpm.save_grid(model.sample(64), "grid.png")
@@ -248,8 +290,9 @@ def training_images(config_like: ConfigLike, count: int) -> np.ndarray:
   return source.read(np.arange(min(count, len(source))))
 
 
-def noised(images: np.ndarray, t: Union[int, Sequence[int]], schedule: DiffusionSchedule,
-           seed: int = 0) -> np.ndarray:
+def noised(
+  images: np.ndarray, t: int | Sequence[int], schedule: DiffusionSchedule, seed: int = 0
+) -> np.ndarray:
   """x_t ~ q(x_t | x_0) = N(sqrt(alpha-bar_t) x_0, (1 - alpha-bar_t) I) (DDPM eq. 4) of uint8
   images at timestep indices t (one, or one per image), clipped to uint8; one noise draw
   (`seed`) for all.
@@ -305,5 +348,18 @@ def __getattr__(name: str):
   raise AttributeError(f"module 'jax_ddpm' has no attribute {name!r}")
 
 
-__all__ = ["Model", "SAMPLERS", "SCHEDULES", "Trajectory", "grid", "load", "load_config",
-           "load_diffusers", "noised", "save_grid", "schedule", "train", "training_images"]
+__all__ = [
+  "Model",
+  "SAMPLERS",
+  "SCHEDULES",
+  "Trajectory",
+  "grid",
+  "load",
+  "load_config",
+  "load_diffusers",
+  "noised",
+  "save_grid",
+  "schedule",
+  "train",
+  "training_images",
+]

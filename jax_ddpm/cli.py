@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import jax
 import ml_collections
@@ -33,10 +33,11 @@ from jax_ddpm.training import checkpointing, loop
 class Arguments:
   """What a mode reads of the command line: the config (a ConfigDict with the --config.*
   overrides), the workdir, and the flags some modes take."""
+
   config: ml_collections.ConfigDict
   workdir: str
-  step: Optional[int] = None
-  import_from: Optional[str] = None
+  step: int | None = None
+  import_from: str | None = None
   mode: str = "train"
 
 
@@ -48,17 +49,31 @@ class Mode:
 
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "A config file (configs/mnist.py) or the name "
-                                "of a shipped config (mnist).", lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory (local or gs://) for checkpoints, summaries and "
-                    "samples.")
-flags.DEFINE_string("import_from", None, "--mode=import: a diffusers UNet2DModel folder; "
-                    "--mode=import_inception: the TorchScript FID Inception (default_1.pt) or "
-                    "TensorFlow's inception-2015-12-05.tgz (adds the Inception Score's layer).")
-flags.DEFINE_integer("step", None, "--mode=sample/visualize/eval: the checkpoint step (default: "
-                     "the latest).")
-flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host TPU/GPU; "
-                  "coordinator from the environment, or from the three flags below).")
+config_flags.DEFINE_config_file(
+  "config",
+  None,
+  "A config file (configs/mnist.py) or the name of a shipped config (mnist).",
+  lock_config=True,
+)
+flags.DEFINE_string(
+  "workdir", None, "Directory (local or gs://) for checkpoints, summaries and samples."
+)
+flags.DEFINE_string(
+  "import_from",
+  None,
+  "--mode=import: a diffusers UNet2DModel folder; "
+  "--mode=import_inception: the TorchScript FID Inception (default_1.pt) or "
+  "TensorFlow's inception-2015-12-05.tgz (adds the Inception Score's layer).",
+)
+flags.DEFINE_integer(
+  "step", None, "--mode=sample/visualize/eval: the checkpoint step (default: the latest)."
+)
+flags.DEFINE_bool(
+  "distributed",
+  False,
+  "Call jax.distributed.initialize() (multi-host TPU/GPU; "
+  "coordinator from the environment, or from the three flags below).",
+)
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (with --distributed).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (with --distributed).")
 flags.DEFINE_integer("process_id", None, "This process's index (with --distributed).")
@@ -79,8 +94,13 @@ def sample(args: Arguments) -> str:
   model = checkpointing.load_checkpoint(run, args.workdir, args.step)
   drawer = program.from_run(run, *model, mesh_lib.data_mesh())
   directory = files.join(args.workdir, "samples", drawer.name)
-  return sample_files.write_samples(directory, drawer.settings, run.config.sampling.num_samples,
-                                    drawer.batch_size, drawer.draw_batch)
+  return sample_files.write_samples(
+    directory,
+    drawer.settings,
+    run.config.sampling.num_samples,
+    drawer.batch_size,
+    drawer.draw_batch,
+  )
 
 
 def visualize(args: Arguments) -> list[str]:
@@ -107,16 +127,21 @@ def import_diffusers(args: Arguments) -> int:
 
 def evaluate(args: Arguments) -> dict:
   run = _run(args)
-  return report.evaluate(run, args.workdir,
-                         lambda: checkpointing.load_checkpoint(run, args.workdir, args.step))
+  return report.evaluate(
+    run, args.workdir, lambda: checkpointing.load_checkpoint(run, args.workdir, args.step)
+  )
 
 
 def train_classifier(args: Arguments) -> dict:
   config = run_config.from_config_dict(args.config)
   images, labels = sources.read_labelled(config.data, "train")
-  model, summary = classifier.train(images, labels, num_steps=config.eval.classifier_steps,
-                                    batch_size=config.eval.classifier_batch_size,
-                                    seed=config.seed)
+  model, summary = classifier.train(
+    images,
+    labels,
+    num_steps=config.eval.classifier_steps,
+    batch_size=config.eval.classifier_batch_size,
+    seed=config.seed,
+  )
   path = classifier.path_for(config.eval, args.workdir)
   if jax.process_index() == 0:
     classifier.save(model, path)
@@ -125,8 +150,9 @@ def train_classifier(args: Arguments) -> dict:
 
 
 def import_inception(args: Arguments) -> str:
-  source = _required(args, "import_from", "default_1.pt or inception-2015-12-05.tgz. "
-                     + inception_weights.HOW_TO_GET)
+  source = _required(
+    args, "import_from", "default_1.pt or inception-2015-12-05.tgz. " + inception_weights.HOW_TO_GET
+  )
   config = run_config.from_config_dict(args.config)
   output = config.eval.inception_weights or inception_weights.default_path()
   written = inception_weights.import_weights(source, output)
@@ -135,24 +161,42 @@ def import_inception(args: Arguments) -> str:
 
 
 MODES = {
-    "train": Mode(train, "train a model, or resume its run from the newest checkpoint",
-                  "jax-ddpm --config=mnist --workdir=runs/mnist"),
-    "sample": Mode(sample, "draw sampling.num_samples images into WORKDIR/samples/ (resumable)",
-                   "jax-ddpm --mode=sample --config=mnist --workdir=runs/mnist "
-                   "--config.sampling.num_samples=1000"),
-    "visualize": Mode(visualize, "pictures of the schedules, the forward and reverse process",
-                      "jax-ddpm --mode=visualize --config=mnist --workdir=runs/mnist"),
-    "eval": Mode(evaluate, "FID (or a classifier's feature distance), IS, KID, P/R, bits/dim",
-                 "jax-ddpm --mode=eval --config=mnist --workdir=runs/mnist"),
-    "train_classifier": Mode(train_classifier, "train the digit classifier eval's features use",
-                             "jax-ddpm --mode=train_classifier --config=mnist "
-                             "--workdir=runs/mnist"),
-    "import": Mode(import_diffusers, "a diffusers UNet2DModel's weights as checkpoint 0",
-                   "jax-ddpm --mode=import --config=cifar10 --workdir=runs/ddpm_cifar10 "
-                   "--import_from=ddpm-cifar10-32"),
-    "import_inception": Mode(import_inception, "convert the FID Inception's weights once",
-                             "jax-ddpm --mode=import_inception --config=cifar10 --workdir=. "
-                             "--import_from=default_1.pt"),
+  "train": Mode(
+    train,
+    "train a model, or resume its run from the newest checkpoint",
+    "jax-ddpm --config=mnist --workdir=runs/mnist",
+  ),
+  "sample": Mode(
+    sample,
+    "draw sampling.num_samples images into WORKDIR/samples/ (resumable)",
+    "jax-ddpm --mode=sample --config=mnist --workdir=runs/mnist --config.sampling.num_samples=1000",
+  ),
+  "visualize": Mode(
+    visualize,
+    "pictures of the schedules, the forward and reverse process",
+    "jax-ddpm --mode=visualize --config=mnist --workdir=runs/mnist",
+  ),
+  "eval": Mode(
+    evaluate,
+    "FID (or a classifier's feature distance), IS, KID, P/R, bits/dim",
+    "jax-ddpm --mode=eval --config=mnist --workdir=runs/mnist",
+  ),
+  "train_classifier": Mode(
+    train_classifier,
+    "train the digit classifier eval's features use",
+    "jax-ddpm --mode=train_classifier --config=mnist --workdir=runs/mnist",
+  ),
+  "import": Mode(
+    import_diffusers,
+    "a diffusers UNet2DModel's weights as checkpoint 0",
+    "jax-ddpm --mode=import --config=cifar10 --workdir=runs/ddpm_cifar10 "
+    "--import_from=ddpm-cifar10-32",
+  ),
+  "import_inception": Mode(
+    import_inception,
+    "convert the FID Inception's weights once",
+    "jax-ddpm --mode=import_inception --config=cifar10 --workdir=. --import_from=default_1.pt",
+  ),
 }
 flags.DEFINE_enum("mode", "train", list(MODES), "What to do (see the list above).")
 
@@ -160,10 +204,15 @@ flags.DEFINE_enum("mode", "train", list(MODES), "What to do (see the list above)
 def usage() -> str:
   """The text --help prints: the command, every mode with one line and an example."""
   width = max(len(name) for name in MODES)
-  lines = ["jax-ddpm (or python main.py): denoising diffusion models in JAX.", "",
-           "  jax-ddpm --mode=MODE --config=CONFIG --workdir=DIR [--config.KEY=VALUE ...]", "",
-           f"CONFIG: a config file, or a shipped config: {', '.join(shipped.names())}.", "",
-           "Modes:"]
+  lines = [
+    "jax-ddpm (or python main.py): denoising diffusion models in JAX.",
+    "",
+    "  jax-ddpm --mode=MODE --config=CONFIG --workdir=DIR [--config.KEY=VALUE ...]",
+    "",
+    f"CONFIG: a config file, or a shipped config: {', '.join(shipped.names())}.",
+    "",
+    "Modes:",
+  ]
   for name, mode in MODES.items():
     lines += [f"  {name:<{width}}  {mode.summary}", f"  {'':<{width}}    {mode.example}"]
   return "\n".join(lines + [""])
@@ -181,15 +230,24 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
   if FLAGS.distributed:
-    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
-  logging.info("JAX process %d of %d; devices: %s", jax.process_index(), jax.process_count(),
-               jax.devices())
+    jax.distributed.initialize(
+      coordinator_address=FLAGS.coordinator_address,
+      num_processes=FLAGS.num_processes,
+      process_id=FLAGS.process_id,
+    )
+  logging.info(
+    "JAX process %d of %d; devices: %s", jax.process_index(), jax.process_count(), jax.devices()
+  )
   try:
-    MODES[FLAGS.mode].run(Arguments(FLAGS.config, FLAGS.workdir, FLAGS.step, FLAGS.import_from,
-                                    FLAGS.mode))
-  except (errors.UserInputError, checkpointing.UnreadableCheckpointError, FloatingPointError,
-          FileNotFoundError) as error:
+    MODES[FLAGS.mode].run(
+      Arguments(FLAGS.config, FLAGS.workdir, FLAGS.step, FLAGS.import_from, FLAGS.mode)
+    )
+  except (
+    errors.UserInputError,
+    checkpointing.UnreadableCheckpointError,
+    FloatingPointError,
+    FileNotFoundError,
+  ) as error:
     # A user's mistake: the message alone. After a failed checkpoint read orbax leaves
     # asynchronous tasks whose shutdown would bury it under tracebacks, so the process exits at
     # once (the library's own cleanup has flushed everything).
@@ -220,6 +278,6 @@ def _resolve_config(arg: str) -> str:
   if not arg.startswith("--config="):
     return arg
   try:
-    return "--config=" + shipped.resolve(arg[len("--config="):])
+    return "--config=" + shipped.resolve(arg[len("--config=") :])
   except errors.MissingInputError as error:
     sys.exit(f"FATAL Flags parsing error: {error}")

@@ -56,13 +56,20 @@ def test_the_api_draws_bitwise_what_sample_mode_writes_on_eight_devices_and_on_o
   directory = cli.sample(cli.Arguments(config, workdir))
   written = np.load(os.path.join(directory, "samples_16x16x16x1.npz"))["arr_0"]
   np.testing.assert_array_equal(jax_ddpm.load(workdir).sample(16), written)
-  program = ("import sys, numpy as np, jax_ddpm; "
-             f"images = jax_ddpm.load({workdir!r}).sample(16); "
-             "np.save(sys.argv[1], images); import jax; print(jax.device_count())")
+  program = (
+    "import sys, numpy as np, jax_ddpm; "
+    f"images = jax_ddpm.load({workdir!r}).sample(16); "
+    "np.save(sys.argv[1], images); import jax; print(jax.device_count())"
+  )
   output = os.path.join(workdir, "one_device.npy")
-  result = subprocess.run([sys.executable, "-c", program, output], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300,
-                          env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1"))
+  result = subprocess.run(
+    [sys.executable, "-c", program, output],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1"),
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.split()[-1] == "1"
   np.testing.assert_array_equal(np.load(output), written)
@@ -114,8 +121,11 @@ def test_the_forward_process_helpers_follow_ddpm_eq_4():
 def test_load_config_names_the_shipped_configs_and_changes_keys_by_section():
   config = jax_ddpm.load_config("mnist", training={"num_train_steps": 100})
   assert config.training.num_train_steps == 100 and config.model.ch == 16
-  with pytest.raises(FileNotFoundError, match=r"--config='mnst' is neither a file nor a shipped "
-                                              r"config; shipped: \[.*'mnist'"):
+  with pytest.raises(
+    FileNotFoundError,
+    match=r"--config='mnst' is neither a file nor a shipped "
+    r"config; shipped: \[.*'mnist'",
+  ):
     jax_ddpm.load_config("mnst")
   with pytest.raises(ValueError, match=r"Unknown config key\(s\) \['training.bogus'\]"):
     jax_ddpm.train(jax_ddpm.load_config("tiny").to_dict() | {"training": {"bogus": 1}}, "unused")

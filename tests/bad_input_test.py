@@ -14,9 +14,9 @@ import sys
 
 import numpy as np
 import pytest
+import runs
 from flax import nnx
 
-import runs
 from configs import tiny
 from jax_ddpm import cli
 from jax_ddpm.evaluation import classifier as feature_classifier
@@ -49,12 +49,16 @@ def truncated_npz(path):
   with open(path, "rb") as f:
     data = f.read()
   with open(path, "wb") as f:
-    f.write(data[:len(data) // 2])
+    f.write(data[: len(data) // 2])
 
 
 def pickled_object_array(path):
-  np.savez(path, arr_0=np.array([{"payload": 1}, None], dtype=object),
-           mu=np.array([None], dtype=object), sigma=np.array([None], dtype=object))
+  np.savez(
+    path,
+    arr_0=np.array([{"payload": 1}, None], dtype=object),
+    mu=np.array([None], dtype=object),
+    sigma=np.array([None], dtype=object),
+  )
 
 
 def wrong_dtype_samples(path):
@@ -78,8 +82,9 @@ def wrong_shape_weights(path):
 
 
 def classifier_of_other_shapes(path):
-  model = feature_classifier.Classifier(feature_classifier.ClassifierConfig(16, 1, 10, width=8),
-                                        rngs=nnx.Rngs(0))
+  model = feature_classifier.Classifier(
+    feature_classifier.ClassifierConfig(16, 1, 10, width=8), rngs=nnx.Rngs(0)
+  )
   feature_classifier.save(model, path)
   with np.load(path) as data:
     arrays = dict(data)
@@ -99,29 +104,43 @@ def pickle_file(path):
 FILE_DEFECTS = [missing, a_directory, empty, not_an_archive, truncated_npz, pickled_object_array]
 
 EVAL_FILE_CASES = (
-    [("samples", defect) for defect in FILE_DEFECTS + [wrong_dtype_samples, wrong_shape_samples,
-                                                        too_few_samples]]
-    + [("reference_stats", defect) for defect in FILE_DEFECTS + [wrong_shape_statistics]]
-    + [("inception_weights", defect) for defect in FILE_DEFECTS + [wrong_shape_weights]]
-    + [("classifier", defect) for defect in FILE_DEFECTS + [npz_without_architecture,
-                                                           classifier_of_other_shapes]])
+  [
+    ("samples", defect)
+    for defect in FILE_DEFECTS + [wrong_dtype_samples, wrong_shape_samples, too_few_samples]
+  ]
+  + [("reference_stats", defect) for defect in FILE_DEFECTS + [wrong_shape_statistics]]
+  + [("inception_weights", defect) for defect in FILE_DEFECTS + [wrong_shape_weights]]
+  + [
+    ("classifier", defect)
+    for defect in FILE_DEFECTS + [npz_without_architecture, classifier_of_other_shapes]
+  ]
+)
 
 
 def snapshot(directory):
   """Every file under `directory` with its size and modification time."""
-  return {os.path.relpath(os.path.join(root, name), directory):
-          (os.path.getsize(os.path.join(root, name)), os.path.getmtime(os.path.join(root, name)))
-          for root, _, names in os.walk(directory) for name in names}
+  return {
+    os.path.relpath(os.path.join(root, name), directory): (
+      os.path.getsize(os.path.join(root, name)),
+      os.path.getmtime(os.path.join(root, name)),
+    )
+    for root, _, names in os.walk(directory)
+    for name in names
+  }
 
 
 @pytest.fixture
 def compiles(caplog):
   """Names of the programs JAX compiles while the test runs."""
   import jax
+
   jax.config.update("jax_log_compiles", True)
   caplog.set_level(logging.WARNING)
-  names = lambda: [r.getMessage().split(" ")[1] for r in caplog.records  # noqa: E731
-                   if r.getMessage().startswith("Compiling ")]
+  names = lambda: [
+    r.getMessage().split(" ")[1]
+    for r in caplog.records  # noqa: E731
+    if r.getMessage().startswith("Compiling ")
+  ]
   yield names
   jax.config.update("jax_log_compiles", False)
 
@@ -146,17 +165,21 @@ def assert_fails_cleanly(run, name, workdir, compiles):
 def eval_workdir(tmp_path_factory):
   """A workdir with a (random) classifier for 16x16 images and good eval inputs beside it."""
   workdir = str(tmp_path_factory.mktemp("eval"))
-  model = feature_classifier.Classifier(feature_classifier.ClassifierConfig(16, 1, 10),
-                                        rngs=nnx.Rngs(0))
+  model = feature_classifier.Classifier(
+    feature_classifier.ClassifierConfig(16, 1, 10), rngs=nnx.Rngs(0)
+  )
   feature_classifier.save(model, os.path.join(workdir, "feature_classifier.npz"))
   good = str(tmp_path_factory.mktemp("inputs"))
-  np.savez(os.path.join(good, "samples.npz"),
-           arr_0=np.random.default_rng(0).integers(0, 256, (200, 16, 16, 1), np.uint8))
+  np.savez(
+    os.path.join(good, "samples.npz"),
+    arr_0=np.random.default_rng(0).integers(0, 256, (200, 16, 16, 1), np.uint8),
+  )
   return workdir, good
 
 
-@pytest.mark.parametrize("key, defect", EVAL_FILE_CASES,
-                         ids=[f"{k}-{d.__name__}" for k, d in EVAL_FILE_CASES])
+@pytest.mark.parametrize(
+  "key, defect", EVAL_FILE_CASES, ids=[f"{k}-{d.__name__}" for k, d in EVAL_FILE_CASES]
+)
 def test_eval_input_files(eval_workdir, tmp_path, compiles, key, defect):
   workdir, good = eval_workdir
   config = tiny.get_config()
@@ -167,17 +190,20 @@ def test_eval_input_files(eval_workdir, tmp_path, compiles, key, defect):
   bad = str(tmp_path / f"bad_{key}.npz")
   defect(bad)
   config.eval[key] = bad
-  assert_fails_cleanly(lambda: cli.evaluate(cli.Arguments(config, workdir)), f"eval.{key}",
-                       workdir, compiles)
+  assert_fails_cleanly(
+    lambda: cli.evaluate(cli.Arguments(config, workdir)), f"eval.{key}", workdir, compiles
+  )
 
 
 def diffusers_folder(path, defect):
   """A diffusers folder with a real config.json whose weights (or config) are broken."""
   from jax_ddpm.models import diffusers_weights as convert
+
   config = tiny.get_config()
   os.makedirs(path)
   with open(os.path.join(path, "config.json"), "w") as f:
     import json
+
     json.dump(convert.diffusers_config_from_unet(runs.build(config).unet), f)
   weights = os.path.join(path, "diffusion_pytorch_model.safetensors")
   if defect == "no weights file":
@@ -186,24 +212,37 @@ def diffusers_folder(path, defect):
     not_an_archive(os.path.join(path, "config.json"))
     defect = "int tensors"
   from safetensors.numpy import save_file
+
   if defect in ("truncated weights", "int tensors"):
-    save_file({"conv_in.weight": np.zeros((16, 1, 3, 3),
-                                          np.int32 if defect == "int tensors" else np.float32)},
-              weights)
+    save_file(
+      {
+        "conv_in.weight": np.zeros(
+          (16, 1, 3, 3), np.int32 if defect == "int tensors" else np.float32
+        )
+      },
+      weights,
+    )
   if defect == "truncated weights":
     with open(weights, "rb") as f:
       data = f.read()
     with open(weights, "wb") as f:
-      f.write(data[:len(data) // 2])
+      f.write(data[: len(data) // 2])
   if defect == "empty weights":
     empty(weights)
   if defect == "pickle as weights":
     pickle_file(weights)
 
 
-DIFFUSERS_DEFECTS = ["no folder", "a file", "no weights file", "empty weights",
-                     "truncated weights", "pickle as weights", "config.json not JSON",
-                     "int tensors"]
+DIFFUSERS_DEFECTS = [
+  "no folder",
+  "a file",
+  "no weights file",
+  "empty weights",
+  "truncated weights",
+  "pickle as weights",
+  "config.json not JSON",
+  "int tensors",
+]
 
 
 @pytest.mark.parametrize("defect", DIFFUSERS_DEFECTS)
@@ -216,20 +255,28 @@ def test_import_from_a_diffusers_folder(tmp_path, compiles, defect):
   workdir = str(tmp_path / "run")
   os.makedirs(workdir)
   assert_fails_cleanly(
-      lambda: cli.import_diffusers(cli.Arguments(tiny.get_config(), workdir, import_from=folder)),
-      "--import_from", workdir, compiles)
+    lambda: cli.import_diffusers(cli.Arguments(tiny.get_config(), workdir, import_from=folder)),
+    "--import_from",
+    workdir,
+    compiles,
+  )
 
 
-@pytest.mark.parametrize("defect", [missing, a_directory, empty, not_an_archive, pickle_file],
-                         ids=lambda d: d.__name__)
+@pytest.mark.parametrize(
+  "defect", [missing, a_directory, empty, not_an_archive, pickle_file], ids=lambda d: d.__name__
+)
 def test_import_from_a_torchscript_inception(tmp_path, compiles, defect):
   pytest.importorskip("torch")
   bad = str(tmp_path / "default_1.pt")
   defect(bad)
   output = str(tmp_path / "out")
   os.makedirs(output)
-  assert_fails_cleanly(lambda: fid_weights.convert(bad, os.path.join(output, "w.npz")),
-                       "--import_from", output, compiles)
+  assert_fails_cleanly(
+    lambda: fid_weights.convert(bad, os.path.join(output, "w.npz")),
+    "--import_from",
+    output,
+    compiles,
+  )
 
 
 def idx_directory(path, defect):
@@ -239,13 +286,15 @@ def idx_directory(path, defect):
     empty(name)
   elif defect == "IDX header and size disagree":
     with open(name, "wb") as f:
-      f.write(b"\x00\x00\x08\x03" + (10).to_bytes(4, "big") + (16).to_bytes(4, "big") * 2
-              + bytes(100))
+      f.write(
+        b"\x00\x00\x08\x03" + (10).to_bytes(4, "big") + (16).to_bytes(4, "big") * 2 + bytes(100)
+      )
   elif defect == "truncated .gz":
     import gzip
+
     data = gzip.compress(b"\x00\x00\x08\x03" + bytes(5000))
     with open(name + ".gz", "wb") as f:
-      f.write(data[:len(data) // 2])
+      f.write(data[: len(data) // 2])
   elif defect == "not IDX":
     not_an_archive(name)
 
@@ -253,6 +302,7 @@ def idx_directory(path, defect):
 def image_folder(path, defect):
   os.makedirs(path)
   from PIL import Image
+
   Image.fromarray(np.zeros((16, 16), np.uint8)).save(os.path.join(path, "good.png"))
   if defect == "a .png that is no image":
     not_an_archive(os.path.join(path, "broken.png"))
@@ -261,18 +311,31 @@ def image_folder(path, defect):
     with open(os.path.join(path, "cut.png"), "rb") as f:
       data = f.read()
     with open(os.path.join(path, "cut.png"), "wb") as f:
-      f.write(data[:len(data) // 2])
+      f.write(data[: len(data) // 2])
   elif defect == "no images":
     os.remove(os.path.join(path, "good.png"))
     not_an_archive(os.path.join(path, "notes.txt"))
 
 
 DATA_CASES = (
-    [("idx", d) for d in ["no directory", "a file", "no IDX file", "empty IDX file",
-                          "IDX header and size disagree", "truncated .gz", "not IDX"]]
-    + [("folder", d) for d in ["no directory", "a file", "no images",
-                               "a .png that is no image", "truncated .png"]]
-    + [("tfds", d) for d in ["no directory", "a file", "dataset not prepared"]])
+  [
+    ("idx", d)
+    for d in [
+      "no directory",
+      "a file",
+      "no IDX file",
+      "empty IDX file",
+      "IDX header and size disagree",
+      "truncated .gz",
+      "not IDX",
+    ]
+  ]
+  + [
+    ("folder", d)
+    for d in ["no directory", "a file", "no images", "a .png that is no image", "truncated .png"]
+  ]
+  + [("tfds", d) for d in ["no directory", "a file", "dataset not prepared"]]
+)
 
 
 @pytest.mark.parametrize("source, defect", DATA_CASES, ids=[f"{s}-{d}" for s, d in DATA_CASES])
@@ -284,7 +347,8 @@ def test_data_paths(tmp_path, compiles, source, defect):
     not_an_archive(path)
   elif defect not in ("no directory",):
     os.makedirs(path) if source == "tfds" else (
-        idx_directory(path, defect) if source == "idx" else image_folder(path, defect))
+      idx_directory(path, defect) if source == "idx" else image_folder(path, defect)
+    )
   key = "data.data_dir" if source == "tfds" else "data.path"
   if source == "tfds":
     config.data.tfds_name, config.data.data_dir = "mnist", path
@@ -292,13 +356,14 @@ def test_data_paths(tmp_path, compiles, source, defect):
     config.data.path = path
   workdir = str(tmp_path / "run")
   os.makedirs(workdir)
-  assert_fails_cleanly(lambda: runs.train(config, workdir), key, workdir,
-                       compiles)
+  assert_fails_cleanly(lambda: runs.train(config, workdir), key, workdir, compiles)
 
 
 def test_sixteen_bit_and_cmyk_images_are_read_scaled_not_clipped(tmp_path):
   from PIL import Image
+
   from jax_ddpm.data import sources as data_sources
+
   Image.fromarray(np.full((8, 8), 32896, np.uint16)).save(tmp_path / "a_16bit.png")  # 128/255
   Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(tmp_path / "b_cmyk.jpg")  # pure red
   grey = data_sources.read_image_folder(str(tmp_path), 8, 1)
@@ -310,17 +375,33 @@ def test_sixteen_bit_and_cmyk_images_are_read_scaled_not_clipped(tmp_path):
 
 def run_main(tmp_path, *flags):
   environment = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"),
-                         "--config=" + os.path.join(ROOT, "configs", "tiny.py"),
-                         f"--workdir={tmp_path / 'run'}", *flags],
-                        cwd=ROOT, capture_output=True, text=True, env=environment, timeout=300)
+  return subprocess.run(
+    [
+      sys.executable,
+      os.path.join(ROOT, "main.py"),
+      "--config=" + os.path.join(ROOT, "configs", "tiny.py"),
+      f"--workdir={tmp_path / 'run'}",
+      *flags,
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    env=environment,
+    timeout=300,
+  )
 
 
-@pytest.mark.parametrize("flags, message", [
+@pytest.mark.parametrize(
+  "flags, message",
+  [
     (["--config.sampling.sampler=x"], "Unknown sampling.sampler 'x'; allowed values"),
-    (["--mode=import", "--import_from=/nonexistent/unet"],
-     "--import_from='/nonexistent/unet' does not exist"),
-], ids=["unknown sampler", "missing import folder"])
+    (
+      ["--mode=import", "--import_from=/nonexistent/unet"],
+      "--import_from='/nonexistent/unet' does not exist",
+    ),
+  ],
+  ids=["unknown sampler", "missing import folder"],
+)
 def test_the_command_line_prints_a_users_mistake_alone(tmp_path, flags, message):
   result = run_main(tmp_path, *flags)
   assert result.returncode == 1, result.stderr[-2000:]

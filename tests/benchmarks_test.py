@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("diffusers")
 
-from benchmarks import jax_cases, run, torch_peer  # pylint: disable=g-import-not-at-top
+from benchmarks import jax_cases, run, torch_peer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,15 +22,32 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def in_process(module, spec, env):
   del env
   return {"benchmarks.jax_cases": jax_cases, "benchmarks.torch_peer": torch_peer}[module].measure(
-      spec)
+    spec
+  )
 
 
-def test_benchmark_prints_tables_with_peer_ratios_for_the_same_network(tmp_path, monkeypatch,
-                                                                       capsys):
+def test_benchmark_prints_tables_with_peer_ratios_for_the_same_network(
+  tmp_path, monkeypatch, capsys
+):
   monkeypatch.setattr(run, "run_case", in_process)
   raw = tmp_path / "raw.json"
-  run.main(["--models", "tiny", "--train_batches", "tiny=8", "--sample_batches", "tiny=8",
-            "--sample_steps", "2", "--repeats", "1", "--peer", "--json", str(raw)])
+  run.main(
+    [
+      "--models",
+      "tiny",
+      "--train_batches",
+      "tiny=8",
+      "--sample_batches",
+      "tiny=8",
+      "--sample_steps",
+      "2",
+      "--repeats",
+      "1",
+      "--peer",
+      "--json",
+      str(raw),
+    ]
+  )
   out = capsys.readouterr().out
   assert "Machine: " in out and "Matmul ceiling" in out
   assert re.search(r"\| tiny \(0\.2M\) +\| 8 +\|", out)
@@ -45,23 +62,32 @@ def test_benchmark_prints_tables_with_peer_ratios_for_the_same_network(tmp_path,
     for implementation in ("jax", "torch"):
       median, low, high = result[implementation]["seconds"]
       assert 0 < low <= median <= high
-  ratio_cells = [line.rsplit("|", 2)[-2].strip() for line in out.splitlines()
-                 if line.startswith("| tiny")]
+  ratio_cells = [
+    line.rsplit("|", 2)[-2].strip() for line in out.splitlines() if line.startswith("| tiny")
+  ]
   assert ratio_cells and all(float(cell) > 0 for cell in ratio_cells)
 
 
 def test_a_measurement_runs_as_its_own_process_and_prints_json():
   completed = subprocess.run(
-      [sys.executable, "-m", "benchmarks.jax_cases", '{"kind": "ceiling", "n": 128, "repeats": 1}'],
-      cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    [sys.executable, "-m", "benchmarks.jax_cases", '{"kind": "ceiling", "n": 128, "repeats": 1}'],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
   assert completed.returncode == 0, completed.stderr[-3000:]
   result = json.loads(completed.stdout.strip().splitlines()[-1])
   assert result["flops"] == 2 * 128**3 * result["devices"] and result["seconds"][0] > 0
 
 
 def test_unknown_model_fails_before_any_measurement():
-  with pytest.raises(ValueError, match=r"Unknown model 'imagenet'; allowed values: "
-                     r"\['small', 'cifar10', 'tiny'\]"):
+  with pytest.raises(
+    ValueError,
+    match=r"Unknown model 'imagenet'; allowed values: "
+    r"\['small', 'cifar10', 'tiny'\]",
+  ):
     run.main(["--models", "imagenet"])
 
 
@@ -72,11 +98,13 @@ def test_misspelt_set_key_fails_before_any_measurement(monkeypatch, capsys):
   assert 'Did you mean "remat"' in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flag, value", [("--sample_batches", "small=0"),
-                                         ("--train_batches", "small=32,x"),
-                                         ("--sample_steps", "10,-5")])
+@pytest.mark.parametrize(
+  "flag, value",
+  [("--sample_batches", "small=0"), ("--train_batches", "small=32,x"), ("--sample_steps", "10,-5")],
+)
 def test_a_batch_or_step_count_that_is_not_positive_fails_before_any_measurement(
-    flag, value, monkeypatch, capsys):
+  flag, value, monkeypatch, capsys
+):
   monkeypatch.setattr(run, "run_case", lambda *a: pytest.fail("a measurement started"))
   with pytest.raises(SystemExit):
     run.main(["--models", "tiny", flag, value])
@@ -84,17 +112,33 @@ def test_a_batch_or_step_count_that_is_not_positive_fails_before_any_measurement
 
 
 def test_recipe_ablation_refuses_unknown_variants_and_tabulates_its_results(tmp_path, capsys):
-  from benchmarks import recipe_ablation  # pylint: disable=g-import-not-at-top
-  command = [sys.executable, os.path.join(ROOT, "benchmarks", "recipe_ablation.py"),
-             f"--root={tmp_path}", "--variants=default,wider"]
+  from benchmarks import recipe_ablation
+
+  command = [
+    sys.executable,
+    os.path.join(ROOT, "benchmarks", "recipe_ablation.py"),
+    f"--root={tmp_path}",
+    "--variants=default,wider",
+  ]
   failed = subprocess.run(command, capture_output=True, text=True, check=False)
   assert failed.returncode == 2 and "unknown variants ['wider']" in failed.stderr
   assert not os.listdir(tmp_path)  # nothing trained
-  overrides = ["--config.training.loss_weighting=min_snr", "--config.sampling.eta=1.0",
-               "--config.sampling.spacing=uniform"]  # stored as run: the earlier recipe's keys too
-  row = {"variant": "min_snr_eta1", "overrides": overrides, "seconds": 1000.0,
-         "steps": 3000, "feature_distance": 50.0, "classifier_score": 9.0, "precision": 0.7,
-         "recall": 0.9, "label_histogram": list(range(10))}
+  overrides = [
+    "--config.training.loss_weighting=min_snr",
+    "--config.sampling.eta=1.0",
+    "--config.sampling.spacing=uniform",
+  ]  # stored as run: the earlier recipe's keys too
+  row = {
+    "variant": "min_snr_eta1",
+    "overrides": overrides,
+    "seconds": 1000.0,
+    "steps": 3000,
+    "feature_distance": 50.0,
+    "classifier_score": 9.0,
+    "precision": 0.7,
+    "recall": 0.9,
+    "label_histogram": list(range(10)),
+  }
   reseeded = {**row, "sample_seed": 1, "feature_distance": 60.0, "label_histogram": [2] * 10}
   with open(tmp_path / "results.jsonl", "w") as f:
     f.write(json.dumps(row) + "\n" + json.dumps(reseeded) + "\n")
@@ -102,23 +146,33 @@ def test_recipe_ablation_refuses_unknown_variants_and_tabulates_its_results(tmp_
   table = capsys.readouterr().out
   # Only what differs from the earlier recipe shows; two sampling seeds give mean +- std.
   cells = [c.strip() for c in table.splitlines()[-1].split("|")[1:-1]]
-  assert cells[:6] == ["min_snr_eta1", "training.loss_weighting=min_snr sampling.eta=1.0", "1000",
-                       "3000", "0,1", "55.0 +- 7.1"]
+  assert cells[:6] == [
+    "min_snr_eta1",
+    "training.loss_weighting=min_snr sampling.eta=1.0",
+    "1000",
+    "3000",
+    "0,1",
+    "55.0 +- 7.1",
+  ]
   assert "| 1 2 2 2 3 4 4 4 5 6 |" in table  # the histograms' mean, rounded half to even
 
 
 def test_every_recipe_ablation_variant_is_a_valid_config():
   """A misspelt key or a refused value fails here, not 20 minutes into an ablation."""
-  from benchmarks import common, recipe_ablation  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  import runs  # pylint: disable=g-import-not-at-top
-  from jax_ddpm.io import errors  # pylint: disable=g-import-not-at-top
-  from jax_ddpm.runtime import mesh  # pylint: disable=g-import-not-at-top
-  from jax_ddpm.training import loop  # pylint: disable=g-import-not-at-top
+  import jax
+  import runs
+
+  from benchmarks import common, recipe_ablation
+  from jax_ddpm.io import errors
+  from jax_ddpm.runtime import mesh
+  from jax_ddpm.training import loop
+
   two_devices = mesh.data_mesh(jax.devices()[:2])
   trained = {name: recipe_ablation.config_overrides(name) for name in recipe_ablation.VARIANTS}
-  sampled = {name: {**trained[variant], **sampling}
-             for name, (variant, sampling, *_) in recipe_ablation.SAMPLED_VARIANTS.items()}
+  sampled = {
+    name: {**trained[variant], **sampling}
+    for name, (variant, sampling, *_) in recipe_ablation.SAMPLED_VARIANTS.items()
+  }
   for name, overrides in {**trained, **sampled}.items():
     config = common.model_config("small", overrides)  # locked: a misspelt key raises
     if name in recipe_ablation.REFUSED:  # measured before the check that refuses it
@@ -129,12 +183,14 @@ def test_every_recipe_ablation_variant_is_a_valid_config():
 
 
 def test_recipe_ablation_times_an_earlier_checkpoint_by_the_uptime_after_it(tmp_path):
-  from benchmarks import recipe_ablation  # pylint: disable=g-import-not-at-top
+  from benchmarks import recipe_ablation
+
   (tmp_path / "wide_train.log").write_text(
-      "I1130 logging_writer.py:48] [50] uptime=20.5\n"
-      "I1130 logging_writer.py:48] [100] steps_per_sec=2.5\n"
-      "I1130 logging_writer.py:48] [100] uptime=40.0\n"
-      "I1130 logging_writer.py:48] [150] uptime=61.5\n")
+    "I1130 logging_writer.py:48] [50] uptime=20.5\n"
+    "I1130 logging_writer.py:48] [100] steps_per_sec=2.5\n"
+    "I1130 logging_writer.py:48] [100] uptime=40.0\n"
+    "I1130 logging_writer.py:48] [150] uptime=61.5\n"
+  )
   # A 100 s run whose summaries counted 21.5 s after step 100 took 78.5 s up to it.
   assert recipe_ablation.seconds_until("wide", str(tmp_path), 100, 100.0) == 78.5
   with pytest.raises(ValueError, match="no uptime at step 75"):

@@ -25,8 +25,10 @@ def test_the_flat_layouts_checkpoint_restores_every_array_bitwise():
   run = builders.build(run_config.from_dict(expected["config"]))
   _, restored, step = checkpointing.load_checkpoint(run, WORKDIR)
   assert step == expected["step"] == 2
-  sums = {jax.tree_util.keystr(path): float(np.asarray(leaf, np.float64).sum())
-          for path, leaf in jax.tree_util.tree_leaves_with_path(restored)}
+  sums = {
+    jax.tree_util.keystr(path): float(np.asarray(leaf, np.float64).sum())
+    for path, leaf in jax.tree_util.tree_leaves_with_path(restored)
+  }
   assert sums == expected["sums"]
 
 

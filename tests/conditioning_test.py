@@ -1,4 +1,5 @@
-"""Class-conditional models: labels from data to denoiser, label dropout, classifier-free guidance."""
+"""Class-conditional models: labels from data to denoiser, label dropout, classifier-free
+guidance."""
 
 import os
 import shutil
@@ -7,9 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from PIL import Image
-
 import runs
+from PIL import Image
+from samplers_test import SCHEDULE, Z, gaussian_mixture_eps
+
 from configs import tiny
 from jax_ddpm import cli
 from jax_ddpm.config import builders
@@ -20,7 +22,6 @@ from jax_ddpm.evaluation import scoring
 from jax_ddpm.samplers import base
 from jax_ddpm.samplers.dpm_solver import DPMSolverPP2M
 from jax_ddpm.training import checkpointing, loop, step
-from samplers_test import SCHEDULE, Z, gaussian_mixture_eps
 
 # Two overlapping classes in 2-D that differ only along the first axis.
 MEANS, STD = [[-0.5, 0.0], [0.5, 0.0]], 0.4
@@ -63,6 +64,7 @@ def test_guidance_one_is_the_conditional_zero_the_unconditional_and_others_one_c
 
 def test_guidance_leaves_a_learned_variance_to_the_conditional_branch():
   """2C outputs: the first C channels are guided, the variance channels are the conditional's."""
+
   def denoise(x_t, t, y):
     return jnp.concatenate([x_t * (1.0 + y[:, None]), x_t + 10.0 * y[:, None]], axis=-1)
 
@@ -70,18 +72,31 @@ def test_guidance_leaves_a_learned_variance_to_the_conditional_branch():
   t = jnp.full((8,), 500, jnp.int32)
   y = jnp.ones((8,), jnp.int32)
   guided = np.asarray(guidance.guide(denoise, y, 3.0, 2, learn_sigma=True)(x_t, t))
-  conditional, unconditional = (np.asarray(denoise(x_t, t, labels))
-                                for labels in (y, jnp.full_like(y, NULL)))
-  np.testing.assert_allclose(guided[:, :2], unconditional[:, :2] + 3.0 * (
-      conditional[:, :2] - unconditional[:, :2]), atol=1e-5)
+  conditional, unconditional = (
+    np.asarray(denoise(x_t, t, labels)) for labels in (y, jnp.full_like(y, NULL))
+  )
+  np.testing.assert_allclose(
+    guided[:, :2],
+    unconditional[:, :2] + 3.0 * (conditional[:, :2] - unconditional[:, :2]),
+    atol=1e-5,
+  )
   np.testing.assert_array_equal(guided[:, 2:], conditional[:, 2:])
 
 
 def guided_samples(w):
   y = jnp.zeros((NUM_SAMPLES,), jnp.int32)  # every sample asks for class 0, mean (-0.5, 0)
   denoise = guidance.guide(mixture_denoiser(), y, w, 2)
-  return np.asarray(base.run(DPMSolverPP2M(num_steps=20), denoise, SCHEDULE, (NUM_SAMPLES, 2),
-                            jax.random.key(3), thresholding="none"), np.float64)
+  return np.asarray(
+    base.run(
+      DPMSolverPP2M(num_steps=20),
+      denoise,
+      SCHEDULE,
+      (NUM_SAMPLES, 2),
+      jax.random.key(3),
+      thresholding="none",
+    ),
+    np.float64,
+  )
 
 
 def tilted_density_mass_on_the_class_side(w):
@@ -118,16 +133,22 @@ def test_guided_samples_concentrate_on_the_class_mode_as_the_tilted_density_pred
 
 
 def test_label_dropout_replaces_labels_by_the_null_label_at_its_rate():
-  options = step.StepOptions(prediction="eps", ema=step.EMARule(0.9, False),
-                             learning_rate=lambda step: 0.0, num_classes=10, label_dropout=0.2)
+  options = step.StepOptions(
+    prediction="eps",
+    ema=step.EMARule(0.9, False),
+    learning_rate=lambda step: 0.0,
+    num_classes=10,
+    label_dropout=0.2,
+  )
   labels = jnp.arange(100_000, dtype=jnp.int32) % 10
   dropped = np.asarray(step._dropped_labels({"label": labels}, options, jax.random.key(0)))
   null = dropped == guidance.null_label(10)
   assert abs(null.mean() - 0.2) < Z * np.sqrt(0.2 * 0.8 / len(labels)), null.mean()
   np.testing.assert_array_equal(dropped[~null], np.asarray(labels)[~null])
   none = step.StepOptions(**{**options.__dict__, "label_dropout": 0.0})
-  np.testing.assert_array_equal(step._dropped_labels({"label": labels}, none, jax.random.key(0)),
-                                labels)
+  np.testing.assert_array_equal(
+    step._dropped_labels({"label": labels}, none, jax.random.key(0)), labels
+  )
 
 
 def test_the_unet_embeds_one_more_label_the_null_label():
@@ -144,7 +165,8 @@ def test_grid_labels_give_each_class_an_equal_run_and_lists_repeat():
   listed = guidance.Conditioning(num_classes=10, labels=(3, 7))
   np.testing.assert_array_equal(listed.batch_labels(jax.random.key(0), 5), [3, 7, 3, 7, 3])
   drawn = guidance.Conditioning(num_classes=10, labels="random").batch_labels(
-      jax.random.key(0), 1000)
+    jax.random.key(0), 1000
+  )
   assert set(np.asarray(drawn).tolist()) == set(range(10))
 
 
@@ -225,15 +247,26 @@ def test_labelled_sources_pair_each_image_with_its_class(tmp_path):
 def test_the_step_reader_yields_labels_of_the_same_examples_as_the_images():
   images = np.arange(20, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 2, 1), np.uint8)
   source = data_sources.ArraySource(images, np.arange(20, dtype=np.int32))
-  batches = iter(input_pipeline.grain_batches(
-      source, first_step=3, global_batch=8, seed=7, random_flip=False, process_index=1,
-      process_count=2, labels=True))
+  batches = iter(
+    input_pipeline.grain_batches(
+      source,
+      first_step=3,
+      global_batch=8,
+      seed=7,
+      random_flip=False,
+      process_index=1,
+      process_count=2,
+      labels=True,
+    )
+  )
   batch = next(batches)
   pixel = np.round((batch["image"][:, 0, 0, 0] + 1) * 127.5).astype(int)
   np.testing.assert_array_equal(pixel, batch["label"])
 
 
-@pytest.mark.parametrize("change, message", [
+@pytest.mark.parametrize(
+  "change, message",
+  [
     (dict(sampling_labels="3,12"), r"sampling.labels=\[3, 12\]: each must be a class in 0..9"),
     (dict(sampling_labels="cats"), r"sampling.labels='cats' is not 'grid', 'random' or a comma"),
     (dict(num_classes=None, sampling_labels="3"), r"the model is unconditional"),
@@ -242,7 +275,8 @@ def test_the_step_reader_yields_labels_of_the_same_examples_as_the_images():
     (dict(guidance=-1.0), r"sampling.guidance_scale must be >= 0"),
     (dict(num_classes=4), r"data.source='fake' has 10 classes, more than model.num_classes=4"),
     (dict(source="folder"), r"needs one subfolder per class"),
-])
+  ],
+)
 def test_bad_conditioning_fails_before_compiling(tmp_path, monkeypatch, change, message):
   config = conditional_config()
   config.model.num_classes = change.get("num_classes", 10)
@@ -261,12 +295,14 @@ def test_bad_conditioning_fails_before_compiling(tmp_path, monkeypatch, change, 
   with pytest.raises(ValueError, match=message):
     runs.train(config, str(tmp_path / "run"))
   assert not os.path.exists(tmp_path / "run" / "checkpoints") or not os.listdir(
-      tmp_path / "run" / "checkpoints")
+    tmp_path / "run" / "checkpoints"
+  )
 
 
 def test_conditional_configs_validate_and_build_a_guided_sampler():
-  from configs import cifar10_cond, mnist_cond  # pylint: disable=g-import-not-at-top
-  from jax_ddpm.runtime import mesh  # pylint: disable=g-import-not-at-top
+  from configs import cifar10_cond, mnist_cond
+  from jax_ddpm.runtime import mesh
+
   for module in (mnist_cond, cifar10_cond):
     run = runs.build(module.get_config())
     loop.check_machine(run, mesh.data_mesh())
@@ -278,4 +314,8 @@ def test_conditional_configs_validate_and_build_a_guided_sampler():
 def test_visualize_draws_the_guided_reverse_process_of_a_conditional_model(conditional_runs):
   paths = cli.visualize(cli.Arguments(conditional_config(), conditional_runs[1]))
   assert sorted(os.path.basename(p) for p in paths) == [
-      "forward_process.png", "reverse_process.gif", "reverse_process.png", "schedules.png"]
+    "forward_process.png",
+    "reverse_process.gif",
+    "reverse_process.png",
+    "schedules.png",
+  ]

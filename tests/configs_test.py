@@ -7,8 +7,8 @@ import os
 
 import numpy as np
 import pytest
-
 import runs
+
 from configs import default
 from jax_ddpm.config import builders
 from jax_ddpm.io import errors
@@ -16,9 +16,13 @@ from jax_ddpm.runtime import devices as host_devices
 from jax_ddpm.runtime import mesh
 from jax_ddpm.training import loop
 
-CONFIGS = sorted(name[:-3] for name in os.listdir(os.path.join(os.path.dirname(
-    os.path.dirname(os.path.abspath(__file__))), "configs"))
-                 if name.endswith(".py") and name != "__init__.py")
+CONFIGS = sorted(
+  name[:-3]
+  for name in os.listdir(
+    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+  )
+  if name.endswith(".py") and name != "__init__.py"
+)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -28,7 +32,8 @@ def test_every_shipped_config_passes_the_training_checks(name):
 
 
 def test_the_improved_cifar10_config_learns_its_variance_and_samples_with_it():
-  from configs import cifar10, cifar10_improved  # pylint: disable=g-import-not-at-top
+  from configs import cifar10, cifar10_improved
+
   run = runs.build(cifar10_improved.get_config())
   assert run.unet.out_channels == 6
   assert run.step_options.learn_sigma and run.step_options.vlb_weight == 0.001
@@ -73,11 +78,13 @@ def _rates(lr_decay, steps):
 def test_cosine_decay_follows_sgdr_eq5_after_the_warm_up():
   steps = [0, 50, 100, 350, 600, 850, 1100]
   eta_max = 1e-3  # eta_t = eta_max / 2 (1 + cos(pi (t - W) / (N - W))), W = 100, N = 1100
-  cosine = [0.0, eta_max / 2] + [eta_max / 2 * (1 + np.cos(np.pi * (t - 100) / 1000))
-                                 for t in steps[2:]]
+  cosine = [0.0, eta_max / 2] + [
+    eta_max / 2 * (1 + np.cos(np.pi * (t - 100) / 1000)) for t in steps[2:]
+  ]
   np.testing.assert_allclose(_rates("cosine", steps), cosine, rtol=1e-6, atol=1e-12)
-  np.testing.assert_allclose(_rates("constant", steps), [0.0, eta_max / 2] + [eta_max] * 5,
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    _rates("constant", steps), [0.0, eta_max / 2] + [eta_max] * 5, rtol=1e-6
+  )
 
 
 def test_wsd_holds_the_step_then_decays_linearly_over_the_last_fraction():
@@ -89,8 +96,9 @@ def test_wsd_holds_the_step_then_decays_linearly_over_the_last_fraction():
 def test_a_decay_fraction_outside_zero_to_one_is_refused_by_name():
   config = default.get_config()
   config.optim.lr_decay, config.optim.decay_fraction = "wsd", 1.5
-  with pytest.raises(errors.ConfigError,
-                     match=r"optim.decay_fraction must be in \(0, 1\], got 1.5"):
+  with pytest.raises(
+    errors.ConfigError, match=r"optim.decay_fraction must be in \(0, 1\], got 1.5"
+  ):
     runs.typed(config)
 
 
@@ -99,13 +107,15 @@ def test_a_run_shorter_than_its_warm_up_never_decays():
   config.optim.learning_rate, config.optim.warmup_steps = 1e-3, 200
   config.optim.lr_decay, config.training.num_train_steps = "cosine", 50
   schedule = builders.learning_rate(runs.typed(config))
-  np.testing.assert_allclose([float(schedule(t)) for t in (0, 25, 50)], [0.0, 1.25e-4, 2.5e-4],
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    [float(schedule(t)) for t in (0, 25, 50)], [0.0, 1.25e-4, 2.5e-4], rtol=1e-6
+  )
 
 
 def test_an_unknown_learning_rate_decay_is_refused_by_name():
   config = default.get_config()
   config.optim.lr_decay = "linear"
-  with pytest.raises(errors.ConfigError,
-                     match="optim.lr_decay must be 'constant', 'cosine' or 'wsd', got 'linear'"):
+  with pytest.raises(
+    errors.ConfigError, match="optim.lr_decay must be 'constant', 'cosine' or 'wsd', got 'linear'"
+  ):
     runs.typed(config)

@@ -10,8 +10,8 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from jax_ddpm.models import diffusers_weights as convert
 from jax_ddpm.io import errors
+from jax_ddpm.models import diffusers_weights as convert
 from jax_ddpm.models import unet
 
 torch = pytest.importorskip("torch")
@@ -19,16 +19,29 @@ diffusers = pytest.importorskip("diffusers")
 
 # ddpm-cifar10-32's architecture; attention_head_dim None is diffusers' single-head setting.
 CIFAR10_DIFFUSERS = dict(
-    sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256),
-    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    layers_per_block=2, downsample_padding=0, freq_shift=1, flip_sin_to_cos=False,
-    norm_eps=1e-6, norm_num_groups=32, attention_head_dim=None)
+  sample_size=32,
+  in_channels=3,
+  out_channels=3,
+  block_out_channels=(128, 256, 256, 256),
+  down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+  up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+  layers_per_block=2,
+  downsample_padding=0,
+  freq_shift=1,
+  flip_sin_to_cos=False,
+  norm_eps=1e-6,
+  norm_num_groups=32,
+  attention_head_dim=None,
+)
 SMALL_DIFFUSERS = dict(
-    CIFAR10_DIFFUSERS, sample_size=16, block_out_channels=(32, 64, 64),
-    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8,
-    layers_per_block=1)
+  CIFAR10_DIFFUSERS,
+  sample_size=16,
+  block_out_channels=(32, 64, 64),
+  down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+  up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+  norm_num_groups=8,
+  layers_per_block=1,
+)
 
 
 def save_random_diffusers_unet(directory, settings, seed=0):
@@ -49,10 +62,14 @@ def compare_outputs(torch_model, config, params, batch, seed):
   x = rng.standard_normal((batch, config.image_size, config.image_size, 3)).astype(np.float32)
   t = rng.integers(0, 1000, size=batch)
   with torch.no_grad():
-    expected = torch_model(torch.from_numpy(x.transpose(0, 3, 1, 2)),
-                           torch.from_numpy(t)).sample.numpy().transpose(0, 2, 3, 1)
-  model = nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: unet.UNet(config, rngs=nnx.Rngs(0)))),
-                    params)
+    expected = (
+      torch_model(torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(t))
+      .sample.numpy()
+      .transpose(0, 2, 3, 1)
+    )
+  model = nnx.merge(
+    nnx.graphdef(nnx.eval_shape(lambda: unet.UNet(config, rngs=nnx.Rngs(0)))), params
+  )
   model.eval()
   actual = np.asarray(jax.jit(lambda x, t: model(x, t))(jnp.asarray(x), jnp.asarray(t)))
   return np.abs(actual - expected).max(), np.abs(expected).max()
@@ -69,8 +86,10 @@ def test_small_unet_matches_diffusers_after_import(tmp_path):
 
 def test_a_learned_variance_unet_with_2c_outputs_imports_exactly(tmp_path):
   """Improved DDPM's layout (out_channels = 2C) matches a learn_sigma run config."""
-  import runs  # pylint: disable=g-import-not-at-top
-  from configs import tiny  # pylint: disable=g-import-not-at-top
+  import runs
+
+  from configs import tiny
+
   torch_model = save_random_diffusers_unet(tmp_path, dict(SMALL_DIFFUSERS, out_channels=6))
   run_config = tiny.get_config()
   run_config.data.channels, run_config.model.learn_sigma = 3, True
@@ -116,8 +135,12 @@ def test_legacy_attention_names_import_to_the_same_params(small_checkpoint, tmp_
   def to_legacy(tensors, config):
     renamed = {}
     for name, value in tensors.items():
-      for new, old in (("to_q", "query"), ("to_k", "key"), ("to_v", "value"),
-                       ("to_out.0", "proj_attn")):
+      for new, old in (
+        ("to_q", "query"),
+        ("to_k", "key"),
+        ("to_v", "value"),
+        ("to_out.0", "proj_attn"),
+      ):
         name = name.replace(f".{new}.", f".{old}.")
       renamed[name] = value
     return renamed
@@ -146,8 +169,9 @@ def test_missing_unexpected_and_misshapen_tensors_are_listed_by_name(small_check
 
 
 def test_config_mismatch_names_the_keys(small_checkpoint):
-  ours = unet.UNetConfig(image_size=16, ch=32, ch_mult=(1, 2, 4), attn_resolutions=(16,),
-                         num_res_blocks=1, num_groups=8)
+  ours = unet.UNetConfig(
+    image_size=16, ch=32, ch_mult=(1, 2, 4), attn_resolutions=(16,), num_res_blocks=1, num_groups=8
+  )
   with pytest.raises(convert.CheckpointMismatchError) as error:
     convert.load_diffusers_unet(str(small_checkpoint), ours)
   message = str(error.value)
@@ -159,8 +183,10 @@ def test_config_mismatch_names_the_keys(small_checkpoint):
 @pytest.mark.parametrize("name", ["mnist", "cifar10"])
 def test_diffusers_settings_of_our_configs_describe_the_same_network(name):
   """The inverse mapping builds the PyTorch peer of benchmarks/: same config, same parameters."""
-  import importlib  # pylint: disable=g-import-not-at-top
-  import runs  # pylint: disable=g-import-not-at-top
+  import importlib
+
+  import runs
+
   ours = runs.build(importlib.import_module(f"configs.{name}").get_config()).unet
   settings = convert.diffusers_config_from_unet(ours)
   assert convert.unet_config_from_diffusers(settings, dropout=ours.dropout) == ours
@@ -170,10 +196,16 @@ def test_diffusers_settings_of_our_configs_describe_the_same_network(name):
 
 
 def test_unsupported_diffusers_settings_are_named():
-  settings = dict(SMALL_DIFFUSERS, flip_sin_to_cos=True, freq_shift=0,
-                  down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"])
-  with pytest.raises(convert.CheckpointMismatchError,
-                     match=r"freq_shift=0 \(need 1\).*flip_sin_to_cos=True.*CrossAttnDownBlock2D"):
+  settings = dict(
+    SMALL_DIFFUSERS,
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+  )
+  with pytest.raises(
+    convert.CheckpointMismatchError,
+    match=r"freq_shift=0 \(need 1\).*flip_sin_to_cos=True.*CrossAttnDownBlock2D",
+  ):
     convert.unet_config_from_diffusers(settings)
 
 
@@ -184,16 +216,22 @@ def test_missing_folder_says_what_is_expected(tmp_path):
 
 # diffusers' layout of configs/tiny.py's model: 16x16x1, ch 16, ch_mult (1, 2), attention at 8.
 TINY_DIFFUSERS = dict(
-    SMALL_DIFFUSERS, in_channels=1, out_channels=1, block_out_channels=(16, 32),
-    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-    up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+  SMALL_DIFFUSERS,
+  in_channels=1,
+  out_channels=1,
+  block_out_channels=(16, 32),
+  down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+  up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+)
 
 
 def test_import_mode_writes_a_checkpoint_that_samples(tmp_path):
   import runs
+
   from configs import tiny
   from jax_ddpm import cli
   from jax_ddpm.training import checkpointing
+
   save_random_diffusers_unet(tmp_path / "diffusers", TINY_DIFFUSERS)
   config = tiny.get_config()
   config.sampling.num_samples, config.sampling.batch_size = 8, 8
@@ -203,8 +241,11 @@ def test_import_mode_writes_a_checkpoint_that_samples(tmp_path):
   _, imported = convert.load_diffusers_unet(str(tmp_path / "diffusers"))
   _, restored, step = checkpointing.load_checkpoint(runs.build(config), workdir)
   assert step == 0
-  for a, b, c in zip(jax.tree.leaves(imported), jax.tree.leaves(restored.params),
-                     jax.tree.leaves(restored.ema_params)):
+  for a, b, c in zip(
+    jax.tree.leaves(imported),
+    jax.tree.leaves(restored.params),
+    jax.tree.leaves(restored.ema_params),
+  ):
     np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(a, c)
   directory = cli.sample(cli.Arguments(config, workdir))

@@ -39,8 +39,7 @@ def test_predictions_convert_exactly_between_eps_x0_and_v():
     # x_0 from eps divides by sqrt(alpha-bar), ~0.006 at t=999: errors grow by 1/0.006.
     np.testing.assert_allclose(x0_hat, x0, atol=3e-4)
     np.testing.assert_allclose(eps_hat, eps, atol=3e-4 if prediction != "x0" else 2e-2)
-    np.testing.assert_allclose(
-        loss_lib.training_target(SCHEDULE, x0, t, eps, prediction), output)
+    np.testing.assert_allclose(loss_lib.training_target(SCHEDULE, x0, t, eps, prediction), output)
 
 
 def test_posterior_mean_and_variance_match_gaussian_conditioning():
@@ -51,11 +50,14 @@ def test_posterior_mean_and_variance_match_gaussian_conditioning():
   mean, variance, log_variance = process.q_posterior_mean_variance(SCHEDULE, x0, x_t, t)
   for row, index in enumerate(np.asarray(t)):
     abar_prev, beta = ABAR[index - 1], BETAS[index]
-    # prior x_{t-1} ~ N(sqrt(abar_prev) x0, 1 - abar_prev); likelihood x_t ~ N(sqrt(1-beta) x_{t-1}, beta)
+    # prior x_{t-1} ~ N(sqrt(abar_prev) x0, 1 - abar_prev);
+    # likelihood x_t ~ N(sqrt(1-beta) x_{t-1}, beta)
     precision = 1 / (1 - abar_prev) + (1 - beta) / beta
     expected_var = 1 / precision
-    expected_mean = expected_var * (np.sqrt(abar_prev) * float(x0[row, 0]) / (1 - abar_prev)
-                                    + np.sqrt(1 - beta) * float(x_t[row, 0]) / beta)
+    expected_mean = expected_var * (
+      np.sqrt(abar_prev) * float(x0[row, 0]) / (1 - abar_prev)
+      + np.sqrt(1 - beta) * float(x_t[row, 0]) / beta
+    )
     np.testing.assert_allclose(float(variance[row, 0]), expected_var, rtol=1e-5)
     np.testing.assert_allclose(float(mean[row, 0]), expected_mean, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(float(log_variance[row, 0]), np.log(expected_var), rtol=1e-5)
@@ -70,18 +72,29 @@ def test_posterior_at_first_step_returns_x0():
 
 def test_p_mean_variance_variance_choices():
   x_t, output, t = jnp.zeros((2, 1)), jnp.zeros((2, 1)), jnp.array([0, 500])
-  _, small, _ = process.p_mean_variance(SCHEDULE, x_t, t, output, prediction="eps",
-                                          variance="fixed_small", clip_denoised=False)
-  _, large, _ = process.p_mean_variance(SCHEDULE, x_t, t, output, prediction="eps",
-                                          variance="fixed_large", clip_denoised=False)
-  np.testing.assert_allclose(small[:, 0], np.asarray(SCHEDULE.posterior_log_variance_clipped)[[0, 500]])
+  _, small, _ = process.p_mean_variance(
+    SCHEDULE, x_t, t, output, prediction="eps", variance="fixed_small", clip_denoised=False
+  )
+  _, large, _ = process.p_mean_variance(
+    SCHEDULE, x_t, t, output, prediction="eps", variance="fixed_large", clip_denoised=False
+  )
+  np.testing.assert_allclose(
+    small[:, 0], np.asarray(SCHEDULE.posterior_log_variance_clipped)[[0, 500]]
+  )
   np.testing.assert_allclose(np.exp(large[1, 0]), BETAS[500], rtol=1e-5)
 
 
 def test_clip_denoised_bounds_predicted_x0():
   x_t, t = jnp.full((1, 2), 3.0), jnp.array([10])
-  _, _, x0 = process.p_mean_variance(SCHEDULE, x_t, t, jnp.zeros((1, 2)), prediction="eps",
-                                       variance="fixed_small", clip_denoised=True)
+  _, _, x0 = process.p_mean_variance(
+    SCHEDULE,
+    x_t,
+    t,
+    jnp.zeros((1, 2)),
+    prediction="eps",
+    variance="fixed_small",
+    clip_denoised=True,
+  )
   np.testing.assert_array_equal(x0, 1.0)
 
 
@@ -94,8 +107,9 @@ def test_loss_is_zero_for_the_exact_target_and_mse_otherwise(prediction):
   target = loss_lib.training_target(SCHEDULE, x0, t, eps, prediction)
   exact = loss_lib.training_losses(SCHEDULE, lambda x_t, t: target, x0, t, eps, prediction)
   np.testing.assert_allclose(exact, 0.0, atol=1e-12)
-  zero = loss_lib.training_losses(SCHEDULE, lambda x_t, t: jnp.zeros_like(x_t), x0, t, eps,
-                                   prediction)
+  zero = loss_lib.training_losses(
+    SCHEDULE, lambda x_t, t: jnp.zeros_like(x_t), x0, t, eps, prediction
+  )
   np.testing.assert_allclose(zero, np.mean(np.square(target), axis=(1, 2, 3)), rtol=1e-6)
 
 
@@ -133,20 +147,27 @@ def test_a_weighting_asks_the_same_of_every_prediction_target(weighting):
   eps_hat = eps + 0.1 * jax.random.normal(keys[2], x0.shape)  # an imperfect denoiser
   alpha_bar = np.cumprod(1.0 - np.asarray(schedules.cosine_betas(1000), np.float64))
   outputs = {
-      "eps": lambda x_t, t: eps_hat,
-      "x0": lambda x_t, t: process.predict_x0_from_eps(schedule, x_t, t, eps_hat),
-      "v": lambda x_t, t: process.get_v(
-          schedule, process.predict_x0_from_eps(schedule, x_t, t, eps_hat), t, eps_hat)}
-  losses = {p: loss_lib.training_losses(schedule, net, x0, t, eps, p,
-                                         loss_lib.loss_weights(alpha_bar, weighting, p))
-            for p, net in outputs.items()}
+    "eps": lambda x_t, t: eps_hat,
+    "x0": lambda x_t, t: process.predict_x0_from_eps(schedule, x_t, t, eps_hat),
+    "v": lambda x_t, t: process.get_v(
+      schedule, process.predict_x0_from_eps(schedule, x_t, t, eps_hat), t, eps_hat
+    ),
+  }
+  losses = {
+    p: loss_lib.training_losses(
+      schedule, net, x0, t, eps, p, loss_lib.loss_weights(alpha_bar, weighting, p)
+    )
+    for p, net in outputs.items()
+  }
   np.testing.assert_allclose(losses["x0"], losses["eps"], rtol=2e-3)
   np.testing.assert_allclose(losses["v"], losses["eps"], rtol=2e-3)
 
 
 def test_unknown_loss_weighting_is_refused_before_training(tmp_path):
   import runs
+
   from configs import tiny
+
   config = tiny.get_config()
   config.training.loss_weighting = "snr"
   with pytest.raises(ValueError, match=r"Unknown training.loss_weighting 'snr'.*min_snr"):
@@ -156,7 +177,9 @@ def test_unknown_loss_weighting_is_refused_before_training(tmp_path):
 
 def test_the_train_step_options_carry_the_configs_weights():
   import runs
+
   from configs import tiny
+
   config = tiny.get_config()
   assert runs.build(config).step_options.loss_weights is None  # uniform: the loss is unchanged
   config.training.loss_weighting = "min_snr"

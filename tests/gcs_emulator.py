@@ -26,12 +26,16 @@ BUCKET = "bucket"
 
 
 def environment(url: str) -> dict[str, str]:
-  return {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
-          "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator", "GOOGLE_CLOUD_PROJECT": "emulator",
-          "EPATH_USE_TF": "false",
-          # The emulator serves the JSON API, not the storage-control API that gcsfs asks (and,
-          # failing, asks again on every call) whether a bucket has a hierarchical namespace.
-          "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+  return {
+    "STORAGE_EMULATOR_HOST": url,
+    "TENSORSTORE_GCS_HTTP_URL": url,
+    "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",
+    "GOOGLE_CLOUD_PROJECT": "emulator",
+    "EPATH_USE_TF": "false",
+    # The emulator serves the JSON API, not the storage-control API that gcsfs asks (and,
+    # failing, asks again on every call) whether a bucket has a hierarchical namespace.
+    "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+  }
 
 
 @contextlib.contextmanager
@@ -43,9 +47,18 @@ def running(log_path: str):
   url = f"http://127.0.0.1:{port}"
   with open(log_path, "w") as log:
     server = subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__), "start", "--host=127.0.0.1",
-         f"--port={port}", "--in-memory", f"--default-bucket={BUCKET}"],
-        stdout=log, stderr=subprocess.STDOUT)
+      [
+        sys.executable,
+        os.path.abspath(__file__),
+        "start",
+        "--host=127.0.0.1",
+        f"--port={port}",
+        "--in-memory",
+        f"--default-bucket={BUCKET}",
+      ],
+      stdout=log,
+      stderr=subprocess.STDOUT,
+    )
   try:
     deadline = time.monotonic() + 30
     while True:
@@ -73,7 +86,8 @@ def set_environment(url: str) -> dict[str, str]:
 
 def _serve(argv: list[str]) -> None:
   """The emulator's command line, its media downloads carrying the object's generation."""
-  from gcp_storage_emulator.handlers import objects  # pylint: disable=g-import-not-at-top
+  from gcp_storage_emulator.handlers import objects
+
   download = objects.download
 
   def download_with_generation(request, response, storage, *args, **kwargs):
@@ -84,7 +98,8 @@ def _serve(argv: list[str]) -> None:
       response["x-goog-metageneration"] = str(obj["metageneration"])
 
   objects.download = download_with_generation  # before the server module binds its routes
-  from gcp_storage_emulator import __main__ as emulator  # pylint: disable=g-import-not-at-top
+  from gcp_storage_emulator import __main__ as emulator
+
   emulator.main(argv)
 
 

@@ -14,10 +14,12 @@ CASES = [((2, 4, 4, 64), 32), ((3, 5, 5, 8), 8), ((2, 7, 3, 12), 3)]
 
 def _modules(channels, groups):
   """(ours, Flax's) with the same random scale and bias."""
-  ours = group_norm.GroupNorm(channels, num_groups=groups, epsilon=1e-6,
-                              use_fast_variance=False, rngs=nnx.Rngs(0))
-  flax_norm = nnx.GroupNorm(channels, num_groups=groups, epsilon=1e-6, use_fast_variance=False,
-                            rngs=nnx.Rngs(0))
+  ours = group_norm.GroupNorm(
+    channels, num_groups=groups, epsilon=1e-6, use_fast_variance=False, rngs=nnx.Rngs(0)
+  )
+  flax_norm = nnx.GroupNorm(
+    channels, num_groups=groups, epsilon=1e-6, use_fast_variance=False, rngs=nnx.Rngs(0)
+  )
   rng = np.random.default_rng(channels)
   for module in (ours, flax_norm):
     module.scale[...] = jnp.asarray(rng.normal(1.0, 0.5, channels), jnp.float32)
@@ -45,8 +47,9 @@ def test_forward_and_gradients_equal_flax_group_norm_under_autodiff(shape, group
   expected = _vjp(flax_norm, lambda m, x: jax.nn.silu(m(x)) if swish else m(x), x, dout)
   for name, a, b in zip(("output", "dx", "dscale", "dbias"), got, expected):
     scale = float(jnp.max(jnp.abs(b)))
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=2e-6 * scale,
-                               err_msg=name)
+    np.testing.assert_allclose(
+      np.asarray(a), np.asarray(b), rtol=0, atol=2e-6 * scale, err_msg=name
+    )
 
 
 def test_bfloat16_input_is_normalised_in_float32_and_its_gradient_stays_bfloat16():

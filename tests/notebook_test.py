@@ -4,13 +4,14 @@ import os
 import sys
 
 import runs
+
 from configs import tiny
 from jax_ddpm.runtime import mesh as parallel
 from jax_ddpm.training import checkpointing, state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
-import run_notebook  # pylint: disable=g-import-not-at-top,wrong-import-position
+import run_notebook  # noqa: E402
 
 
 def freshly_initialised_checkpoint(workdir: str) -> None:
@@ -30,14 +31,22 @@ def test_the_explorer_draws_every_section_of_a_tiny_checkpoint(tmp_path):
   # Schedules, forward strip, forward slider's view, reverse strip, reverse slider's view, and
   # the samples-by-timesteps grid.
   assert len(run_notebook.pngs(notebook)) == 6
-  printed = "".join(output.get("text", "") for cell in notebook.cells
-                    if cell.cell_type == "code" for output in cell.get("outputs", []))
+  printed = "".join(
+    output.get("text", "")
+    for cell in notebook.cells
+    if cell.cell_type == "code"
+    for output in cell.get("outputs", [])
+  )
   assert "step 0 of" in printed and "ddim, 4 network calls" in printed
 
 
 def test_without_a_checkpoint_the_explorer_says_how_to_get_one(tmp_path):
   notebook = run_notebook.execute("configs/tiny.py", str(tmp_path / "empty"), timeout=240)
-  printed = "".join(output.get("text", "") for cell in notebook.cells
-                    if cell.cell_type == "code" for output in cell.get("outputs", []))
+  printed = "".join(
+    output.get("text", "")
+    for cell in notebook.cells
+    if cell.cell_type == "code"
+    for output in cell.get("outputs", [])
+  )
   assert "No checkpoint in" in printed and "--mode=import" in printed
   assert len(run_notebook.pngs(notebook)) == 3  # the schedules and the forward process

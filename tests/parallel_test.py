@@ -33,17 +33,25 @@ PROGRAM = textwrap.dedent("""
 
 def test_a_loop_that_reads_no_result_runs_to_the_end_on_two_cpu_devices():
   environment = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  result = subprocess.run([sys.executable, "-c", PROGRAM], cwd=ROOT, env=environment,
-                          capture_output=True, text=True, timeout=240)
+  result = subprocess.run(
+    [sys.executable, "-c", PROGRAM],
+    cwd=ROOT,
+    env=environment,
+    capture_output=True,
+    text=True,
+    timeout=240,
+  )
   assert result.returncode == 0 and "finished" in result.stdout, result.stderr[-3000:]
 
 
 def test_dispatch_limit_waits_for_the_oldest_result_beyond_the_limit():
   import jax.numpy as jnp
+
   from jax_ddpm.runtime import mesh as parallel
 
   class Watched:
     """A result whose readiness the limit asks for; records the order of the waits."""
+
     waited = []
 
     def __init__(self, name):

@@ -15,17 +15,17 @@ import signal
 import sys
 import time
 
+import fault_injection
+import gcs_emulator
 import jax
 import numpy as np
 import pytest
-from etils import epath
-from flax import nnx
-
-import fault_injection
-import gcs_emulator
 import runs
 import tensorboard_server
 import tfds_data
+from etils import epath
+from flax import nnx
+
 from configs import tiny
 from jax_ddpm.data import sources as data_sources
 from jax_ddpm.evaluation import classifier as feature_classifier
@@ -34,15 +34,25 @@ from jax_ddpm.training import checkpointing
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = f"gs://{gcs_emulator.BUCKET}"
 STEPS = 8
-# configs/tiny.py on the TFDS digits (28 x 28 x 1; attention at 14 x 14), checkpointing every 2 steps; eval scores
-# 136 samples (more than the 128 feature dimensions) with an untrained digit classifier.
-OVERRIDES = {"data.source": "tfds", "data.tfds_name": tfds_data.NAME, "data.split": "train",
-             "data.image_size": 28, "model.attn_resolutions": (14,),
-             "training.num_train_steps": STEPS,
-             "training.log_every_steps": 1, "training.checkpoint_every_steps": 2,
-             "training.sample_every_steps": STEPS, "eval.feature_net": "classifier",
-             "eval.num_samples": 136, "eval.batch_size": 8, "sampling.batch_size": 136,
-             "eval.classifier": f"{BUCKET}/classifier.npz"}
+# configs/tiny.py on the TFDS digits (28 x 28 x 1; attention at 14 x 14), checkpointing every 2
+# steps; eval scores 136 samples (more than the 128 feature dimensions) with an untrained digit
+# classifier.
+OVERRIDES = {
+  "data.source": "tfds",
+  "data.tfds_name": tfds_data.NAME,
+  "data.split": "train",
+  "data.image_size": 28,
+  "model.attn_resolutions": (14,),
+  "training.num_train_steps": STEPS,
+  "training.log_every_steps": 1,
+  "training.checkpoint_every_steps": 2,
+  "training.sample_every_steps": STEPS,
+  "eval.feature_net": "classifier",
+  "eval.num_samples": 136,
+  "eval.batch_size": 8,
+  "sampling.batch_size": 136,
+  "eval.classifier": f"{BUCKET}/classifier.npz",
+}
 RESUMED = re.compile(r"Resumed from the checkpoint of step (\d+)")
 
 
@@ -74,8 +84,9 @@ def bucket(tmp_path_factory):
       for file_format in ("tfrecord", "array_record"):
         tfds_data.build(str(local / file_format), file_format)
         upload(local / file_format, epath.Path(f"{BUCKET}/tfds/{file_format}"))
-      classifier = feature_classifier.Classifier(feature_classifier.ClassifierConfig(28, 1, 10),
-                                                 rngs=nnx.Rngs(0))
+      classifier = feature_classifier.Classifier(
+        feature_classifier.ClassifierConfig(28, 1, 10), rngs=nnx.Rngs(0)
+      )
       feature_classifier.save(classifier, OVERRIDES["eval.classifier"])
       yield url, local
     finally:
@@ -108,20 +119,37 @@ class Pod:
   """Two main.py workers (4 CPU devices each, as a v4 TPU host has) of one --distributed run."""
 
   def __init__(self, url: str, cwd: str, args: list[str]):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               **gcs_emulator.environment(url))
+    env = dict(
+      os.environ,
+      XLA_FLAGS="--xla_force_host_platform_device_count=4",
+      **gcs_emulator.environment(url),
+    )
     port = fault_injection.free_port()
-    self.workers = [fault_injection.Run(
-        [sys.executable, os.path.join(ROOT, "main.py"), *args, "--distributed",
-         f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
-        cwd=cwd, env=env) for i in range(2)]
+    self.workers = [
+      fault_injection.Run(
+        [
+          sys.executable,
+          os.path.join(ROOT, "main.py"),
+          *args,
+          "--distributed",
+          f"--coordinator_address=127.0.0.1:{port}",
+          "--num_processes=2",
+          f"--process_id={i}",
+        ],
+        cwd=cwd,
+        env=env,
+      )
+      for i in range(2)
+    ]
 
   def log(self, worker: int = 0) -> str:
     return "".join(self.workers[worker].log)
 
   def report(self) -> str:
-    return "\n".join(f"worker {i} (exit {w.process.poll()}):\n{self.log(i)[-2000:]}"
-                     for i, w in enumerate(self.workers))
+    return "\n".join(
+      f"worker {i} (exit {w.process.poll()}):\n{self.log(i)[-2000:]}"
+      for i, w in enumerate(self.workers)
+    )
 
   def send_when(self, sig: int, ready, timeout: float = 300) -> None:
     deadline = time.time() + timeout
@@ -138,8 +166,11 @@ class Pod:
 
 def checkpoint_steps() -> list[int]:
   directory = epath.Path(f"{BUCKET}/run/checkpoints")
-  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if (
-      directory.exists()) else []
+  return (
+    sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+    if (directory.exists())
+    else []
+  )
 
 
 def test_two_workers_on_a_bucket_survive_preemption_and_match_a_local_run(bucket, tmp_path):
@@ -147,34 +178,50 @@ def test_two_workers_on_a_bucket_survive_preemption_and_match_a_local_run(bucket
   cwd = tmp_path / "cwd"
   cwd.mkdir()
   overrides = [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
-  run = ["--config=" + os.path.join(ROOT, "configs", "tiny.py"), f"--workdir={BUCKET}/run",
-         f"--config.data.data_dir={BUCKET}/tfds/tfrecord", *overrides]
+  run = [
+    "--config=" + os.path.join(ROOT, "configs", "tiny.py"),
+    f"--workdir={BUCKET}/run",
+    f"--config.data.data_dir={BUCKET}/tfds/tfrecord",
+    *overrides,
+  ]
   rows, started = [], time.time()
   preempted = Pod(url, str(cwd), run)  # SIGTERM, as a preemption notice: checkpoint and exit
   preempted.send_when(signal.SIGTERM, lambda: checkpoint_steps() != [])
   rows.append(("SIGTERM", preempted.wait(), checkpoint_steps(), time.time() - started))
   killed = Pod(url, str(cwd), run)  # SIGKILL once it has resumed and written another checkpoint
   first = rows[-1][2][-1]
-  killed.send_when(signal.SIGKILL, lambda: RESUMED.search(killed.log()) and (
-      checkpoint_steps()[-1] > first))
+  killed.send_when(
+    signal.SIGKILL, lambda: RESUMED.search(killed.log()) and (checkpoint_steps()[-1] > first)
+  )
   rows.append(("SIGKILL", killed.wait(), checkpoint_steps(), time.time() - started))
   finished = Pod(url, str(cwd), run)
   rows.append(("none", finished.wait(), checkpoint_steps(), time.time() - started))
   resumed_at = [int(RESUMED.search(pod.log()).group(1)) for pod in (killed, finished)]
-  print("\n".join(f"signal {sig}: exit codes {codes}, checkpoints {steps} ({seconds:.0f} s)"
-                  for sig, codes, steps, seconds in rows), f"\nresumed at steps {resumed_at}")
+  print(
+    "\n".join(
+      f"signal {sig}: exit codes {codes}, checkpoints {steps} ({seconds:.0f} s)"
+      for sig, codes, steps, seconds in rows
+    ),
+    f"\nresumed at steps {resumed_at}",
+  )
   assert rows[0][1] == [0, 0] and rows[1][1] == [-9, -9] and rows[2][1] == [0, 0], rows
   assert checkpoint_steps()[-1] == STEPS
 
   config = tiny.get_config()
-  config.update_from_flattened_dict(dict(OVERRIDES, **{"data.data_dir": str(
-      local / "array_record"), "training.checkpoint_every_steps": STEPS}))
+  config.update_from_flattened_dict(
+    dict(
+      OVERRIDES,
+      **{"data.data_dir": str(local / "array_record"), "training.checkpoint_every_steps": STEPS},
+    )
+  )
   reference = str(tmp_path / "local")
   runs.train(config, reference)  # one process, 8 devices, local disk, no resume
   pod_state = fault_injection.final_state(f"{BUCKET}/run", STEPS)
   local_state = fault_injection.final_state(reference, STEPS)
-  difference = max(float(np.abs(a - b).max()) for a, b in
-                   zip(jax.tree.leaves(pod_state), jax.tree.leaves(local_state)))
+  difference = max(
+    float(np.abs(a - b).max())
+    for a, b in zip(jax.tree.leaves(pod_state), jax.tree.leaves(local_state))
+  )
   print(f"max |pod - local| over the final state: {difference:.2e} ({time.time() - started:.0f} s)")
   assert difference <= 1e-5
 
@@ -197,11 +244,13 @@ def test_two_workers_on_a_bucket_survive_preemption_and_match_a_local_run(bucket
     if name.startswith("events.out.tfevents."):
       (served / name).write_bytes(epath.Path(f"{BUCKET}/run/{name}").read_bytes())
   with tensorboard_server.running(str(served), str(tmp_path / "tensorboard.log")) as server:
-    tags = server.wait_for("plugin/scalars/tags",
-                           lambda tags: "eval/feature_distance" in tags.get(".", {}))
+    tags = server.wait_for(
+      "plugin/scalars/tags", lambda tags: "eval/feature_distance" in tags.get(".", {})
+    )
     assert {"loss", "eval/feature_distance"} <= set(tags.get(".", {})), server.log()
-    assert STEPS in {step for _, step, _ in server.get("plugin/scalars/scalars", run=".",
-                                                       tag="loss")}
+    assert STEPS in {
+      step for _, step, _ in server.get("plugin/scalars/scalars", run=".", tag="loss")
+    }
     assert "samples" in server.get("plugin/images/tags")["."]
   # The checkpoint the pod wrote loads in one process, through the restore sampling uses.
   _, restored, step = checkpointing.load_checkpoint(runs.build(config), f"{BUCKET}/run")

@@ -11,8 +11,8 @@ import shutil
 import jax
 import numpy as np
 import pytest
-
 import runs
+
 from configs import tiny
 from jax_ddpm.training import checkpointing
 
@@ -26,9 +26,11 @@ def nan_config(policy, steps=6):
 
 
 def test_halt_policy_stops_at_the_bad_step_and_keeps_the_last_checkpoint(tmp_path):
-  with pytest.raises(FloatingPointError,
-                     match=r"Non-finite loss or gradient at step 4 .*last checkpoint, step 3, "
-                           r"is kept"):
+  with pytest.raises(
+    FloatingPointError,
+    match=r"Non-finite loss or gradient at step 4 .*last checkpoint, step 3, "
+    r"is kept",
+  ):
     runs.train(nan_config("halt"), str(tmp_path))
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3"]
 
@@ -39,10 +41,13 @@ def test_skip_policy_withholds_the_bad_update_and_counts_it(tmp_path):
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(final.params)))
   from tensorboard.backend.event_processing import event_accumulator
   from tensorboard.util import tensor_util
+
   accumulator = event_accumulator.EventAccumulator(str(tmp_path), size_guidance={"tensors": 0})
   accumulator.Reload()
-  counts = {e.step: float(tensor_util.make_ndarray(e.tensor_proto))
-            for e in accumulator.Tensors("nonfinite_steps")}
+  counts = {
+    e.step: float(tensor_util.make_ndarray(e.tensor_proto))
+    for e in accumulator.Tensors("nonfinite_steps")
+  }
   assert counts == {2: 0.0, 4: 0.0, 6: 1.0}
 
 
@@ -57,7 +62,8 @@ def truncate_checkpoint(workdir, step):
   """Cuts every array data file of a checkpoint in half, as a full disk or a crash would."""
   state = os.path.join(workdir, "checkpoints", str(step), "state")
   files = glob.glob(os.path.join(state, "d", "*")) + glob.glob(
-      os.path.join(state, "ocdbt.process_*", "d", "*"))
+    os.path.join(state, "ocdbt.process_*", "d", "*")
+  )
   assert files
   for path in files:
     with open(path, "r+b") as f:
@@ -68,14 +74,17 @@ def truncate_checkpoint(workdir, step):
 # callbacks are reported as unraisable "Event loop is closed" errors (orbax's, not this code's).
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_a_truncated_checkpoint_is_named_and_the_fallback_resumes_from_the_previous(
-    finished_run, tmp_path):
+  finished_run, tmp_path
+):
   workdir = str(tmp_path / "run")
   shutil.copytree(finished_run, workdir)
   truncate_checkpoint(workdir, 6)
   config = tiny.get_config()
   config.training.num_train_steps = 9
-  with pytest.raises(checkpointing.UnreadableCheckpointError,
-                     match=r"(?s)checkpoint of step 6 in .* cannot be read.*restore_fallback=True"):
+  with pytest.raises(
+    checkpointing.UnreadableCheckpointError,
+    match=r"(?s)checkpoint of step 6 in .* cannot be read.*restore_fallback=True",
+  ):
     runs.train(config, workdir)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
   config.training.restore_fallback = True

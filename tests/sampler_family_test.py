@@ -7,15 +7,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 import runs
+from samplers_test import GAUSSIAN, SCHEDULE, assert_moments, gaussian_mixture_eps, nonlinear_eps
+
 from jax_ddpm.config.run_config import SamplingConfig
 from jax_ddpm.samplers import base, registry
 from jax_ddpm.samplers.ddim import DDIM
 from jax_ddpm.samplers.ddpm import DDPM
 from jax_ddpm.samplers.dpm_solver import DPMSolverPP2M, SDEDPMSolverPP2M
-from samplers_test import (GAUSSIAN, SCHEDULE, assert_moments, gaussian_mixture_eps,
-                           nonlinear_eps)
 
 MU, S = np.array(GAUSSIAN["means"][0]), GAUSSIAN["stds"][0]
 
@@ -41,7 +40,15 @@ def solver_errors(order, step_counts):
   x_T = jax.random.normal(jax.random.key(0), (512, 2))
   errors = []
   for steps in step_counts:
-    out = base.run(DPMSolverPP2M(num_steps=steps, order=order), gaussian_mixture_eps(**GAUSSIAN), SCHEDULE, x_T.shape, jax.random.key(1), initial_noise=x_T, thresholding="none")
+    out = base.run(
+      DPMSolverPP2M(num_steps=steps, order=order),
+      gaussian_mixture_eps(**GAUSSIAN),
+      SCHEDULE,
+      x_T.shape,
+      jax.random.key(1),
+      initial_noise=x_T,
+      thresholding="none",
+    )
     exact = exact_flow_then_denoise(x_T, base.timestep_indices(SCHEDULE, steps, "logsnr")[-1])
     errors.append(float(np.abs(np.asarray(out, np.float64) - exact).max()))
   return errors
@@ -55,10 +62,10 @@ def test_first_order_dpm_solver_is_ddim_with_eta_zero(prediction, thresholding):
   shape, rng = (4, 3, 3, 2), jax.random.key(3)
   steps = dict(num_steps=20, spacing="uniform")
   options = dict(prediction=prediction, thresholding=thresholding, num_frames=20)
-  dpm, dpm_path = base.run(DPMSolverPP2M(order=1, **steps), nonlinear_eps, SCHEDULE, shape, rng,
-                           **options)
-  ddim, ddim_path = base.run(DDIM(eta=0.0, **steps), nonlinear_eps, SCHEDULE, shape, rng,
-                             **options)
+  dpm, dpm_path = base.run(
+    DPMSolverPP2M(order=1, **steps), nonlinear_eps, SCHEDULE, shape, rng, **options
+  )
+  ddim, ddim_path = base.run(DDIM(eta=0.0, **steps), nonlinear_eps, SCHEDULE, shape, rng, **options)
   np.testing.assert_allclose(dpm, ddim, atol=2e-6, rtol=2e-6)
   np.testing.assert_allclose(dpm_path.x_t, ddim_path.x_t, atol=2e-6, rtol=2e-6)
 
@@ -77,7 +84,15 @@ def test_dpm_solver_error_falls_at_second_order_and_its_first_order_form_at_firs
 
 def test_dpm_solver_at_20_steps_beats_ddim_at_50_on_the_exact_flow():
   x_T = jax.random.normal(jax.random.key(0), (512, 2))
-  ddim = base.run(DDIM(num_steps=50, spacing="uniform"), gaussian_mixture_eps(**GAUSSIAN), SCHEDULE, x_T.shape, jax.random.key(1), initial_noise=x_T, thresholding="none")
+  ddim = base.run(
+    DDIM(num_steps=50, spacing="uniform"),
+    gaussian_mixture_eps(**GAUSSIAN),
+    SCHEDULE,
+    x_T.shape,
+    jax.random.key(1),
+    initial_noise=x_T,
+    thresholding="none",
+  )
   ddim_error = np.abs(np.asarray(ddim, np.float64) - exact_flow_then_denoise(x_T, 980)).max()
   (dpm_error,) = solver_errors(2, (20,))
   assert dpm_error < ddim_error, (dpm_error, ddim_error)
@@ -87,8 +102,9 @@ def test_dpm_solver_at_20_steps_beats_ddim_at_50_on_the_exact_flow():
 def test_first_order_sde_dpm_solver_is_ddim_with_eta_one(spacing):
   """Same timesteps and noise: the SDE solver's first order is the DDPM posterior step."""
   shape, rng = (4, 3, 3, 2), jax.random.key(3)
-  sde = base.run(SDEDPMSolverPP2M(num_steps=20, spacing=spacing, order=1),
-                     nonlinear_eps, SCHEDULE, shape, rng)
+  sde = base.run(
+    SDEDPMSolverPP2M(num_steps=20, spacing=spacing, order=1), nonlinear_eps, SCHEDULE, shape, rng
+  )
   ddim = base.run(DDIM(num_steps=20, eta=1.0, spacing=spacing), nonlinear_eps, SCHEDULE, shape, rng)
   np.testing.assert_allclose(sde, ddim, atol=2e-6, rtol=0)
 
@@ -121,9 +137,17 @@ def sde_solver_law(num_steps, spacing, order, mu, s):
 
 
 def test_sde_dpm_solver_output_follows_its_exact_law_on_gaussian_data():
-  samples = np.asarray(base.run(
-      SDEDPMSolverPP2M(num_steps=20, spacing="logsnr"), gaussian_mixture_eps(**GAUSSIAN),
-      SCHEDULE, (4000, 2), jax.random.key(0), thresholding="none"), np.float64)
+  samples = np.asarray(
+    base.run(
+      SDEDPMSolverPP2M(num_steps=20, spacing="logsnr"),
+      gaussian_mixture_eps(**GAUSSIAN),
+      SCHEDULE,
+      (4000, 2),
+      jax.random.key(0),
+      thresholding="none",
+    ),
+    np.float64,
+  )
   laws = [sde_solver_law(20, "logsnr", 2, MU[d], S) for d in range(2)]
   assert_moments(samples, np.array([m for m, _ in laws]), np.array([v for _, v in laws]))
 
@@ -159,8 +183,7 @@ def test_dynamic_thresholding_matches_a_numpy_reference(percentile):
   ours = np.asarray(base.threshold_x0(jnp.asarray(x0), "dynamic", percentile))
   np.testing.assert_allclose(ours, reference_dynamic_threshold(x0, percentile), atol=1e-6)
   np.testing.assert_array_equal(ours[0], x0[0])  # |x0| < 1: left alone
-  np.testing.assert_array_equal(base.threshold_x0(jnp.asarray(x0), "static"),
-                                np.clip(x0, -1, 1))
+  np.testing.assert_array_equal(base.threshold_x0(jnp.asarray(x0), "static"), np.clip(x0, -1, 1))
 
 
 def overshooting_x0(x_t, t):
@@ -176,8 +199,16 @@ def test_every_sampler_thresholds_its_x0_predictions(name):
   finals = {}
   for thresholding in ("none", "static", "dynamic"):
     finals[thresholding], path = base.run(
-        sampler, overshooting_x0, schedule, shape, rng, prediction="x0",
-        thresholding=thresholding, threshold_percentile=0.9, num_frames=3)
+      sampler,
+      overshooting_x0,
+      schedule,
+      shape,
+      rng,
+      prediction="x0",
+      thresholding=thresholding,
+      threshold_percentile=0.9,
+      num_frames=3,
+    )
     if thresholding != "none":
       assert np.abs(np.asarray(path.x0)).max() <= 1.0 + 1e-6, thresholding
   assert np.abs(finals["none"]).max() > 1.0
@@ -187,8 +218,9 @@ def test_every_sampler_thresholds_its_x0_predictions(name):
 
 
 def test_the_registry_builds_each_sampler_from_its_config_keys():
-  sampling = SamplingConfig(sampler="dpmpp_2m", num_steps=12, eta=0.5, spacing="logsnr",
-                            variance="fixed_small")
+  sampling = SamplingConfig(
+    sampler="dpmpp_2m", num_steps=12, eta=0.5, spacing="logsnr", variance="fixed_small"
+  )
   from_config = lambda s: registry.sampler_class(s.sampler, "sampling.sampler").from_config(s)
   assert from_config(sampling) == DPMSolverPP2M(num_steps=12, spacing="logsnr")
   sampling = dataclasses.replace(sampling, sampler="ddim")
@@ -196,8 +228,11 @@ def test_the_registry_builds_each_sampler_from_its_config_keys():
   sampling = dataclasses.replace(sampling, sampler="ddpm")
   assert from_config(sampling) == DDPM(variance="fixed_small")
   sampling = dataclasses.replace(sampling, sampler="euler")
-  with pytest.raises(ValueError, match=r"Unknown sampling.sampler 'euler'; allowed values: "
-                                       r"\['ddpm', 'ddim', 'dpmpp_2m', 'sde_dpmpp_2m'\]"):
+  with pytest.raises(
+    ValueError,
+    match=r"Unknown sampling.sampler 'euler'; allowed values: "
+    r"\['ddpm', 'ddim', 'dpmpp_2m', 'sde_dpmpp_2m'\]",
+  ):
     from_config(sampling)
   with pytest.raises(ValueError, match=r"order must be 1 or 2"):
     DPMSolverPP2M(order=3)
@@ -208,7 +243,10 @@ def test_every_option_that_changes_the_images_shows_in_the_samplers_tags():
   assert DDIM().tags == () and DDPM().tags == ()
   assert DDIM(eta=1.0).tags == ("eta1",)
   assert DDIM(eta=0.5, spacing="quadratic", learned_variance=True).tags == (
-      "eta0.5", "quadratic", "learned")
+    "eta0.5",
+    "quadratic",
+    "learned",
+  )
   assert DDIM(learned_variance=True).tags == ()  # eta 0 draws no noise to scale
   assert DDPM(variance="fixed_small").tags == ("fixed_small",)
   assert DPMSolverPP2M(spacing="logsnr", order=1).tags == ("logsnr", "order1")
@@ -217,9 +255,10 @@ def test_every_option_that_changes_the_images_shows_in_the_samplers_tags():
 def test_a_spacing_that_starts_short_of_the_schedules_noise_is_refused_before_sampling():
   """Every sampler starts from x_T ~ N(0, I); quadratic spacing stops at t = 0.8 T, where the
   cosine schedule still keeps 0.31 of the data (the README's cosine row drew 199.5 there)."""
-  from configs import mnist  # pylint: disable=g-import-not-at-top
-  from jax_ddpm.diffusion import schedules  # pylint: disable=g-import-not-at-top
-  from jax_ddpm.io import errors  # pylint: disable=g-import-not-at-top
+  from configs import mnist
+  from jax_ddpm.diffusion import schedules
+  from jax_ddpm.io import errors
+
   cosine = schedules.get_schedule("cosine", 1000)
   quadratic = DDIM(num_steps=50, eta=1.0, spacing="quadratic")
   with pytest.raises(ValueError, match=r"first timestep t = 800 keeps sqrt\(alpha-bar_t\) = 0\.3"):
@@ -227,27 +266,36 @@ def test_a_spacing_that_starts_short_of_the_schedules_noise_is_refused_before_sa
   base.check_start(SCHEDULE, quadratic.timesteps(SCHEDULE))  # linear: 0.039 at t = 800
   base.check_start(cosine, DDIM(spacing="uniform").timesteps(cosine))  # t = 980
   # A schedule that never reaches noise is its own choice (the tests' tiny config: T = 100).
-  base.check_start(schedules.get_schedule("linear", 100), quadratic.timesteps(
-      schedules.get_schedule("linear", 100)))
+  base.check_start(
+    schedules.get_schedule("linear", 100),
+    quadratic.timesteps(schedules.get_schedule("linear", 100)),
+  )
   config = mnist.get_config()
   config.training.max_timestep = None  # uniform spacing starts at t = 980
   config.diffusion.schedule = "cosine"
-  with pytest.raises(errors.ConfigError, match="sampling.spacing='quadratic' under "
-                     "diffusion.schedule='cosine': the sampler's first timestep t = 800"):
+  with pytest.raises(
+    errors.ConfigError,
+    match="sampling.spacing='quadratic' under "
+    "diffusion.schedule='cosine': the sampler's first timestep t = 800",
+  ):
     runs.build(config)
   config.sampling.spacing = "uniform"
   runs.build(config)
 
 
 def test_a_learned_variance_is_refused_for_a_sampler_that_adds_noise_without_it():
-  from configs import mnist  # pylint: disable=g-import-not-at-top
-  from jax_ddpm.io import errors  # pylint: disable=g-import-not-at-top
+  from configs import mnist
+  from jax_ddpm.io import errors
+
   config = mnist.get_config()
   config.training.max_timestep = None  # ddpm visits every t
   config.model.learn_sigma = True
   config.sampling.variance = "learned"
-  with pytest.raises(errors.ConfigError, match="sampling.variance='learned': sampling.sampler="
-                     "'sde_dpmpp_2m' adds its own noise and does not read the network's variance"):
+  with pytest.raises(
+    errors.ConfigError,
+    match="sampling.variance='learned': sampling.sampler="
+    "'sde_dpmpp_2m' adds its own noise and does not read the network's variance",
+  ):
     runs.build(config)
   for sampler, eta in (("ddim", 1.0), ("ddim", 0.0), ("ddpm", 0.0), ("dpmpp_2m", 0.0)):
     config.sampling.sampler, config.sampling.eta = sampler, eta

@@ -32,8 +32,7 @@ def gaussian_mixture_eps(means, stds, weights):
     c = a**2 * stds[None, :, None] ** 2 + 1 - a**2  # [B, K, 1]
     diff = x_t[:, None, :] - a * means[None]  # [B, K, D]
     dim = x_t.shape[-1]
-    log_p = (jnp.log(weights)[None] - 0.5 * jnp.sum(diff**2 / c, -1)
-             - 0.5 * dim * jnp.log(c[..., 0]))
+    log_p = jnp.log(weights)[None] - 0.5 * jnp.sum(diff**2 / c, -1) - 0.5 * dim * jnp.log(c[..., 0])
     responsibility = jax.nn.softmax(log_p, axis=-1)[..., None]
     return jnp.sum(responsibility * jnp.sqrt(1 - a**2) * diff / c, axis=1)
 
@@ -41,24 +40,29 @@ def gaussian_mixture_eps(means, stds, weights):
 
 
 GAUSSIAN = dict(means=[[0.3, -0.2]], stds=[0.4], weights=[1.0])
-MIXTURE = dict(means=[[-0.6, -0.5], [0.6, -0.3], [0.0, 0.6]], stds=[0.1, 0.1, 0.1],
-               weights=[0.5, 0.3, 0.2])
+MIXTURE = dict(
+  means=[[-0.6, -0.5], [0.6, -0.3], [0.0, 0.6]], stds=[0.1, 0.1, 0.1], weights=[0.5, 0.3, 0.2]
+)
 
 # name -> (sampler kind, keyword arguments); all without clipping, so that each step is linear.
 SAMPLERS = {
-    "ddpm_1000": ("ddpm", dict(variance="fixed_small")),
-    "ddpm_1000_fixed_large": ("ddpm", dict(variance="fixed_large")),
-    "ddim_50_eta0": ("ddim", dict(num_steps=50, eta=0.0)),
-    "ddim_50_eta1": ("ddim", dict(num_steps=50, eta=1.0)),
-    "ddim_50_quadratic_eta0": ("ddim", dict(num_steps=50, eta=0.0, spacing="quadratic")),
+  "ddpm_1000": ("ddpm", dict(variance="fixed_small")),
+  "ddpm_1000_fixed_large": ("ddpm", dict(variance="fixed_large")),
+  "ddim_50_eta0": ("ddim", dict(num_steps=50, eta=0.0)),
+  "ddim_50_eta1": ("ddim", dict(num_steps=50, eta=1.0)),
+  "ddim_50_quadratic_eta0": ("ddim", dict(num_steps=50, eta=0.0, spacing="quadratic")),
 }
 SAMPLER_CLASSES = {"ddpm": DDPM, "ddim": DDIM, "dpmpp_2m": DPMSolverPP2M}
 
 
 def run_sampler(name, denoise, rng):
   kind, kwargs = dict(SAMPLERS, dpmpp_2m_20=("dpmpp_2m", dict(num_steps=20)))[name]
-  return np.asarray(base.run(SAMPLER_CLASSES[kind](**kwargs), denoise, SCHEDULE, (NUM_SAMPLES, 2),
-                            rng, thresholding="none"), np.float64)
+  return np.asarray(
+    base.run(
+      SAMPLER_CLASSES[kind](**kwargs), denoise, SCHEDULE, (NUM_SAMPLES, 2), rng, thresholding="none"
+    ),
+    np.float64,
+  )
 
 
 def exact_output_law(name, mu, s):
@@ -77,8 +81,7 @@ def exact_output_law(name, mu, s):
   if kind == "ddpm":
     steps = [(t, t - 1) for t in range(999, -1, -1)]
   else:
-    visited = base.timestep_indices(SCHEDULE, kwargs["num_steps"],
-                                        kwargs.get("spacing", "uniform"))
+    visited = base.timestep_indices(SCHEDULE, kwargs["num_steps"], kwargs.get("spacing", "uniform"))
     steps = list(zip(visited[::-1], np.append(-1, visited[:-1])[::-1]))
   mean, var = 0.0, 1.0  # x_T ~ N(0, I)
   for t, t_prev in steps:
@@ -112,7 +115,9 @@ def assert_moments(samples, mean, var):
   n = len(samples)
   assert np.all(np.abs(samples.mean(0) - mean) < Z * np.sqrt(var / n)), (samples.mean(0), mean)
   assert np.all(np.abs(samples.var(0) - var) < Z * var * np.sqrt(2 / (n - 1))), (
-      samples.var(0), var)
+    samples.var(0),
+    var,
+  )
 
 
 @pytest.mark.parametrize("name", sorted(SAMPLERS))
@@ -134,8 +139,11 @@ def test_few_step_ddim_shrinks_the_variance_as_its_exact_law_predicts():
   0.94 s^2 (quadratic), while DDPM-1000 keeps 0.98 s^2. The shrinkage is the method's, not a bug;
   the test above shows the implementation follows it exactly."""
   mu, s = 0.3, GAUSSIAN["stds"][0]
-  for name, expected_ratio in (("ddim_50_eta0", 0.873), ("ddim_50_quadratic_eta0", 0.939),
-                               ("ddpm_1000", 0.981)):
+  for name, expected_ratio in (
+    ("ddim_50_eta0", 0.873),
+    ("ddim_50_quadratic_eta0", 0.939),
+    ("ddpm_1000", 0.981),
+  ):
     mean, var = exact_output_law(name, mu, s)
     assert abs(var / s**2 - expected_ratio) < 1e-3, name
     assert abs(mean - mu) < 0.02 * mu, name
@@ -168,8 +176,15 @@ def test_ddim_step_with_eta_one_equals_the_ddpm_step_at_every_t(thresholding):
   output = jax.random.normal(keys[1], x_t.shape)
   noise = jax.random.normal(keys[2], x_t.shape)
   # The scan thresholds x_0 and recomputes eps once for every sampler (base.denoised).
-  x0, eps = base.denoised(SCHEDULE, x_t, t, output, prediction=Prediction.EPS,
-                          thresholding=base.Thresholding(thresholding), percentile=0.995)
+  x0, eps = base.denoised(
+    SCHEDULE,
+    x_t,
+    t,
+    output,
+    prediction=Prediction.EPS,
+    thresholding=base.Thresholding(thresholding),
+    percentile=0.995,
+  )
   step, denoised = base.Step(t, t - 1, 0), base.Denoised(x0, eps)
   ddpm_prev, _ = DDPM(variance="fixed_small").step(SCHEDULE, x_t, denoised, step, noise, ())
   ddim_prev, _ = DDIM(num_steps=1000, eta=1.0).step(SCHEDULE, x_t, denoised, step, noise, ())
@@ -178,8 +193,12 @@ def test_ddim_step_with_eta_one_equals_the_ddpm_step_at_every_t(thresholding):
 
 def test_ddim_with_all_steps_and_eta_one_follows_the_ddpm_trajectory():
   shape, rng = (4, 3, 3, 2), jax.random.key(2)
-  _, ddpm = base.run(DDPM(variance="fixed_small"), nonlinear_eps, SCHEDULE, shape, rng, num_frames=1000)
-  _, ddim = base.run(DDIM(num_steps=1000, eta=1.0), nonlinear_eps, SCHEDULE, shape, rng, num_frames=1000)
+  _, ddpm = base.run(
+    DDPM(variance="fixed_small"), nonlinear_eps, SCHEDULE, shape, rng, num_frames=1000
+  )
+  _, ddim = base.run(
+    DDIM(num_steps=1000, eta=1.0), nonlinear_eps, SCHEDULE, shape, rng, num_frames=1000
+  )
   np.testing.assert_array_equal(ddpm.timesteps, np.arange(999, -1, -1))
   np.testing.assert_array_equal(ddpm.timesteps, ddim.timesteps)
   # Every intermediate state; float32 rounding of the two formulas adds up over 1000 steps
@@ -200,7 +219,9 @@ def with_variance_channels(v):
 def test_learned_variance_at_its_ends_samples_as_the_fixed_variance(v, fixed):
   """Improved DDPM eq. (15): v = 0 (raw -1) is beta~_t, v = 1 (raw +1) is beta_t."""
   shape, rng = (3, 4, 4, 1), jax.random.key(8)
-  learned = base.run(DDPM(variance="learned"), with_variance_channels(v), SCHEDULE, shape, rng, learn_sigma=True)
+  learned = base.run(
+    DDPM(variance="learned"), with_variance_channels(v), SCHEDULE, shape, rng, learn_sigma=True
+  )
   fixed = base.run(DDPM(variance=fixed), nonlinear_eps, SCHEDULE, shape, rng)
   np.testing.assert_allclose(learned, fixed, atol=2e-5, rtol=0)
 
@@ -212,30 +233,87 @@ def test_learned_variance_leaves_quadratic_spacings_repeated_timesteps_in_place(
   assert len(np.unique(indices)) < len(indices)
   shape, rng = (3, 4, 4, 1), jax.random.key(10)
   for v in (-1.0, 0.5, 1.0):
-    x = base.run(DDIM(num_steps=50, eta=1.0, spacing="quadratic", learned_variance=True), with_variance_channels(v), SCHEDULE, shape, rng, learn_sigma=True)
+    x = base.run(
+      DDIM(num_steps=50, eta=1.0, spacing="quadratic", learned_variance=True),
+      with_variance_channels(v),
+      SCHEDULE,
+      shape,
+      rng,
+      learn_sigma=True,
+    )
     assert np.all(np.isfinite(np.asarray(x))), v
-  eq_16 = base.run(DDIM(num_steps=50, eta=1.0, spacing="quadratic"), nonlinear_eps, SCHEDULE, shape, rng)
-  np.testing.assert_allclose(base.run(DDIM(num_steps=50, eta=1.0, spacing="quadratic", learned_variance=True), with_variance_channels(-1.0), SCHEDULE, shape, rng, learn_sigma=True), eq_16, atol=2e-5, rtol=0)
+  eq_16 = base.run(
+    DDIM(num_steps=50, eta=1.0, spacing="quadratic"), nonlinear_eps, SCHEDULE, shape, rng
+  )
+  np.testing.assert_allclose(
+    base.run(
+      DDIM(num_steps=50, eta=1.0, spacing="quadratic", learned_variance=True),
+      with_variance_channels(-1.0),
+      SCHEDULE,
+      shape,
+      rng,
+      learn_sigma=True,
+    ),
+    eq_16,
+    atol=2e-5,
+    rtol=0,
+  )
 
 
 def test_ddim_with_learned_variance_is_ddim_at_beta_tilde_and_ddpm_with_every_step():
   shape, rng = (3, 4, 4, 1), jax.random.key(9)
-  at_beta_tilde = base.run(DDIM(num_steps=25, eta=0.7, learned_variance=True), with_variance_channels(-1.0), SCHEDULE, shape, rng, learn_sigma=True)
+  at_beta_tilde = base.run(
+    DDIM(num_steps=25, eta=0.7, learned_variance=True),
+    with_variance_channels(-1.0),
+    SCHEDULE,
+    shape,
+    rng,
+    learn_sigma=True,
+  )
   eq_16 = base.run(DDIM(num_steps=25, eta=0.7), nonlinear_eps, SCHEDULE, shape, rng)
   np.testing.assert_allclose(at_beta_tilde, eq_16, atol=2e-5, rtol=0)
-  _, ddpm = base.run(DDPM(variance="learned"), with_variance_channels(0.3), SCHEDULE, shape, rng, learn_sigma=True, num_frames=20)
-  _, ddim = base.run(DDIM(num_steps=1000, eta=1.0, learned_variance=True), with_variance_channels(0.3), SCHEDULE, shape, rng, learn_sigma=True, num_frames=20)
+  _, ddpm = base.run(
+    DDPM(variance="learned"),
+    with_variance_channels(0.3),
+    SCHEDULE,
+    shape,
+    rng,
+    learn_sigma=True,
+    num_frames=20,
+  )
+  _, ddim = base.run(
+    DDIM(num_steps=1000, eta=1.0, learned_variance=True),
+    with_variance_channels(0.3),
+    SCHEDULE,
+    shape,
+    rng,
+    learn_sigma=True,
+    num_frames=20,
+  )
   np.testing.assert_allclose(ddim.x_t, ddpm.x_t, atol=1e-4, rtol=0)
-  _, fixed = base.run(DDPM(variance="fixed_small"), nonlinear_eps, SCHEDULE, shape, rng, num_frames=20)
+  _, fixed = base.run(
+    DDPM(variance="fixed_small"), nonlinear_eps, SCHEDULE, shape, rng, num_frames=20
+  )
   assert np.abs(np.asarray(fixed.x_t) - np.asarray(ddpm.x_t)).max() > 1e-2  # v mattered
 
 
 def test_ddim_eta_zero_is_deterministic_given_initial_noise():
   noise = jax.random.normal(jax.random.key(3), (2, 4, 4, 1))
-  first = base.run(DDIM(num_steps=20), nonlinear_eps, SCHEDULE, noise.shape, jax.random.key(4), initial_noise=noise)
-  second = base.run(DDIM(num_steps=20), nonlinear_eps, SCHEDULE, noise.shape, jax.random.key(5), initial_noise=noise)
+  first = base.run(
+    DDIM(num_steps=20), nonlinear_eps, SCHEDULE, noise.shape, jax.random.key(4), initial_noise=noise
+  )
+  second = base.run(
+    DDIM(num_steps=20), nonlinear_eps, SCHEDULE, noise.shape, jax.random.key(5), initial_noise=noise
+  )
   np.testing.assert_array_equal(first, second)
-  stochastic = base.run(DDIM(num_steps=20, eta=1.0), nonlinear_eps, SCHEDULE, noise.shape, jax.random.key(5), initial_noise=noise)
+  stochastic = base.run(
+    DDIM(num_steps=20, eta=1.0),
+    nonlinear_eps,
+    SCHEDULE,
+    noise.shape,
+    jax.random.key(5),
+    initial_noise=noise,
+  )
   assert not np.allclose(first, stochastic)
 
 
@@ -259,7 +337,9 @@ def test_timestep_spacings():
 
 def test_trajectory_keeps_only_the_requested_frames():
   shape = (2, 4, 4, 1)
-  final, trajectory = base.run(DDIM(num_steps=10), nonlinear_eps, SCHEDULE, shape, jax.random.key(6), num_frames=4)
+  final, trajectory = base.run(
+    DDIM(num_steps=10), nonlinear_eps, SCHEDULE, shape, jax.random.key(6), num_frames=4
+  )
   assert trajectory.x_t.shape == trajectory.x0.shape == (4,) + shape
   np.testing.assert_array_equal(trajectory.timesteps, [900, 600, 300, 0])
   # The last frame's prediction of x_0 is the returned sample (clipped, with no noise left).
@@ -289,8 +369,14 @@ def test_compile_cost_does_not_grow_with_step_count(name):
     if name == "ddpm":
       fn = lambda rng: base.run(DDPM(), denoise, schedule, shape, rng)
     else:
-      fn = lambda rng: base.run(SAMPLER_CLASSES[name](num_steps=steps), denoise, schedule, shape,
-                                rng, thresholding="dynamic")
+      fn = lambda rng: base.run(
+        SAMPLER_CLASSES[name](num_steps=steps),
+        denoise,
+        schedule,
+        shape,
+        rng,
+        thresholding="dynamic",
+      )
     compiled = jax.jit(fn).lower(jax.random.key(0)).compile()
     sizes.append(instruction_count(compiled.as_text()))
     denoisers.append(denoise.traces)
@@ -298,20 +384,29 @@ def test_compile_cost_does_not_grow_with_step_count(name):
   assert sizes[0] == sizes[1], sizes
 
 
-@pytest.mark.parametrize("kwargs, message", [
+@pytest.mark.parametrize(
+  "kwargs, message",
+  [
     (dict(num_steps=0), r"num_steps must be an integer in 1\.\.1000"),
     (dict(num_steps=1001), r"num_steps must be an integer in 1\.\.1000"),
     (dict(eta=1.5), r"eta must be in \[0, 1\]"),
     (dict(eta=-0.1), r"eta must be in \[0, 1\]"),
     (dict(spacing="log"), r"Unknown spacing 'log'.*'uniform', 'quadratic'"),
     (dict(prediction="score"), r"Unknown prediction 'score'.*'eps', 'x0', 'v'"),
-])
+  ],
+)
 def test_bad_ddim_arguments_fail_before_tracing(kwargs, message):
   denoise = CountingDenoiser()
   options = {k: v for k, v in kwargs.items() if k in ("num_steps", "eta", "spacing")}
   with pytest.raises(ValueError, match=message):
-    base.run(DDIM(**options), denoise, SCHEDULE, (1, 2), jax.random.key(0),
-             **{k: v for k, v in kwargs.items() if k not in options})
+    base.run(
+      DDIM(**options),
+      denoise,
+      SCHEDULE,
+      (1, 2),
+      jax.random.key(0),
+      **{k: v for k, v in kwargs.items() if k not in options},
+    )
   assert denoise.traces == 0
 
 
@@ -331,12 +426,15 @@ def test_sampler_keeps_the_batch_sharded_over_the_mesh():
   mesh = jax.sharding.Mesh(devices, ("data",))
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   shape = (2 * len(devices), 4, 4, 1)
-  sharded = base.run(DDIM(num_steps=5, eta=1.0), nonlinear_eps, SCHEDULE, shape, jax.random.key(7), sharding=sharding)
+  sharded = base.run(
+    DDIM(num_steps=5, eta=1.0), nonlinear_eps, SCHEDULE, shape, jax.random.key(7), sharding=sharding
+  )
   assert sharded.sharding.is_equivalent_to(sharding, len(shape))
   single = base.run(DDIM(num_steps=5, eta=1.0), nonlinear_eps, SCHEDULE, shape, jax.random.key(7))
   np.testing.assert_allclose(sharded, single, atol=1e-6)
 
 
 def test_ddpm_sample_defaults_to_the_configs_variance():
-  from configs import default  # pylint: disable=g-import-not-at-top
+  from configs import default
+
   assert DDPM().variance.value == default.get_config().sampling.variance

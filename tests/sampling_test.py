@@ -6,8 +6,8 @@ import shutil
 import jax
 import numpy as np
 import pytest
-
 import runs
+
 from configs import tiny
 from jax_ddpm import cli
 from jax_ddpm.runtime import mesh as parallel
@@ -24,8 +24,7 @@ def sample_to_workdir(config, workdir):
 def load_program(config, workdir):
   """The program --mode=sample and --mode=eval draw with, from workdir's newest checkpoint."""
   run = runs.build(config)
-  return sampling.from_run(run, *checkpointing.load_checkpoint(run, workdir),
-                           parallel.data_mesh())
+  return sampling.from_run(run, *checkpointing.load_checkpoint(run, workdir), parallel.data_mesh())
 
 
 def sample_config(**overrides):
@@ -42,8 +41,9 @@ def checkpoint_dir(tmp_path_factory):
   """A workdir with one checkpoint (step 1) of the tiny model."""
   workdir = str(tmp_path_factory.mktemp("trained"))
   run = runs.build(sample_config())
-  _, _, fresh = state.create_train_state(run.unet, run.config.seed, parallel.data_mesh(),
-                                         run.optimizer)
+  _, _, fresh = state.create_train_state(
+    run.unet, run.config.seed, parallel.data_mesh(), run.optimizer
+  )
   checkpointer = checkpointing.Checkpointer(workdir)
   checkpointer.save(1, fresh.replace(step=fresh.step + 1), run.metadata)
   checkpointer.wait_until_finished()
@@ -83,21 +83,27 @@ def test_resuming_draws_exactly_the_missing_batches(checkpoint_dir, sampled, tmp
   sample_to_workdir(sample_config(), copy)
   assert os.path.getmtime(os.path.join(directory, "batch_00000.npz")) == kept
   for name in ("batch_00001.npz", "samples_10x16x16x1.npz"):
-    np.testing.assert_array_equal(np.load(os.path.join(directory, name))["arr_0"],
-                                  np.load(os.path.join(sampled, name))["arr_0"])
+    np.testing.assert_array_equal(
+      np.load(os.path.join(directory, name))["arr_0"], np.load(os.path.join(sampled, name))["arr_0"]
+    )
 
 
 def test_fewer_then_more_samples_reuse_the_batches_and_write_exactly_the_count(
-    checkpoint_dir, sampled, tmp_path):
+  checkpoint_dir, sampled, tmp_path
+):
   copy = str(tmp_path / "copy")
   shutil.copytree(checkpoint_dir, copy)
   directory = os.path.join(copy, os.path.relpath(sampled, checkpoint_dir))
   ten = np.load(os.path.join(directory, "samples_10x16x16x1.npz"))["arr_0"]
-  kept = {name: os.path.getmtime(os.path.join(directory, name)) for name in os.listdir(directory)
-          if name.startswith("batch_")}
+  kept = {
+    name: os.path.getmtime(os.path.join(directory, name))
+    for name in os.listdir(directory)
+    if name.startswith("batch_")
+  }
   sample_to_workdir(sample_config(num_samples=6), copy)  # fewer: nothing drawn
   np.testing.assert_array_equal(
-      np.load(os.path.join(directory, "samples_6x16x16x1.npz"))["arr_0"], ten[:6])
+    np.load(os.path.join(directory, "samples_6x16x16x1.npz"))["arr_0"], ten[:6]
+  )
   sample_to_workdir(sample_config(num_samples=20), copy)  # more: one new batch
   twenty = np.load(os.path.join(directory, "samples_20x16x16x1.npz"))["arr_0"]
   np.testing.assert_array_equal(twenty[:10], ten)
@@ -105,8 +111,9 @@ def test_fewer_then_more_samples_reuse_the_batches_and_write_exactly_the_count(
   assert np.load(os.path.join(directory, "batch_00002.npz"))["arr_0"].shape == (8, 16, 16, 1)
 
 
-def test_a_short_batch_file_of_an_older_run_is_drawn_again_in_full(checkpoint_dir, sampled,
-                                                                     tmp_path):
+def test_a_short_batch_file_of_an_older_run_is_drawn_again_in_full(
+  checkpoint_dir, sampled, tmp_path
+):
   copy = str(tmp_path / "copy")
   shutil.copytree(checkpoint_dir, copy)
   directory = os.path.join(copy, os.path.relpath(sampled, checkpoint_dir))
@@ -164,17 +171,32 @@ def test_checkpoint_of_another_model_is_refused(checkpoint_dir):
     sample_to_workdir(config, checkpoint_dir)
 
 
-@pytest.mark.parametrize("overrides, message", [
+@pytest.mark.parametrize(
+  "overrides, message",
+  [
     (dict(num_samples=0), r"sampling.num_samples must be a positive integer, got 0"),
-    (dict(sampler="euler"), r"Unknown sampling.sampler 'euler'; allowed values: "
-                          r"\['ddpm', 'ddim', 'dpmpp_2m', 'sde_dpmpp_2m'\]"),
-    (dict(sampler="dpmpp_2m", num_steps=101), r"sampling.num_steps must be an integer in "
-                                              r"1..100 \(T\), got 101"),
-    (dict(thresholding="soft"), r"Unknown sampling.thresholding 'soft'; allowed values: "
-                                r"\['none', 'static', 'dynamic'\]"),
-    (dict(batch_size=12), r"sampling.batch_size=12 must be a positive multiple of the number of "
-                          r"devices, 8"),
-])
+    (
+      dict(sampler="euler"),
+      r"Unknown sampling.sampler 'euler'; allowed values: "
+      r"\['ddpm', 'ddim', 'dpmpp_2m', 'sde_dpmpp_2m'\]",
+    ),
+    (
+      dict(sampler="dpmpp_2m", num_steps=101),
+      r"sampling.num_steps must be an integer in "
+      r"1..100 \(T\), got 101",
+    ),
+    (
+      dict(thresholding="soft"),
+      r"Unknown sampling.thresholding 'soft'; allowed values: "
+      r"\['none', 'static', 'dynamic'\]",
+    ),
+    (
+      dict(batch_size=12),
+      r"sampling.batch_size=12 must be a positive multiple of the number of "
+      r"devices, 8",
+    ),
+  ],
+)
 def test_bad_sampling_settings_fail_before_anything_is_written(checkpoint_dir, overrides, message):
   before = sorted(os.listdir(os.path.join(checkpoint_dir, "samples")))
   with pytest.raises(ValueError, match=message):
@@ -184,13 +206,23 @@ def test_bad_sampling_settings_fail_before_anything_is_written(checkpoint_dir, o
 
 def test_visualize_writes_four_non_blank_pictures(checkpoint_dir):
   from PIL import Image
+
   from jax_ddpm.evaluation import pictures
+
   paths = cli.visualize(cli.Arguments(sample_config(sampler="ddpm"), checkpoint_dir))  # T = 100
   names = sorted(os.path.basename(p) for p in paths)
-  assert names == ["forward_process.png", "reverse_process.gif", "reverse_process.png",
-                   "schedules.png"]
-  minimum_sizes = {"schedules.png": (800, 300), "forward_process.png": (100, 16),
-                   "reverse_process.png": (100, 32), "reverse_process.gif": (128, 128)}
+  assert names == [
+    "forward_process.png",
+    "reverse_process.gif",
+    "reverse_process.png",
+    "schedules.png",
+  ]
+  minimum_sizes = {
+    "schedules.png": (800, 300),
+    "forward_process.png": (100, 16),
+    "reverse_process.png": (100, 32),
+    "reverse_process.gif": (128, 128),
+  }
   for path in paths:
     with Image.open(path) as image:
       width, height = image.size

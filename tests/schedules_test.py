@@ -16,24 +16,32 @@ def reference_betas(name, num_timesteps, beta_start=1e-4, beta_end=0.02):
     return np.array([beta_start + i * step for i in range(num_timesteps)])
   if name == "quadratic":
     lo, hi = math.sqrt(beta_start), math.sqrt(beta_end)
-    return np.array([(lo + i * (hi - lo) / (num_timesteps - 1)) ** 2
-                     for i in range(num_timesteps)])
+    return np.array([(lo + i * (hi - lo) / (num_timesteps - 1)) ** 2 for i in range(num_timesteps)])
   if name == "sigmoid":
     xs = [-6 + 12 * i / (num_timesteps - 1) for i in range(num_timesteps)]
     return np.array([beta_start + (beta_end - beta_start) / (1 + math.exp(-x)) for x in xs])
   if name == "cosine":
+
     def alpha_bar(i):
       return math.cos((i / num_timesteps + 0.008) / 1.008 * math.pi / 2) ** 2
-    return np.array([min(1 - alpha_bar(i + 1) / alpha_bar(i), 0.999)
-                     for i in range(num_timesteps)])
+
+    return np.array([min(1 - alpha_bar(i + 1) / alpha_bar(i), 0.999) for i in range(num_timesteps)])
   raise AssertionError(name)
 
 
 def reference_table(betas):
   """Loop-by-loop float64 version of DDPM eq. (4), (6), (7)."""
-  table = {name: [] for name in (
-      "alphas", "alphas_cumprod", "alphas_cumprod_prev", "posterior_variance",
-      "posterior_mean_coef1", "posterior_mean_coef2")}
+  table = {
+    name: []
+    for name in (
+      "alphas",
+      "alphas_cumprod",
+      "alphas_cumprod_prev",
+      "posterior_variance",
+      "posterior_mean_coef1",
+      "posterior_mean_coef2",
+    )
+  }
   running = 1.0
   for beta in betas:
     prev = running
@@ -91,8 +99,14 @@ def test_unknown_schedule_names_the_allowed_values():
     schedules.get_schedule("cosin", T)
 
 
-@pytest.mark.parametrize("kwargs", [{"num_timesteps": 1}, {"num_timesteps": 10, "beta_end": 1.5},
-                                    {"num_timesteps": 10, "beta_start": 0.0}])
+@pytest.mark.parametrize(
+  "kwargs",
+  [
+    {"num_timesteps": 1},
+    {"num_timesteps": 10, "beta_end": 1.5},
+    {"num_timesteps": 10, "beta_start": 0.0},
+  ],
+)
 def test_bad_schedule_arguments_are_rejected(kwargs):
   with pytest.raises(ValueError):
     schedules.get_schedule("linear", **kwargs)

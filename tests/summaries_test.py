@@ -3,10 +3,10 @@
 import os
 
 import numpy as np
+import tensorboard_server
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
-import tensorboard_server
 from jax_ddpm.io import summaries
 
 
@@ -28,13 +28,16 @@ def test_tensorboard_reads_scalars_images_texts_histograms_and_hparams(tmp_path)
   writer.write_histograms(2, {"weights": np.arange(10.0)}, num_buckets={"weights": 5})
   writer.close()
   accumulator = read_back(tmp_path)
-  losses = {e.step: float(tensor_util.make_ndarray(e.tensor_proto)) for e in
-            accumulator.Tensors("loss")}
+  losses = {
+    e.step: float(tensor_util.make_ndarray(e.tensor_proto)) for e in accumulator.Tensors("loss")
+  }
   assert losses == {1: 0.5, 2: 0.25}
   width, height, png = tensor_util.make_ndarray(accumulator.Tensors("samples")[0].tensor_proto)
   assert (int(width), int(height)) == (6, 4)
-  from PIL import Image
   import io
+
+  from PIL import Image
+
   assert np.array_equal(np.asarray(Image.open(io.BytesIO(png))), image[0])
   assert tensor_util.make_ndarray(accumulator.Tensors("note")[0].tensor_proto) == b"hello"
   histogram = tensor_util.make_ndarray(accumulator.Tensors("weights")[0].tensor_proto)

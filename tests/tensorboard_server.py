@@ -17,7 +17,8 @@ import sys
 import time
 import urllib.parse
 import urllib.request
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 
 class Server:
@@ -34,8 +35,11 @@ class Server:
       return json.loads(response.read())
 
   def post(self, route: str, body: Any) -> Any:
-    request = urllib.request.Request(f"{self.url}/data/{route}", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+      f"{self.url}/data/{route}",
+      data=json.dumps(body).encode(),
+      headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(request, timeout=30) as response:
       return json.loads(response.read())
 
@@ -59,8 +63,15 @@ def running(logdir: str, log_path: str) -> Iterator[Server]:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-  command = [os.path.join(os.path.dirname(sys.executable), "tensorboard"), "--logdir", logdir,
-             "--host", "127.0.0.1", "--port", str(port)]
+  command = [
+    os.path.join(os.path.dirname(sys.executable), "tensorboard"),
+    "--logdir",
+    logdir,
+    "--host",
+    "127.0.0.1",
+    "--port",
+    str(port),
+  ]
   with open(log_path, "w") as log:
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
   server = Server(f"http://127.0.0.1:{port}", process, log_path)

@@ -11,8 +11,8 @@ import sys
 import jax
 import numpy as np
 import pytest
-
 import runs
+
 from configs import cifar10, tiny
 from jax_ddpm.data import pipeline as input_pipeline
 from jax_ddpm.data import sources as data_sources
@@ -31,9 +31,12 @@ def run_steps(config, mesh, num_steps):
   source = data_sources.create_source(run.config.data)
   losses = []
   for step in range(num_steps):
-    batch = input_pipeline.local_batch(source, step, config.training.batch_size, config.seed,
-                                       config.data.random_flip, 0, 1)
-    current, metrics = train_fn(current, {"image": jax.device_put(batch, parallel.batch_sharding(mesh))})
+    batch = input_pipeline.local_batch(
+      source, step, config.training.batch_size, config.seed, config.data.random_flip, 0, 1
+    )
+    current, metrics = train_fn(
+      current, {"image": jax.device_put(batch, parallel.batch_sharding(mesh))}
+    )
     losses.append(float(metrics["loss"]))
   return losses, jax.device_get(current)
 
@@ -67,13 +70,19 @@ def test_cifar10_config_builds_the_35m_model_and_traces_its_train_step():
   batch = {"image": jax.ShapeDtypeStruct((config.training.batch_size, 32, 32, 3), np.float32)}
   after, metrics = jax.eval_shape(train_fn, current, batch)
   assert jax.tree.map(lambda a: (a.shape, a.dtype), after) == jax.tree.map(
-      lambda a: (a.shape, a.dtype), current)
+    lambda a: (a.shape, a.dtype), current
+  )
   assert metrics["loss"].shape == () and after.step.dtype == current.step.dtype
 
 
 def main_command(workdir, *overrides):
-  return [sys.executable, os.path.join(ROOT, "main.py"), "--config=" + os.path.join(
-      ROOT, "configs", "tiny.py"), f"--workdir={workdir}", *overrides]
+  return [
+    sys.executable,
+    os.path.join(ROOT, "main.py"),
+    "--config=" + os.path.join(ROOT, "configs", "tiny.py"),
+    f"--workdir={workdir}",
+    *overrides,
+  ]
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +95,7 @@ def straight_run(tmp_path_factory):
 
 def test_workdir_holds_summaries_checkpoints_and_sample_pngs(straight_run):
   from tensorboard.backend.event_processing import event_accumulator
+
   accumulator = event_accumulator.EventAccumulator(straight_run, size_guidance={"tensors": 0})
   accumulator.Reload()
   tags = accumulator.Tags()["tensors"]
@@ -101,6 +111,7 @@ def test_workdir_holds_summaries_checkpoints_and_sample_pngs(straight_run):
   assert sorted(int(s) for s in os.listdir(os.path.join(straight_run, "checkpoints"))) == [3, 6]
   png = os.path.join(straight_run, "samples", "train_step_00000006.png")
   from PIL import Image
+
   with Image.open(png) as image:
     assert image.size == (38, 38)  # 2 x 2 grid of 16 x 16 with 2-pixel padding
 
@@ -108,29 +119,46 @@ def test_workdir_holds_summaries_checkpoints_and_sample_pngs(straight_run):
 def test_a_workdir_of_another_model_is_refused_and_left_untouched(straight_run, tmp_path):
   workdir = str(tmp_path / "copy")
   shutil.copytree(straight_run, workdir)
-  before = {path: os.path.getmtime(os.path.join(root, path))
-            for root, _, names in os.walk(workdir) for path in names}
+  before = {
+    path: os.path.getmtime(os.path.join(root, path))
+    for root, _, names in os.walk(workdir)
+    for path in names
+  }
   config = tiny.get_config()
   config.model.ch = 32
   config.training.num_train_steps = 12
-  with pytest.raises(checkpointing.IncompatibleCheckpointError,
-                     match=r"latest step 6\) of a different model:\n  model.ch: config 32 vs "
-                           r"checkpoint 16"):
+  with pytest.raises(
+    checkpointing.IncompatibleCheckpointError,
+    match=r"latest step 6\) of a different model:\n  model.ch: config 32 vs "
+    r"checkpoint 16",
+  ):
     runs.train(config, workdir)
-  after = {path: os.path.getmtime(os.path.join(root, path))
-           for root, _, names in os.walk(workdir) for path in names}
+  after = {
+    path: os.path.getmtime(os.path.join(root, path))
+    for root, _, names in os.walk(workdir)
+    for path in names
+  }
   assert before == after
 
 
-@pytest.mark.parametrize("change, message", [
-    (("training", "batch_size", 12), r"training.batch_size=12 must be a positive multiple of "
-                                     r"the number of devices, 8"),
+@pytest.mark.parametrize(
+  "change, message",
+  [
+    (
+      ("training", "batch_size", 12),
+      r"training.batch_size=12 must be a positive multiple of "
+      r"the number of devices, 8",
+    ),
     (("data", "image_size", 15), r"image_size=15 must be divisible by 2\^\(levels-1\) = 2"),
     (("data", "source", "imagenet"), r"Unknown data.source 'imagenet'; allowed values"),
     (("diffusion", "schedule", "cosin"), r"Unknown diffusion.schedule 'cosin'"),
-    (("training", "steps_per_dispatch", 4), r"num_train_steps=6 must be a multiple of "
-                                            r"training.steps_per_dispatch=4"),
-])
+    (
+      ("training", "steps_per_dispatch", 4),
+      r"num_train_steps=6 must be a multiple of "
+      r"training.steps_per_dispatch=4",
+    ),
+  ],
+)
 def test_bad_config_fails_before_anything_is_written(tmp_path, change, message, monkeypatch):
   config = tiny.get_config()
   section, key, value = change
@@ -146,8 +174,12 @@ def test_bad_config_fails_before_anything_is_written(tmp_path, change, message, 
 
 
 def test_unknown_config_key_on_the_command_line_is_named(tmp_path):
-  result = subprocess.run(main_command(str(tmp_path), "--config.training.bogus_key=1"), cwd=ROOT,
-                          capture_output=True, text=True)
+  result = subprocess.run(
+    main_command(str(tmp_path), "--config.training.bogus_key=1"),
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+  )
   assert result.returncode != 0 and "bogus_key" in result.stderr
   assert not os.listdir(tmp_path)
 
@@ -161,13 +193,16 @@ def test_steps_per_dispatch_scan_matches_single_steps():
   config.training.checkpoint_every_steps = config.training.sample_every_steps = 2
   run = runs.build(config)
   graphdef, _, current = state.create_train_state(run.unet, config.seed, mesh, run.optimizer)
-  train_fn = train.make_train_fn(graphdef, run.schedule, run.optimizer, run.step_options, mesh,
-                                 steps_per_dispatch=2)
+  train_fn = train.make_train_fn(
+    graphdef, run.schedule, run.optimizer, run.step_options, mesh, steps_per_dispatch=2
+  )
   source = data_sources.create_source(config.data)
-  batches = np.stack([input_pipeline.local_batch(source, s, 8, config.seed, True, 0, 1)
-                      for s in range(2)])
-  current, metrics = train_fn(current,
-                             {"image": jax.device_put(batches, parallel.batch_sharding(mesh, 1))})
+  batches = np.stack(
+    [input_pipeline.local_batch(source, s, 8, config.seed, True, 0, 1) for s in range(2)]
+  )
+  current, metrics = train_fn(
+    current, {"image": jax.device_put(batches, parallel.batch_sharding(mesh, 1))}
+  )
   assert metrics["loss"].shape == (2,) and int(current.step) == 2
   for a, b in zip(jax.tree.leaves(jax.device_get(current.params)), jax.tree.leaves(single.params)):
     np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)

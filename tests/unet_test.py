@@ -10,8 +10,17 @@ from flax import nnx
 
 from jax_ddpm.models import unet
 
-TINY = unet.UNetConfig(image_size=16, in_channels=1, out_channels=1, ch=16, ch_mult=(1, 2),
-                       num_res_blocks=1, attn_resolutions=(8,), dropout=0.1, num_groups=8)
+TINY = unet.UNetConfig(
+  image_size=16,
+  in_channels=1,
+  out_channels=1,
+  ch=16,
+  ch_mult=(1, 2),
+  num_res_blocks=1,
+  attn_resolutions=(8,),
+  dropout=0.1,
+  num_groups=8,
+)
 
 
 def test_cifar10_model_has_the_papers_parameter_count():
@@ -93,6 +102,7 @@ def test_bfloat16_compute_keeps_float32_params_and_close_outputs():
 
 def test_remat_recomputes_the_same_loss_gradients_and_dropout():
   """model.remat only moves work from memory to compute: same numbers, dropout masks included."""
+
   def loss_and_grads(remat):
     config = unet.UNetConfig(**{**vars(TINY), "remat": remat})
     model = randomize(unet.UNet(config, rngs=nnx.Rngs(0)))
@@ -132,13 +142,19 @@ def test_model_runs_jitted_with_the_batch_sharded_over_8_devices():
   np.testing.assert_allclose(sharded, forward(state, x, t), atol=1e-5)
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(image_size=18, ch_mult=(1, 2, 2)), r"image_size=18 must be divisible by 2\^\(levels-1\) = 4"),
+@pytest.mark.parametrize(
+  "change, message",
+  [
+    (
+      dict(image_size=18, ch_mult=(1, 2, 2)),
+      r"image_size=18 must be divisible by 2\^\(levels-1\) = 4",
+    ),
     (dict(attn_resolutions=(4,)), r"attn_resolutions \[4\] are not among .*\[16, 8\]"),
     (dict(num_groups=5), r"not divisible by model.num_groups=5"),
     (dict(compute_dtype="float16"), r"compute_dtype must be 'float32' or 'bfloat16'"),
     (dict(dropout=1.0), r"dropout must be in \[0, 1\)"),
-])
+  ],
+)
 def test_bad_model_config_names_the_field(change, message):
   with pytest.raises(ValueError, match=message):
     unet.UNetConfig(**{**vars(TINY), **change}).validate()

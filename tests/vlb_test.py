@@ -4,9 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import runs
 from scipy import stats
 
-import runs
 from configs import tiny
 from jax_ddpm.config import run_config
 from jax_ddpm.data import sources as data_sources
@@ -30,8 +30,9 @@ def test_gaussian_kl_matches_the_closed_form_in_float64():
   lv1, lv2 = rng.uniform(-9, 1, size=(2, 1000))
   s1, s2 = np.exp(0.5 * lv1), np.exp(0.5 * lv2)
   expected = np.log(s2 / s1) + (s1**2 + (m1 - m2) ** 2) / (2 * s2**2) - 0.5
-  actual = np.asarray(likelihood.normal_kl(*(jnp.asarray(v, jnp.float32)
-                                            for v in (m1, lv1, m2, lv2))))
+  actual = np.asarray(
+    likelihood.normal_kl(*(jnp.asarray(v, jnp.float32) for v in (m1, lv1, m2, lv2)))
+  )
   np.testing.assert_allclose(actual, expected, rtol=2e-4, atol=1e-5)
 
 
@@ -50,8 +51,11 @@ def test_decoder_likelihood_integrates_the_gaussian_over_each_pixels_bin():
   mean = np.clip(x + rng.normal(scale=0.02, size=x.shape), -1.2, 1.2)
   log_variance = rng.uniform(np.log(1e-5), np.log(1e-2), size=x.shape)
   expected = decoder_log_likelihood_reference(x, mean, np.exp(0.5 * log_variance))
-  actual = np.asarray(likelihood.discretized_gaussian_log_likelihood(
-      *(jnp.asarray(v, jnp.float32) for v in (x, mean, log_variance))))
+  actual = np.asarray(
+    likelihood.discretized_gaussian_log_likelihood(
+      *(jnp.asarray(v, jnp.float32) for v in (x, mean, log_variance))
+    )
+  )
   keep = expected > np.log(1e-8)  # below that the float32 version floors the mass at 1e-12
   assert keep.mean() > 0.9
   np.testing.assert_allclose(actual[keep], expected[keep], rtol=1e-3, atol=2e-4)
@@ -61,7 +65,8 @@ def test_decoder_probabilities_of_all_256_levels_sum_to_one():
   levels = jnp.arange(256, dtype=jnp.float32) / 127.5 - 1.0
   for mean, log_variance in [(0.1, -8.0), (-0.97, -6.0), (0.5, -2.0)]:
     log_p = likelihood.discretized_gaussian_log_likelihood(
-        levels, jnp.full_like(levels, mean), jnp.full_like(levels, log_variance))
+      levels, jnp.full_like(levels, mean), jnp.full_like(levels, log_variance)
+    )
     assert abs(float(jnp.sum(jnp.exp(log_p))) - 1.0) < 1e-4
 
 
@@ -77,30 +82,48 @@ def test_vlb_of_the_exact_denoiser_on_gaussian_data_is_its_closed_form(t_index):
   t = jnp.full((n,), t_index)
   x_t = process.q_sample(SCHEDULE, x0, t, eps)
   exact_eps = SCHEDULE.sqrt_one_minus_alphas_cumprod[t][:, None] * x_t
-  terms = np.asarray(likelihood.vlb_terms(
-      SCHEDULE, x0, x_t, t, exact_eps, prediction=Prediction.EPS, variance=Variance.LEARNED,
-      variance_output=jnp.ones_like(x_t)), np.float64)
+  terms = np.asarray(
+    likelihood.vlb_terms(
+      SCHEDULE,
+      x0,
+      x_t,
+      t,
+      exact_eps,
+      prediction=Prediction.EPS,
+      variance=Variance.LEARNED,
+      variance_output=jnp.ones_like(x_t),
+    ),
+    np.float64,
+  )
   beta, beta_tilde = BETAS[t_index], BETA_TILDE[t_index]
   coef1 = beta * np.sqrt(ABAR_PREV[t_index]) / (1 - ABAR[t_index])
-  expected = 0.5 * (np.log(beta / beta_tilde) - 1 + beta_tilde / beta
-                    + coef1**2 * (1 - ABAR[t_index]) / beta) / np.log(2)
+  expected = (
+    0.5
+    * (np.log(beta / beta_tilde) - 1 + beta_tilde / beta + coef1**2 * (1 - ABAR[t_index]) / beta)
+    / np.log(2)
+  )
   standard_error = terms.std() / np.sqrt(n)
   assert abs(terms.mean() - expected) < 5 * standard_error + 1e-4 * expected, (
-      terms.mean(), expected, standard_error)
+    terms.mean(),
+    expected,
+    standard_error,
+  )
 
 
 def test_prior_term_is_the_kl_of_q_x_T_to_the_standard_normal():
   x0 = jnp.asarray([[0.5, -1.0, 1.0, 0.0]], jnp.float32)
   a, variance = np.sqrt(ABAR[-1]), 1 - ABAR[-1]
   expected = np.mean(0.5 * (variance + (a * np.asarray(x0[0])) ** 2 - 1 - np.log(variance)))
-  np.testing.assert_allclose(float(likelihood.prior_bpd(SCHEDULE, x0)[0]), expected / np.log(2),
-                             rtol=1e-3)
+  np.testing.assert_allclose(
+    float(likelihood.prior_bpd(SCHEDULE, x0)[0]), expected / np.log(2), rtol=1e-3
+  )
 
 
 def test_learned_variance_interpolates_between_beta_tilde_and_beta():
   t = jnp.asarray([1, 500, 999])
-  log_variance = lambda v: np.asarray(process.p_log_variance(
-      SCHEDULE, t, Variance.LEARNED, 2, jnp.full((3, 1), v, jnp.float32)))[:, 0]
+  log_variance = lambda v: np.asarray(
+    process.p_log_variance(SCHEDULE, t, Variance.LEARNED, 2, jnp.full((3, 1), v, jnp.float32))
+  )[:, 0]
   np.testing.assert_allclose(np.exp(log_variance(-1.0)), BETA_TILDE[[1, 500, 999]], rtol=1e-5)
   np.testing.assert_allclose(np.exp(log_variance(1.0)), BETAS[[1, 500, 999]], rtol=1e-5)
   middle = 0.5 * (np.log(BETAS[[1, 500, 999]]) + np.log(BETA_TILDE[[1, 500, 999]]))
@@ -116,17 +139,27 @@ def test_hybrid_loss_adds_lambda_T_vlb_and_trains_only_the_variance_through_it()
   output = 0.3 * jax.random.normal(keys[2], x0.shape[:-1] + (2,))
 
   def losses(output, learn_sigma, vlb_weight=0.001):
-    return training_losses(SCHEDULE, lambda x_t, t: output, x0, t, eps,
-                                     learn_sigma=learn_sigma, vlb_weight=vlb_weight)
+    return training_losses(
+      SCHEDULE, lambda x_t, t: output, x0, t, eps, learn_sigma=learn_sigma, vlb_weight=vlb_weight
+    )
 
   simple = training_losses(SCHEDULE, lambda x_t, t: output[..., :1], x0, t, eps)
   x_t = process.q_sample(SCHEDULE, x0, t, eps)
-  vlb = likelihood.vlb_terms(SCHEDULE, x0, x_t, t, output[..., :1], prediction=Prediction.EPS,
-                            variance=Variance.LEARNED, variance_output=output[..., 1:])
+  vlb = likelihood.vlb_terms(
+    SCHEDULE,
+    x0,
+    x_t,
+    t,
+    output[..., :1],
+    prediction=Prediction.EPS,
+    variance=Variance.LEARNED,
+    variance_output=output[..., 1:],
+  )
   np.testing.assert_allclose(losses(output, True), simple + 0.001 * 1000 * vlb, rtol=1e-5)
   grad = jax.grad(lambda o: jnp.sum(losses(o, True)))(output)
-  grad_simple = jax.grad(lambda o: jnp.sum(
-      training_losses(SCHEDULE, lambda x_t, t: o, x0, t, eps)))(output[..., :1])
+  grad_simple = jax.grad(
+    lambda o: jnp.sum(training_losses(SCHEDULE, lambda x_t, t: o, x0, t, eps))
+  )(output[..., :1])
   np.testing.assert_allclose(grad[..., :1], grad_simple, rtol=1e-6)
   assert float(jnp.abs(grad[..., 1:]).min()) > 0  # every variance channel learns
 
@@ -155,12 +188,20 @@ def test_bits_per_dim_sums_every_term_exactly_and_stratified_draws_are_unbiased(
   terms_fn = jax.jit(lambda params, x0, y, t, key: term(t).astype(jnp.float32))
   images = np.full((256, 4, 4, 1), 128, np.uint8)
   source = data_sources.ArraySource(images)
-  prior = float(likelihood.prior_bpd(schedule, jnp.asarray(
-      image_io.to_model_range(images[:1])))[0])
+  prior = float(likelihood.prior_bpd(schedule, jnp.asarray(image_io.to_model_range(images[:1])))[0])
   exact = 1.01 + float(np.sum(0.01 + 0.002 * (np.arange(1, 50) % 7))) + prior
-  run = lambda k, n: evaluation_likelihood.bits_per_dim(terms_fn, None, schedule, source, mesh,
-                                             batch_size=64, num_images=n, num_terms=k, seed=0,
-                                             conditional=False)
+  run = lambda k, n: evaluation_likelihood.bits_per_dim(
+    terms_fn,
+    None,
+    schedule,
+    source,
+    mesh,
+    batch_size=64,
+    num_images=n,
+    num_terms=k,
+    seed=0,
+    conditional=False,
+  )
   results = run(0, 64)
   assert abs(results["bits_per_dim"] - exact) < 1e-5 and results["bpd_terms_per_image"] == 49
   estimate = run(4, 0)
@@ -170,11 +211,14 @@ def test_bits_per_dim_sums_every_term_exactly_and_stratified_draws_are_unbiased(
 
 
 def test_a_learned_variance_is_refused_for_a_model_without_one_before_training(tmp_path):
-  from jax_ddpm.io import errors  # pylint: disable=g-import-not-at-top
+  from jax_ddpm.io import errors
+
   config = tiny.get_config()
   config.sampling.variance = "learned"
-  with pytest.raises(errors.ConfigError, match="sampling.variance='learned' needs a model that "
-                     "learns it: set model.learn_sigma=True"):
+  with pytest.raises(
+    errors.ConfigError,
+    match="sampling.variance='learned' needs a model that learns it: set model.learn_sigma=True",
+  ):
     runs.train(config, str(tmp_path))
   assert not list(tmp_path.iterdir())
   config.model.learn_sigma = True

@@ -11,7 +11,7 @@ runs. Training, evaluation and sampling take the `Run`; none of them reads a con
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 @dataclasses.dataclass(frozen=True, eq=False)
 class Run:
   """A run config and what it becomes (see the module docstring)."""
+
   config: RunConfig
   unet: UNetConfig
   schedule: schedules.DiffusionSchedule
@@ -62,17 +63,26 @@ class Run:
 def build(config: RunConfig) -> Run:
   """The Run of a typed run config; ConfigError names the key of anything that cannot be built."""
   schedule = build_schedule(config)
-  chosen = sampler(config, config.sampling, schedule,
-                   f"sampling.sampler={config.sampling.sampler!r} on sampling.spacing="
-                   f"{config.sampling.spacing!r}")
+  chosen = sampler(
+    config,
+    config.sampling,
+    schedule,
+    f"sampling.sampler={config.sampling.sampler!r} on sampling.spacing={config.sampling.spacing!r}",
+  )
   return Run(
-      config=config, unet=unet_config(config), schedule=schedule,
-      optimizer=optimizer(config), step_options=step_options(config),
-      history_timesteps=history_timesteps(config), sampler=chosen,
-      measurement_sampler=measurement_sampler(config, schedule, chosen),
-      grid_sampler=grid_sampler(config, schedule),
-      sampling_options=sampling_options(config), bound=bound_options(config),
-      metadata=metadata(config))
+    config=config,
+    unet=unet_config(config),
+    schedule=schedule,
+    optimizer=optimizer(config),
+    step_options=step_options(config),
+    history_timesteps=history_timesteps(config),
+    sampler=chosen,
+    measurement_sampler=measurement_sampler(config, schedule, chosen),
+    grid_sampler=grid_sampler(config, schedule),
+    sampling_options=sampling_options(config),
+    bound=bound_options(config),
+    metadata=metadata(config),
+  )
 
 
 def unet_config(config: RunConfig) -> UNetConfig:
@@ -84,19 +94,25 @@ def unet_config(config: RunConfig) -> UNetConfig:
   """
   model, channels = config.model, config.data.channels
   unet = UNetConfig(
-      image_size=config.data.image_size, in_channels=channels,
-      out_channels=2 * channels if model.learn_sigma else channels, ch=model.ch,
-      ch_mult=model.ch_mult, num_res_blocks=model.num_res_blocks,
-      attn_resolutions=model.attn_resolutions, dropout=float(model.dropout),
-      num_groups=model.num_groups, attention_head_dim=model.attention_head_dim,
-      num_classes=None if model.num_classes is None else model.num_classes + 1,
-      compute_dtype=compute_dtype(model.compute_dtype), remat=model.remat)
+    image_size=config.data.image_size,
+    in_channels=channels,
+    out_channels=2 * channels if model.learn_sigma else channels,
+    ch=model.ch,
+    ch_mult=model.ch_mult,
+    num_res_blocks=model.num_res_blocks,
+    attn_resolutions=model.attn_resolutions,
+    dropout=float(model.dropout),
+    num_groups=model.num_groups,
+    attention_head_dim=model.attention_head_dim,
+    num_classes=None if model.num_classes is None else model.num_classes + 1,
+    compute_dtype=compute_dtype(model.compute_dtype),
+    remat=model.remat,
+  )
   unet.validate()
   return unet
 
 
-def compute_dtype(name: str, platform: Optional[str] = None,
-                  cpu_bfloat16: Optional[bool] = None) -> str:
+def compute_dtype(name: str, platform: str | None = None, cpu_bfloat16: bool | None = None) -> str:
   """model.compute_dtype with "auto" resolved for the devices this process runs on.
 
   "auto" is bfloat16 where the hardware multiplies it natively: TPUs, GPUs of compute
@@ -120,8 +136,9 @@ def compute_dtype(name: str, platform: Optional[str] = None,
 def build_schedule(config: RunConfig) -> schedules.DiffusionSchedule:
   """The forward process's beta_1..beta_T (config.diffusion)."""
   d = config.diffusion
-  return schedules.get_schedule(d.schedule, d.num_timesteps, beta_start=d.beta_start,
-                                beta_end=d.beta_end)
+  return schedules.get_schedule(
+    d.schedule, d.num_timesteps, beta_start=d.beta_start, beta_end=d.beta_end
+  )
 
 
 def learning_rate(config: RunConfig) -> optax.Schedule:
@@ -141,14 +158,19 @@ def learning_rate(config: RunConfig) -> optax.Schedule:
   elif optim.lr_decay == "wsd":
     decay = round(optim.decay_fraction * total)
     after = optax.join_schedules(
-        [optax.constant_schedule(optim.learning_rate),
-         optax.linear_schedule(optim.learning_rate, 0.0, decay)], [max(total - decay - warmup, 0)])
+      [
+        optax.constant_schedule(optim.learning_rate),
+        optax.linear_schedule(optim.learning_rate, 0.0, decay),
+      ],
+      [max(total - decay - warmup, 0)],
+    )
   else:
     after = optax.constant_schedule(optim.learning_rate)
   if warmup == 0:
     return after
   return optax.join_schedules(
-      [optax.linear_schedule(0.0, optim.learning_rate, warmup), after], [warmup])
+    [optax.linear_schedule(0.0, optim.learning_rate, warmup), after], [warmup]
+  )
 
 
 def optimizer(config: RunConfig) -> optax.GradientTransformation:
@@ -160,15 +182,20 @@ def optimizer(config: RunConfig) -> optax.GradientTransformation:
   return adam
 
 
-def loss_weights(config: RunConfig) -> Optional[tuple[float, ...]]:
+def loss_weights(config: RunConfig) -> tuple[float, ...] | None:
   """training.loss_weighting's weight per timestep, from the float64 betas; None if uniform."""
   training, d = config.training, config.diffusion
   if training.loss_weighting == losses.LossWeighting.UNIFORM:
     return None
   betas = schedules.BETA_SCHEDULES[d.schedule](d.num_timesteps, d.beta_start, d.beta_end)
   weights = losses.loss_weights(
-      np.cumprod(1.0 - np.asarray(betas, np.float64)), training.loss_weighting, d.prediction,
-      min_snr_gamma=training.min_snr_gamma, p2_gamma=training.p2_gamma, p2_k=training.p2_k)
+    np.cumprod(1.0 - np.asarray(betas, np.float64)),
+    training.loss_weighting,
+    d.prediction,
+    min_snr_gamma=training.min_snr_gamma,
+    p2_gamma=training.p2_gamma,
+    p2_k=training.p2_k,
+  )
   return tuple(float(w) for w in weights)
 
 
@@ -181,32 +208,41 @@ def history_timesteps(config: RunConfig) -> int:
 def step_options(config: RunConfig) -> StepOptions:
   training = config.training
   return StepOptions(
-      prediction=config.diffusion.prediction,
-      ema=EMARule(decay=config.optim.ema_decay, warmup=config.optim.ema_warmup),
-      learning_rate=learning_rate(config), num_classes=config.model.num_classes,
-      label_dropout=training.label_dropout, loss_weights=loss_weights(config),
-      learn_sigma=config.model.learn_sigma, vlb_weight=training.vlb_weight,
-      objective=training.objective, importance_sampling=history_timesteps(config) > 0,
-      max_timestep=training.max_timestep,
-      inject_nonfinite_at_steps=config.debug.inject_nonfinite_at_steps)
+    prediction=config.diffusion.prediction,
+    ema=EMARule(decay=config.optim.ema_decay, warmup=config.optim.ema_warmup),
+    learning_rate=learning_rate(config),
+    num_classes=config.model.num_classes,
+    label_dropout=training.label_dropout,
+    loss_weights=loss_weights(config),
+    learn_sigma=config.model.learn_sigma,
+    vlb_weight=training.vlb_weight,
+    objective=training.objective,
+    importance_sampling=history_timesteps(config) > 0,
+    max_timestep=training.max_timestep,
+    inject_nonfinite_at_steps=config.debug.inject_nonfinite_at_steps,
+  )
 
 
-def sampler(config: RunConfig, sampling: SamplingConfig, schedule: schedules.DiffusionSchedule,
-            what: str) -> base.Sampler:
+def sampler(
+  config: RunConfig, sampling: SamplingConfig, schedule: schedules.DiffusionSchedule, what: str
+) -> base.Sampler:
   """The sampler a sampling section names, checked against the run: it must read what the
   network outputs, start where the schedule is noise and stay where the network was trained.
   `what` names the sampler's settings in messages."""
   chosen = registry.sampler_class(sampling.sampler, "sampling.sampler").from_config(sampling)
-  if (sampling.variance == Variance.LEARNED and chosen.uses_noise
-      and not chosen.uses_learned_variance):
+  if (
+    sampling.variance == Variance.LEARNED and chosen.uses_noise and not chosen.uses_learned_variance
+  ):
     raise ConfigError(
-        f"sampling.variance='learned': sampling.sampler={sampling.sampler!r} adds its own noise "
-        "and does not read the network's variance; choose ddpm or ddim (eta > 0) to sample "
-        "with it.")
+      f"sampling.variance='learned': sampling.sampler={sampling.sampler!r} adds its own noise "
+      "and does not read the network's variance; choose ddpm or ddim (eta > 0) to sample "
+      "with it."
+    )
   timesteps = chosen.timesteps(schedule)
   check_trained_timesteps(config, timesteps, what)
-  base.check_start(schedule, timesteps, f"{what} under diffusion.schedule="
-                                        f"{config.diffusion.schedule!r}")
+  base.check_start(
+    schedule, timesteps, f"{what} under diffusion.schedule={config.diffusion.schedule!r}"
+  )
   return chosen
 
 
@@ -217,21 +253,27 @@ def check_trained_timesteps(config: RunConfig, timesteps, what: str) -> None:
   start = int(np.max(timesteps))
   if max_timestep is not None and start > max_timestep:
     raise ConfigError(
-        f"{what} starts at t = {start}, above training.max_timestep={max_timestep}, where the "
-        f"network was never trained: choose a spacing that starts at or below it (quadratic "
-        f"starts at 0.8 T) or raise training.max_timestep.")
+      f"{what} starts at t = {start}, above training.max_timestep={max_timestep}, where the "
+      f"network was never trained: choose a spacing that starts at or below it (quadratic "
+      f"starts at 0.8 T) or raise training.max_timestep."
+    )
 
 
-def measurement_sampler(config: RunConfig, schedule: schedules.DiffusionSchedule,
-                        chosen: base.Sampler) -> base.Sampler:
+def measurement_sampler(
+  config: RunConfig, schedule: schedules.DiffusionSchedule, chosen: base.Sampler
+) -> base.Sampler:
   """The in-training measurement's sampler: the config's (`chosen`), with
   training.eval_num_steps network calls where that is > 0."""
   calls = config.training.eval_num_steps
   if not calls:
     return chosen
   sampling = dataclasses.replace(config.sampling, num_steps=calls)
-  return sampler(config, sampling, schedule, f"The in-training measurement's sampler at "
-                                             f"training.eval_num_steps={calls}")
+  return sampler(
+    config,
+    sampling,
+    schedule,
+    f"The in-training measurement's sampler at training.eval_num_steps={calls}",
+  )
 
 
 def grid_sampler(config: RunConfig, schedule: schedules.DiffusionSchedule) -> base.Sampler:
@@ -240,29 +282,37 @@ def grid_sampler(config: RunConfig, schedule: schedules.DiffusionSchedule) -> ba
   steps = config.training.sample_ddim_steps
   grid = ddim.DDIM(num_steps=steps, spacing=config.sampling.spacing)
   timesteps = grid.timesteps(schedule)
-  check_trained_timesteps(config, timesteps, f"The sample grid's DDIM-{steps} "
-                          f"(training.sample_ddim_steps) on sampling.spacing="
-                          f"{config.sampling.spacing!r}")
+  check_trained_timesteps(
+    config,
+    timesteps,
+    f"The sample grid's DDIM-{steps} "
+    f"(training.sample_ddim_steps) on sampling.spacing="
+    f"{config.sampling.spacing!r}",
+  )
   return grid
 
 
-def conditioning(config: RunConfig) -> Optional[guidance.Conditioning]:
+def conditioning(config: RunConfig) -> guidance.Conditioning | None:
   """The labels and guidance scale of a conditional model's samples; None if unconditional."""
   if config.model.num_classes is None:
     return None
-  return guidance.Conditioning(num_classes=config.model.num_classes,
-                               labels=config.sampling.class_labels(),
-                               guidance_scale=float(config.sampling.guidance_scale))
+  return guidance.Conditioning(
+    num_classes=config.model.num_classes,
+    labels=config.sampling.class_labels(),
+    guidance_scale=float(config.sampling.guidance_scale),
+  )
 
 
 def sampling_options(config: RunConfig) -> SamplingOptions:
   """How each predicted x_0 is treated, and the labels and guidance of a conditional model."""
   sampling = config.sampling
-  return SamplingOptions(prediction=config.diffusion.prediction,
-                         learn_sigma=config.model.learn_sigma,
-                         thresholding=sampling.thresholding,
-                         threshold_percentile=sampling.threshold_percentile,
-                         conditioning=conditioning(config))
+  return SamplingOptions(
+    prediction=config.diffusion.prediction,
+    learn_sigma=config.model.learn_sigma,
+    thresholding=sampling.thresholding,
+    threshold_percentile=sampling.threshold_percentile,
+    conditioning=conditioning(config),
+  )
 
 
 def bound_options(config: RunConfig) -> BoundOptions:
@@ -270,8 +320,9 @@ def bound_options(config: RunConfig) -> BoundOptions:
   sampling.variance names."""
   learn_sigma = config.model.learn_sigma
   variance = Variance.LEARNED if learn_sigma else Variance(config.sampling.variance)
-  return BoundOptions(prediction=Prediction(config.diffusion.prediction), variance=variance,
-                      learn_sigma=learn_sigma)
+  return BoundOptions(
+    prediction=Prediction(config.diffusion.prediction), variance=variance, learn_sigma=learn_sigma
+  )
 
 
 def metadata(config: RunConfig) -> dict[str, Any]:
@@ -280,5 +331,8 @@ def metadata(config: RunConfig) -> dict[str, Any]:
   model = dataclasses.asdict(unet_config(config))
   for runtime_choice in RUNTIME_FIELDS:
     model.pop(runtime_choice)
-  return {"model": model, "diffusion": dataclasses.asdict(config.diffusion),
-          "config": config.to_dict()}
+  return {
+    "model": model,
+    "diffusion": dataclasses.asdict(config.diffusion),
+    "config": config.to_dict(),
+  }

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from typing import Any, Optional
+from typing import Any
 
 import ml_collections
 
@@ -53,6 +53,7 @@ class DataConfig:
   channels: the shape the source must yield (H = W); random_flip: horizontal flips (DDPM Sec. 4,
   CIFAR-10); fake_size: the number of random images of source fake.
   """
+
   source: str = "mnist_embedded"
   tfds_name: str = ""
   split: str = "train"
@@ -79,6 +80,7 @@ class DiffusionConfig:
   """diffusion: the forward process. schedule: a name in schedules.BETA_SCHEDULES; num_timesteps:
   T; beta_start, beta_end: the ends of the linear, quadratic and sigmoid schedules; prediction:
   what the network predicts, eps (the paper), x0 or v."""
+
   schedule: str = "linear"
   num_timesteps: int = 1000
   beta_start: float = 1e-4
@@ -103,14 +105,15 @@ class ModelConfig:
   (Improved DDPM eq. 15), trained by L_hybrid; compute_dtype: float32 | bfloat16 | auto (bfloat16
   where the hardware computes it natively); remat: recompute each block in the backward pass.
   """
+
   ch: int = 32
   ch_mult: tuple[int, ...] = (1, 2, 2)
   num_res_blocks: int = 1
   attn_resolutions: tuple[int, ...] = (7,)
   dropout: float = 0.0
   num_groups: int = 8
-  attention_head_dim: Optional[int] = None
-  num_classes: Optional[int] = None
+  attention_head_dim: int | None = None
+  num_classes: int | None = None
   learn_sigma: bool = False
   compute_dtype: str = "float32"
   remat: bool = False
@@ -128,6 +131,7 @@ class OptimConfig:
   constant (DDPM) | cosine (to 0 at the last step) | wsd (held, then linearly to 0 over the last
   decay_fraction of the steps); grad_clip_norm (0: off); the weights' EMA (ema_decay; ema_warmup:
   min(decay, (1 + step) / (10 + step)), the original code's warm-up)."""
+
   learning_rate: float = 2e-4
   warmup_steps: int = 5000
   lr_decay: str = "constant"
@@ -145,8 +149,9 @@ class OptimConfig:
     if self.warmup_steps < 0 or self.grad_clip_norm < 0:
       raise ConfigError("optim.warmup_steps and optim.grad_clip_norm must be >= 0.")
     if self.lr_decay not in LR_DECAYS:
-      raise ConfigError(f"optim.lr_decay must be 'constant', 'cosine' or 'wsd', got "
-                        f"{self.lr_decay!r}.")
+      raise ConfigError(
+        f"optim.lr_decay must be 'constant', 'cosine' or 'wsd', got {self.lr_decay!r}."
+      )
     if not 0.0 < self.decay_fraction <= 1.0:
       raise ConfigError(f"optim.decay_fraction must be in (0, 1], got {self.decay_fraction!r}.")
     if not 0.0 <= self.ema_decay < 1.0:
@@ -168,6 +173,7 @@ class TrainingConfig:
   max_timestep (train on t <= it only; None: every t); nonfinite_policy (halt | skip);
   restore_fallback: set an unreadable newest checkpoint aside and resume from the one before.
   """
+
   batch_size: int = 128
   num_train_steps: int = 800_000
   steps_per_dispatch: int = 1
@@ -189,27 +195,40 @@ class TrainingConfig:
   vlb_weight: float = 0.001
   objective: str = "simple"
   timestep_sampling: str = "uniform"
-  max_timestep: Optional[int] = None
+  max_timestep: int | None = None
   nonfinite_policy: str = "halt"
   restore_fallback: bool = False
 
   def __post_init__(self):
-    for key in ("batch_size", "num_train_steps", "steps_per_dispatch", "log_every_steps",
-                "checkpoint_every_steps", "keep_checkpoints", "sample_every_steps",
-                "num_sample_images", "sample_ddim_steps"):
+    for key in (
+      "batch_size",
+      "num_train_steps",
+      "steps_per_dispatch",
+      "log_every_steps",
+      "checkpoint_every_steps",
+      "keep_checkpoints",
+      "sample_every_steps",
+      "num_sample_images",
+      "sample_ddim_steps",
+    ):
       positive_int(getattr(self, key), f"training.{key}")
-    for key in ("eval_every_steps", "eval_num_steps", "eval_num_samples",
-                "eval_classifier_steps"):
+    for key in ("eval_every_steps", "eval_num_steps", "eval_num_samples", "eval_classifier_steps"):
       nonnegative_int(getattr(self, key), f"training.{key}")
     k = self.steps_per_dispatch
-    for key in ("num_train_steps", "log_every_steps", "checkpoint_every_steps",
-                "sample_every_steps", "eval_every_steps"):
+    for key in (
+      "num_train_steps",
+      "log_every_steps",
+      "checkpoint_every_steps",
+      "sample_every_steps",
+      "eval_every_steps",
+    ):
       if getattr(self, key) % k:
-        raise ConfigError(f"training.{key}={getattr(self, key)} must be a multiple of "
-                          f"training.steps_per_dispatch={k}.")
+        raise ConfigError(
+          f"training.{key}={getattr(self, key)} must be a multiple of "
+          f"training.steps_per_dispatch={k}."
+        )
     choice(self.nonfinite_policy, NONFINITE_POLICIES, "training.nonfinite_policy")
-    choice(self.loss_weighting, [w.value for w in losses.LossWeighting],
-           "training.loss_weighting")
+    choice(self.loss_weighting, [w.value for w in losses.LossWeighting], "training.loss_weighting")
     for key in ("min_snr_gamma", "p2_gamma"):
       if not getattr(self, key) > 0:
         raise ConfigError(f"training.{key} must be > 0, got {getattr(self, key)!r}.")
@@ -218,8 +237,11 @@ class TrainingConfig:
     if not 0 <= self.vlb_weight < float("inf"):
       raise ConfigError(f"training.vlb_weight must be >= 0, got {self.vlb_weight!r}.")
     choice(self.objective, [o.value for o in losses.Objective], "training.objective")
-    choice(self.timestep_sampling, [s.value for s in timesteps.TimestepSampling],
-           "training.timestep_sampling")
+    choice(
+      self.timestep_sampling,
+      [s.value for s in timesteps.TimestepSampling],
+      "training.timestep_sampling",
+    )
     if not 0.0 <= self.label_dropout < 1.0:
       raise ConfigError(f"training.label_dropout must be in [0, 1), got {self.label_dropout!r}.")
 
@@ -235,6 +257,7 @@ class SamplingConfig:
   guidance_scale: classifier-free guidance w (1 conditional, 0 unconditional); use_ema,
   num_samples, batch_size (global, per compiled call), seed: what --mode=sample draws.
   """
+
   sampler: str = "ddim"
   num_steps: int = 50
   eta: float = 0.0
@@ -251,13 +274,13 @@ class SamplingConfig:
 
   def __post_init__(self):
     choice(self.variance, [v.value for v in Variance], "sampling.variance")
-    choice(self.thresholding, [t.value for t in sampler_base.Thresholding],
-           "sampling.thresholding")
+    choice(self.thresholding, [t.value for t in sampler_base.Thresholding], "sampling.thresholding")
     choice(self.spacing, [s.value for s in sampler_base.Spacing], "sampling.spacing")
     sampler_base.check_eta(self.eta, "sampling.eta")
     if not 0.0 < self.threshold_percentile <= 1.0:
-      raise ConfigError(f"sampling.threshold_percentile must be in (0, 1], got "
-                        f"{self.threshold_percentile!r}.")
+      raise ConfigError(
+        f"sampling.threshold_percentile must be in (0, 1], got {self.threshold_percentile!r}."
+      )
     positive_int(self.num_samples, "sampling.num_samples")
     positive_int(self.batch_size, "sampling.batch_size")
     guidance.check_guidance_scale(self.guidance_scale, "sampling.guidance_scale")
@@ -270,8 +293,10 @@ class SamplingConfig:
     try:
       return tuple(int(y) for y in labels.split(","))
     except ValueError:
-      raise ConfigError(f"sampling.labels={self.labels!r} is not 'grid', 'random' or a "
-                        "comma-separated list of classes such as '3,3,7'.") from None
+      raise ConfigError(
+        f"sampling.labels={self.labels!r} is not 'grid', 'random' or a "
+        "comma-separated list of classes such as '3,3,7'."
+      ) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,6 +312,7 @@ class EvalConfig:
   images of precision, recall, density, coverage and KID (0: off), kid_subsets, kid_subset_size;
   bits_per_dim, bpd_split, bpd_images (0: all), bpd_timesteps (0: all T): the likelihood bound.
   """
+
   feature_net: str = "inception"
   num_samples: int = 10_000
   batch_size: int = 64
@@ -308,35 +334,51 @@ class EvalConfig:
 
   def __post_init__(self):
     choice(self.feature_net, FEATURE_NETS, "eval.feature_net")
-    if not isinstance(self.num_samples, int) or self.num_samples < 0 or (
-        self.num_samples == 0 and not self.bits_per_dim):
-      raise ConfigError(f"eval.num_samples must be a positive integer (or 0 with "
-                        f"eval.bits_per_dim=True), got {self.num_samples!r}.")
+    if (
+      not isinstance(self.num_samples, int)
+      or self.num_samples < 0
+      or (self.num_samples == 0 and not self.bits_per_dim)
+    ):
+      raise ConfigError(
+        f"eval.num_samples must be a positive integer (or 0 with "
+        f"eval.bits_per_dim=True), got {self.num_samples!r}."
+      )
     positive_int(self.batch_size, "eval.batch_size")
     if not isinstance(self.bpd_images, int) or self.bpd_images < 0:
-      raise ConfigError(f"eval.bpd_images must be an integer >= 0 (0: the whole split), got "
-                        f"{self.bpd_images!r}.")
+      raise ConfigError(
+        f"eval.bpd_images must be an integer >= 0 (0: the whole split), got {self.bpd_images!r}."
+      )
 
 
 @dataclasses.dataclass(frozen=True)
 class DebugConfig:
   """debug: inject_nonfinite_at_steps makes these steps' loss NaN (fault injection, tests)."""
+
   inject_nonfinite_at_steps: tuple[int, ...] = ()
 
   def __post_init__(self):
-    object.__setattr__(self, "inject_nonfinite_at_steps",
-                       tuple(int(s) for s in self.inject_nonfinite_at_steps))
+    object.__setattr__(
+      self, "inject_nonfinite_at_steps", tuple(int(s) for s in self.inject_nonfinite_at_steps)
+    )
 
 
-SECTIONS = {"data": DataConfig, "diffusion": DiffusionConfig, "model": ModelConfig,
-            "optim": OptimConfig, "training": TrainingConfig, "sampling": SamplingConfig,
-            "eval": EvalConfig, "debug": DebugConfig}
+SECTIONS = {
+  "data": DataConfig,
+  "diffusion": DiffusionConfig,
+  "model": ModelConfig,
+  "optim": OptimConfig,
+  "training": TrainingConfig,
+  "sampling": SamplingConfig,
+  "eval": EvalConfig,
+  "debug": DebugConfig,
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
   """A whole run config: seed (data order, noise and dropout derive from it and the step) and
   the sections above; its checks are those between sections."""
+
   seed: int = 0
   data: DataConfig = DataConfig()
   diffusion: DiffusionConfig = DiffusionConfig()
@@ -352,19 +394,26 @@ class RunConfig:
     self._check_objective()
     T = self.diffusion.num_timesteps  # noqa: N806 (the paper's symbol)
     max_timestep = self.training.max_timestep
-    if max_timestep is not None and (not isinstance(max_timestep, int)
-                                     or not 1 <= max_timestep < T):
-      raise ConfigError(f"training.max_timestep must be None (every t) or an integer in "
-                        f"1..{T - 1} (T - 1), got {max_timestep!r}.")
+    if max_timestep is not None and (
+      not isinstance(max_timestep, int) or not 1 <= max_timestep < T
+    ):
+      raise ConfigError(
+        f"training.max_timestep must be None (every t) or an integer in "
+        f"1..{T - 1} (T - 1), got {max_timestep!r}."
+      )
     if self.sampling.variance == Variance.LEARNED and not self.model.learn_sigma:
-      raise ConfigError("sampling.variance='learned' needs a model that learns it: set "
-                        "model.learn_sigma=True (and train it), or choose fixed_large or "
-                        "fixed_small.")
+      raise ConfigError(
+        "sampling.variance='learned' needs a model that learns it: set "
+        "model.learn_sigma=True (and train it), or choose fixed_large or "
+        "fixed_small."
+      )
     if self.sampling.sampler != "ddpm":
       sampler_base.check_num_steps(self.sampling.num_steps, T, "sampling.num_steps")
     if self.training.sample_ddim_steps > T:
-      raise ConfigError(f"training.sample_ddim_steps={self.training.sample_ddim_steps} exceeds "
-                        f"diffusion.num_timesteps={T}.")
+      raise ConfigError(
+        f"training.sample_ddim_steps={self.training.sample_ddim_steps} exceeds "
+        f"diffusion.num_timesteps={T}."
+      )
     self._check_measurement()
     if self.eval.bits_per_dim:
       likelihood.check_strata(T, self.eval.bpd_timesteps, "eval.bpd_timesteps")
@@ -375,36 +424,46 @@ class RunConfig:
     if self.model.num_classes is None:
       if str(sampling.labels) != "grid" or sampling.guidance_scale != 1.0:
         raise ConfigError(
-            f"sampling.labels={sampling.labels!r} and sampling.guidance_scale="
-            f"{sampling.guidance_scale!r} ask for labels, but the model is unconditional "
-            "(model.num_classes is unset): set model.num_classes and train on labelled data.")
+          f"sampling.labels={sampling.labels!r} and sampling.guidance_scale="
+          f"{sampling.guidance_scale!r} ask for labels, but the model is unconditional "
+          "(model.num_classes is unset): set model.num_classes and train on labelled data."
+        )
       return
     guidance.check_labels(sampling.class_labels(), self.model.num_classes, "sampling.labels")
     if sampling.guidance_scale != 1.0 and self.training.label_dropout == 0:
       raise ConfigError(
-          f"sampling.guidance_scale={sampling.guidance_scale!r} mixes in the unconditional "
-          "model, which a model trained with training.label_dropout=0 never learnt.")
+        f"sampling.guidance_scale={sampling.guidance_scale!r} mixes in the unconditional "
+        "model, which a model trained with training.label_dropout=0 never learnt."
+      )
 
   def _check_objective(self) -> None:
     """training's objective, weighting and timestep draw against the model."""
     training = self.training
     vlb = training.objective == losses.Objective.VLB
     if vlb and not self.model.learn_sigma:
-      raise ConfigError("training.objective='vlb' trains the bound's learned variance: set "
-                        "model.learn_sigma=True.")
+      raise ConfigError(
+        "training.objective='vlb' trains the bound's learned variance: set model.learn_sigma=True."
+      )
     if vlb and training.loss_weighting != losses.LossWeighting.UNIFORM:
-      raise ConfigError(f"training.objective='vlb' is the bound itself; "
-                        f"training.loss_weighting={training.loss_weighting!r} would change it: "
-                        "use 'uniform'.")
-    truncated = (training.max_timestep is not None
-                 and training.max_timestep < self.diffusion.num_timesteps - 1)
+      raise ConfigError(
+        f"training.objective='vlb' is the bound itself; "
+        f"training.loss_weighting={training.loss_weighting!r} would change it: "
+        "use 'uniform'."
+      )
+    truncated = (
+      training.max_timestep is not None and training.max_timestep < self.diffusion.num_timesteps - 1
+    )
     if truncated and (vlb or self.model.learn_sigma):
-      raise ConfigError(f"training.max_timestep={training.max_timestep} leaves the bound's terms "
-                        "above it untrained, and L_vlb (training.objective='vlb', or L_hybrid "
-                        "with model.learn_sigma) sums all T of them: unset it (or set T - 1).")
+      raise ConfigError(
+        f"training.max_timestep={training.max_timestep} leaves the bound's terms "
+        "above it untrained, and L_vlb (training.objective='vlb', or L_hybrid "
+        "with model.learn_sigma) sums all T of them: unset it (or set T - 1)."
+      )
     if training.timestep_sampling == timesteps.TimestepSampling.IMPORTANCE and not vlb:
-      raise ConfigError("training.timestep_sampling='importance' balances the terms of L_vlb "
-                        "(Improved DDPM Sec. 3.3): set training.objective='vlb'.")
+      raise ConfigError(
+        "training.timestep_sampling='importance' balances the terms of L_vlb "
+        "(Improved DDPM Sec. 3.3): set training.objective='vlb'."
+      )
 
   def _check_measurement(self) -> None:
     """The in-training measurement's feature network against the data."""
@@ -412,23 +471,27 @@ class RunConfig:
     if not training.eval_every_steps or self.eval.feature_net != "classifier":
       return
     if not training.eval_classifier_steps:
-      raise ConfigError("training.eval_classifier_steps must be > 0: the in-training "
-                        "measurement trains its classifier for that many steps.")
+      raise ConfigError(
+        "training.eval_classifier_steps must be > 0: the in-training "
+        "measurement trains its classifier for that many steps."
+      )
     if not sources.SOURCES[self.data.source].labelled:
       labelled = [name for name, info in sources.SOURCES.items() if info.labelled]
       raise ConfigError(
-          f"training.eval_every_steps with eval.feature_net='classifier' trains a classifier on "
-          f"labelled data; data.source={self.data.source!r} has no labels this project reads "
-          f"(labelled: {labelled}). Use eval.feature_net='inception'.")
+        f"training.eval_every_steps with eval.feature_net='classifier' trains a classifier on "
+        f"labelled data; data.source={self.data.source!r} has no labels this project reads "
+        f"(labelled: {labelled}). Use eval.feature_net='inception'."
+      )
 
   def to_dict(self) -> dict[str, Any]:
     """The nested dict of every key (JSON-ready but for tuples): checkpoints store it."""
     return dataclasses.asdict(self)
 
-  def replace(self, **sections: dict[str, Any]) -> "RunConfig":
+  def replace(self, **sections: dict[str, Any]) -> RunConfig:
     """A copy with some keys of some sections changed: replace(sampling={"num_steps": 20})."""
-    changed = {name: dataclasses.replace(getattr(self, name), **keys)
-               for name, keys in sections.items()}
+    changed = {
+      name: dataclasses.replace(getattr(self, name), **keys) for name, keys in sections.items()
+    }
     return dataclasses.replace(self, **changed)
 
 
@@ -437,16 +500,17 @@ def from_dict(values: dict[str, Any], origin: str = "config") -> RunConfig:
   refused by name. `origin` names where the values come from in messages."""
   unknown = sorted(set(values) - set(SECTIONS) - {"seed"})
   if unknown:
-    raise ConfigError(f"Unknown {origin} section(s) {unknown}; allowed: "
-                      f"{['seed', *SECTIONS]}.")
+    raise ConfigError(f"Unknown {origin} section(s) {unknown}; allowed: {['seed', *SECTIONS]}.")
   sections = {}
   for name, section in SECTIONS.items():
     keys = dict(values.get(name) or {})
     fields = {f.name: f for f in dataclasses.fields(section)}
     strangers = sorted(set(keys) - set(fields))
     if strangers:
-      raise ConfigError(f"Unknown {origin} key(s) {[f'{name}.{k}' for k in strangers]}; the "
-                        f"keys of {name}: {sorted(fields)}.")
+      raise ConfigError(
+        f"Unknown {origin} key(s) {[f'{name}.{k}' for k in strangers]}; the "
+        f"keys of {name}: {sorted(fields)}."
+      )
     hints = typing.get_type_hints(section)
     sections[name] = section(**{k: _typed(v, hints[k]) for k, v in keys.items()})
   return RunConfig(seed=int(values.get("seed", 0)), **sections)

@@ -13,8 +13,10 @@ import os
 from jax_ddpm.io.errors import MissingInputError
 
 PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DIRECTORIES = (os.path.join(PACKAGE, "configs"),  # an installed package
-               os.path.join(os.path.dirname(PACKAGE), "configs"))  # a checkout
+DIRECTORIES = (
+  os.path.join(PACKAGE, "configs"),  # an installed package
+  os.path.join(os.path.dirname(PACKAGE), "configs"),
+)  # a checkout
 
 
 def directory() -> str:
@@ -27,8 +29,11 @@ def directory() -> str:
 
 def names() -> list[str]:
   """The names of the shipped configs (mnist, cifar10, ...), default excluded."""
-  return sorted(name[:-3] for name in os.listdir(directory())
-                if name.endswith(".py") and name not in ("__init__.py", "default.py"))
+  return sorted(
+    name[:-3]
+    for name in os.listdir(directory())
+    if name.endswith(".py") and name not in ("__init__.py", "default.py")
+  )
 
 
 def resolve(config: str) -> str:
@@ -38,8 +43,9 @@ def resolve(config: str) -> str:
     return config
   path = os.path.join(directory(), config + ".py")
   if not os.path.isfile(path):
-    raise MissingInputError(f"--config={config!r} is neither a file nor a shipped config; "
-                            f"shipped: {names()}.")
+    raise MissingInputError(
+      f"--config={config!r} is neither a file nor a shipped config; shipped: {names()}."
+    )
   return path
 
 

@@ -13,13 +13,14 @@ read a whole step's slice, and it keeps the order, so resuming needs no iterator
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator
+from collections.abc import Iterator
 
 import jax
 import numpy as np
 
 from jax_ddpm.data.sources import ImageSource
 from jax_ddpm.io.images import to_model_range
+
 
 def global_indices(step: int, global_batch: int, num_examples: int, seed: int) -> np.ndarray:
   """Dataset indices of the global batch at `step`: each epoch is a fresh seeded permutation."""
@@ -38,23 +39,44 @@ def global_flips(step: int, global_batch: int, seed: int) -> np.ndarray:
   return np.random.default_rng([seed, step, 1]).random(global_batch) < 0.5
 
 
-def _local_indices(source: ImageSource, step: int, global_batch: int, seed: int,
-                   process_index: int, process_count: int) -> tuple[np.ndarray, int]:
+def _local_indices(
+  source: ImageSource,
+  step: int,
+  global_batch: int,
+  seed: int,
+  process_index: int,
+  process_count: int,
+) -> tuple[np.ndarray, int]:
   per_process = global_batch // process_count
   start = process_index * per_process
-  return global_indices(step, global_batch, len(source), seed)[start:start + per_process], start
+  return global_indices(step, global_batch, len(source), seed)[start : start + per_process], start
 
 
-def local_batch(source: ImageSource, step: int, global_batch: int, seed: int, random_flip: bool,
-                process_index: int, process_count: int) -> np.ndarray:
+def local_batch(
+  source: ImageSource,
+  step: int,
+  global_batch: int,
+  seed: int,
+  random_flip: bool,
+  process_index: int,
+  process_count: int,
+) -> np.ndarray:
   """This process's slice of the global batch at `step`, as float32 [-1, 1] NHWC."""
-  return local_examples(source, step, global_batch, seed, random_flip, process_index,
-                        process_count)["image"]
+  return local_examples(
+    source, step, global_batch, seed, random_flip, process_index, process_count
+  )["image"]
 
 
-def local_examples(source: ImageSource, step: int, global_batch: int, seed: int,
-                   random_flip: bool, process_index: int, process_count: int,
-                   labels: bool = False) -> dict[str, np.ndarray]:
+def local_examples(
+  source: ImageSource,
+  step: int,
+  global_batch: int,
+  seed: int,
+  random_flip: bool,
+  process_index: int,
+  process_count: int,
+  labels: bool = False,
+) -> dict[str, np.ndarray]:
   """local_batch's images as {"image": ...} and, with `labels`, their int32 "label"."""
   per_process = global_batch // process_count
   indices, start = _local_indices(source, step, global_batch, seed, process_index, process_count)
@@ -63,7 +85,7 @@ def local_examples(source: ImageSource, step: int, global_batch: int, seed: int,
   else:
     images, classes = source.read(indices), None
   if random_flip:
-    flips = global_flips(step, global_batch, seed)[start:start + per_process]
+    flips = global_flips(step, global_batch, seed)[start : start + per_process]
     images = np.where(flips[:, None, None, None], images[:, :, ::-1], images)
   batch = {"image": to_model_range(images)}
   if labels:
@@ -74,6 +96,7 @@ def local_examples(source: ImageSource, step: int, global_batch: int, seed: int,
 @dataclasses.dataclass(frozen=True)
 class _StepReader:
   """This process's slice of the global batch at a step, `local_examples` as a grain transform."""
+
   source: ImageSource
   global_batch: int
   seed: int
@@ -83,14 +106,32 @@ class _StepReader:
   labels: bool = False
 
   def __call__(self, step: int) -> dict[str, np.ndarray]:
-    return local_examples(self.source, int(step), self.global_batch, self.seed,
-                          self.random_flip, self.process_index, self.process_count, self.labels)
+    return local_examples(
+      self.source,
+      int(step),
+      self.global_batch,
+      self.seed,
+      self.random_flip,
+      self.process_index,
+      self.process_count,
+      self.labels,
+    )
 
 
-def grain_batches(source: ImageSource, *, first_step: int, global_batch: int, seed: int,
-                  random_flip: bool, process_index: int, process_count: int,
-                  steps_per_dispatch: int = 1, num_threads: int = 2, worker_processes: int = 0,
-                  labels: bool = False):
+def grain_batches(
+  source: ImageSource,
+  *,
+  first_step: int,
+  global_batch: int,
+  seed: int,
+  random_flip: bool,
+  process_index: int,
+  process_count: int,
+  steps_per_dispatch: int = 1,
+  num_threads: int = 2,
+  worker_processes: int = 0,
+  labels: bool = False,
+):
   """This process's batches from `first_step` on, as a grain IterDataset of {"image": float32
   NHWC} dicts, with "label" (int32) too if `labels`.
 
@@ -99,15 +140,19 @@ def grain_batches(source: ImageSource, *, first_step: int, global_batch: int, se
   processes each read whole steps ahead of training. grain keeps the order, so the batch of a
   step is `local_batch` of that step on any setting.
   """
-  import grain  # pylint: disable=g-import-not-at-top
-  reader = _StepReader(source, global_batch, seed, random_flip, process_index, process_count,
-                       labels)
+  import grain  # noqa: PLC0415 (its worker processes start only where batches are read)
+
+  reader = _StepReader(
+    source, global_batch, seed, random_flip, process_index, process_count, labels
+  )
   dataset = grain.MapDataset.range(first_step, 2**62).map(reader)
   if steps_per_dispatch > 1:
-    dataset = dataset.batch(steps_per_dispatch,
-                            batch_fn=lambda items: jax.tree.map(lambda *x: np.stack(x), *items))
-  dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
-                                                      prefetch_buffer_size=2 * num_threads))
+    dataset = dataset.batch(
+      steps_per_dispatch, batch_fn=lambda items: jax.tree.map(lambda *x: np.stack(x), *items)
+    )
+  dataset = dataset.to_iter_dataset(
+    grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * num_threads)
+  )
   if worker_processes > 0:
     dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_processes))
   return dataset
@@ -121,15 +166,36 @@ class BatchIterator:
   jax.Arrays sharded over the mesh's data axis (batch axis); each process reads only its slice.
   """
 
-  def __init__(self, source: ImageSource, *, first_step: int, global_batch: int, seed: int,
-               random_flip: bool, sharding: jax.sharding.NamedSharding, steps_per_dispatch: int = 1,
-               num_threads: int = 2, worker_processes: int = 0, labels: bool = False):
+  def __init__(
+    self,
+    source: ImageSource,
+    *,
+    first_step: int,
+    global_batch: int,
+    seed: int,
+    random_flip: bool,
+    sharding: jax.sharding.NamedSharding,
+    steps_per_dispatch: int = 1,
+    num_threads: int = 2,
+    worker_processes: int = 0,
+    labels: bool = False,
+  ):
     self._global_batch, self._sharding, self._k = global_batch, sharding, steps_per_dispatch
-    self._iterator = iter(grain_batches(
-        source, first_step=first_step, global_batch=global_batch, seed=seed,
-        random_flip=random_flip, process_index=jax.process_index(),
-        process_count=jax.process_count(), steps_per_dispatch=steps_per_dispatch,
-        num_threads=num_threads, worker_processes=worker_processes, labels=labels))
+    self._iterator = iter(
+      grain_batches(
+        source,
+        first_step=first_step,
+        global_batch=global_batch,
+        seed=seed,
+        random_flip=random_flip,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        steps_per_dispatch=steps_per_dispatch,
+        num_threads=num_threads,
+        worker_processes=worker_processes,
+        labels=labels,
+      )
+    )
 
   def __iter__(self) -> Iterator[dict[str, jax.Array]]:
     return self

@@ -1,1 +1,1 @@
-"""The diffusion process: schedules, the forward process and its posterior, losses, timestep draws and guidance."""
+"""The diffusion process: schedules, q and its posterior, losses, timestep draws, guidance."""

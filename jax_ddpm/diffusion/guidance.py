@@ -18,7 +18,7 @@ samplers never see labels: `guide` turns the conditional denoiser into a label-f
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Union
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -41,8 +41,9 @@ class Conditioning:
     row per class), "random" (uniform, drawn from the sampling key) or a tuple of classes
     repeated over the batch.
   """
+
   num_classes: int
-  labels: Union[str, tuple[int, ...]] = "grid"
+  labels: str | tuple[int, ...] = "grid"
   guidance_scale: float = 1.0
 
   def __post_init__(self):
@@ -61,8 +62,13 @@ class Conditioning:
     return table[jnp.arange(batch) % len(self.labels)]
 
 
-def guide(denoise_fn: Callable, y: jax.Array, guidance_scale: float,
-          num_classes: int, learn_sigma: bool = False) -> Callable:
+def guide(
+  denoise_fn: Callable,
+  y: jax.Array,
+  guidance_scale: float,
+  num_classes: int,
+  learn_sigma: bool = False,
+) -> Callable:
   """denoise(x_t, t) of the guided model D_w above, from a conditional denoise_fn(x_t, t, y).
 
   w = 1 and w = 0 call the network once; any other w evaluates the conditional and the
@@ -76,8 +82,9 @@ def guide(denoise_fn: Callable, y: jax.Array, guidance_scale: float,
     return lambda x_t, t: denoise_fn(x_t, t, null)
 
   def guided(x_t, t):
-    both = denoise_fn(jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]),
-                      jnp.concatenate([y, null]))
+    both = denoise_fn(
+      jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]), jnp.concatenate([y, null])
+    )
     conditional, unconditional = jnp.split(both, 2)
     guided_output = unconditional + guidance_scale * (conditional - unconditional)
     if learn_sigma:
@@ -92,11 +99,14 @@ def check_labels(labels, num_classes: int, key: str = "labels") -> None:
   """ConfigError unless `key` = labels is "grid", "random" or classes in 0..num_classes-1."""
   if isinstance(labels, str):
     if labels not in LABEL_CHOICES:
-      raise ConfigError(f"Unknown {key} {labels!r}; allowed values: {list(LABEL_CHOICES)} or a "
-                        "list of classes.")
+      raise ConfigError(
+        f"Unknown {key} {labels!r}; allowed values: {list(LABEL_CHOICES)} or a list of classes."
+      )
   elif not labels or any(not isinstance(y, int) or not 0 <= y < num_classes for y in labels):
-    raise ConfigError(f"{key}={list(labels)!r}: each must be a class in 0..{num_classes - 1} "
-                      f"(num_classes={num_classes}).")
+    raise ConfigError(
+      f"{key}={list(labels)!r}: each must be a class in 0..{num_classes - 1} "
+      f"(num_classes={num_classes})."
+    )
 
 
 def check_guidance_scale(guidance_scale, key: str = "guidance_scale") -> None:

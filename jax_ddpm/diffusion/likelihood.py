@@ -20,8 +20,14 @@ import jax.numpy as jnp
 import jax.scipy.special as special
 import numpy as np
 
-from jax_ddpm.diffusion.process import (Prediction, Variance, extract, mean_flat, p_mean_variance,
-                                        q_posterior_mean_variance)
+from jax_ddpm.diffusion.process import (
+  Prediction,
+  Variance,
+  extract,
+  mean_flat,
+  p_mean_variance,
+  q_posterior_mean_variance,
+)
 from jax_ddpm.io.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -36,6 +42,7 @@ class BoundOptions:
     fixed choice it samples with); clip_denoised: clip the predicted x_0 to [-1, 1], as the
     samplers and Improved DDPM's likelihood evaluation do.
   """
+
   prediction: Prediction
   variance: Variance
   learn_sigma: bool = False
@@ -44,8 +51,14 @@ class BoundOptions:
 
 def normal_kl(mean1, log_variance1, mean2, log_variance2):
   """KL(N(mean1, e^log_variance1) || N(mean2, e^log_variance2)) per element, in nats."""
-  return 0.5 * (-1.0 + log_variance2 - log_variance1 + jnp.exp(log_variance1 - log_variance2)
-                + jnp.square(mean1 - mean2) * jnp.exp(-log_variance2))
+  return 0.5 * (
+    -1.0
+    + log_variance2
+    - log_variance1
+    + jnp.exp(log_variance1 - log_variance2)
+    + jnp.square(mean1 - mean2) * jnp.exp(-log_variance2)
+  )
+
 
 def discretized_gaussian_log_likelihood(x0, mean, log_variance):
   """log p(x_0) per element under DDPM eq. (13)'s decoder: N(mean, e^log_variance) integrated
@@ -55,14 +68,29 @@ def discretized_gaussian_log_likelihood(x0, mean, log_variance):
   upper = (x0 - mean + 1.0 / 255.0) * inv_std
   lower = (x0 - mean - 1.0 / 255.0) * inv_std
   # Phi(upper) - Phi(lower), taken in the tail where both lie so float32 does not cancel.
-  mass = jnp.where(lower > 0, special.ndtr(-lower) - special.ndtr(-upper),
-                   special.ndtr(upper) - special.ndtr(lower))
+  mass = jnp.where(
+    lower > 0,
+    special.ndtr(-lower) - special.ndtr(-upper),
+    special.ndtr(upper) - special.ndtr(lower),
+  )
   log_mass = jnp.log(jnp.maximum(mass, 1e-12))
-  return jnp.where(x0 < -0.999, special.log_ndtr(upper),
-                   jnp.where(x0 > 0.999, special.log_ndtr(-lower), log_mass))
+  return jnp.where(
+    x0 < -0.999, special.log_ndtr(upper), jnp.where(x0 > 0.999, special.log_ndtr(-lower), log_mass)
+  )
 
-def vlb_terms(schedule: DiffusionSchedule, x0, x_t, t, output, *, prediction: Prediction,
-              variance: Variance, variance_output=None, clip_denoised: bool = False):
+
+def vlb_terms(
+  schedule: DiffusionSchedule,
+  x0,
+  x_t,
+  t,
+  output,
+  *,
+  prediction: Prediction,
+  variance: Variance,
+  variance_output=None,
+  clip_denoised: bool = False,
+):
   """Per-example L_{t-1} of DDPM eq. (5) in bits per dimension, for timestep indices t.
 
   t > 0: KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t)) between two Gaussians (eq. 6-7);
@@ -71,12 +99,21 @@ def vlb_terms(schedule: DiffusionSchedule, x0, x_t, t, output, *, prediction: Pr
   """
   true_mean, _, true_log_variance = q_posterior_mean_variance(schedule, x0, x_t, t)
   mean, log_variance, _ = p_mean_variance(
-      schedule, x_t, t, output, prediction=prediction, variance=variance,
-      clip_denoised=clip_denoised, variance_output=variance_output)
+    schedule,
+    x_t,
+    t,
+    output,
+    prediction=prediction,
+    variance=variance,
+    clip_denoised=clip_denoised,
+    variance_output=variance_output,
+  )
   kl = mean_flat(normal_kl(true_mean, true_log_variance, mean, log_variance)) / np.log(2.0)
-  decoder_nll = -mean_flat(discretized_gaussian_log_likelihood(x0, mean, log_variance)
-                           ) / np.log(2.0)
+  decoder_nll = -mean_flat(discretized_gaussian_log_likelihood(x0, mean, log_variance)) / np.log(
+    2.0
+  )
   return jnp.where(t == 0, decoder_nll, kl)
+
 
 def prior_bpd(schedule: DiffusionSchedule, x0):
   """L_T = KL(q(x_T | x_0) || N(0, I)) per example in bits/dim (DDPM eq. 5); no parameters."""
@@ -100,8 +137,9 @@ def strata(num_timesteps: int, num_terms: int) -> np.ndarray:
   return np.round(np.linspace(1, num_timesteps, num_terms + 1)).astype(np.int64)
 
 
-def stratified_timesteps(edges: np.ndarray, batch_size: int, rng: np.random.Generator
-                         ) -> np.ndarray:
+def stratified_timesteps(
+  edges: np.ndarray, batch_size: int, rng: np.random.Generator
+) -> np.ndarray:
   """[K, B] indices: row k uniform in [edges[k], edges[k+1]) for each image."""
   low, high = edges[:-1, None], edges[1:, None]
   return (low + np.floor(rng.random((len(low), batch_size)) * (high - low))).astype(np.int32)

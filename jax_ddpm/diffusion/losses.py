@@ -9,15 +9,23 @@ trains on L_vlb alone (their Sec. 3.3), from the bound's terms in likelihood.py.
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jax_ddpm.diffusion.likelihood import vlb_terms
-from jax_ddpm.diffusion.process import (Prediction, Variance, get_v, mean_flat, parse_enum,
-                                        q_sample, split_output)
+from jax_ddpm.diffusion.process import (
+  Prediction,
+  Variance,
+  get_v,
+  mean_flat,
+  parse_enum,
+  q_sample,
+  split_output,
+)
 
 if TYPE_CHECKING:
   from jax_ddpm.diffusion.schedules import DiffusionSchedule
@@ -25,14 +33,18 @@ if TYPE_CHECKING:
 
 class LossWeighting(str, enum.Enum):
   """How the squared error of each timestep is weighted (`loss_weights`)."""
+
   UNIFORM = "uniform"  # every t alike on the network's own target: DDPM eq. (14) for eps
   MIN_SNR = "min_snr"  # Min-SNR-gamma (Hang et al. 2023)
   P2 = "p2"  # perception-prioritised weighting (Choi et al. 2022, eq. 8)
 
+
 class Objective(str, enum.Enum):
   """What the train step minimises (`training_losses`)."""
+
   SIMPLE = "simple"  # L_simple (DDPM eq. 14), plus lambda L_vlb for learned variances (L_hybrid)
   VLB = "vlb"  # L_vlb alone (Improved DDPM Sec. 3.3)
+
 
 def training_target(schedule: DiffusionSchedule, x0, t, eps, prediction: Prediction):
   """What the network is regressed onto for the given prediction type."""
@@ -43,9 +55,16 @@ def training_target(schedule: DiffusionSchedule, x0, t, eps, prediction: Predict
     return x0
   return get_v(schedule, x0, t, eps)
 
-def loss_weights(alphas_cumprod: np.ndarray, weighting: LossWeighting, prediction: Prediction, *,
-                 min_snr_gamma: float = 5.0, p2_gamma: float = 1.0, p2_k: float = 1.0
-                 ) -> np.ndarray:
+
+def loss_weights(
+  alphas_cumprod: np.ndarray,
+  weighting: LossWeighting,
+  prediction: Prediction,
+  *,
+  min_snr_gamma: float = 5.0,
+  p2_gamma: float = 1.0,
+  p2_k: float = 1.0,
+) -> np.ndarray:
   """Float64 [T]: the weight of each timestep's squared error on the network's own target.
 
   With SNR_t = alpha-bar_t / (1 - alpha-bar_t) (Kingma et al. 2021, eq. 2), the errors of one
@@ -69,10 +88,20 @@ def loss_weights(alphas_cumprod: np.ndarray, weighting: LossWeighting, predictio
     w_x0 = snr / (p2_k + snr) ** p2_gamma
   return w_x0 / {Prediction.EPS: snr, Prediction.X0: 1.0, Prediction.V: snr + 1.0}[prediction]
 
-def training_losses(schedule: DiffusionSchedule, denoise_fn: Callable, x0, t, eps,
-                    prediction: Prediction = Prediction.EPS, weights=None, *,
-                    learn_sigma: bool = False, vlb_weight: float = 0.0,
-                    objective: Objective = Objective.SIMPLE):
+
+def training_losses(
+  schedule: DiffusionSchedule,
+  denoise_fn: Callable,
+  x0,
+  t,
+  eps,
+  prediction: Prediction = Prediction.EPS,
+  weights=None,
+  *,
+  learn_sigma: bool = False,
+  vlb_weight: float = 0.0,
+  objective: Objective = Objective.SIMPLE,
+):
   """Per-example training loss: L_simple, L_hybrid for a learned-variance network, or L_vlb.
 
   L_simple (DDPM eq. 14): mean over pixels of |target - net(x_t, t)|^2; for an eps network
@@ -91,8 +120,15 @@ def training_losses(schedule: DiffusionSchedule, denoise_fn: Callable, x0, t, ep
     if not learn_sigma or weights is not None:
       raise ValueError("objective=vlb needs learn_sigma and no timestep weights.")
     return schedule.num_timesteps * vlb_terms(
-        schedule, x0, x_t, t, output.astype(jnp.float32), prediction=prediction,
-        variance=Variance.LEARNED, variance_output=variance_output)
+      schedule,
+      x0,
+      x_t,
+      t,
+      output.astype(jnp.float32),
+      prediction=prediction,
+      variance=Variance.LEARNED,
+      variance_output=variance_output,
+    )
   target = training_target(schedule, x0, t, eps, prediction)
   if output.shape != target.shape:
     raise ValueError(f"Network output shape {output.shape} != target shape {target.shape}.")
@@ -101,7 +137,14 @@ def training_losses(schedule: DiffusionSchedule, denoise_fn: Callable, x0, t, ep
     losses = losses * jnp.asarray(weights, jnp.float32)[t]
   if not learn_sigma:
     return losses
-  vlb = vlb_terms(schedule, x0, x_t, t, jax.lax.stop_gradient(output.astype(jnp.float32)),
-                  prediction=prediction, variance=Variance.LEARNED,
-                  variance_output=variance_output)
+  vlb = vlb_terms(
+    schedule,
+    x0,
+    x_t,
+    t,
+    jax.lax.stop_gradient(output.astype(jnp.float32)),
+    prediction=prediction,
+    variance=Variance.LEARNED,
+    variance_output=variance_output,
+  )
   return losses + vlb_weight * schedule.num_timesteps * vlb

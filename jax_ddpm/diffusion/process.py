@@ -22,15 +22,19 @@ if TYPE_CHECKING:
 
 class Prediction(str, enum.Enum):
   """What the network outputs."""
+
   EPS = "eps"
   X0 = "x0"
   V = "v"
 
+
 class Variance(str, enum.Enum):
   """The reverse-process variance sigma_t^2 (DDPM Sec. 3.2)."""
+
   FIXED_SMALL = "fixed_small"  # sigma_t^2 = beta~_t, the posterior variance (eq. 7)
   FIXED_LARGE = "fixed_large"  # sigma_t^2 = beta_t; the original CIFAR-10 run used it
   LEARNED = "learned"  # the network's interpolation of the two, Improved DDPM eq. (15)
+
 
 def parse_enum(enum_type: type[enum.Enum], value, argument: str):
   """`enum_type(value)`, or a ValueError naming the argument and the allowed values."""
@@ -40,43 +44,61 @@ def parse_enum(enum_type: type[enum.Enum], value, argument: str):
     allowed = [member.value for member in enum_type]
     raise ValueError(f"Unknown {argument} {value!r}; allowed values: {allowed}.") from None
 
+
 def extract(table: jnp.ndarray, t: jnp.ndarray, ndim: int) -> jnp.ndarray:
   """table[t] shaped [batch, 1, ..., 1] to broadcast against a rank-`ndim` batch."""
   values = jnp.take(table, t, axis=0)
   return values.reshape(values.shape + (1,) * (ndim - values.ndim))
 
+
 def q_sample(schedule: DiffusionSchedule, x0, t, eps):
   """Sample of q(x_t | x_0) = N(sqrt(alpha-bar_t) x_0, (1 - alpha-bar_t) I), DDPM eq. (4)."""
-  return (extract(schedule.sqrt_alphas_cumprod, t, x0.ndim) * x0
-          + extract(schedule.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * eps)
+  return (
+    extract(schedule.sqrt_alphas_cumprod, t, x0.ndim) * x0
+    + extract(schedule.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * eps
+  )
+
 
 def predict_x0_from_eps(schedule: DiffusionSchedule, x_t, t, eps):
   """x_0 = (x_t - sqrt(1 - alpha-bar_t) eps) / sqrt(alpha-bar_t), DDPM eq. (4) solved for x_0."""
-  return (extract(schedule.sqrt_recip_alphas_cumprod, t, x_t.ndim) * x_t
-          - extract(schedule.sqrt_recipm1_alphas_cumprod, t, x_t.ndim) * eps)
+  return (
+    extract(schedule.sqrt_recip_alphas_cumprod, t, x_t.ndim) * x_t
+    - extract(schedule.sqrt_recipm1_alphas_cumprod, t, x_t.ndim) * eps
+  )
+
 
 def predict_eps_from_x0(schedule: DiffusionSchedule, x_t, t, x0):
   """eps = (x_t - sqrt(alpha-bar_t) x_0) / sqrt(1 - alpha-bar_t), DDPM eq. (4) solved for eps."""
-  return ((extract(schedule.sqrt_recip_alphas_cumprod, t, x_t.ndim) * x_t - x0)
-          / extract(schedule.sqrt_recipm1_alphas_cumprod, t, x_t.ndim))
+  return (extract(schedule.sqrt_recip_alphas_cumprod, t, x_t.ndim) * x_t - x0) / extract(
+    schedule.sqrt_recipm1_alphas_cumprod, t, x_t.ndim
+  )
+
 
 def get_v(schedule: DiffusionSchedule, x0, t, eps):
   """v = sqrt(alpha-bar_t) eps - sqrt(1 - alpha-bar_t) x_0 (Salimans & Ho 2022, Sec. 4)."""
-  return (extract(schedule.sqrt_alphas_cumprod, t, x0.ndim) * eps
-          - extract(schedule.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * x0)
+  return (
+    extract(schedule.sqrt_alphas_cumprod, t, x0.ndim) * eps
+    - extract(schedule.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * x0
+  )
+
 
 def predict_x0_from_v(schedule: DiffusionSchedule, x_t, t, v):
   """x_0 = sqrt(alpha-bar_t) x_t - sqrt(1 - alpha-bar_t) v (Salimans & Ho 2022, Appendix D)."""
-  return (extract(schedule.sqrt_alphas_cumprod, t, x_t.ndim) * x_t
-          - extract(schedule.sqrt_one_minus_alphas_cumprod, t, x_t.ndim) * v)
+  return (
+    extract(schedule.sqrt_alphas_cumprod, t, x_t.ndim) * x_t
+    - extract(schedule.sqrt_one_minus_alphas_cumprod, t, x_t.ndim) * v
+  )
+
 
 def predict_eps_from_v(schedule: DiffusionSchedule, x_t, t, v):
   """eps = sqrt(1 - alpha-bar_t) x_t + sqrt(alpha-bar_t) v (Salimans & Ho 2022, Appendix D)."""
-  return (extract(schedule.sqrt_one_minus_alphas_cumprod, t, x_t.ndim) * x_t
-          + extract(schedule.sqrt_alphas_cumprod, t, x_t.ndim) * v)
+  return (
+    extract(schedule.sqrt_one_minus_alphas_cumprod, t, x_t.ndim) * x_t
+    + extract(schedule.sqrt_alphas_cumprod, t, x_t.ndim) * v
+  )
 
-def x0_and_eps_from_output(schedule: DiffusionSchedule, x_t, t, output,
-                           prediction: Prediction):
+
+def x0_and_eps_from_output(schedule: DiffusionSchedule, x_t, t, output, prediction: Prediction):
   """The network output, whatever it predicts, as the pair (x_0, eps)."""
   prediction = Prediction(prediction)
   if prediction == Prediction.EPS:
@@ -85,13 +107,17 @@ def x0_and_eps_from_output(schedule: DiffusionSchedule, x_t, t, output,
     return output, predict_eps_from_x0(schedule, x_t, t, output)
   return predict_x0_from_v(schedule, x_t, t, output), predict_eps_from_v(schedule, x_t, t, output)
 
+
 def q_posterior_mean_variance(schedule: DiffusionSchedule, x0, x_t, t):
   """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0), DDPM eq. (6)-(7)."""
-  mean = (extract(schedule.posterior_mean_coef1, t, x_t.ndim) * x0
-          + extract(schedule.posterior_mean_coef2, t, x_t.ndim) * x_t)
+  mean = (
+    extract(schedule.posterior_mean_coef1, t, x_t.ndim) * x0
+    + extract(schedule.posterior_mean_coef2, t, x_t.ndim) * x_t
+  )
   variance = extract(schedule.posterior_variance, t, x_t.ndim)
   log_variance = extract(schedule.posterior_log_variance_clipped, t, x_t.ndim)
   return mean, variance, log_variance
+
 
 def split_output(output, learn_sigma: bool):
   """(prediction, raw variance output or None): a learned-variance network's 2C channels are
@@ -102,6 +128,7 @@ def split_output(output, learn_sigma: bool):
     raise ValueError(f"A learned-variance network outputs 2C channels, got {output.shape}.")
   return jnp.split(output, 2, axis=-1)
 
+
 def interpolated_log_variance(log_beta_tilde, log_beta, variance_output):
   """log Sigma_theta = v log beta_t + (1 - v) log beta~_t, Improved DDPM eq. (15), with the
   network's raw output mapped to v = (output + 1) / 2 as in their code (not clipped: v may
@@ -109,8 +136,10 @@ def interpolated_log_variance(log_beta_tilde, log_beta, variance_output):
   v = (variance_output.astype(jnp.float32) + 1.0) / 2.0
   return v * log_beta + (1.0 - v) * log_beta_tilde
 
-def p_log_variance(schedule: DiffusionSchedule, t, variance: Variance, ndim: int,
-                   variance_output=None):
+
+def p_log_variance(
+  schedule: DiffusionSchedule, t, variance: Variance, ndim: int, variance_output=None
+):
   """log sigma_t^2 of p_theta(x_{t-1} | x_t) for each choice of `Variance`, DDPM Sec. 3.2.
 
   At index 0 (where beta~ = 0) fixed_small and the learned range use beta~ of index 1, as the
@@ -124,11 +153,22 @@ def p_log_variance(schedule: DiffusionSchedule, t, variance: Variance, ndim: int
     return log_beta_tilde
   if variance_output is None:
     raise ValueError("Variance 'learned' needs a network that outputs it (model.learn_sigma).")
-  return interpolated_log_variance(log_beta_tilde, extract(schedule.log_betas, t, ndim),
-                                   variance_output)
+  return interpolated_log_variance(
+    log_beta_tilde, extract(schedule.log_betas, t, ndim), variance_output
+  )
 
-def p_mean_variance(schedule: DiffusionSchedule, x_t, t, output, *, prediction: Prediction,
-                    variance: Variance, clip_denoised: bool, variance_output=None):
+
+def p_mean_variance(
+  schedule: DiffusionSchedule,
+  x_t,
+  t,
+  output,
+  *,
+  prediction: Prediction,
+  variance: Variance,
+  clip_denoised: bool,
+  variance_output=None,
+):
   """Mean, log-variance and predicted x_0 of p_theta(x_{t-1} | x_t), DDPM eq. (1), (11).
 
   The mean is the posterior mean (eq. 7) at the predicted x_0, which for an eps prediction is
@@ -141,6 +181,7 @@ def p_mean_variance(schedule: DiffusionSchedule, x_t, t, output, *, prediction: 
   mean, _, _ = q_posterior_mean_variance(schedule, x0, x_t, t)
   log_variance = p_log_variance(schedule, t, variance, x_t.ndim, variance_output)
   return mean, log_variance, x0
+
 
 def mean_flat(x):
   """Mean over every axis but the batch axis."""

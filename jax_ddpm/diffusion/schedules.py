@@ -13,7 +13,7 @@ The table is computed in float64 numpy, as the original DDPM code did, and cast 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import flax.struct
 import jax.numpy as jnp
@@ -42,7 +42,8 @@ def sigmoid_betas(num_timesteps: int, beta_start: float, beta_end: float) -> np.
 
 
 def cosine_betas(num_timesteps: int, beta_start: float = 0.0, beta_end: float = 0.0) -> np.ndarray:
-  """Nichol & Dhariwal 2021, eq. (17): alpha-bar(t) = f(t)/f(0), f(t) = cos^2(((t/T + s)/(1 + s)) pi/2).
+  """Nichol & Dhariwal 2021, eq. (17): alpha-bar(t) = f(t)/f(0),
+  f(t) = cos^2(((t/T + s)/(1 + s)) pi/2).
 
   Betas are 1 - alpha-bar(t+1)/alpha-bar(t), clipped at 0.999. beta_start and beta_end are
   unused; they are accepted so that every schedule shares one signature.
@@ -56,10 +57,10 @@ def cosine_betas(num_timesteps: int, beta_start: float = 0.0, beta_end: float = 
 
 
 BETA_SCHEDULES: dict[str, Callable[..., np.ndarray]] = {
-    "linear": linear_betas,
-    "quadratic": quadratic_betas,
-    "cosine": cosine_betas,
-    "sigmoid": sigmoid_betas,
+  "linear": linear_betas,
+  "quadratic": quadratic_betas,
+  "cosine": cosine_betas,
+  "sigmoid": sigmoid_betas,
 }
 
 
@@ -99,29 +100,28 @@ def coefficient_table(betas: np.ndarray) -> dict[str, np.ndarray]:
   # DDPM eq. (7): variance of q(x_{t-1} | x_t, x_0).
   posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
   # The variance is 0 at index 0; the original code clips its log to the next value.
-  posterior_log_variance_clipped = np.log(
-      np.append(posterior_variance[1], posterior_variance[1:]))
+  posterior_log_variance_clipped = np.log(np.append(posterior_variance[1], posterior_variance[1:]))
   return {
-      "betas": betas,
-      "alphas": alphas,
-      "alphas_cumprod": alphas_cumprod,
-      "alphas_cumprod_prev": alphas_cumprod_prev,
-      # Lets samplers form 1 - alpha-bar ratios with expm1, without float32 cancellation.
-      "log_alphas_cumprod": np.log(alphas_cumprod),
-      "sqrt_alphas_cumprod": np.sqrt(alphas_cumprod),
-      "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - alphas_cumprod),
-      "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod),
-      "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod - 1.0),
-      "posterior_variance": posterior_variance,
-      "posterior_log_variance_clipped": posterior_log_variance_clipped,
-      # DDPM eq. (7): mu~_t = coef1 * x_0 + coef2 * x_t.
-      "posterior_mean_coef1": betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
-      "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod),
-      # DDPM Sec. 3.2, sigma_t^2 = beta_t ("fixed large"); the original code takes
-      # posterior_variance[1] at index 0 so that the last step adds little noise.
-      "fixed_large_log_variance": np.log(np.append(posterior_variance[1], betas[1:])),
-      # The upper end of a learned variance's range (Nichol & Dhariwal 2021, eq. 15).
-      "log_betas": np.log(betas),
+    "betas": betas,
+    "alphas": alphas,
+    "alphas_cumprod": alphas_cumprod,
+    "alphas_cumprod_prev": alphas_cumprod_prev,
+    # Lets samplers form 1 - alpha-bar ratios with expm1, without float32 cancellation.
+    "log_alphas_cumprod": np.log(alphas_cumprod),
+    "sqrt_alphas_cumprod": np.sqrt(alphas_cumprod),
+    "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - alphas_cumprod),
+    "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod),
+    "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod - 1.0),
+    "posterior_variance": posterior_variance,
+    "posterior_log_variance_clipped": posterior_log_variance_clipped,
+    # DDPM eq. (7): mu~_t = coef1 * x_0 + coef2 * x_t.
+    "posterior_mean_coef1": betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
+    "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod),
+    # DDPM Sec. 3.2, sigma_t^2 = beta_t ("fixed large"); the original code takes
+    # posterior_variance[1] at index 0 so that the last step adds little noise.
+    "fixed_large_log_variance": np.log(np.append(posterior_variance[1], betas[1:])),
+    # The upper end of a learned variance's range (Nichol & Dhariwal 2021, eq. 15).
+    "log_betas": np.log(betas),
   }
 
 
@@ -129,19 +129,21 @@ def schedule_from_betas(betas: np.ndarray) -> DiffusionSchedule:
   """Builds the float32 table from float64 betas, computing everything before the cast."""
   table = coefficient_table(betas)
   return DiffusionSchedule(
-      num_timesteps=len(table["betas"]),
-      **{name: jnp.asarray(value, dtype=jnp.float32) for name, value in table.items()})
+    num_timesteps=len(table["betas"]),
+    **{name: jnp.asarray(value, dtype=jnp.float32) for name, value in table.items()},
+  )
 
 
-def get_schedule(name: str, num_timesteps: int, *, beta_start: float = 1e-4,
-                 beta_end: float = 0.02) -> DiffusionSchedule:
+def get_schedule(
+  name: str, num_timesteps: int, *, beta_start: float = 1e-4, beta_end: float = 0.02
+) -> DiffusionSchedule:
   """The schedule `name` ('linear', 'quadratic', 'cosine', 'sigmoid') with T steps."""
   if name not in BETA_SCHEDULES:
-    raise ValueError(
-        f"Unknown beta schedule {name!r}; allowed values: {sorted(BETA_SCHEDULES)}.")
+    raise ValueError(f"Unknown beta schedule {name!r}; allowed values: {sorted(BETA_SCHEDULES)}.")
   if not isinstance(num_timesteps, (int, np.integer)) or num_timesteps < 2:
     raise ValueError(f"num_timesteps must be an integer >= 2, got {num_timesteps!r}.")
   if name != "cosine" and not 0.0 < beta_start <= beta_end < 1.0:
     raise ValueError(
-        f"Need 0 < beta_start <= beta_end < 1, got beta_start={beta_start}, beta_end={beta_end}.")
+      f"Need 0 < beta_start <= beta_end < 1, got beta_start={beta_start}, beta_end={beta_end}."
+    )
   return schedule_from_betas(BETA_SCHEDULES[name](int(num_timesteps), beta_start, beta_end))

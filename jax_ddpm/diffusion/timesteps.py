@@ -20,8 +20,10 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+
 class TimestepSampling(str, enum.Enum):
   """How the train step draws t."""
+
   UNIFORM = "uniform"  # DDPM Algorithm 1
   IMPORTANCE = "importance"  # Improved DDPM Sec. 3.3, eq. 18
 
@@ -38,13 +40,16 @@ UNIFORM_SHARE = 1e-3
 @flax.struct.dataclass
 class TimestepHistory:
   """The last HISTORY per-example losses seen at each timestep, newest last once full."""
+
   losses: jax.Array  # float32 [T, HISTORY]
   counts: jax.Array  # int32 [T]: values stored, at most HISTORY
 
 
 def empty_history(num_timesteps: int) -> TimestepHistory:
-  return TimestepHistory(losses=jnp.zeros((num_timesteps, HISTORY), jnp.float32),
-                         counts=jnp.zeros((num_timesteps,), jnp.int32))
+  return TimestepHistory(
+    losses=jnp.zeros((num_timesteps, HISTORY), jnp.float32),
+    counts=jnp.zeros((num_timesteps,), jnp.int32),
+  )
 
 
 def probabilities(history: TimestepHistory) -> jax.Array:
@@ -78,6 +83,7 @@ def record(history: TimestepHistory, t: jax.Array, losses: jax.Array) -> Timeste
     table = table.at[t_i].set(jnp.where(full, shifted, filled))
     return (table, counts.at[t_i].set(jnp.minimum(count + 1, HISTORY))), None
 
-  (table, counts), _ = jax.lax.scan(push, (history.losses, history.counts),
-                                    (t, losses.astype(jnp.float32)))
+  (table, counts), _ = jax.lax.scan(
+    push, (history.losses, history.counts), (t, losses.astype(jnp.float32))
+  )
   return TimestepHistory(losses=table, counts=counts)

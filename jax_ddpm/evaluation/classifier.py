@@ -74,8 +74,10 @@ def path_for(evaluation: EvalConfig, workdir: str) -> str:
 
 def save(model: Classifier, path: str) -> None:
   """Writes the classifier's parameters and architecture as one `.npz` (atomically)."""
-  arrays = {".".join(str(k) for k in p): np.asarray(v.get_value())
-            for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  arrays = {
+    ".".join(str(k) for k in p): np.asarray(v.get_value())
+    for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+  }
   arrays[CONFIG_KEY] = np.array(json.dumps(dataclasses.asdict(model.config)))
   files.save_npz(path, **arrays)
 
@@ -83,16 +85,22 @@ def save(model: Classifier, path: str) -> None:
 def load(path: str) -> Classifier:
   """The classifier saved at `path`; names the file and the problem when it does not fit."""
   data = files.read_npz(
-      path, "eval.classifier", hint="Train one on the dataset's labelled training split first: "
-      "python main.py --mode=train_classifier --config=... --workdir=...")
+    path,
+    "eval.classifier",
+    hint="Train one on the dataset's labelled training split first: "
+    "python main.py --mode=train_classifier --config=... --workdir=...",
+  )
   if CONFIG_KEY not in data:
-    raise errors.InputFileError(f"eval.classifier={path!r} is not a feature classifier saved by "
-                                f"this project (no {CONFIG_KEY!r} entry).")
+    raise errors.InputFileError(
+      f"eval.classifier={path!r} is not a feature classifier saved by "
+      f"this project (no {CONFIG_KEY!r} entry)."
+    )
   try:
     config = ClassifierConfig(**json.loads(str(data.pop(CONFIG_KEY))))
   except (TypeError, ValueError) as error:
-    raise errors.InputFileError(f"eval.classifier={path!r}: unreadable architecture record "
-                                f"{CONFIG_KEY!r}: {error}") from None
+    raise errors.InputFileError(
+      f"eval.classifier={path!r}: unreadable architecture record {CONFIG_KEY!r}: {error}"
+    ) from None
   arrays = data
   model = nnx.eval_shape(lambda: Classifier(config, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(model)
@@ -100,22 +108,33 @@ def load(path: str) -> Classifier:
   for p, value in nnx.to_flat_state(state):
     name = ".".join(str(k) for k in p)
     if name not in arrays or arrays[name].shape != value.shape:
-      raise errors.InputFileError(f"eval.classifier={path!r}: parameter {name} of shape {value.shape} is missing or has "
-                       f"another shape.")
+      raise errors.InputFileError(
+        f"eval.classifier={path!r}: parameter {name} of shape {value.shape} is missing or has "
+        f"another shape."
+      )
     flat.append((p, value.replace(jnp.asarray(arrays[name]))))
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def train(images: np.ndarray, labels: np.ndarray, *, num_steps: int, batch_size: int,
-          seed: int, learning_rate: float = 3e-3, holdout_fraction: float = 0.1,
-          width: int = 32) -> tuple[Classifier, dict[str, float]]:
+def train(
+  images: np.ndarray,
+  labels: np.ndarray,
+  *,
+  num_steps: int,
+  batch_size: int,
+  seed: int,
+  learning_rate: float = 3e-3,
+  holdout_fraction: float = 0.1,
+  width: int = 32,
+) -> tuple[Classifier, dict[str, float]]:
   """Trains on labelled uint8 images; returns the model and accuracy on a held-out slice.
 
   A seeded `holdout_fraction` of the examples is held out of training to report accuracy.
   """
   if images.ndim != 4 or len(images) != len(labels):
-    raise ValueError(f"Expected images [N, H, W, C] and labels [N]; got {images.shape} and "
-                     f"{labels.shape}.")
+    raise ValueError(
+      f"Expected images [N, H, W, C] and labels [N]; got {images.shape} and {labels.shape}."
+    )
   num_classes = int(labels.max()) + 1
   order = np.random.default_rng(seed).permutation(len(images))
   num_holdout = int(len(images) * holdout_fraction)
@@ -126,8 +145,9 @@ def train(images: np.ndarray, labels: np.ndarray, *, num_steps: int, batch_size:
   # Data parallel like the diffusion model: weights replicated, the batch split over devices.
   mesh = parallel.data_mesh()
   parallel.check_divisible(batch_size, "eval.classifier_batch_size", mesh.size)
-  nnx.update((model, optimizer), jax.device_put(nnx.state((model, optimizer)),
-                                                parallel.replicated(mesh)))
+  nnx.update(
+    (model, optimizer), jax.device_put(nnx.state((model, optimizer)), parallel.replicated(mesh))
+  )
   batch_sharding = parallel.batch_sharding(mesh)
 
   @nnx.jit
@@ -135,6 +155,7 @@ def train(images: np.ndarray, labels: np.ndarray, *, num_steps: int, batch_size:
     def loss_fn(model):
       _, logits = model(x)
       return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
     loss, grads = nnx.value_and_grad(loss_fn)(model)
     optimizer.update(model, grads)
     return loss
@@ -143,8 +164,12 @@ def train(images: np.ndarray, labels: np.ndarray, *, num_steps: int, batch_size:
   in_flight = parallel.DispatchLimit()  # this loop reads no result for many steps
   for i in range(num_steps):
     batch = keep[rng.integers(0, len(keep), batch_size)]
-    loss = step(model, optimizer, jax.device_put(images[batch], batch_sharding),
-                jax.device_put(labels[batch], batch_sharding))
+    loss = step(
+      model,
+      optimizer,
+      jax.device_put(images[batch], batch_sharding),
+      jax.device_put(labels[batch], batch_sharding),
+    )
     in_flight.add(loss)
     if (i + 1) % max(1, num_steps // 10) == 0:
       logging.info("Classifier step %d/%d: loss %.4f", i + 1, num_steps, float(loss))
@@ -157,6 +182,12 @@ def train(images: np.ndarray, labels: np.ndarray, *, num_steps: int, batch_size:
 
 def accuracy(model: Classifier, images: np.ndarray, labels: np.ndarray, batch: int = 500) -> float:
   predict = nnx.jit(lambda m, x: jnp.argmax(m(x)[1], axis=-1))
-  correct = sum(int(np.sum(np.asarray(predict(model, jnp.asarray(images[i:i + batch])))
-                           == labels[i:i + batch])) for i in range(0, len(images), batch))
+  correct = sum(
+    int(
+      np.sum(
+        np.asarray(predict(model, jnp.asarray(images[i : i + batch]))) == labels[i : i + batch]
+      )
+    )
+    for i in range(0, len(images), batch)
+  )
   return correct / len(images)

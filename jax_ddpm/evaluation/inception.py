@@ -34,8 +34,14 @@ PRECISION = jax.lax.Precision.HIGHEST
 class ConvBN(nnx.Module):
   """Convolution without bias, batch norm with shift only (beta), ReLU."""
 
-  def __init__(self, in_channels: int, out_channels: int, kernel: int | tuple[int, int],
-               stride: int = 1, padding: int | tuple[int, int] = 0):
+  def __init__(
+    self,
+    in_channels: int,
+    out_channels: int,
+    kernel: int | tuple[int, int],
+    stride: int = 1,
+    padding: int | tuple[int, int] = 0,
+  ):
     kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
     ph, pw = (padding, padding) if isinstance(padding, int) else padding
     self.stride = stride
@@ -48,8 +54,13 @@ class ConvBN(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     scale = jax.lax.rsqrt(self.var[...] + BATCH_NORM_EPS)
     y = jax.lax.conv_general_dilated(
-        x, self.weight[...] * scale, (self.stride, self.stride), self.padding,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=PRECISION)
+      x,
+      self.weight[...] * scale,
+      (self.stride, self.stride),
+      self.padding,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      precision=PRECISION,
+    )
     return jax.nn.relu(y + (self.beta[...] - self.mean[...] * scale))
 
 
@@ -64,8 +75,9 @@ def average_pool_3x3(x: jax.Array) -> jax.Array:
   pad = ((0, 0), (1, 1), (1, 1), (0, 0))
   window, strides = (1, 3, 3, 1), (1, 1, 1, 1)
   total = jax.lax.reduce_window(x, 0.0, jax.lax.add, window, strides, pad)
-  count = jax.lax.reduce_window(jnp.ones(x.shape[1:3] + (1,), x.dtype)[None], 0.0, jax.lax.add,
-                                window, strides, pad)
+  count = jax.lax.reduce_window(
+    jnp.ones(x.shape[1:3] + (1,), x.dtype)[None], 0.0, jax.lax.add, window, strides, pad
+  )
   return total / count
 
 
@@ -99,8 +111,9 @@ class BlockA(nnx.Module):
   def __init__(self, in_channels: int, pool_channels: int):
     self.conv = ConvBN(in_channels, 64, 1)
     self.tower = Chain(ConvBN(in_channels, 48, 1), ConvBN(48, 64, 5, padding=2))
-    self.tower_1 = Chain(ConvBN(in_channels, 64, 1), ConvBN(64, 96, 3, padding=1),
-                         ConvBN(96, 96, 3, padding=1))
+    self.tower_1 = Chain(
+      ConvBN(in_channels, 64, 1), ConvBN(64, 96, 3, padding=1), ConvBN(96, 96, 3, padding=1)
+    )
     self.tower_2 = AveragePoolConv(in_channels, pool_channels)
 
   def __call__(self, x):
@@ -112,8 +125,9 @@ class BlockB(nnx.Module):
 
   def __init__(self, in_channels: int):
     self.conv = ConvBN(in_channels, 384, 3, stride=2)
-    self.tower = Chain(ConvBN(in_channels, 64, 1), ConvBN(64, 96, 3, padding=1),
-                       ConvBN(96, 96, 3, stride=2))
+    self.tower = Chain(
+      ConvBN(in_channels, 64, 1), ConvBN(64, 96, 3, padding=1), ConvBN(96, 96, 3, stride=2)
+    )
 
   def __call__(self, x):
     return jnp.concatenate([self.conv(x), self.tower(x), max_pool(x, 2)], -1)
@@ -125,12 +139,18 @@ class BlockC(nnx.Module):
   def __init__(self, channels_7x7: int):
     c = channels_7x7
     self.conv = ConvBN(768, 192, 1)
-    self.tower = Chain(ConvBN(768, c, 1), ConvBN(c, c, (1, 7), padding=(0, 3)),
-                       ConvBN(c, 192, (7, 1), padding=(3, 0)))
-    self.tower_1 = Chain(ConvBN(768, c, 1), ConvBN(c, c, (7, 1), padding=(3, 0)),
-                         ConvBN(c, c, (1, 7), padding=(0, 3)),
-                         ConvBN(c, c, (7, 1), padding=(3, 0)),
-                         ConvBN(c, 192, (1, 7), padding=(0, 3)))
+    self.tower = Chain(
+      ConvBN(768, c, 1),
+      ConvBN(c, c, (1, 7), padding=(0, 3)),
+      ConvBN(c, 192, (7, 1), padding=(3, 0)),
+    )
+    self.tower_1 = Chain(
+      ConvBN(768, c, 1),
+      ConvBN(c, c, (7, 1), padding=(3, 0)),
+      ConvBN(c, c, (1, 7), padding=(0, 3)),
+      ConvBN(c, c, (7, 1), padding=(3, 0)),
+      ConvBN(c, 192, (1, 7), padding=(0, 3)),
+    )
     self.tower_2 = AveragePoolConv(768, 192)
 
   def __call__(self, x):
@@ -142,8 +162,12 @@ class BlockD(nnx.Module):
 
   def __init__(self):
     self.tower = Chain(ConvBN(768, 192, 1), ConvBN(192, 320, 3, stride=2))
-    self.tower_1 = Chain(ConvBN(768, 192, 1), ConvBN(192, 192, (1, 7), padding=(0, 3)),
-                         ConvBN(192, 192, (7, 1), padding=(3, 0)), ConvBN(192, 192, 3, stride=2))
+    self.tower_1 = Chain(
+      ConvBN(768, 192, 1),
+      ConvBN(192, 192, (1, 7), padding=(0, 3)),
+      ConvBN(192, 192, (7, 1), padding=(3, 0)),
+      ConvBN(192, 192, 3, stride=2),
+    )
 
   def __call__(self, x):
     return jnp.concatenate([self.tower(x), self.tower_1(x), max_pool(x, 2)], -1)
@@ -168,9 +192,17 @@ class BlockE(nnx.Module):
     a = self.tower_conv(x)
     b = self.tower_1_conv_1(self.tower_1_conv(x))
     pooled = max_pool(x, 1, padding=1) if self.max_pool_branch else average_pool_3x3(x)
-    return jnp.concatenate([
-        self.conv(x), self.tower_mixed_conv(a), self.tower_mixed_conv_1(a),
-        self.tower_1_mixed_conv(b), self.tower_1_mixed_conv_1(b), self.tower_2_conv(pooled)], -1)
+    return jnp.concatenate(
+      [
+        self.conv(x),
+        self.tower_mixed_conv(a),
+        self.tower_mixed_conv_1(a),
+        self.tower_1_mixed_conv(b),
+        self.tower_1_mixed_conv_1(b),
+        self.tower_2_conv(pooled),
+      ],
+      -1,
+    )
 
 
 class FIDInception(nnx.Module):
@@ -198,9 +230,19 @@ class FIDInception(nnx.Module):
     x = self.conv_2(self.conv_1(self.conv(x)))
     x = self.conv_4(self.conv_3(max_pool(x, 2)))
     x = max_pool(x, 2)
-    for block in (self.mixed, self.mixed_1, self.mixed_2, self.mixed_3, self.mixed_4,
-                  self.mixed_5, self.mixed_6, self.mixed_7, self.mixed_8, self.mixed_9,
-                  self.mixed_10):
+    for block in (
+      self.mixed,
+      self.mixed_1,
+      self.mixed_2,
+      self.mixed_3,
+      self.mixed_4,
+      self.mixed_5,
+      self.mixed_6,
+      self.mixed_7,
+      self.mixed_8,
+      self.mixed_9,
+      self.mixed_10,
+    ):
       x = block(x)
     return jnp.mean(x, axis=(1, 2))  # the 8x8 average pool: pool3
 

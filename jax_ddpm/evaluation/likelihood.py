@@ -9,7 +9,8 @@ standard error over images.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -27,8 +28,12 @@ if TYPE_CHECKING:
   from jax_ddpm.data.sources import ImageSource
 
 
-def make_terms_fn(eval_graphdef: nnx.GraphDef, schedule: DiffusionSchedule,
-                  mesh: jax.sharding.Mesh, options: BoundOptions) -> Callable:
+def make_terms_fn(
+  eval_graphdef: nnx.GraphDef,
+  schedule: DiffusionSchedule,
+  mesh: jax.sharding.Mesh,
+  options: BoundOptions,
+) -> Callable:
   """A jitted fn(params, x0, labels, t, key) -> [B] bits/dim of the bound's term at index t of
   each image (`likelihood.vlb_terms`), x_t drawn from q(x_t | x_0) with noise from key."""
 
@@ -38,18 +43,34 @@ def make_terms_fn(eval_graphdef: nnx.GraphDef, schedule: DiffusionSchedule,
     eps = jax.lax.with_sharding_constraint(eps, mesh_lib.batch_sharding(mesh))
     x_t = process.q_sample(schedule, x0, t, eps)
     output, variance_output = process.split_output(model(x_t, t, labels), options.learn_sigma)
-    return likelihood.vlb_terms(schedule, x0, x_t, t, output.astype(jnp.float32),
-                                prediction=options.prediction, variance=options.variance,
-                                variance_output=variance_output,
-                                clip_denoised=options.clip_denoised)
+    return likelihood.vlb_terms(
+      schedule,
+      x0,
+      x_t,
+      t,
+      output.astype(jnp.float32),
+      prediction=options.prediction,
+      variance=options.variance,
+      variance_output=variance_output,
+      clip_denoised=options.clip_denoised,
+    )
 
   return jax.jit(terms, out_shardings=mesh_lib.batch_sharding(mesh))
 
 
-def bits_per_dim(terms_fn: Callable, params, schedule: DiffusionSchedule,
-                 source: ImageSource, mesh: jax.sharding.Mesh, *,
-                 batch_size: int, num_images: int, num_terms: int, seed: int,
-                 conditional: bool) -> dict:
+def bits_per_dim(
+  terms_fn: Callable,
+  params,
+  schedule: DiffusionSchedule,
+  source: ImageSource,
+  mesh: jax.sharding.Mesh,
+  *,
+  batch_size: int,
+  num_images: int,
+  num_terms: int,
+  seed: int,
+  conditional: bool,
+) -> dict:
   """The bound in bits/dim of the first num_images images of `source` (0: all), its standard
   error over images, and its parts (decoder, KL sum, prior), averaged."""
   count = len(source) if num_images == 0 else min(num_images, len(source))
@@ -68,13 +89,17 @@ def bits_per_dim(terms_fn: Callable, params, schedule: DiffusionSchedule,
     pad = batch_size - real  # the last batch is padded, and the padding dropped below
     images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
     x0 = mesh_lib.shard_batch(to_model_range(images), mesh)
-    y = None if labels is None else mesh_lib.shard_batch(
-        np.pad(labels, (0, pad)).astype(np.int32), mesh)
+    y = (
+      None
+      if labels is None
+      else mesh_lib.shard_batch(np.pad(labels, (0, pad)).astype(np.int32), mesh)
+    )
     batch_key = jax.random.fold_in(key, start)
 
-    def term(t, k):
-      return mesh_lib.gather(terms_fn(params, x0, y, mesh_lib.shard_batch(t, mesh),
-                                     jax.random.fold_in(batch_key, k)))
+    def term(t, k, x0=x0, y=y, batch_key=batch_key):
+      return mesh_lib.gather(
+        terms_fn(params, x0, y, mesh_lib.shard_batch(t, mesh), jax.random.fold_in(batch_key, k))
+      )
 
     decoder = term(np.zeros(batch_size, np.int32), 0)[:real].astype(np.float64)
     kl = np.zeros(real)
@@ -82,12 +107,15 @@ def bits_per_dim(terms_fn: Callable, params, schedule: DiffusionSchedule,
       kl += widths[k] * term(t, k + 1)[:real]
     prior = mesh_lib.gather(prior_fn(x0))[:real].astype(np.float64)
     parts.append(np.stack([decoder, kl, prior]))
-    logging.log_every_n_seconds(logging.INFO, "Bits/dim: %d of %d images.", 60, start + real,
-                                count)
+    logging.log_every_n_seconds(logging.INFO, "Bits/dim: %d of %d images.", 60, start + real, count)
   decoder, kl, prior = np.concatenate(parts, axis=1)
   per_image = decoder + kl + prior
-  return {"bits_per_dim": float(per_image.mean()),
-          "bits_per_dim_se": float(per_image.std(ddof=1) / np.sqrt(count)) if count > 1 else 0.0,
-          "bpd_decoder": float(decoder.mean()), "bpd_kl_terms": float(kl.mean()),
-          "bpd_prior": float(prior.mean()), "bpd_images": int(count),
-          "bpd_terms_per_image": int(len(widths))}
+  return {
+    "bits_per_dim": float(per_image.mean()),
+    "bits_per_dim_se": float(per_image.std(ddof=1) / np.sqrt(count)) if count > 1 else 0.0,
+    "bpd_decoder": float(decoder.mean()),
+    "bpd_kl_terms": float(kl.mean()),
+    "bpd_prior": float(prior.mean()),
+    "bpd_images": int(count),
+    "bpd_terms_per_image": int(len(widths)),
+  }

@@ -42,7 +42,7 @@ class ManifoldScores(NamedTuple):
 def _squared_distances(queries: jax.Array, points: jax.Array) -> jax.Array:
   """[b, n] ||q - x||^2 = |q|^2 - 2 q.x + |x|^2, clipped at 0 against round-off."""
   cross = jnp.matmul(queries, points.T, precision=jax.lax.Precision.HIGHEST)
-  squared = (jnp.sum(queries**2, 1)[:, None] - 2 * cross + jnp.sum(points**2, 1)[None, :])
+  squared = jnp.sum(queries**2, 1)[:, None] - 2 * cross + jnp.sum(points**2, 1)[None, :]
   return jnp.maximum(squared, 0.0)
 
 
@@ -74,11 +74,12 @@ def _blocked(fn, queries: np.ndarray, mesh: jax.sharding.Mesh, *others, **static
   others = [_global(np.asarray(o, np.float32), parallel.replicated(mesh)) for o in others]
   outputs = []
   for start in range(0, len(queries), BLOCK):
-    block = np.asarray(queries[start:start + BLOCK], np.float32)
+    block = np.asarray(queries[start : start + BLOCK], np.float32)
     count = len(block)
     block = np.concatenate([block, np.zeros((BLOCK - count, block.shape[1]), np.float32)])
-    result = multihost_utils.process_allgather(fn(_global(block, sharding), *others, **static),
-                                               tiled=True)
+    result = multihost_utils.process_allgather(
+      fn(_global(block, sharding), *others, **static), tiled=True
+    )
     outputs.append(jax.tree.map(lambda x, n=count: np.asarray(x)[:n], result))
   return jax.tree.map(lambda *parts: np.concatenate(parts), *outputs)
 
@@ -90,15 +91,18 @@ def kth_neighbour_radii(features: np.ndarray, k: int, mesh: jax.sharding.Mesh) -
   return _blocked(_kth_neighbour, features, mesh, features, k=k)
 
 
-def manifold_scores(real: np.ndarray, fake: np.ndarray, mesh: jax.sharding.Mesh,
-                    k_pr: int = 3, k_dc: int = 5) -> ManifoldScores:
+def manifold_scores(
+  real: np.ndarray, fake: np.ndarray, mesh: jax.sharding.Mesh, k_pr: int = 3, k_dc: int = 5
+) -> ManifoldScores:
   """Precision and recall (k = k_pr) and density and coverage (k = k_dc) of `fake` against
   `real` features, both [n, d]."""
   real_pr, fake_pr = (kth_neighbour_radii(x, k_pr, mesh) for x in (real, fake))
   real_dc = real_pr if k_dc == k_pr else kth_neighbour_radii(real, k_dc, mesh)
   in_real, _ = _blocked(_balls_holding, fake, mesh, real, np.stack([real_pr, real_dc]))
   in_fake, nearest_fake = _blocked(_balls_holding, real, mesh, fake, fake_pr[None])
-  return ManifoldScores(precision=float(np.mean(in_real[:, 0] > 0)),
-                        recall=float(np.mean(in_fake[:, 0] > 0)),
-                        density=float(np.sum(in_real[:, 1]) / (k_dc * len(fake))),
-                        coverage=float(np.mean(nearest_fake < real_dc)))
+  return ManifoldScores(
+    precision=float(np.mean(in_real[:, 0] > 0)),
+    recall=float(np.mean(in_fake[:, 0] > 0)),
+    density=float(np.sum(in_real[:, 1]) / (k_dc * len(fake))),
+    coverage=float(np.mean(nearest_fake < real_dc)),
+  )

@@ -18,7 +18,6 @@ samples never sit in memory; reference statistics travel as `.npz` with keys mu,
 
 from __future__ import annotations
 
-
 import numpy as np
 
 from jax_ddpm.io import errors
@@ -51,7 +50,7 @@ class RunningMoments:
     self.mean += delta * (n / total)
     self.count = total
 
-  def statistics(self) -> "FeatureStatistics":
+  def statistics(self) -> FeatureStatistics:
     if self.count < 2:
       raise ValueError(f"A covariance needs at least 2 samples; got {self.count}.")
     return FeatureStatistics(self.mean.copy(), self.scatter / (self.count - 1), self.count)
@@ -65,8 +64,10 @@ class FeatureStatistics:
     self.sigma = np.asarray(sigma, np.float64)
     self.count = int(count)
     if self.mu.ndim != 1 or self.sigma.shape != (len(self.mu), len(self.mu)):
-      raise ValueError(f"Statistics with mu of shape {self.mu.shape} and sigma of shape "
-                       f"{self.sigma.shape}: expected [d] and [d, d].")
+      raise ValueError(
+        f"Statistics with mu of shape {self.mu.shape} and sigma of shape "
+        f"{self.sigma.shape}: expected [d] and [d, d]."
+      )
 
   @property
   def dim(self) -> int:
@@ -76,24 +77,32 @@ class FeatureStatistics:
     files.save_npz(path, mu=self.mu, sigma=self.sigma, count=np.int64(self.count))
 
   @classmethod
-  def load(cls, path: str, what: str = "reference statistics") -> "FeatureStatistics":
-    """Reads an `.npz` with mu [d] and sigma [d, d] (and count, when we wrote it), unpickled never."""
+  def load(cls, path: str, what: str = "reference statistics") -> FeatureStatistics:
+    """Reads an `.npz` of mu [d] and sigma [d, d] (and count, when we wrote it); never unpickles."""
     data = files.read_npz(path, what)
     missing = [key for key in ("mu", "sigma") if key not in data]
     if missing:
-      raise errors.InputFileError(f"{what}={path!r} has no {missing} arrays; reference statistics "
-                                  f"need 'mu' and 'sigma' (it has {sorted(data)}).")
+      raise errors.InputFileError(
+        f"{what}={path!r} has no {missing} arrays; reference statistics "
+        f"need 'mu' and 'sigma' (it has {sorted(data)})."
+      )
     mu, sigma = data["mu"], data["sigma"]
-    if (mu.ndim != 1 or sigma.shape != (len(mu), len(mu))
-        or not np.issubdtype(mu.dtype, np.floating) or not np.issubdtype(sigma.dtype, np.floating)):
-      raise errors.InputFileError(f"{what}={path!r}: expected float mu [d] and sigma [d, d], got "
-                                  f"{mu.dtype} {mu.shape} and {sigma.dtype} {sigma.shape}.")
+    if (
+      mu.ndim != 1
+      or sigma.shape != (len(mu), len(mu))
+      or not np.issubdtype(mu.dtype, np.floating)
+      or not np.issubdtype(sigma.dtype, np.floating)
+    ):
+      raise errors.InputFileError(
+        f"{what}={path!r}: expected float mu [d] and sigma [d, d], got "
+        f"{mu.dtype} {mu.shape} and {sigma.dtype} {sigma.shape}."
+      )
     count = int(data["count"]) if "count" in data else 0
     return cls(mu, sigma, count)
 
 
 def sqrt_psd(matrix: np.ndarray) -> np.ndarray:
-  """Symmetric square root of a symmetric positive semi-definite matrix (eigenvalues clipped at 0)."""
+  """Symmetric square root of a symmetric positive semi-definite matrix (eigenvalues >= 0)."""
   eigenvalues, eigenvectors = np.linalg.eigh((matrix + matrix.T) / 2)
   return (eigenvectors * np.sqrt(np.clip(eigenvalues, 0, None))) @ eigenvectors.T
 
@@ -106,10 +115,12 @@ def trace_sqrt_product(sigma_1: np.ndarray, sigma_2: np.ndarray) -> float:
 
 
 def frechet_distance(first: FeatureStatistics, second: FeatureStatistics) -> float:
-  """Squared Frechet distance between N(mu_1, Sigma_1) and N(mu_2, Sigma_2) (Heusel et al. Eq. 6)."""
+  """Squared Frechet distance of N(mu_1, Sigma_1) and N(mu_2, Sigma_2) (Heusel et al., eq. 6)."""
   if first.dim != second.dim:
-    raise ValueError(f"Cannot compare statistics of {first.dim}-d features with {second.dim}-d "
-                     "ones: they come from different feature networks or layers.")
+    raise ValueError(
+      f"Cannot compare statistics of {first.dim}-d features with {second.dim}-d "
+      "ones: they come from different feature networks or layers."
+    )
   diff = first.mu - second.mu
   trace = trace_sqrt_product(first.sigma, second.sigma)
   if not np.isfinite(trace):
@@ -122,27 +133,30 @@ def check_full_rank_possible(count: int, dim: int, what: str) -> None:
   """Fails when `count` samples cannot give a full-rank dim x dim covariance."""
   if count <= dim:
     raise ValueError(
-        f"{what}: {count} samples give a covariance of rank at most {count - 1}, but the features "
-        f"are {dim}-dimensional; the Frechet distance needs more than {dim} samples (FID is "
-        "reported on 50,000 and is biased upwards for small sets).")
+      f"{what}: {count} samples give a covariance of rank at most {count - 1}, but the features "
+      f"are {dim}-dimensional; the Frechet distance needs more than {dim} samples (FID is "
+      "reported on 50,000 and is biased upwards for small sets)."
+    )
 
 
 def inception_score(probabilities: np.ndarray, splits: int = 10) -> tuple[float, float]:
-  """Inception Score exp(E_x KL(p(y|x) || p(y))) (Salimans et al. 2016), mean and std over splits."""
+  """Inception Score exp(E_x KL(p(y|x) || p(y))) (Salimans et al. 2016): mean, std over splits."""
   p = np.asarray(probabilities, np.float64)
   if p.ndim != 2 or len(p) < splits:
     raise ValueError(f"Need class probabilities [n >= {splits}, classes]; got {p.shape}.")
   scores = []
   for part in np.array_split(p, splits):
     marginal = part.mean(axis=0, keepdims=True)
-    kl = np.sum(part * (np.log(np.clip(part, 1e-12, None)) - np.log(np.clip(marginal, 1e-12, None))),
-                axis=1)
+    kl = np.sum(
+      part * (np.log(np.clip(part, 1e-12, None)) - np.log(np.clip(marginal, 1e-12, None))), axis=1
+    )
     scores.append(np.exp(kl.mean()))
   return float(np.mean(scores)), float(np.std(scores))
 
 
-def kernel_inception_distance(real: np.ndarray, fake: np.ndarray, num_subsets: int = 100,
-                              subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
+def kernel_inception_distance(
+  real: np.ndarray, fake: np.ndarray, num_subsets: int = 100, subset_size: int = 1000, seed: int = 0
+) -> tuple[float, float]:
   """KID (Binkowski et al. 2018, Sec. 3): the unbiased estimate of the squared MMD with the
   cubic polynomial kernel k(x, y) = (x.y / d + 1)^3, averaged over `num_subsets` random subsets
   of `subset_size` points of each set (drawn without replacement within a subset, as

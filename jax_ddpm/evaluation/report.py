@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import TYPE_CHECKING, Callable, Optional
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
@@ -40,21 +41,25 @@ if TYPE_CHECKING:
 ModelLoader = Callable[[], tuple]
 
 
-def evaluate(run: Run, workdir: str, load_model: ModelLoader,
-             mesh: Optional[jax.sharding.Mesh] = None) -> dict:
+def evaluate(
+  run: Run, workdir: str, load_model: ModelLoader, mesh: jax.sharding.Mesh | None = None
+) -> dict:
   """--mode=eval; returns the results written to workdir/eval/: sample quality (eval.num_samples
   > 0) and the bound in bits/dim (eval.bits_per_dim). Every file the config names is read, and
   the checkpoint found, before anything is drawn or compiled."""
   mesh = mesh or mesh_lib.data_mesh()
   evaluation = run.config.eval
   if evaluation.num_samples:
-    metrics.check_full_rank_possible(evaluation.num_samples,
-                                     features.FEATURE_DIMS[evaluation.feature_net],
-                                     f"eval.num_samples={evaluation.num_samples}")
+    metrics.check_full_rank_possible(
+      evaluation.num_samples,
+      features.FEATURE_DIMS[evaluation.feature_net],
+      f"eval.num_samples={evaluation.num_samples}",
+    )
   bpd_source = None
   if evaluation.bits_per_dim:
-    bpd_source = sources.create_split_source(run.config.data, evaluation.bpd_split,
-                                             labels=run.config.model.num_classes is not None)
+    bpd_source = sources.create_split_source(
+      run.config.data, evaluation.bpd_split, labels=run.config.model.num_classes is not None
+    )
     sources.check_source_shape(bpd_source, run.config.data)
   load_model = functools.cache(load_model)
   results = {}
@@ -65,8 +70,9 @@ def evaluate(run: Run, workdir: str, load_model: ModelLoader,
   return results
 
 
-def sample_quality(run: Run, workdir: str, mesh: jax.sharding.Mesh,
-                   load_model: ModelLoader) -> dict:
+def sample_quality(
+  run: Run, workdir: str, mesh: jax.sharding.Mesh, load_model: ModelLoader
+) -> dict:
   """The Scorer's numbers of eval.num_samples images, written as <samples>_<net>_<N>.json."""
   evaluation = run.config.eval
   extractor = features.create_extractor(evaluation, run.config.data, workdir, mesh)
@@ -82,18 +88,25 @@ def sample_quality(run: Run, workdir: str, mesh: jax.sharding.Mesh,
   count = evaluation.num_samples
   started = time.perf_counter()
   results = scorer.score(images[:count], None if labels is None else labels[:count])
-  results.update({"feature_net": extractor.name, "num_samples": count,
-                  "reference": scorer.reference_file, "reference_count": scorer.reference.count,
-                  "reference_split": evaluation.reference_split,
-                  **{f"protocol.{k}": v for k, v in protocol.items()},
-                  "feature_seconds": time.perf_counter() - started})
+  results.update(
+    {
+      "feature_net": extractor.name,
+      "num_samples": count,
+      "reference": scorer.reference_file,
+      "reference_count": scorer.reference.count,
+      "reference_split": evaluation.reference_split,
+      **{f"protocol.{k}": v for k, v in protocol.items()},
+      "feature_seconds": time.perf_counter() - started,
+    }
+  )
   name = epath.Path(evaluation.samples).stem if evaluation.samples else program.name
   write_results(workdir, results, f"{name}_{extractor.name}_{count}")
   return results
 
 
-def bits_per_dim(run: Run, workdir: str, mesh: jax.sharding.Mesh, source,
-                 load_model: ModelLoader) -> dict:
+def bits_per_dim(
+  run: Run, workdir: str, mesh: jax.sharding.Mesh, source, load_model: ModelLoader
+) -> dict:
   """The bound in bits/dim of eval.bpd_images images of `source`, with eval.bpd_timesteps KL
   terms per image, written as <step>_bits_per_dim_<split>.json."""
   evaluation, sampling = run.config.eval, run.config.sampling
@@ -102,41 +115,64 @@ def bits_per_dim(run: Run, workdir: str, mesh: jax.sharding.Mesh, source,
   started = time.perf_counter()
   terms_fn = likelihood.make_terms_fn(eval_graphdef, run.schedule, mesh, run.bound)
   results = likelihood.bits_per_dim(
-      terms_fn, params, run.schedule, source, mesh, batch_size=evaluation.batch_size,
-      num_images=evaluation.bpd_images, num_terms=evaluation.bpd_timesteps,
-      seed=run.config.seed, conditional=run.config.model.num_classes is not None)
-  results.update({"bpd_seconds": time.perf_counter() - started, "protocol.step": step,
-                  "protocol.use_ema": bool(sampling.use_ema),
-                  "protocol.variance": run.bound.variance.value,
-                  "bpd_split": evaluation.bpd_split, "data.source": run.config.data.source})
+    terms_fn,
+    params,
+    run.schedule,
+    source,
+    mesh,
+    batch_size=evaluation.batch_size,
+    num_images=evaluation.bpd_images,
+    num_terms=evaluation.bpd_timesteps,
+    seed=run.config.seed,
+    conditional=run.config.model.num_classes is not None,
+  )
+  results.update(
+    {
+      "bpd_seconds": time.perf_counter() - started,
+      "protocol.step": step,
+      "protocol.use_ema": bool(sampling.use_ema),
+      "protocol.variance": run.bound.variance.value,
+      "bpd_split": evaluation.bpd_split,
+      "data.source": run.config.data.source,
+    }
+  )
   write_results(workdir, results, f"{step}_bits_per_dim_{evaluation.bpd_split}")
   return results
 
 
-def given_samples(run: Run) -> tuple[np.ndarray, Optional[np.ndarray]]:
+def given_samples(run: Run) -> tuple[np.ndarray, np.ndarray | None]:
   """eval.samples (and its 'labels', if it has them), checked against the configured image
   shape and eval.num_samples."""
   path, data = run.config.eval.samples, run.config.data
   arrays = files.read_npz(path, "eval.samples")
   if "arr_0" not in arrays:
-    raise errors.InputFileError(f"eval.samples={path!r} has no ['arr_0'] array (it has "
-                                f"{sorted(arrays)}).")
+    raise errors.InputFileError(
+      f"eval.samples={path!r} has no ['arr_0'] array (it has {sorted(arrays)})."
+    )
   images = arrays["arr_0"]
   if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
-    raise errors.InputFileError(f"eval.samples={path!r}: expected uint8 images [N, H, W, 1 or "
-                                f"3] under 'arr_0', got {images.dtype} {images.shape}.")
+    raise errors.InputFileError(
+      f"eval.samples={path!r}: expected uint8 images [N, H, W, 1 or "
+      f"3] under 'arr_0', got {images.dtype} {images.shape}."
+    )
   labels = arrays.get("labels")
   if labels is not None and labels.shape != images.shape[:1]:
-    raise errors.InputFileError(f"eval.samples={path!r}: 'labels' has shape {labels.shape}, but "
-                                f"there are {len(images)} images.")
+    raise errors.InputFileError(
+      f"eval.samples={path!r}: 'labels' has shape {labels.shape}, but "
+      f"there are {len(images)} images."
+    )
   size, channels = data.image_size, data.channels
   if images.shape[1:] != (size, size, channels):
-    raise errors.InputFileError(f"eval.samples={path!r} holds images of shape "
-                                f"{images.shape[1:]}, but config.data gives "
-                                f"{size}x{size}x{channels}.")
+    raise errors.InputFileError(
+      f"eval.samples={path!r} holds images of shape "
+      f"{images.shape[1:]}, but config.data gives "
+      f"{size}x{size}x{channels}."
+    )
   if len(images) < run.config.eval.num_samples:
-    raise errors.InputFileError(f"eval.samples={path!r} holds {len(images)} images; "
-                                f"eval.num_samples={run.config.eval.num_samples}.")
+    raise errors.InputFileError(
+      f"eval.samples={path!r} holds {len(images)} images; "
+      f"eval.num_samples={run.config.eval.num_samples}."
+    )
   return images, labels
 
 

@@ -27,12 +27,15 @@ def image_grid(images: np.ndarray, columns: int | None = None, padding: int = 2)
   count, height, width, channels = images.shape
   columns = columns or math.ceil(math.sqrt(count))
   rows = math.ceil(count / columns)
-  grid = np.full((rows * (height + padding) + padding, columns * (width + padding) + padding,
-                  channels), 255, np.uint8)
+  grid = np.full(
+    (rows * (height + padding) + padding, columns * (width + padding) + padding, channels),
+    255,
+    np.uint8,
+  )
   for index, image in enumerate(images):
     row, column = divmod(index, columns)
     top, left = padding + row * (height + padding), padding + column * (width + padding)
-    grid[top:top + height, left:left + width] = image
+    grid[top : top + height, left : left + width] = image
   return grid
 
 
@@ -42,6 +45,8 @@ def class_grid(images: np.ndarray, labels: np.ndarray, padding: int = 2) -> np.n
   classes = np.unique(labels)
   columns = max(int(np.sum(labels == c)) for c in classes)
   blank = np.full_like(images[:1], 255)
-  rows = [np.concatenate([images[labels == c]] + [blank] * (columns - int(np.sum(labels == c))))
-          for c in classes]
+  rows = [
+    np.concatenate([images[labels == c]] + [blank] * (columns - int(np.sum(labels == c))))
+    for c in classes
+  ]
   return image_grid(np.concatenate(rows), columns=columns, padding=padding)

@@ -19,19 +19,21 @@ import io
 import json
 import os
 import zipfile
-from typing import IO, Any, Callable, Iterable, Optional
+from collections.abc import Callable, Iterable
+from typing import IO, Any
+
+import fsspec
+import numpy as np
+from etils import epath
+
+from jax_ddpm.io.errors import InputFileError, MissingInputError
 
 # gs:// paths through gcsfs (etils.epath's fsspec backend) rather than TensorFlow's GCS client, for
 # our files, orbax's and TFDS's alike. gcsfs honours STORAGE_EMULATOR_HOST, so the pod rehearsal
-# (tests/pod_rehearsal_test.py) runs the very client a pod runs. epath decides at its first use
-# of any path, and every module that touches files imports this one first;
+# (tests/pod_rehearsal_test.py) runs the very client a pod runs. epath reads the setting when it
+# opens a path, and every module that touches files imports this one;
 # EPATH_USE_TF=true in the environment keeps TensorFlow's client.
 os.environ.setdefault("EPATH_USE_TF", "false")
-
-import numpy as np  # noqa: E402
-from etils import epath  # noqa: E402
-
-from jax_ddpm.io.errors import InputFileError, MissingInputError
 
 PathLike = str | epath.Path
 
@@ -39,7 +41,6 @@ PathLike = str | epath.Path
 def _no_listing_cache() -> None:
   """gcsfs (epath's gs:// client) caches directory listings for the life of the process, so
   one worker would not see what another wrote (a checkpoint step, a sample batch). Off."""
-  import fsspec  # pylint: disable=g-import-not-at-top
   for protocol in ("gcs", "gs"):
     fsspec.config.conf.setdefault(protocol, {})["use_listings_cache"] = False
 
@@ -112,6 +113,7 @@ def save_bytes(path: PathLike, data: bytes) -> None:
 def save_png(path: str, image: np.ndarray) -> None:
   """Writes a uint8 [H, W, C] image (C = 1 or 3) as PNG (local path or URL), atomically."""
   from PIL import Image  # noqa: PLC0415 (pillow only where PNGs are written)
+
   buffer = io.BytesIO()
   Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, format="PNG")
   save_bytes(path, buffer.getvalue())
@@ -149,8 +151,9 @@ def require_dir(path: PathLike, what: str) -> epath.Path:
   return path
 
 
-def read_npz(path: PathLike, what: str, keys: Optional[Iterable[str]] = None,
-             hint: str = "") -> dict[str, np.ndarray]:
+def read_npz(
+  path: PathLike, what: str, keys: Iterable[str] | None = None, hint: str = ""
+) -> dict[str, np.ndarray]:
   """Every array of an `.npz` file (or those in `keys`, which must be present), unpickled never.
 
   Errors name `what` (the config key or flag) and the file: missing, a directory, empty, not an
@@ -160,8 +163,9 @@ def read_npz(path: PathLike, what: str, keys: Optional[Iterable[str]] = None,
   path = require_file(path, what, hint)
   data = path.read_bytes()
   if not data.startswith(b"PK"):
-    raise InputFileError(f"{what}={str(path)!r} is not an .npz archive (a zip file, as np.savez "
-                         "writes).")
+    raise InputFileError(
+      f"{what}={str(path)!r} is not an .npz archive (a zip file, as np.savez writes)."
+    )
   try:
     with np.load(io.BytesIO(data), allow_pickle=False) as archive:
       names = archive.files
@@ -173,10 +177,14 @@ def read_npz(path: PathLike, what: str, keys: Optional[Iterable[str]] = None,
     raise
   except ValueError as error:  # numpy refuses object arrays when allow_pickle=False
     if "allow_pickle" in str(error):
-      raise InputFileError(f"{what}={str(path)!r} holds a pickled object array; such files are "
-                           "refused, since loading one runs code. Save plain numeric arrays "
-                           "(np.savez).") from None
+      raise InputFileError(
+        f"{what}={str(path)!r} holds a pickled object array; such files are "
+        "refused, since loading one runs code. Save plain numeric arrays "
+        "(np.savez)."
+      ) from None
     raise InputFileError(f"{what}={str(path)!r} is not a readable .npz archive: {error}") from None
   except (zipfile.BadZipFile, OSError, EOFError, KeyError) as error:
-    raise InputFileError(f"{what}={str(path)!r} is not a readable .npz archive (truncated or "
-                         f"another format): {type(error).__name__}: {error}") from None
+    raise InputFileError(
+      f"{what}={str(path)!r} is not a readable .npz archive (truncated or "
+      f"another format): {type(error).__name__}: {error}"
+    ) from None

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -24,11 +24,12 @@ from jax_ddpm.io import images as image_io
 from jax_ddpm.io import paths as files
 
 # index -> (uint8 images [B, H, W, C], int32 labels [B] or None) of batch `index`.
-DrawBatch = Callable[[int], tuple[np.ndarray, Optional[np.ndarray]]]
+DrawBatch = Callable[[int], tuple[np.ndarray, np.ndarray | None]]
 
 
-def write_samples(directory: str, settings: dict, num_samples: int, batch_size: int,
-                  draw_batch: DrawBatch) -> str:
+def write_samples(
+  directory: str, settings: dict, num_samples: int, batch_size: int, draw_batch: DrawBatch
+) -> str:
   """Draws and writes the batches of `num_samples` images that `directory` lacks (refusing one
   whose samples were drawn with other `settings`), then the all-samples file; returns
   `directory`. Batch i is draw_batch(i), the same on every process."""
@@ -40,8 +41,13 @@ def write_samples(directory: str, settings: dict, num_samples: int, batch_size: 
     images, labels = draw_batch(index)
     write_batch(directory, index, images, labels)
     rate = done * batch_size / (time.perf_counter() - started)
-    logging.info("Batch %d/%d: %.2f images/s, ETA %.0f s.", index + 1, num_batches, rate,
-                 (len(todo) - done) * batch_size / rate)
+    logging.info(
+      "Batch %d/%d: %.2f images/s, ETA %.0f s.",
+      index + 1,
+      num_batches,
+      rate,
+      (len(todo) - done) * batch_size / rate,
+    )
   if jax.process_index() == 0:
     write_all_samples(directory, num_samples, num_batches)
   return directory
@@ -61,13 +67,17 @@ def claim_directory(directory: str, settings: dict) -> None:
   settings_path = files.join(directory, "settings.json")
   if files.exists(settings_path):
     saved = files.load_json(settings_path)
-    differences = [f"sampling.{key}: now {settings.get(key)!r}, before {saved.get(key)!r}"
-                   for key in sorted(set(settings) | set(saved))
-                   if json.dumps(settings.get(key)) != json.dumps(saved.get(key))]
+    differences = [
+      f"sampling.{key}: now {settings.get(key)!r}, before {saved.get(key)!r}"
+      for key in sorted(set(settings) | set(saved))
+      if json.dumps(settings.get(key)) != json.dumps(saved.get(key))
+    ]
     if differences:
       raise errors.ConfigError(
-          f"{directory} holds samples drawn with other settings:\n  " + "\n  ".join(differences)
-          + "\nUse those settings to continue, or move the directory away. Nothing was written.")
+        f"{directory} holds samples drawn with other settings:\n  "
+        + "\n  ".join(differences)
+        + "\nUse those settings to continue, or move the directory away. Nothing was written."
+      )
   if jax.process_index() == 0:
     files.save_json(settings_path, settings)
 
@@ -78,21 +88,30 @@ def batches_to_draw(directory: str, num_batches: int, batch_size: int) -> list[i
   A batch file always holds a full batch; one with fewer images (written by an older version
   for a short last batch) is drawn again.
   """
+
   def complete(index):
     path = batch_path(directory, index)
-    return files.exists(path) and len(files.read_npz(path, "sample batch", ["arr_0"])
-                                      ["arr_0"]) == batch_size
+    return (
+      files.exists(path)
+      and len(files.read_npz(path, "sample batch", ["arr_0"])["arr_0"]) == batch_size
+    )
+
   todo = [i for i in range(num_batches) if not complete(i)]
-  todo = [int(i) for i in multihost_utils.broadcast_one_to_all(
-      np.array(todo + [-1] * (num_batches - len(todo)), np.int32)) if i >= 0]
+  todo = [
+    int(i)
+    for i in multihost_utils.broadcast_one_to_all(
+      np.array(todo + [-1] * (num_batches - len(todo)), np.int32)
+    )
+    if i >= 0
+  ]
   if len(todo) < num_batches:
-    logging.info("Resuming: %d of %d batches already in %s.", num_batches - len(todo),
-                 num_batches, directory)
+    logging.info(
+      "Resuming: %d of %d batches already in %s.", num_batches - len(todo), num_batches, directory
+    )
   return todo
 
 
-def write_batch(directory: str, index: int, images: np.ndarray,
-                 labels: Optional[np.ndarray]) -> None:
+def write_batch(directory: str, index: int, images: np.ndarray, labels: np.ndarray | None) -> None:
   """batch_<index>.npz and grid_<index>.png, by process 0."""
   if jax.process_index() != 0:
     return
@@ -107,10 +126,10 @@ def write_batch(directory: str, index: int, images: np.ndarray,
 
 def write_all_samples(directory: str, num_samples: int, num_batches: int) -> str:
   """samples_<N>x...npz: the first N images of the directory's batches, in order."""
-  batches = [files.read_npz(batch_path(directory, i), "sample batch")
-             for i in range(num_batches)]
-  arrays = {name: np.concatenate([batch[name] for batch in batches])[:num_samples]
-            for name in batches[0]}
+  batches = [files.read_npz(batch_path(directory, i), "sample batch") for i in range(num_batches)]
+  arrays = {
+    name: np.concatenate([batch[name] for batch in batches])[:num_samples] for name in batches[0]
+  }
   everything = arrays["arr_0"]
   path = all_samples_path(directory, everything.shape)
   files.save_npz(path, **arrays)

@@ -11,16 +11,19 @@ time, as TensorFlow's do.
 
 from __future__ import annotations
 
+import io
 import socket
 import struct
 import time
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 from clu import metric_writers
-from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2
-from tensorboard.compat.proto import types_pb2
+from PIL import Image
+from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+from tensorboard.plugins.hparams import summary_v2
 
 from jax_ddpm.io import paths as files
 
@@ -36,33 +39,45 @@ def create_writer(workdir: str, *, just_logging: bool = False) -> metric_writers
 def _record(data: bytes) -> bytes:
   """One TFRecord: length, masked CRC-32C of the length, data, masked CRC-32C of the data."""
   length = struct.pack("<Q", len(data))
-  return (length + struct.pack("<I", masked_crc32c(length)) + data
-          + struct.pack("<I", masked_crc32c(data)))
+  return (
+    length
+    + struct.pack("<I", masked_crc32c(length))
+    + data
+    + struct.pack("<I", masked_crc32c(data))
+  )
 
 
 def _tensor(values: np.ndarray) -> tensor_pb2.TensorProto:
   """A TensorProto of `values` in the dtype tf.summary writes: strings, int64, float32 scalars
   (TensorBoard's default loader drops DT_DOUBLE scalars) and float64 tables (histograms)."""
   shape = tensor_shape_pb2.TensorShapeProto(
-      dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=n) for n in values.shape])
+    dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=n) for n in values.shape]
+  )
   if values.dtype.kind in "SUO":
     return tensor_pb2.TensorProto(
-        dtype=types_pb2.DT_STRING, tensor_shape=shape,
-        string_val=[v if isinstance(v, bytes) else str(v).encode() for v in values.ravel()])
+      dtype=types_pb2.DT_STRING,
+      tensor_shape=shape,
+      string_val=[v if isinstance(v, bytes) else str(v).encode() for v in values.ravel()],
+    )
   if values.dtype.kind in "iub":
-    return tensor_pb2.TensorProto(dtype=types_pb2.DT_INT64, tensor_shape=shape,
-                                  int64_val=values.astype(np.int64).ravel().tolist())
+    return tensor_pb2.TensorProto(
+      dtype=types_pb2.DT_INT64,
+      tensor_shape=shape,
+      int64_val=values.astype(np.int64).ravel().tolist(),
+    )
   if values.dtype == np.float32:
-    return tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT, tensor_shape=shape,
-                                  float_val=values.ravel().tolist())
-  return tensor_pb2.TensorProto(dtype=types_pb2.DT_DOUBLE, tensor_shape=shape,
-                                double_val=values.astype(np.float64).ravel().tolist())
+    return tensor_pb2.TensorProto(
+      dtype=types_pb2.DT_FLOAT, tensor_shape=shape, float_val=values.ravel().tolist()
+    )
+  return tensor_pb2.TensorProto(
+    dtype=types_pb2.DT_DOUBLE,
+    tensor_shape=shape,
+    double_val=values.astype(np.float64).ravel().tolist(),
+  )
 
 
 def _png(image: np.ndarray) -> bytes:
   """PNG bytes of one HWC image, uint8 or float in [0, 1]."""
-  import io  # pylint: disable=g-import-not-at-top
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   if image.dtype != np.uint8:
     image = np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
   buffer = io.BytesIO()
@@ -88,8 +103,9 @@ class EventFileWriter(metric_writers.MetricWriter):
     self._size = len(self._pending[0])
 
   def _add(self, step: int, values: list[summary_pb2.Summary.Value]) -> None:
-    event = event_pb2.Event(wall_time=time.time(), step=int(step),
-                            summary=summary_pb2.Summary(value=values))
+    event = event_pb2.Event(
+      wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=values)
+    )
     record = _record(event.SerializeToString())
     if self._size + len(record) > self._segment_bytes:
       self.flush()
@@ -98,18 +114,33 @@ class EventFileWriter(metric_writers.MetricWriter):
     self._size += len(record)
 
   @staticmethod
-  def _value(tag: str, values: np.ndarray, plugin: str, content: bytes = b"",
-             data_class=summary_pb2.DATA_CLASS_TENSOR) -> summary_pb2.Summary.Value:
+  def _value(
+    tag: str,
+    values: np.ndarray,
+    plugin: str,
+    content: bytes = b"",
+    data_class=summary_pb2.DATA_CLASS_TENSOR,
+  ) -> summary_pb2.Summary.Value:
     metadata = summary_pb2.SummaryMetadata(
-        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name=plugin, content=content),
-        data_class=data_class)
+      plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name=plugin, content=content),
+      data_class=data_class,
+    )
     return summary_pb2.Summary.Value(tag=tag, metadata=metadata, tensor=_tensor(values))
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]):
     """float32 scalar tensors of the scalars plugin, as tf.summary.scalar writes them."""
-    self._add(step, [self._value(tag, np.asarray(value, np.float32).reshape(()), "scalars",
-                                 data_class=summary_pb2.DATA_CLASS_SCALAR)
-                     for tag, value in scalars.items()])
+    self._add(
+      step,
+      [
+        self._value(
+          tag,
+          np.asarray(value, np.float32).reshape(()),
+          "scalars",
+          data_class=summary_pb2.DATA_CLASS_SCALAR,
+        )
+        for tag, value in scalars.items()
+      ],
+    )
 
   def write_images(self, step: int, images: Mapping[str, Any]):
     """Each value [N, H, W, C] (C = 1 or 3): tf.summary.image's [width, height, png...] tensor."""
@@ -118,38 +149,52 @@ class EventFileWriter(metric_writers.MetricWriter):
       batch = np.asarray(batch)
       strings = [str(batch.shape[2]).encode(), str(batch.shape[1]).encode()]
       strings += [_png(image) for image in batch]
-      values.append(self._value(tag, np.array(strings, dtype=object), "images",
-                                data_class=summary_pb2.DATA_CLASS_BLOB_SEQUENCE))
+      values.append(
+        self._value(
+          tag,
+          np.array(strings, dtype=object),
+          "images",
+          data_class=summary_pb2.DATA_CLASS_BLOB_SEQUENCE,
+        )
+      )
     self._add(step, values)
 
   def write_texts(self, step: int, texts: Mapping[str, str]):
-    self._add(step, [self._value(tag, np.array([text], dtype=object).reshape(()), "text")
-                     for tag, text in texts.items()])
+    self._add(
+      step,
+      [
+        self._value(tag, np.array([text], dtype=object).reshape(()), "text")
+        for tag, text in texts.items()
+      ],
+    )
 
-  def write_histograms(self, step: int, arrays: Mapping[str, Any],
-                       num_buckets: Optional[Mapping[str, int]] = None):
+  def write_histograms(
+    self, step: int, arrays: Mapping[str, Any], num_buckets: Mapping[str, int] | None = None
+  ):
     """tf.summary.histogram's [k, 3] tensor of (left edge, right edge, count)."""
     values = []
     for tag, array in arrays.items():
-      counts, edges = np.histogram(np.asarray(array, np.float64).ravel(),
-                                   bins=(num_buckets or {}).get(tag, 30))
+      counts, edges = np.histogram(
+        np.asarray(array, np.float64).ravel(), bins=(num_buckets or {}).get(tag, 30)
+      )
       table = np.stack([edges[:-1], edges[1:], counts], axis=1)
       values.append(self._value(tag, table, "histograms"))
     self._add(step, values)
 
-  def write_summaries(self, step: int, values: Mapping[str, Any],
-                      metadata: Optional[Mapping[str, Any]] = None):
+  def write_summaries(
+    self, step: int, values: Mapping[str, Any], metadata: Mapping[str, Any] | None = None
+  ):
     summary_values = []
     for tag, value in values.items():
       meta = (metadata or {}).get(tag)
       if isinstance(meta, bytes):
         meta = summary_pb2.SummaryMetadata.FromString(meta)
-      summary_values.append(summary_pb2.Summary.Value(tag=tag, metadata=meta,
-                                                      tensor=_tensor(np.asarray(value))))
+      summary_values.append(
+        summary_pb2.Summary.Value(tag=tag, metadata=meta, tensor=_tensor(np.asarray(value)))
+      )
     self._add(step, summary_values)
 
   def write_hparams(self, hparams: Mapping[str, Any]):
-    from tensorboard.plugins.hparams import summary_v2  # pylint: disable=g-import-not-at-top
     self._add(0, list(summary_v2.hparams_pb(dict(hparams)).value))
 
   def write_videos(self, step: int, videos: Mapping[str, Any]):

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
+import safetensors
 from flax import nnx
+from safetensors.numpy import load as load_safetensors
 
 from jax_ddpm.io import errors
 from jax_ddpm.io import paths as files
@@ -28,19 +30,19 @@ LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj
 
 # diffusers config keys whose value our U-Net implements, and that value.
 REQUIRED_DIFFUSERS_SETTINGS = {
-    "time_embedding_type": "positional",
-    "freq_shift": 1,  # frequencies 10000^(-i/(half-1)), the original embedding
-    "flip_sin_to_cos": False,  # sin before cos, as the original
-    "act_fn": "silu",
-    "downsample_padding": 0,  # TF 'SAME' at stride 2: pad after only
-    "resnet_time_scale_shift": "default",
-    "center_input_sample": False,
-    "add_attention": True,
-    "class_embed_type": None,
-    "mid_block_scale_factor": 1,
-    "norm_eps": 1e-6,
-    "downsample_type": "conv",
-    "upsample_type": "conv",
+  "time_embedding_type": "positional",
+  "freq_shift": 1,  # frequencies 10000^(-i/(half-1)), the original embedding
+  "flip_sin_to_cos": False,  # sin before cos, as the original
+  "act_fn": "silu",
+  "downsample_padding": 0,  # TF 'SAME' at stride 2: pad after only
+  "resnet_time_scale_shift": "default",
+  "center_input_sample": False,
+  "add_attention": True,
+  "class_embed_type": None,
+  "mid_block_scale_factor": 1,
+  "norm_eps": 1e-6,
+  "downsample_type": "conv",
+  "upsample_type": "conv",
 }
 
 
@@ -92,8 +94,12 @@ def _resnet(ours: tuple, theirs: str, has_shortcut: bool) -> Mapping:
 
 def _attention(ours: tuple, theirs: str) -> Mapping:
   yield from _norm(ours + ("norm",), f"{theirs}.group_norm")
-  for our_name, their_name in (("q", "to_q"), ("k", "to_k"), ("v", "to_v"),
-                               ("proj_out", "to_out.0")):
+  for our_name, their_name in (
+    ("q", "to_q"),
+    ("k", "to_k"),
+    ("v", "to_v"),
+    ("proj_out", "to_out.0"),
+  ):
     yield from _linear(ours + (our_name,), f"{theirs}.{their_name}")
 
 
@@ -104,18 +110,25 @@ def parameter_mapping(model: UNet) -> Mapping:
   if model.class_embed is not None:
     yield ("class_embed", "embedding"), "class_embedding.weight", identity
   yield from _conv(("conv_in",), "conv_in")
-  for direction, their_direction, their_resample in (("down", "down_blocks", "downsamplers"),
-                                                     ("up", "up_blocks", "upsamplers")):
+  for direction, their_direction, their_resample in (
+    ("down", "down_blocks", "downsamplers"),
+    ("up", "up_blocks", "upsamplers"),
+  ):
     for i, level in enumerate(getattr(model, direction)):
       for j, block in enumerate(level.blocks):
-        yield from _resnet((direction, i, "blocks", j), f"{their_direction}.{i}.resnets.{j}",
-                           block.shortcut is not None)
+        yield from _resnet(
+          (direction, i, "blocks", j),
+          f"{their_direction}.{i}.resnets.{j}",
+          block.shortcut is not None,
+        )
       for j, _ in enumerate(level.attentions):
-        yield from _attention((direction, i, "attentions", j),
-                              f"{their_direction}.{i}.attentions.{j}")
+        yield from _attention(
+          (direction, i, "attentions", j), f"{their_direction}.{i}.attentions.{j}"
+        )
       if level.resample is not None:
-        yield from _conv((direction, i, "resample", "conv"),
-                         f"{their_direction}.{i}.{their_resample}.0.conv")
+        yield from _conv(
+          (direction, i, "resample", "conv"), f"{their_direction}.{i}.{their_resample}.0.conv"
+        )
   yield from _resnet(("mid", "block1"), "mid_block.resnets.0", False)
   yield from _attention(("mid", "attention"), "mid_block.attentions.0")
   yield from _resnet(("mid", "block2"), "mid_block.resnets.1", False)
@@ -123,8 +136,9 @@ def parameter_mapping(model: UNet) -> Mapping:
   yield from _conv(("conv_out",), "conv_out")
 
 
-def unet_config_from_diffusers(config: dict, *, dropout: float = 0.0,
-                               compute_dtype: str = "float32") -> UNetConfig:
+def unet_config_from_diffusers(
+  config: dict, *, dropout: float = 0.0, compute_dtype: str = "float32"
+) -> UNetConfig:
   """The UNetConfig a diffusers `UNet2DModel` config.json describes.
 
   Raises CheckpointMismatchError naming every setting our network does not implement.
@@ -149,32 +163,34 @@ def unet_config_from_diffusers(config: dict, *, dropout: float = 0.0,
   down_attention = [name == "AttnDownBlock2D" for name in down_types]
   up_attention = [name == "AttnUpBlock2D" for name in reversed(up_types)]
   if down_attention != up_attention:
-    problems.append(f"attention levels differ between down_block_types {down_types} and "
-                    f"up_block_types {up_types}")
+    problems.append(
+      f"attention levels differ between down_block_types {down_types} and up_block_types {up_types}"
+    )
   attn_norm_groups = config.get("attn_norm_num_groups")
   if attn_norm_groups not in (None, config["norm_num_groups"]):
     problems.append(f"attn_norm_num_groups={attn_norm_groups} != norm_num_groups")
   if problems:
     raise CheckpointMismatchError(
-        "The diffusers config describes a network jax_ddpm does not implement: "
-        + "; ".join(problems) + ".")
+      "The diffusers config describes a network jax_ddpm does not implement: "
+      + "; ".join(problems)
+      + "."
+    )
   image_size = config["sample_size"]
   if isinstance(image_size, (list, tuple)):
     image_size = image_size[0]
   return UNetConfig(
-      image_size=int(image_size),
-      in_channels=int(config["in_channels"]),
-      out_channels=int(config["out_channels"]),
-      ch=int(ch),
-      ch_mult=tuple(int(w // ch) for w in widths),
-      num_res_blocks=int(config["layers_per_block"]),
-      attn_resolutions=tuple(int(image_size) // 2**i
-                             for i, has in enumerate(down_attention) if has),
-      dropout=dropout,
-      num_groups=int(config["norm_num_groups"]),
-      attention_head_dim=config.get("attention_head_dim"),
-      num_classes=config.get("num_class_embeds"),
-      compute_dtype=compute_dtype,
+    image_size=int(image_size),
+    in_channels=int(config["in_channels"]),
+    out_channels=int(config["out_channels"]),
+    ch=int(ch),
+    ch_mult=tuple(int(w // ch) for w in widths),
+    num_res_blocks=int(config["layers_per_block"]),
+    attn_resolutions=tuple(int(image_size) // 2**i for i, has in enumerate(down_attention) if has),
+    dropout=dropout,
+    num_groups=int(config["norm_num_groups"]),
+    attention_head_dim=config.get("attention_head_dim"),
+    num_classes=config.get("num_class_embeds"),
+    compute_dtype=compute_dtype,
   )
 
 
@@ -187,14 +203,18 @@ def diffusers_config_from_unet(config: UNetConfig) -> dict:
   attention = [config.image_size // 2**level in config.attn_resolutions for level in levels]
   settings = dict(REQUIRED_DIFFUSERS_SETTINGS)
   settings.update(
-      sample_size=config.image_size, in_channels=config.in_channels,
-      out_channels=config.out_channels,
-      block_out_channels=tuple(config.ch * m for m in config.ch_mult),
-      down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention),
-      up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
-      layers_per_block=config.num_res_blocks, norm_num_groups=config.num_groups,
-      attention_head_dim=config.attention_head_dim, num_class_embeds=config.num_classes,
-      dropout=config.dropout)
+    sample_size=config.image_size,
+    in_channels=config.in_channels,
+    out_channels=config.out_channels,
+    block_out_channels=tuple(config.ch * m for m in config.ch_mult),
+    down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention),
+    up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
+    layers_per_block=config.num_res_blocks,
+    norm_num_groups=config.num_groups,
+    attention_head_dim=config.attention_head_dim,
+    num_class_embeds=config.num_classes,
+    dropout=config.dropout,
+  )
   return settings
 
 
@@ -212,13 +232,12 @@ def config_differences(ours: UNetConfig, checkpoint: UNetConfig) -> list[str]:
 
 def read_diffusers_folder(path: str) -> tuple[dict, dict[str, np.ndarray]]:
   """(config.json as a dict, tensors by name) of a diffusers UNet2DModel folder."""
-  import safetensors  # pylint: disable=g-import-not-at-top
-  from safetensors.numpy import load as load_safetensors  # pylint: disable=g-import-not-at-top
-
   files.require_dir(path, "--import_from")
-  how = (f"a diffusers UNet2DModel folder holds {CONFIG_FILE} and {WEIGHTS_FILE} (e.g. the "
-         "'unet' folder of google/ddpm-cifar10-32, saved with save_pretrained(..., "
-         "safe_serialization=True)).")
+  how = (
+    f"a diffusers UNet2DModel folder holds {CONFIG_FILE} and {WEIGHTS_FILE} (e.g. the "
+    "'unet' folder of google/ddpm-cifar10-32, saved with save_pretrained(..., "
+    "safe_serialization=True))."
+  )
   config_path, weights_path = (files.join(path, name) for name in (CONFIG_FILE, WEIGHTS_FILE))
   try:
     config = json.loads(files.require_file(config_path, "--import_from", how).read_text())
@@ -230,13 +249,18 @@ def read_diffusers_folder(path: str) -> tuple[dict, dict[str, np.ndarray]]:
   try:
     tensors = load_safetensors(data)
   except (safetensors.SafetensorError, ValueError) as error:
-    raise errors.InputFileError(f"--import_from: {weights_path} is not a readable safetensors "
-                                f"file (truncated or another format): {error}") from None
-  not_float = sorted(name for name, value in tensors.items()
-                     if not np.issubdtype(value.dtype, np.floating))
+    raise errors.InputFileError(
+      f"--import_from: {weights_path} is not a readable safetensors "
+      f"file (truncated or another format): {error}"
+    ) from None
+  not_float = sorted(
+    name for name, value in tensors.items() if not np.issubdtype(value.dtype, np.floating)
+  )
   if not_float:
-    raise errors.InputFileError(f"--import_from: {weights_path} holds non-float tensors, e.g. "
-                                f"{not_float[:4]}; network weights are floating point.")
+    raise errors.InputFileError(
+      f"--import_from: {weights_path} holds non-float tensors, e.g. "
+      f"{not_float[:4]}; network weights are floating point."
+    )
   return config, {_modern_name(name): value for name, value in tensors.items()}
 
 
@@ -268,15 +292,20 @@ def params_from_diffusers(model_config: UNetConfig, tensors: dict[str, np.ndarra
     used.add(their_name)
     value = transform(np.asarray(tensors[their_name], np.float32))
     if value.shape != expected.shape:
-      mismatched.append(f"{their_name}: checkpoint {tuple(value.shape)} (as "
-                        f"{'/'.join(map(str, our_path))}) vs model {tuple(expected.shape)}")
+      mismatched.append(
+        f"{their_name}: checkpoint {tuple(value.shape)} (as "
+        f"{'/'.join(map(str, our_path))}) vs model {tuple(expected.shape)}"
+      )
       continue
     node[our_path[-1]] = value
   unexpected = sorted(set(tensors) - used)
   if missing or unexpected or mismatched:
     lines = []
-    for title, names in (("missing tensors", missing), ("unexpected tensors", unexpected),
-                         ("shape mismatches", mismatched)):
+    for title, names in (
+      ("missing tensors", missing),
+      ("unexpected tensors", unexpected),
+      ("shape mismatches", mismatched),
+    ):
       if names:
         lines.append(f"{len(names)} {title}:\n  " + "\n  ".join(names))
     raise CheckpointMismatchError("The checkpoint does not fit the model.\n" + "\n".join(lines))
@@ -284,8 +313,9 @@ def params_from_diffusers(model_config: UNetConfig, tensors: dict[str, np.ndarra
   return state
 
 
-def load_diffusers_unet(path: str, model_config: UNetConfig | None = None) -> tuple[UNetConfig,
-                                                                                     nnx.State]:
+def load_diffusers_unet(
+  path: str, model_config: UNetConfig | None = None
+) -> tuple[UNetConfig, nnx.State]:
   """Reads a diffusers UNet2DModel folder; returns (its UNetConfig, our parameter state).
 
   With `model_config` given, the checkpoint must describe the same architecture; otherwise a
@@ -293,12 +323,15 @@ def load_diffusers_unet(path: str, model_config: UNetConfig | None = None) -> tu
   """
   config, tensors = read_diffusers_folder(path)
   checkpoint_config = unet_config_from_diffusers(
-      config, dropout=model_config.dropout if model_config else 0.0,
-      compute_dtype=model_config.compute_dtype if model_config else "float32")
+    config,
+    dropout=model_config.dropout if model_config else 0.0,
+    compute_dtype=model_config.compute_dtype if model_config else "float32",
+  )
   if model_config is not None:
     differences = config_differences(model_config, checkpoint_config)
     if differences:
       raise CheckpointMismatchError(
-          f"The config does not match the checkpoint's {CONFIG_FILE} in {path}:\n  "
-          + "\n  ".join(differences))
+        f"The config does not match the checkpoint's {CONFIG_FILE} in {path}:\n  "
+        + "\n  ".join(differences)
+      )
   return checkpoint_config, params_from_diffusers(checkpoint_config, tensors)

@@ -74,8 +74,11 @@ def _backward(num_groups, epsilon, apply_swish, residuals, dout):
   m1 = jnp.sum(a * gamma_g, axis=2)[:, None, :, None] / count
   m2 = jnp.sum(b * gamma_g, axis=2)[:, None, :, None] / count
   dx = rstd * (gamma_g * u - m1 - x_hat * m2)
-  return dx.reshape(x.shape), jnp.sum(b, axis=0).reshape(gamma.shape), \
-      jnp.sum(a, axis=0).reshape(beta.shape)
+  return (
+    dx.reshape(x.shape),
+    jnp.sum(b, axis=0).reshape(gamma.shape),
+    jnp.sum(a, axis=0).reshape(beta.shape),
+  )
 
 
 group_norm_swish.defvjp(_forward, _backward)
@@ -85,7 +88,12 @@ class GroupNorm(nnx.GroupNorm):
   """`nnx.GroupNorm` (same parameters and forward) over the last axis of [N, ..., C], computed
   in float32, with the written-out backward above; `model(x, swish=True)` adds swish."""
 
-  def __call__(self, x, *, swish: bool = False):  # pylint: disable=arguments-differ
-    return group_norm_swish(x.astype(jnp.float32), self.scale[...].astype(jnp.float32),
-                            self.bias[...].astype(jnp.float32), self.num_groups, self.epsilon,
-                            swish)
+  def __call__(self, x, *, swish: bool = False):
+    return group_norm_swish(
+      x.astype(jnp.float32),
+      self.scale[...].astype(jnp.float32),
+      self.bias[...].astype(jnp.float32),
+      self.num_groups,
+      self.epsilon,
+      swish,
+    )

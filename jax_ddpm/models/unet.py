@@ -1,7 +1,8 @@
 """The noise-prediction U-Net of Ho et al. 2020 (Appendix B), in Flax NNX.
 
 Layer for layer the network of the original DDPM code (`diffusion_tf/models/unet.py`), so that
-the published DDPM weights load (diffusers_weights.py): a sinusoidal timestep embedding and a 4*ch MLP;
+the published DDPM weights load (diffusers_weights.py): a sinusoidal timestep embedding and a
+4*ch MLP;
 at each resolution `num_res_blocks` residual blocks (GroupNorm -> swish -> conv3x3 -> + time
 projection -> GroupNorm -> swish -> dropout -> conv3x3), self-attention at the resolutions in
 `attn_resolutions`, a stride-2 conv down; a middle of block, attention, block; the mirror path up
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +40,7 @@ RUNTIME_FIELDS = ("dropout", "compute_dtype", "remat")
 @dataclasses.dataclass(frozen=True)
 class UNetConfig:
   """Hyper-parameters of the U-Net; the defaults are the DDPM CIFAR-10 model (35.7M params)."""
+
   image_size: int = 32
   in_channels: int = 3
   out_channels: int = 3
@@ -50,8 +51,8 @@ class UNetConfig:
   dropout: float = 0.1
   num_groups: int = 32
   # None: single-head attention over all channels, as the paper. An int: heads of that size.
-  attention_head_dim: Optional[int] = None
-  num_classes: Optional[int] = None
+  attention_head_dim: int | None = None
+  num_classes: int | None = None
   compute_dtype: str = "float32"
   # Recompute each residual block's activations in the backward pass instead of storing them
   # (jax.checkpoint): less memory for more compute.
@@ -61,30 +62,40 @@ class UNetConfig:
     """Raises ConfigError naming the first inconsistent field (by its run-config key)."""
     levels = len(self.ch_mult)
     if levels < 1 or any(m < 1 for m in self.ch_mult):
-      raise ConfigError(f"model.ch_mult must be a non-empty tuple of positive ints, got {self.ch_mult}.")
+      raise ConfigError(
+        f"model.ch_mult must be a non-empty tuple of positive ints, got {self.ch_mult}."
+      )
     if self.image_size % 2 ** (levels - 1):
       raise ConfigError(
-          f"model.image_size={self.image_size} must be divisible by 2^(levels-1) = "
-          f"{2 ** (levels - 1)} for ch_mult={self.ch_mult} ({levels} levels).")
+        f"model.image_size={self.image_size} must be divisible by 2^(levels-1) = "
+        f"{2 ** (levels - 1)} for ch_mult={self.ch_mult} ({levels} levels)."
+      )
     resolutions = [self.image_size // 2**i for i in range(levels)]
     unknown = [r for r in self.attn_resolutions if r not in resolutions]
     if unknown:
-      raise ConfigError(f"model.attn_resolutions {unknown} are not among the U-Net's resolutions "
-                       f"{resolutions}.")
+      raise ConfigError(
+        f"model.attn_resolutions {unknown} are not among the U-Net's resolutions {resolutions}."
+      )
     for width in {self.ch * m for m in self.ch_mult}:
       if width % self.num_groups:
-        raise ConfigError(f"Channel width {width} (ch * ch_mult) is not divisible by "
-                         f"model.num_groups={self.num_groups}.")
+        raise ConfigError(
+          f"Channel width {width} (ch * ch_mult) is not divisible by "
+          f"model.num_groups={self.num_groups}."
+        )
       if self.attention_head_dim and width % self.attention_head_dim:
-        raise ConfigError(f"Channel width {width} is not divisible by "
-                         f"model.attention_head_dim={self.attention_head_dim}.")
+        raise ConfigError(
+          f"Channel width {width} is not divisible by "
+          f"model.attention_head_dim={self.attention_head_dim}."
+        )
     if self.ch % 2:
       raise ConfigError(f"model.ch must be even for the sinusoidal embedding, got {self.ch}.")
     if not 0.0 <= self.dropout < 1.0:
       raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}.")
     if self.compute_dtype not in ("float32", "bfloat16"):
-      raise ConfigError(f"model.compute_dtype must be 'float32' or 'bfloat16' (or 'auto' in a "
-                       f"run config), got {self.compute_dtype!r}.")
+      raise ConfigError(
+        f"model.compute_dtype must be 'float32' or 'bfloat16' (or 'auto' in a "
+        f"run config), got {self.compute_dtype!r}."
+      )
 
 
 def timestep_embedding(t: jax.Array, dim: int) -> jax.Array:
@@ -104,13 +115,27 @@ def swish(x):
 
 def group_norm(channels: int, num_groups: int, rngs: nnx.Rngs) -> GroupNorm:
   """GroupNorm in float32; `norm(x, swish=True)` is swish(GroupNorm(x)) with one backward."""
-  return GroupNorm(channels, num_groups=num_groups, epsilon=GROUP_NORM_EPSILON,
-                   use_fast_variance=False, dtype=jnp.float32, rngs=rngs)
+  return GroupNorm(
+    channels,
+    num_groups=num_groups,
+    epsilon=GROUP_NORM_EPSILON,
+    use_fast_variance=False,
+    dtype=jnp.float32,
+    rngs=rngs,
+  )
 
 
 def conv3x3(in_ch, out_ch, dtype, rngs, *, init=default_init, strides=1, padding="SAME"):
-  return nnx.Conv(in_ch, out_ch, (3, 3), strides=strides, padding=padding, dtype=dtype,
-                  kernel_init=init, rngs=rngs)
+  return nnx.Conv(
+    in_ch,
+    out_ch,
+    (3, 3),
+    strides=strides,
+    padding=padding,
+    dtype=dtype,
+    kernel_init=init,
+    rngs=rngs,
+  )
 
 
 def dense(in_features, out_features, dtype, rngs, *, init=default_init):
@@ -121,8 +146,7 @@ def dense(in_features, out_features, dtype, rngs, *, init=default_init):
 class ResnetBlock(nnx.Module):
   """The original `resnet_block`: two 3x3 convs with the time embedding added between them."""
 
-  def __init__(self, in_ch: int, out_ch: int, temb_ch: int, config: UNetConfig, *,
-               rngs: nnx.Rngs):
+  def __init__(self, in_ch: int, out_ch: int, temb_ch: int, config: UNetConfig, *, rngs: nnx.Rngs):
     dtype = jnp.dtype(config.compute_dtype)
     self.norm1 = group_norm(in_ch, config.num_groups, rngs)
     self.conv1 = conv3x3(in_ch, out_ch, dtype, rngs)
@@ -176,8 +200,9 @@ class Downsample(nnx.Module):
   """Stride-2 3x3 conv. TF 'SAME' padding at stride 2 pads one row and column after only."""
 
   def __init__(self, channels: int, config: UNetConfig, *, rngs: nnx.Rngs):
-    self.conv = conv3x3(channels, channels, jnp.dtype(config.compute_dtype), rngs, strides=2,
-                        padding=((0, 1), (0, 1)))
+    self.conv = conv3x3(
+      channels, channels, jnp.dtype(config.compute_dtype), rngs, strides=2, padding=((0, 1), (0, 1))
+    )
 
   def __call__(self, x):
     return self.conv(x)
@@ -230,8 +255,9 @@ class UNet(nnx.Module):
     temb_ch = 4 * ch
     self.temb_dense0 = dense(ch, temb_ch, dtype, rngs)
     self.temb_dense1 = dense(temb_ch, temb_ch, dtype, rngs)
-    self.class_embed = (nnx.Embed(config.num_classes, temb_ch, rngs=rngs)
-                        if config.num_classes else None)
+    self.class_embed = (
+      nnx.Embed(config.num_classes, temb_ch, rngs=rngs) if config.num_classes else None
+    )
     self.conv_in = conv3x3(config.in_channels, ch, dtype, rngs)
 
     skip_channels = [ch]  # widths of the activations the up path concatenates
@@ -259,8 +285,9 @@ class UNet(nnx.Module):
       blocks, attentions = [], []
       for _ in range(config.num_res_blocks + 1):
         out_width = ch * config.ch_mult[level]
-        blocks.append(ResnetBlock(width + skip_channels.pop(), out_width, temb_ch, config,
-                                  rngs=rngs))
+        blocks.append(
+          ResnetBlock(width + skip_channels.pop(), out_width, temb_ch, config, rngs=rngs)
+        )
         width = out_width
         if resolution in config.attn_resolutions:
           attentions.append(AttentionBlock(width, config, rngs=rngs))
@@ -277,13 +304,17 @@ class UNet(nnx.Module):
   def __call__(self, x, t, y=None, *, rngs=None):
     config = self.config
     if x.ndim != 4 or x.shape[1:] != (config.image_size, config.image_size, config.in_channels):
-      raise ValueError(f"UNet expects x of shape [B, {config.image_size}, {config.image_size}, "
-                       f"{config.in_channels}], got {x.shape}.")
+      raise ValueError(
+        f"UNet expects x of shape [B, {config.image_size}, {config.image_size}, "
+        f"{config.in_channels}], got {x.shape}."
+      )
     if t.shape != (x.shape[0],):
       raise ValueError(f"UNet expects t of shape [{x.shape[0]}], got {t.shape}.")
     if (y is None) != (self.class_embed is None):
-      raise ValueError("Class labels y are required exactly when model.num_classes is set "
-                       f"(num_classes={config.num_classes}, y given: {y is not None}).")
+      raise ValueError(
+        "Class labels y are required exactly when model.num_classes is set "
+        f"(num_classes={config.num_classes}, y given: {y is not None})."
+      )
     dtype = jnp.dtype(config.compute_dtype)
     temb = timestep_embedding(t, config.ch).astype(dtype)
     temb = self.temb_dense1(swish(self.temb_dense0(temb)))

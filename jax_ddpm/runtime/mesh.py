@@ -8,7 +8,6 @@ deadlocking when the host runs far ahead of the devices.
 """
 
 import collections
-from typing import Optional
 
 import jax
 import numpy as np
@@ -39,8 +38,10 @@ def check_divisible(batch_size, key: str, count: int, what: str = "devices") -> 
   """ConfigError unless the global batch `key` = batch_size splits evenly over `count` devices
   (or processes): each gets an equal share of every batch."""
   if not isinstance(batch_size, int) or batch_size <= 0 or batch_size % count:
-    raise ConfigError(f"{key}={batch_size} must be a positive multiple of the number of {what}, "
-                      f"{count}: the global batch is split evenly over them.")
+    raise ConfigError(
+      f"{key}={batch_size} must be a positive multiple of the number of {what}, "
+      f"{count}: the global batch is split evenly over them."
+    )
 
 
 def shard_batch(array: np.ndarray, mesh: Mesh) -> jax.Array:
@@ -48,7 +49,7 @@ def shard_batch(array: np.ndarray, mesh: Mesh) -> jax.Array:
   return jax.make_array_from_callback(array.shape, batch_sharding(mesh), lambda i: array[i])
 
 
-def gather(array: Optional[jax.Array]) -> Optional[np.ndarray]:
+def gather(array: jax.Array | None) -> np.ndarray | None:
   """A batch sharded over every process's devices, whole on each process (None stays None)."""
   if array is None:
     return None

@@ -20,7 +20,8 @@ import abc
 import dataclasses
 import enum
 import functools
-from typing import Any, Callable, ClassVar, NamedTuple, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +35,7 @@ from jax_ddpm.io.errors import ConfigError
 
 class Thresholding(str, enum.Enum):
   """What is done to each predicted x_0 before a step uses it."""
+
   NONE = "none"
   STATIC = "static"  # clip to [-1, 1], as the original DDPM sampler did
   DYNAMIC = "dynamic"  # Saharia et al. 2022 (Imagen), Sec. 2.3: see `threshold_x0`
@@ -41,6 +43,7 @@ class Thresholding(str, enum.Enum):
 
 class Spacing(str, enum.Enum):
   """How a few-step sampler picks its S timesteps out of T."""
+
   UNIFORM = "uniform"  # every (T // S)-th index from 0, as the DDIM code's "uniform" skip
   QUADRATIC = "quadratic"  # int(linspace(0, sqrt(0.8 T), S)^2), the DDIM paper's CIFAR-10 choice
   LOGSNR = "logsnr"  # uniform in lambda = log(alpha_t / sigma_t), DPM-Solver's choice (Sec. 3.3)
@@ -51,6 +54,7 @@ class Trajectory(NamedTuple):
 
   x_t[k] is the sample entering that step and x0[k] the network's prediction of x_0 there.
   """
+
   timesteps: jnp.ndarray  # [K] int32
   x_t: jnp.ndarray  # [K, *shape]
   x0: jnp.ndarray  # [K, *shape]
@@ -59,14 +63,16 @@ class Trajectory(NamedTuple):
 class Denoised(NamedTuple):
   """The network's estimates at (x_t, t) that a step reads: x_0 (thresholded) and the eps
   consistent with it, and a learned-variance network's raw variance channels (else None)."""
+
   x0: jax.Array
   eps: jax.Array
-  variance_output: Optional[jax.Array] = None
+  variance_output: jax.Array | None = None
 
 
 class Step(NamedTuple):
   """Where a step goes: from t to t_next ([B] int32 indices; t_next = -1 is the data), and its
   index in the run (0 first)."""
+
   t: jax.Array
   t_next: jax.Array
   index: jax.Array
@@ -84,8 +90,9 @@ def check_eta(eta, key: str = "eta") -> None:
     raise ConfigError(f"{key} must be in [0, 1], got {eta!r}.")
 
 
-def timestep_indices(schedule: DiffusionSchedule, num_steps: int,
-                     spacing: Spacing | str) -> np.ndarray:
+def timestep_indices(
+  schedule: DiffusionSchedule, num_steps: int, spacing: Spacing | str
+) -> np.ndarray:
   """The S increasing timestep indices a few-step sampler visits (it visits them in reverse)."""
   spacing = parse_enum(Spacing, spacing, "spacing")
   num_timesteps = schedule.num_timesteps
@@ -128,10 +135,11 @@ def check_start(schedule: DiffusionSchedule, timesteps, what: str = "the sampler
   signal, last = np.exp(0.5 * log_alpha_bar[start]), np.exp(0.5 * log_alpha_bar[-1])
   if signal > START_SIGNAL_TOLERANCE >= last:
     raise ConfigError(
-        f"{what}: the sampler's first timestep t = {start} keeps sqrt(alpha-bar_t) = "
-        f"{signal:.3f} of the data (the schedule's t = {len(log_alpha_bar) - 1}: {last:.3f}), but "
-        f"it starts from x_T ~ N(0, I); choose a spacing that starts nearer t = T - 1 for this "
-        f"schedule (uniform or logsnr).")
+      f"{what}: the sampler's first timestep t = {start} keeps sqrt(alpha-bar_t) = "
+      f"{signal:.3f} of the data (the schedule's t = {len(log_alpha_bar) - 1}: {last:.3f}), but "
+      f"it starts from x_T ~ N(0, I); choose a spacing that starts nearer t = T - 1 for this "
+      f"schedule (uniform or logsnr)."
+    )
 
 
 def frame_slots(num_steps: int, num_frames: int) -> np.ndarray:
@@ -166,8 +174,16 @@ def threshold_x0(x0, thresholding: Thresholding | str, percentile: float = 0.995
   return jnp.clip(x0, -s, s) / s
 
 
-def denoised(schedule: DiffusionSchedule, x_t, t, output, *, prediction: Prediction,
-             thresholding: Thresholding, percentile: float):
+def denoised(
+  schedule: DiffusionSchedule,
+  x_t,
+  t,
+  output,
+  *,
+  prediction: Prediction,
+  thresholding: Thresholding,
+  percentile: float,
+):
   """(x_0, eps) from the network output, x_0 thresholded and eps recomputed from it.
 
   eps is recomputed so that x_t = sqrt(alpha-bar_t) x_0 + sqrt(1 - alpha-bar_t) eps still holds
@@ -187,6 +203,7 @@ class Sampler(abc.ABC):
 
   name: the registry name (`sampling.sampler`).
   """
+
   name: ClassVar[str]
 
   @abc.abstractmethod
@@ -195,7 +212,7 @@ class Sampler(abc.ABC):
 
   @classmethod
   @abc.abstractmethod
-  def from_config(cls, sampling) -> "Sampler":
+  def from_config(cls, sampling) -> Sampler:
     """The sampler from its options among the keys of a run config's typed `sampling` section
     (config.run_config.SamplingConfig)."""
 
@@ -219,8 +236,7 @@ class Sampler(abc.ABC):
     return ()
 
   @abc.abstractmethod
-  def step(self, schedule: DiffusionSchedule, x_t, denoised: Denoised, step: Step, noise,
-           state):
+  def step(self, schedule: DiffusionSchedule, x_t, denoised: Denoised, step: Step, noise, state):
     """x_t -> x_{t_next}; returns (x_next, state). noise: N(0, I) of x_t's shape, or None
     unless `uses_noise`; state: what `init_state` or the previous step returned."""
 
@@ -255,11 +271,37 @@ def _record(frames, slot, x_t, x0):
   return frames_x_t, frames_x0
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "sampler", "denoise_fn", "shape", "timesteps", "prediction", "learn_sigma", "thresholding",
-    "percentile", "num_frames", "sharding"))
-def _run(sampler, denoise_fn, schedule, shape, rng, initial_noise, *, timesteps, prediction,
-         learn_sigma, thresholding, percentile, num_frames, sharding):
+@functools.partial(
+  jax.jit,
+  static_argnames=(
+    "sampler",
+    "denoise_fn",
+    "shape",
+    "timesteps",
+    "prediction",
+    "learn_sigma",
+    "thresholding",
+    "percentile",
+    "num_frames",
+    "sharding",
+  ),
+)
+def _run(
+  sampler,
+  denoise_fn,
+  schedule,
+  shape,
+  rng,
+  initial_noise,
+  *,
+  timesteps,
+  prediction,
+  learn_sigma,
+  thresholding,
+  percentile,
+  num_frames,
+  sharding,
+):
   x_t, rng_steps = _initial_state(rng, shape, initial_noise, sharding)
   timesteps = np.asarray(timesteps, np.int32)
   following = np.append(timesteps[1:], -1).astype(np.int32)
@@ -273,11 +315,24 @@ def _run(sampler, denoise_fn, schedule, shape, rng, initial_noise, *, timesteps,
     t, t_next, index, slot = xs
     t_batch, t_next_batch = (jnp.full((shape[0],), v, jnp.int32) for v in (t, t_next))
     output, variance_output = diffusion.split_output(denoise_fn(x_t, t_batch), learn_sigma)
-    x0, eps = denoised(schedule, x_t, t_batch, output, prediction=prediction,
-                       thresholding=thresholding, percentile=percentile)
+    x0, eps = denoised(
+      schedule,
+      x_t,
+      t_batch,
+      output,
+      prediction=prediction,
+      thresholding=thresholding,
+      percentile=percentile,
+    )
     noise = _step_noise(rng_steps, t, shape, sharding) if sampler.uses_noise else None
-    x_next, state = sampler.step(schedule, x_t, Denoised(x0, eps, variance_output),
-                                 Step(t_batch, t_next_batch, index), noise, state)
+    x_next, state = sampler.step(
+      schedule,
+      x_t,
+      Denoised(x0, eps, variance_output),
+      Step(t_batch, t_next_batch, index),
+      noise,
+      state,
+    )
     return (x_next, state, _record(frames, slot, x_t, x0)), None
 
   xs = tuple(jnp.asarray(v) for v in (timesteps, following, np.arange(len(timesteps)), slots))
@@ -287,12 +342,21 @@ def _run(sampler, denoise_fn, schedule, shape, rng, initial_noise, *, timesteps,
   return x_final, Trajectory(jnp.asarray(timesteps[slots >= 0]), *frames)
 
 
-def run(sampler: Sampler, denoise_fn: Callable, schedule: DiffusionSchedule,
-        shape: Sequence[int], rng: jax.Array, *, prediction: Prediction | str = "eps",
-        learn_sigma: bool = False, thresholding: Thresholding | str = "static",
-        threshold_percentile: float = 0.995,
-        initial_noise: Optional[jnp.ndarray] = None, num_frames: int = 0,
-        sharding: Optional[jax.sharding.Sharding] = None):
+def run(
+  sampler: Sampler,
+  denoise_fn: Callable,
+  schedule: DiffusionSchedule,
+  shape: Sequence[int],
+  rng: jax.Array,
+  *,
+  prediction: Prediction | str = "eps",
+  learn_sigma: bool = False,
+  thresholding: Thresholding | str = "static",
+  threshold_percentile: float = 0.995,
+  initial_noise: jnp.ndarray | None = None,
+  num_frames: int = 0,
+  sharding: jax.sharding.Sharding | None = None,
+):
   """Samples with `sampler`, one `lax.scan` over its timesteps.
 
   Args:
@@ -325,12 +389,25 @@ def run(sampler: Sampler, denoise_fn: Callable, schedule: DiffusionSchedule,
   if not 0.0 < float(threshold_percentile) <= 1.0:
     raise ValueError(f"threshold_percentile must be in (0, 1], got {threshold_percentile!r}.")
   if sampler.uses_learned_variance and not learn_sigma:
-    raise ValueError(f"{sampler} uses a learned variance, but the network does not output one "
-                     "(learn_sigma=False; model.learn_sigma in a run config).")
+    raise ValueError(
+      f"{sampler} uses a learned variance, but the network does not output one "
+      "(learn_sigma=False; model.learn_sigma in a run config)."
+    )
   timesteps = tuple(int(t) for t in sampler.timesteps(schedule))
   check_start(schedule, timesteps)
   frame_slots(len(timesteps), num_frames)
-  return _run(sampler, denoise_fn, schedule, shape, rng, initial_noise, timesteps=timesteps,
-              prediction=prediction, learn_sigma=bool(learn_sigma), thresholding=thresholding,
-              percentile=float(threshold_percentile), num_frames=int(num_frames),
-              sharding=sharding)
+  return _run(
+    sampler,
+    denoise_fn,
+    schedule,
+    shape,
+    rng,
+    initial_noise,
+    timesteps=timesteps,
+    prediction=prediction,
+    learn_sigma=bool(learn_sigma),
+    thresholding=thresholding,
+    percentile=float(threshold_percentile),
+    num_frames=int(num_frames),
+    sharding=sharding,
+  )

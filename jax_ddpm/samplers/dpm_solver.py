@@ -33,8 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_ddpm.diffusion.process import alpha_bar_pair, parse_enum
-from jax_ddpm.samplers import base
 from jax_ddpm.diffusion.schedules import DiffusionSchedule
+from jax_ddpm.samplers import base
 
 
 def step_coefficients(schedule: DiffusionSchedule, t, t_next, ndim: int):
@@ -55,6 +55,7 @@ class DPMSolverPP2M(base.Sampler):
   spacing: "logsnr" (uniform in lambda, the paper's default for pixel-space models),
   "uniform" or "quadratic" in t (see `base.Spacing`).
   """
+
   name = "dpmpp_2m"
   num_steps: int = 20
   spacing: base.Spacing = base.Spacing.LOGSNR
@@ -67,8 +68,9 @@ class DPMSolverPP2M(base.Sampler):
 
   @property
   def tags(self) -> tuple[str, ...]:
-    return ((self.spacing.value,) * (self.spacing != base.Spacing.UNIFORM)
-            + (f"order{self.order}",) * (self.order != 2))
+    return (self.spacing.value,) * (self.spacing != base.Spacing.UNIFORM) + (
+      f"order{self.order}",
+    ) * (self.order != 2)
 
   @classmethod
   def from_config(cls, sampling) -> DPMSolverPP2M:
@@ -82,8 +84,9 @@ class DPMSolverPP2M(base.Sampler):
     return jnp.zeros_like(x_T), jnp.zeros((), jnp.float32)
 
   def step(self, schedule, x_t, denoised, step, noise, state):
-    sigma_ratio, alpha_next, exp_neg_h, h = step_coefficients(schedule, step.t, step.t_next,
-                                                              x_t.ndim)
+    sigma_ratio, alpha_next, exp_neg_h, h = step_coefficients(
+      schedule, step.t, step.t_next, x_t.ndim
+    )
     h = h.reshape(-1)[0]  # every sample of the batch is at the same t
     estimate = self.estimate(denoised.x0, h, step, state)
     x_next = sigma_ratio * x_t + alpha_next * (1.0 - exp_neg_h) * estimate
@@ -93,8 +96,7 @@ class DPMSolverPP2M(base.Sampler):
     """D_i: first order on the first step, the step to the data, after a step that did not move
     (h_{i-1} = 0: quadratic spacing repeats t = 0 for large S), and for order 1."""
     x0_previous, h_previous = state
-    first_order = ((step.index == 0) | (step.t_next[0] < 0) | (self.order == 1)
-                   | (h_previous <= 0))
+    first_order = (step.index == 0) | (step.t_next[0] < 0) | (self.order == 1) | (h_previous <= 0)
     # 1 / (2 r) = h / (2 h_previous); the guard keeps the unused branch finite.
     half_over_r = 0.5 * jnp.where(first_order, 0.0, h / jnp.where(first_order, 1.0, h_previous))
     return (1.0 + half_over_r) * x0 - half_over_r * x0_previous
@@ -107,6 +109,7 @@ class SDEDPMSolverPP2M(DPMSolverPP2M):
   Adds the posterior's noise at every step like DDPM, which corrects what a few deterministic
   steps leave behind; spacing as DPMSolverPP2M.
   """
+
   name = "sde_dpmpp_2m"
 
   @property
@@ -114,13 +117,17 @@ class SDEDPMSolverPP2M(DPMSolverPP2M):
     return True
 
   def step(self, schedule, x_t, denoised, step, noise, state):
-    sigma_ratio, alpha_next, exp_neg_h, h = step_coefficients(schedule, step.t, step.t_next,
-                                                              x_t.ndim)
+    sigma_ratio, alpha_next, exp_neg_h, h = step_coefficients(
+      schedule, step.t, step.t_next, x_t.ndim
+    )
     h = h.reshape(-1)[0]
     estimate = self.estimate(denoised.x0, h, step, state)
     one_minus_exp = -jnp.expm1(-2.0 * h)  # 1 - e^{-2h}: 1 at the data (h = inf), 0 for h = 0
     log_alpha_bar_next = alpha_bar_pair(schedule, step.t, step.t_next, x_t.ndim)[1]
     sigma_next = jnp.sqrt(-jnp.expm1(log_alpha_bar_next))
-    x_next = (sigma_ratio * exp_neg_h * x_t + alpha_next * one_minus_exp * estimate
-              + sigma_next * jnp.sqrt(one_minus_exp) * noise)
+    x_next = (
+      sigma_ratio * exp_neg_h * x_t
+      + alpha_next * one_minus_exp * estimate
+      + sigma_next * jnp.sqrt(one_minus_exp) * noise
+    )
     return x_next, (denoised.x0, h)

@@ -11,7 +11,8 @@ count. A conditional model is guided by classifier-free guidance (diffusion/guid
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +28,7 @@ from jax_ddpm.samplers import base
 if TYPE_CHECKING:
   from jax_ddpm.config.builders import Run
 
-LABEL_STREAM = 0x1abe1  # the labels of a batch are drawn from fold_in(its key, LABEL_STREAM)
+LABEL_STREAM = 0x1ABE1  # the labels of a batch are drawn from fold_in(its key, LABEL_STREAM)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,34 +36,46 @@ class SamplingOptions:
   """How a network's outputs are read while sampling: what it predicts (eps | x0 | v), whether it
   also outputs its variance (learn_sigma), the thresholding of each predicted x_0, and for a
   conditional model the labels and guidance scale (None: unconditional)."""
+
   prediction: str = "eps"
   learn_sigma: bool = False
   thresholding: str = "static"
   threshold_percentile: float = 0.995
-  conditioning: Optional[guidance.Conditioning] = None
+  conditioning: guidance.Conditioning | None = None
 
 
 class Samples(NamedTuple):
   """One batch drawn by a sample function."""
+
   images: jax.Array  # float32 [B, H, W, C] in [-1, 1]
-  labels: Optional[jax.Array] = None  # int32 [B], the classes asked of a conditional model
-  trajectory: Optional[base.Trajectory] = None  # with num_frames > 0
+  labels: jax.Array | None = None  # int32 [B], the classes asked of a conditional model
+  trajectory: base.Trajectory | None = None  # with num_frames > 0
 
 
-def make_sample_fn(eval_graphdef: nnx.GraphDef, schedule: DiffusionSchedule,
-                   shape: tuple[int, ...], mesh: jax.sharding.Mesh, sampler: base.Sampler,
-                   options: SamplingOptions = SamplingOptions(), *,
-                   num_frames: int = 0) -> Callable:
+def make_sample_fn(
+  eval_graphdef: nnx.GraphDef,
+  schedule: DiffusionSchedule,
+  shape: tuple[int, ...],
+  mesh: jax.sharding.Mesh,
+  sampler: base.Sampler,
+  options: SamplingOptions = SamplingOptions(),
+  *,
+  num_frames: int = 0,
+) -> Callable:
   """A jitted fn(params, rng) -> Samples of `shape`, the batch sharded over the mesh.
 
   A conditional model (options.conditioning) is asked for its batch_labels and guided with its
   guidance_scale. Every argument is checked here, before the first (long) compile.
   """
   sharding = mesh_lib.batch_sharding(mesh)
-  run_options = dict(prediction=options.prediction, learn_sigma=options.learn_sigma,
-                     thresholding=options.thresholding,
-                     threshold_percentile=options.threshold_percentile, num_frames=num_frames,
-                     sharding=sharding)
+  run_options = dict(
+    prediction=options.prediction,
+    learn_sigma=options.learn_sigma,
+    thresholding=options.thresholding,
+    threshold_percentile=options.threshold_percentile,
+    num_frames=num_frames,
+    sharding=sharding,
+  )
   conditioning = options.conditioning
 
   def sample(params, rng):
@@ -70,9 +83,13 @@ def make_sample_fn(eval_graphdef: nnx.GraphDef, schedule: DiffusionSchedule,
     labels, denoise = None, lambda x_t, t: model(x_t, t)
     if conditioning is not None:
       labels = conditioning.batch_labels(jax.random.fold_in(rng, LABEL_STREAM), shape[0])
-      denoise = guidance.guide(lambda x_t, t, y: model(x_t, t, y), labels,
-                               conditioning.guidance_scale, conditioning.num_classes,
-                               options.learn_sigma)
+      denoise = guidance.guide(
+        lambda x_t, t, y: model(x_t, t, y),
+        labels,
+        conditioning.guidance_scale,
+        conditioning.num_classes,
+        options.learn_sigma,
+      )
     output = base.run(sampler, denoise, schedule, shape, rng, **run_options)
     images, trajectory = output if num_frames else (output, None)
     return Samples(images, labels, trajectory)
@@ -80,24 +97,28 @@ def make_sample_fn(eval_graphdef: nnx.GraphDef, schedule: DiffusionSchedule,
   def stand_in(x_t, t):
     return jnp.concatenate([x_t] * (2 if options.learn_sigma else 1), axis=-1)
 
-  jax.eval_shape(lambda: base.run(sampler, stand_in, schedule, shape, jax.random.key(0),
-                                  **run_options))
+  jax.eval_shape(
+    lambda: base.run(sampler, stand_in, schedule, shape, jax.random.key(0), **run_options)
+  )
   return jax.jit(sample, out_shardings=None)
 
 
-def draw_batch(sample_fn: Callable, params, base_key: jax.Array, index: int
-               ) -> tuple[np.ndarray, Optional[np.ndarray]]:
+def draw_batch(
+  sample_fn: Callable, params, base_key: jax.Array, index: int
+) -> tuple[np.ndarray, np.ndarray | None]:
   """Batch `index` of the stream seeded by base_key, whole on every process: uint8 NHWC images
   and, for a conditional model, their int32 labels (else None)."""
   samples = sample_fn(params, jax.random.fold_in(base_key, index))
   return image_io.to_uint8(mesh_lib.gather(samples.images)), mesh_lib.gather(samples.labels)
 
 
-def draw_images(sample_fn: Callable, params, base_key: jax.Array, count: int,
-                batch_size: int) -> tuple[np.ndarray, Optional[np.ndarray]]:
+def draw_images(
+  sample_fn: Callable, params, base_key: jax.Array, count: int, batch_size: int
+) -> tuple[np.ndarray, np.ndarray | None]:
   """The first `count` images (and labels) of the stream, batches 0, 1, ..., in memory."""
-  batches = [draw_batch(sample_fn, params, base_key, index)
-             for index in range(-(-count // batch_size))]
+  batches = [
+    draw_batch(sample_fn, params, base_key, index) for index in range(-(-count // batch_size))
+  ]
   images = np.concatenate([b[0] for b in batches])[:count]
   labels = None if batches[0][1] is None else np.concatenate([b[1] for b in batches])[:count]
   return images, labels
@@ -119,6 +140,7 @@ class Program:
   settings: everything that determines the images (the sampling section but num_samples, and
     the step); a resumed sample run must match it, and eval writes it into its results.
   """
+
   sample_fn: Callable
   params: Any
   base_key: jax.Array
@@ -127,31 +149,49 @@ class Program:
   settings: dict
   batch_size: int
 
-  def draw(self, count: int) -> tuple[np.ndarray, Optional[np.ndarray]]:
+  def draw(self, count: int) -> tuple[np.ndarray, np.ndarray | None]:
     """The first `count` images and their labels (None if unconditional), in memory: those
     --mode=sample writes for the same settings."""
     return draw_images(self.sample_fn, self.params, self.base_key, count, self.batch_size)
 
-  def draw_batch(self, index: int) -> tuple[np.ndarray, Optional[np.ndarray]]:
+  def draw_batch(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
     return draw_batch(self.sample_fn, self.params, self.base_key, index)
 
 
-def program_name(step: int, sampler: base.Sampler, schedule: DiffusionSchedule, sampling,
-                 conditional: bool) -> str:
+def program_name(
+  step: int, sampler: base.Sampler, schedule: DiffusionSchedule, sampling, conditional: bool
+) -> str:
   """`Program.name` of a typed sampling section's settings (see Program)."""
   thresholding = () if sampling.thresholding == "static" else (str(sampling.thresholding),)
   weights = () if sampling.use_ema else ("online",)
   seed = () if sampling.seed == 0 else (f"seed{sampling.seed}",)
-  name = "_".join([str(step), sampler.name, str(len(sampler.timesteps(schedule))),
-                   *sampler.tags, *thresholding, *weights, *seed])
+  name = "_".join(
+    [
+      str(step),
+      sampler.name,
+      str(len(sampler.timesteps(schedule))),
+      *sampler.tags,
+      *thresholding,
+      *weights,
+      *seed,
+    ]
+  )
   if conditional:
     name += f"_w{sampling.guidance_scale:g}"
   return name
 
 
-def create_program(eval_graphdef: nnx.GraphDef, params, step: int, schedule: DiffusionSchedule,
-                   sampler: base.Sampler, options: SamplingOptions, sampling, image_shape,
-                   mesh: jax.sharding.Mesh) -> Program:
+def create_program(
+  eval_graphdef: nnx.GraphDef,
+  params,
+  step: int,
+  schedule: DiffusionSchedule,
+  sampler: base.Sampler,
+  options: SamplingOptions,
+  sampling,
+  image_shape,
+  mesh: jax.sharding.Mesh,
+) -> Program:
   """The Program of a checkpoint's weights (`params`, EMA or not as sampling.use_ema chose) for
   a typed sampling section (config.run_config.SamplingConfig): batches of sampling.batch_size
   images of image_shape [H, W, C], seeded by sampling.seed."""
@@ -162,15 +202,32 @@ def create_program(eval_graphdef: nnx.GraphDef, params, step: int, schedule: Dif
   settings.pop("num_samples")  # asking for more (or fewer) images extends the same stream
   settings["step"] = step
   name = program_name(step, sampler, schedule, sampling, options.conditioning is not None)
-  return Program(sample_fn=sample_fn, params=params, base_key=jax.random.key(sampling.seed),
-                 step=step, name=name, settings=settings, batch_size=sampling.batch_size)
+  return Program(
+    sample_fn=sample_fn,
+    params=params,
+    base_key=jax.random.key(sampling.seed),
+    step=step,
+    name=name,
+    settings=settings,
+    batch_size=sampling.batch_size,
+  )
 
 
-def from_run(run: Run, eval_graphdef: nnx.GraphDef, state, step: int,
-             mesh: jax.sharding.Mesh) -> Program:
+def from_run(
+  run: Run, eval_graphdef: nnx.GraphDef, state, step: int, mesh: jax.sharding.Mesh
+) -> Program:
   """The Program of a run's sampling section for a restored TrainState: its EMA weights unless
   sampling.use_ema is off, the run's sampler, batches of sampling.batch_size."""
   sampling = run.config.sampling
   params = state.ema_params if sampling.use_ema else state.params
-  return create_program(eval_graphdef, params, step, run.schedule, run.sampler,
-                        run.sampling_options, sampling, run.image_shape, mesh)
+  return create_program(
+    eval_graphdef,
+    params,
+    step,
+    run.schedule,
+    run.sampler,
+    run.sampling_options,
+    sampling,
+    run.image_shape,
+    mesh,
+  )

@@ -14,10 +14,10 @@ from jax_ddpm.samplers.ddpm import DDPM
 from jax_ddpm.samplers.dpm_solver import DPMSolverPP2M, SDEDPMSolverPP2M
 
 REGISTRY: dict[str, type[Sampler]] = {
-    DDPM.name: DDPM,
-    DDIM.name: DDIM,
-    DPMSolverPP2M.name: DPMSolverPP2M,
-    SDEDPMSolverPP2M.name: SDEDPMSolverPP2M,
+  DDPM.name: DDPM,
+  DDIM.name: DDIM,
+  DPMSolverPP2M.name: DPMSolverPP2M,
+  SDEDPMSolverPP2M.name: SDEDPMSolverPP2M,
 }
 
 

@@ -15,7 +15,7 @@ Checkpoints written before a field existed, or by a run without the option, thus
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
@@ -49,14 +49,15 @@ class Checkpointer:
   def __init__(self, workdir: str, keep: int = 3, create: bool = True):
     self.directory = str(files.as_path(workdir) / "checkpoints")
     self._manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
-                                             enable_async_checkpointing=True),
-        # Named handlers let a reader see what a checkpoint holds before restoring it.
-        item_handlers={"state": ocp.StandardCheckpointHandler(),
-                       "meta": ocp.JsonCheckpointHandler()})
+      self.directory,
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=create, enable_async_checkpointing=True
+      ),
+      # Named handlers let a reader see what a checkpoint holds before restoring it.
+      item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
+    )
 
-  def latest_step(self) -> Optional[int]:
+  def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
   def all_steps(self) -> list[int]:
@@ -75,7 +76,7 @@ class Checkpointer:
     for candidate in sorted((s for s in self.all_steps() if s <= step), reverse=True):
       try:
         saved = self.read_meta(candidate)
-      except Exception:  # pylint: disable=broad-except
+      except Exception:
         continue
       step = candidate
       break
@@ -86,18 +87,24 @@ class Checkpointer:
       ours, theirs = meta.get(section, {}), saved.get(section, {})
       for key in sorted(set(ours) | set(theirs)):
         if _normalise(ours.get(key)) != _normalise(theirs.get(key)):
-          differences.append(f"{section}.{key}: config {ours.get(key)!r} vs checkpoint "
-                             f"{theirs.get(key)!r}")
+          differences.append(
+            f"{section}.{key}: config {ours.get(key)!r} vs checkpoint {theirs.get(key)!r}"
+          )
     if differences:
       raise IncompatibleCheckpointError(
-          f"{self.directory} holds checkpoints (latest step {step}) of a different model:\n  "
-          + "\n  ".join(differences)
-          + "\nUse another --workdir, or the config these checkpoints were trained with. "
-          "Nothing was written.")
+        f"{self.directory} holds checkpoints (latest step {step}) of a different model:\n  "
+        + "\n  ".join(differences)
+        + "\nUse another --workdir, or the config these checkpoints were trained with. "
+        "Nothing was written."
+      )
 
   def save(self, step: int, state: Any, meta: dict) -> None:
-    self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_saved(state)),
-                                                     meta=ocp.args.JsonSave(meta)))
+    self._manager.save(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(_saved(state)), meta=ocp.args.JsonSave(meta)
+      ),
+    )
 
   def restore(self, step: int, target: Any) -> Any:
     """The state saved at `step`, restored onto the shapes, dtypes and shardings of `target`
@@ -109,20 +116,25 @@ class Checkpointer:
     optional = {f.name for f in dataclasses.fields(target) if f.default is None}
     if set(missing) - optional:  # not an optional field: a damaged or foreign checkpoint
       raise ValueError(f"The checkpoint has no {sorted(set(missing) - optional)}.")
-    restore_target = {name: value for name, value in wanted.items()
-                      if value is not None and name in on_disk}
+    restore_target = {
+      name: value for name, value in wanted.items() if value is not None and name in on_disk
+    }
     sharding = _any_sharding(target)
     for name in set(on_disk) - set(restore_target):  # saved, but not wanted: read and drop
       restore_target[name] = jax.tree.map(
-          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
-          on_disk[name], is_leaf=lambda m: hasattr(m, "shape"))
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+        on_disk[name],
+        is_leaf=lambda m: hasattr(m, "shape"),
+      )
     restored = self._manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(restore_target)))["state"]
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(restore_target))
+    )["state"]
     fields = {name: restored.get(name) for name, value in wanted.items() if value is not None}
     for name in missing:
       logging.info("The checkpoint of step %d has no %s: it starts empty.", step, name)
-      fields[name] = jax.tree.map(lambda x: jax.device_put(np.zeros(x.shape, x.dtype),
-                                                           x.sharding), wanted[name])
+      fields[name] = jax.tree.map(
+        lambda x: jax.device_put(np.zeros(x.shape, x.dtype), x.sharding), wanted[name]
+      )
     return target.replace(**fields)
 
   def restore_latest(self, target: Any, fallback: bool = False) -> tuple[Any, int]:
@@ -136,12 +148,15 @@ class Checkpointer:
       try:
         return self.restore(step, target), step
       except Exception as error:  # orbax and tensorstore raise many types for damaged files
-        message = (f"The checkpoint of step {step} in {self.directory} cannot be read: "
-                   f"{type(error).__name__}: {str(error)[:500]}")
+        message = (
+          f"The checkpoint of step {step} in {self.directory} cannot be read: "
+          f"{type(error).__name__}: {str(error)[:500]}"
+        )
         if not fallback:
           raise UnreadableCheckpointError(
-              message + "\nPass --config.training.restore_fallback=True to set it aside and "
-              "resume from the previous checkpoint.") from error
+            message + "\nPass --config.training.restore_fallback=True to set it aside and "
+            "resume from the previous checkpoint."
+          ) from error
         logging.warning("%s\nSetting it aside and trying the previous checkpoint.", message)
         self._set_aside(step)
     raise UnreadableCheckpointError(f"No readable checkpoint in {self.directory}.")
@@ -163,8 +178,11 @@ def _saved(state: Any) -> Any:
   """The tree written for a dataclass state: its fields by name, optional ones only when set."""
   if not dataclasses.is_dataclass(state):
     return state
-  return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)
-          if getattr(state, f.name) is not None}
+  return {
+    f.name: getattr(state, f.name)
+    for f in dataclasses.fields(state)
+    if getattr(state, f.name) is not None
+  }
 
 
 def _any_sharding(target: Any):
@@ -179,7 +197,7 @@ def _normalise(value):
   return value
 
 
-def load_checkpoint(run: Run, workdir: str, step: Optional[int] = None):
+def load_checkpoint(run: Run, workdir: str, step: int | None = None):
   """(eval-mode graphdef, TrainState, step) of a workdir's checkpoint, latest unless `step`.
 
   Fails, before anything is compiled or written, when the workdir has no checkpoint, lacks
@@ -191,40 +209,46 @@ def load_checkpoint(run: Run, workdir: str, step: Optional[int] = None):
     if step is None:
       step = max(steps)
     elif step not in steps:
-      raise errors.ConfigError(f"No checkpoint of step {step} (--step) in {directory}; "
-                               f"available: {sorted(steps)}.")
+      raise errors.ConfigError(
+        f"No checkpoint of step {step} (--step) in {directory}; available: {sorted(steps)}."
+      )
     checkpointer.check_compatible(step, run.metadata)
     mesh = mesh_lib.data_mesh()
-    _, eval_graphdef, abstract = state_lib.abstract_train_state(run.unet, run.config.seed, mesh,
-                                                                run.optimizer)
+    _, eval_graphdef, abstract = state_lib.abstract_train_state(
+      run.unet, run.config.seed, mesh, run.optimizer
+    )
     try:
       restored = checkpointer.restore(step, abstract)
     except Exception as error:  # orbax and tensorstore raise many types for damaged files
       earlier = sorted(s for s in steps if s < step)
       raise UnreadableCheckpointError(
-          f"The checkpoint of step {step} in {directory} cannot be read: "
-          f"{type(error).__name__}: {str(error)[:500]}\nEarlier checkpoints (choose one with "
-          f"--step): {earlier}.") from error
+        f"The checkpoint of step {step} in {directory} cannot be read: "
+        f"{type(error).__name__}: {str(error)[:500]}\nEarlier checkpoints (choose one with "
+        f"--step): {earlier}."
+      ) from error
   finally:
     checkpointer.close()
   return eval_graphdef, restored, step
 
 
-def read_saved_config(workdir: str, step: Optional[int] = None) -> tuple[dict, int]:
+def read_saved_config(workdir: str, step: int | None = None) -> tuple[dict, int]:
   """(the run config saved beside a checkpoint, as nested dicts; its step), latest unless
   `step`: what a workdir was trained with."""
   checkpointer, steps = _reader(workdir)
   try:
     step = max(steps) if step is None else step
     if step not in steps:
-      raise errors.ConfigError(f"No checkpoint of step {step} in {checkpointer.directory}; "
-                               f"available: {sorted(steps)}.")
+      raise errors.ConfigError(
+        f"No checkpoint of step {step} in {checkpointer.directory}; available: {sorted(steps)}."
+      )
     meta = checkpointer.read_meta(step)
   finally:
     checkpointer.close()
   if "config" not in meta:
-    raise errors.InputFileError(f"The checkpoint of step {step} in {checkpointer.directory} "
-                                "records no run config; pass the config it was trained with.")
+    raise errors.InputFileError(
+      f"The checkpoint of step {step} in {checkpointer.directory} "
+      "records no run config; pass the config it was trained with."
+    )
   return meta["config"], step
 
 
@@ -236,8 +260,9 @@ def _reader(workdir: str) -> tuple[Checkpointer, list[int]]:
   if not steps:
     if checkpointer:
       checkpointer.close()
-    raise errors.MissingInputError(f"No checkpoint in {directory}: train first (--mode=train) "
-                                   "or import weights (--mode=import).")
+    raise errors.MissingInputError(
+      f"No checkpoint in {directory}: train first (--mode=train) or import weights (--mode=import)."
+    )
   return checkpointer, steps
 
 
@@ -249,13 +274,15 @@ def save_imported(run: Run, workdir: str, params) -> int:
   """
   existing = files.join(workdir, "checkpoints")
   if files.list_names(existing):
-    raise errors.ConfigError(f"{existing} already holds checkpoints; import into an empty "
-                             "--workdir. Nothing was written.")
+    raise errors.ConfigError(
+      f"{existing} already holds checkpoints; import into an empty --workdir. Nothing was written."
+    )
   mesh = mesh_lib.data_mesh()
   _, _, state = state_lib.create_train_state(run.unet, run.config.seed, mesh, run.optimizer)
   params = jax.device_put(params, mesh_lib.replicated(mesh))
-  state = state.replace(params=params, ema_params=params,
-                        opt_state=jax.jit(run.optimizer.init)(params))
+  state = state.replace(
+    params=params, ema_params=params, opt_state=jax.jit(run.optimizer.init)(params)
+  )
   checkpointer = Checkpointer(workdir, keep=run.config.training.keep_checkpoints)
   checkpointer.save(0, state, run.metadata)
   checkpointer.close()  # waits for the save

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
@@ -49,8 +50,11 @@ def train_and_evaluate(run: Run, workdir: str) -> TrainState:
       preempted = preemption.reached(trainer.step)
       trainer.checkpoint_if_due(preempted)
       if preempted:
-        logging.warning("Preemption notice (SIGTERM): saved the checkpoint of step %d; "
-                        "exiting. The same command resumes from it.", trainer.step)
+        logging.warning(
+          "Preemption notice (SIGTERM): saved the checkpoint of step %d; "
+          "exiting. The same command resumes from it.",
+          trainer.step,
+        )
         break
       trainer.sample_if_due()
       trainer.eval_if_due(stop=preemption.pending)
@@ -67,16 +71,22 @@ def check_machine(run: Run, mesh: jax.sharding.Mesh) -> None:
   in-training measurement's sample count and weights file."""
   training, evaluation = run.config.training, run.config.eval
   mesh_lib.check_divisible(training.batch_size, "training.batch_size", mesh.size)
-  mesh_lib.check_divisible(training.batch_size, "training.batch_size", jax.process_count(),
-                           "processes")
+  mesh_lib.check_divisible(
+    training.batch_size, "training.batch_size", jax.process_count(), "processes"
+  )
   if not training.eval_every_steps:
     return
-  metrics.check_full_rank_possible(training.eval_num_samples,
-                                   features.FEATURE_DIMS[evaluation.feature_net],
-                                   f"training.eval_num_samples={training.eval_num_samples}")
+  metrics.check_full_rank_possible(
+    training.eval_num_samples,
+    features.FEATURE_DIMS[evaluation.feature_net],
+    f"training.eval_num_samples={training.eval_num_samples}",
+  )
   if evaluation.feature_net == "inception":  # read at start-up: fail before any compile
-    files.require_file(evaluation.inception_weights or inception_weights.default_path(),
-                       "eval.inception_weights", inception_weights.HOW_TO_GET)
+    files.require_file(
+      evaluation.inception_weights or inception_weights.default_path(),
+      "eval.inception_weights",
+      inception_weights.HOW_TO_GET,
+    )
   mesh_lib.check_divisible(run.config.sampling.batch_size, "sampling.batch_size", mesh.size)
 
 
@@ -107,12 +117,20 @@ class Trainer:
     self._compile(train_graphdef, eval_graphdef, mesh)
     k = self.training.steps_per_dispatch
     self.batches = pipeline.BatchIterator(
-        source, first_step=self.step, global_batch=self.training.batch_size, seed=config.seed,
-        random_flip=config.data.random_flip, sharding=mesh_lib.batch_sharding(mesh, int(k > 1)),
-        steps_per_dispatch=k, labels=config.model.num_classes is not None)
+      source,
+      first_step=self.step,
+      global_batch=self.training.batch_size,
+      seed=config.seed,
+      random_flip=config.data.random_flip,
+      sharding=mesh_lib.batch_sharding(mesh, int(k > 1)),
+      steps_per_dispatch=k,
+      labels=config.model.num_classes is not None,
+    )
     self.report_progress = periodic_actions.ReportProgress(
-        num_train_steps=self.training.num_train_steps, writer=self.writer,
-        every_steps=self.training.log_every_steps)
+      num_train_steps=self.training.num_train_steps,
+      writer=self.writer,
+      every_steps=self.training.log_every_steps,
+    )
     self.pending_metrics, self.wait_time = [], 0.0
     self.unchecked = None  # (first step, metrics) of the last dispatch, checked after the next
     self.in_flight = mesh_lib.DispatchLimit()
@@ -123,29 +141,41 @@ class Trainer:
     if latest is not None:
       self.checkpointer.check_compatible(latest, self.run.metadata)
     train_graphdef, eval_graphdef, self.state = create_train_state(
-        self.run.unet, self.run.config.seed, mesh, self.run.optimizer,
-        self.run.history_timesteps)
+      self.run.unet, self.run.config.seed, mesh, self.run.optimizer, self.run.history_timesteps
+    )
     if latest is not None:
       self.state, restored_step = self.checkpointer.restore_latest(
-          self.state, fallback=self.training.restore_fallback)
-      logging.info("Resumed from the checkpoint of step %d in %s.", restored_step,
-                   self.checkpointer.directory)
+        self.state, fallback=self.training.restore_fallback
+      )
+      logging.info(
+        "Resumed from the checkpoint of step %d in %s.", restored_step, self.checkpointer.directory
+      )
     return train_graphdef, eval_graphdef
 
   def _compile(self, train_graphdef, eval_graphdef, mesh: jax.sharding.Mesh):
     """The train step, the sample-grid program and the measurement (compiled at first call)."""
     run, k = self.run, self.training.steps_per_dispatch
     if k > 1 and jax.default_backend() == "cpu":
-      logging.warning("training.steps_per_dispatch=%d on CPU: XLA's CPU backend runs convolutions "
-                      "inside loops far more slowly (docs/benchmarks.md); 1 is faster here.", k)
-    self.train_fn = make_train_fn(train_graphdef, run.schedule, run.optimizer, run.step_options,
-                                  mesh, steps_per_dispatch=k)
+      logging.warning(
+        "training.steps_per_dispatch=%d on CPU: XLA's CPU backend runs convolutions "
+        "inside loops far more slowly (docs/benchmarks.md); 1 is faster here.",
+        k,
+      )
+    self.train_fn = make_train_fn(
+      train_graphdef, run.schedule, run.optimizer, run.step_options, mesh, steps_per_dispatch=k
+    )
     count = program.padded_count(self.training.num_sample_images, mesh)
-    self.sample_fn = program.make_sample_fn(eval_graphdef, run.schedule,
-                                            (count, *run.image_shape), mesh, run.grid_sampler,
-                                            run.sampling_options)
-    self.measurement = (self._measurement(eval_graphdef, mesh)
-                        if self.training.eval_every_steps else None)
+    self.sample_fn = program.make_sample_fn(
+      eval_graphdef,
+      run.schedule,
+      (count, *run.image_shape),
+      mesh,
+      run.grid_sampler,
+      run.sampling_options,
+    )
+    self.measurement = (
+      self._measurement(eval_graphdef, mesh) if self.training.eval_every_steps else None
+    )
 
   def _measurement(self, eval_graphdef, mesh: jax.sharding.Mesh) -> measurement.Measurement:
     """The in-training measurement: its feature network (the run's own classifier, trained
@@ -158,14 +188,19 @@ class Trainer:
       evaluation = dataclasses.replace(evaluation, classifier=path)
     evaluation = dataclasses.replace(evaluation, inception_score=False)
     extractor = features.create_extractor(evaluation, run.config.data, self.workdir, mesh)
-    scorer = scoring.Scorer.create(extractor, evaluation, run.config.data, self.workdir,
-                                   kid=False)
+    scorer = scoring.Scorer.create(extractor, evaluation, run.config.data, self.workdir, kid=False)
     batch_size = run.config.sampling.batch_size
-    sample_fn = program.make_sample_fn(eval_graphdef, run.schedule,
-                                       (batch_size, *run.image_shape), mesh,
-                                       run.measurement_sampler, run.sampling_options)
-    return measurement.Measurement(sample_fn, scorer, self.training.eval_num_samples,
-                                   batch_size, run.config.sampling.seed)
+    sample_fn = program.make_sample_fn(
+      eval_graphdef,
+      run.schedule,
+      (batch_size, *run.image_shape),
+      mesh,
+      run.measurement_sampler,
+      run.sampling_options,
+    )
+    return measurement.Measurement(
+      sample_fn, scorer, self.training.eval_num_samples, batch_size, run.config.sampling.seed
+    )
 
   def _due(self, every: int) -> bool:
     return self.step % every == 0 or self.step == self.training.num_train_steps
@@ -210,12 +245,14 @@ class Trainer:
       rng = jax.random.key(self.run.config.seed + 1)
       images, labels = program.draw_batch(self.sample_fn, self.state.ema_params, rng, self.step)
       count = self.training.num_sample_images
-      grid = (image_io.image_grid(images[:count]) if labels is None
-              else image_io.class_grid(images[:count], labels[:count]))
+      grid = (
+        image_io.image_grid(images[:count])
+        if labels is None
+        else image_io.class_grid(images[:count], labels[:count])
+      )
       self.writer.write_images(self.step, {"samples": grid[None]})
       if jax.process_index() == 0:
-        files.save_png(files.join(self.workdir, "samples", f"train_step_{self.step:08d}.png"),
-                       grid)
+        files.save_png(files.join(self.workdir, "samples", f"train_step_{self.step:08d}.png"), grid)
 
   def eval_if_due(self, stop: Callable[[], bool]):
     """Sample quality of the EMA params as train_eval/ scalars (measurement.py)."""
@@ -224,12 +261,16 @@ class Trainer:
     with self.report_progress.timed("eval"):
       scalars = self.measurement(self.state.ema_params, stop)
     if scalars is None:
-      logging.info("Preemption notice: skipped the sample-quality measurement of step %d.",
-                   self.step)
+      logging.info(
+        "Preemption notice: skipped the sample-quality measurement of step %d.", self.step
+      )
       return
     self.writer.write_scalars(self.step, scalars)
-    logging.info("Sample quality at step %d: %s", self.step,
-                 {k: round(float(v), 4) for k, v in scalars.items()})
+    logging.info(
+      "Sample quality at step %d: %s",
+      self.step,
+      {k: round(float(v), 4) for k, v in scalars.items()},
+    )
 
   def check_finite(self, unchecked):
     """Raises FloatingPointError if the dispatch `unchecked` = (first step, metrics) went bad."""
@@ -255,11 +296,15 @@ def checked_source(config) -> sources.ImageSource:
   if num_classes is not None:
     found = source.num_classes
     if found is None:
-      raise errors.ConfigError(f"model.num_classes={num_classes} asks for a conditional model, "
-                               f"but data.source={config.data.source!r} yields no labels.")
+      raise errors.ConfigError(
+        f"model.num_classes={num_classes} asks for a conditional model, "
+        f"but data.source={config.data.source!r} yields no labels."
+      )
     if found > num_classes:
-      raise errors.ConfigError(f"data.source={config.data.source!r} has {found} classes, more "
-                               f"than model.num_classes={num_classes}.")
+      raise errors.ConfigError(
+        f"data.source={config.data.source!r} has {found} classes, more "
+        f"than model.num_classes={num_classes}."
+      )
   return source
 
 
@@ -273,12 +318,16 @@ def _halt_if_nonfinite(unchecked, checkpointer: checkpointing.Checkpointer) -> N
     bad_step = first_step + int(np.argmax(flags))
     checkpointer.wait_until_finished()
     latest = checkpointer.latest_step()
-    kept = (f"the last checkpoint, step {latest}, is kept in {checkpointer.directory}"
-            if latest is not None else "no checkpoint had been written yet")
+    kept = (
+      f"the last checkpoint, step {latest}, is kept in {checkpointer.directory}"
+      if latest is not None
+      else "no checkpoint had been written yet"
+    )
     raise FloatingPointError(
-        f"Non-finite loss or gradient at step {bad_step} (training.nonfinite_policy='halt'); "
-        f"its update was not applied and {kept}. Set training.nonfinite_policy='skip' to "
-        "withhold such updates and go on.")
+      f"Non-finite loss or gradient at step {bad_step} (training.nonfinite_policy='halt'); "
+      f"its update was not applied and {kept}. Set training.nonfinite_policy='skip' to "
+      "withhold such updates and go on."
+    )
 
 
 def _mean_metrics(step_metrics: list[dict]) -> dict[str, float]:

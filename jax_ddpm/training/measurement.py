@@ -16,7 +16,8 @@ that a resumed run measures in the same features. A measurement stops between ba
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Callable, Optional
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
@@ -50,27 +51,34 @@ def train_classifier_if_missing(config: RunConfig, path: str) -> None:
     return
   images, labels = sources.read_labelled(config.data, "train")
   started = time.perf_counter()
-  model, report = classifier.train(images, labels, num_steps=config.training.eval_classifier_steps,
-                                   batch_size=config.eval.classifier_batch_size,
-                                   seed=config.seed)
+  model, report = classifier.train(
+    images,
+    labels,
+    num_steps=config.training.eval_classifier_steps,
+    batch_size=config.eval.classifier_batch_size,
+    seed=config.seed,
+  )
   if jax.process_index() == 0:
     classifier.save(model, path)
   if jax.process_count() > 1:  # every process then loads the file process 0 wrote
     multihost_utils.sync_global_devices("measurement: classifier saved")
-  logging.info("Trained the in-training feature classifier in %.0f s: %s; saved to %s.",
-               time.perf_counter() - started, report, path)
+  logging.info(
+    "Trained the in-training feature classifier in %.0f s: %s; saved to %s.",
+    time.perf_counter() - started,
+    report,
+    path,
+  )
 
 
 class Measurement:
   """Draws `count` images with a compiled sample function and scores them."""
 
-  def __init__(self, sample_fn: Callable, scorer: Scorer, count: int, batch_size: int,
-               seed: int):
+  def __init__(self, sample_fn: Callable, scorer: Scorer, count: int, batch_size: int, seed: int):
     self.sample_fn, self.scorer = sample_fn, scorer
     self.count, self.batch_size = count, batch_size
     self.base_key = jax.random.key(seed)
 
-  def __call__(self, params, stop: Callable[[], bool] = lambda: False) -> Optional[dict]:
+  def __call__(self, params, stop: Callable[[], bool] = lambda: False) -> dict | None:
     """train_eval/ scalars of images drawn with `params`; None if `stop()` cut it short."""
     started = time.perf_counter()
     images = []
@@ -78,8 +86,9 @@ class Measurement:
       if stop():
         return None
       images.append(program.draw_batch(self.sample_fn, params, self.base_key, index)[0])
-    results = self.scorer.score(np.concatenate(images)[:self.count])
-    scalars = {name: results[name] for name in (self.scorer.distance_name, *SCALARS)
-               if name in results}
+    results = self.scorer.score(np.concatenate(images)[: self.count])
+    scalars = {
+      name: results[name] for name in (self.scorer.distance_name, *SCALARS) if name in results
+    }
     scalars["seconds"] = time.perf_counter() - started
     return {f"train_eval/{name}": value for name, value in scalars.items()}

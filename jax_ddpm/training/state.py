@@ -8,7 +8,6 @@ loss history of importance-sampled runs. checkpointing.py saves and restores it.
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import flax.struct
 import jax
@@ -24,6 +23,7 @@ from jax_ddpm.runtime import mesh as mesh_lib
 @flax.struct.dataclass
 class TrainState:
   """Everything needed to continue a run exactly."""
+
   step: jax.Array  # int32 scalar: steps taken
   params: nnx.State
   ema_params: nnx.State
@@ -32,11 +32,16 @@ class TrainState:
   nonfinite_steps: jax.Array  # int32: steps whose update was withheld for a non-finite loss/grad
   # Runs with importance-sampled t only (training.timestep_sampling); None otherwise, and then
   # absent from the checkpoint (checkpointing.py restores states saved with or without it).
-  timestep_history: Optional[timesteps.TimestepHistory] = None
+  timestep_history: timesteps.TimestepHistory | None = None
 
 
-def _graphdefs_and_init(unet: UNetConfig, seed: int, mesh: jax.sharding.Mesh,
-                        optimizer: optax.GradientTransformation, history_timesteps: int):
+def _graphdefs_and_init(
+  unet: UNetConfig,
+  seed: int,
+  mesh: jax.sharding.Mesh,
+  optimizer: optax.GradientTransformation,
+  history_timesteps: int,
+):
   abstract = nnx.eval_shape(lambda: UNet(unet, rngs=nnx.Rngs(params=seed)))
   abstract.train()
   train_graphdef = nnx.graphdef(abstract)
@@ -46,34 +51,45 @@ def _graphdefs_and_init(unet: UNetConfig, seed: int, mesh: jax.sharding.Mesh,
   @functools.partial(jax.jit, out_shardings=mesh_lib.replicated(mesh))
   def init():
     params = nnx.state(UNet(unet, rngs=nnx.Rngs(params=seed)), nnx.Param)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-                      opt_state=optimizer.init(params),
-                      rng=jax.random.key_data(jax.random.key(seed)),
-                      nonfinite_steps=jnp.zeros((), jnp.int32),
-                      timestep_history=(timesteps.empty_history(history_timesteps)
-                                        if history_timesteps else None))
+    return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      ema_params=params,
+      opt_state=optimizer.init(params),
+      rng=jax.random.key_data(jax.random.key(seed)),
+      nonfinite_steps=jnp.zeros((), jnp.int32),
+      timestep_history=(timesteps.empty_history(history_timesteps) if history_timesteps else None),
+    )
 
   return train_graphdef, eval_graphdef, init
 
 
-def create_train_state(unet: UNetConfig, seed: int, mesh: jax.sharding.Mesh,
-                       optimizer: optax.GradientTransformation, history_timesteps: int = 0):
+def create_train_state(
+  unet: UNetConfig,
+  seed: int,
+  mesh: jax.sharding.Mesh,
+  optimizer: optax.GradientTransformation,
+  history_timesteps: int = 0,
+):
   """(train-mode graphdef, eval-mode graphdef, fresh TrainState replicated over the mesh).
 
   The weights are initialised from `seed`, which is also the run's base key (TrainState.rng).
   history_timesteps = T gives the state an empty loss history for importance-sampled t
   (config/builders.py's history_timesteps).
   """
-  train_graphdef, eval_graphdef, init = _graphdefs_and_init(unet, seed, mesh, optimizer,
-                                                            history_timesteps)
+  train_graphdef, eval_graphdef, init = _graphdefs_and_init(
+    unet, seed, mesh, optimizer, history_timesteps
+  )
   return train_graphdef, eval_graphdef, init()
 
 
-def abstract_train_state(unet: UNetConfig, seed: int, mesh: jax.sharding.Mesh,
-                         optimizer: optax.GradientTransformation):
+def abstract_train_state(
+  unet: UNetConfig, seed: int, mesh: jax.sharding.Mesh, optimizer: optax.GradientTransformation
+):
   """As create_train_state, but the state is shapes and shardings only: a restore target."""
   train_graphdef, eval_graphdef, init = _graphdefs_and_init(unet, seed, mesh, optimizer, 0)
   replicated = mesh_lib.replicated(mesh)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                          jax.eval_shape(init))
+  abstract = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), jax.eval_shape(init)
+  )
   return train_graphdef, eval_graphdef, abstract

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +35,7 @@ class EMARule:
   d_t = decay, or with warmup min(decay, (1 + t) / (10 + t)) at step t (the original DDPM code's
   tf.train.ExponentialMovingAverage with num_updates), so early averages forget the random init.
   """
+
   decay: float
   warmup: bool
 
@@ -60,22 +61,24 @@ class StepOptions:
   from {0..max_timestep} (None: all T). inject_nonfinite_at_steps: a NaN loss at these steps
   (fault injection for the tests).
   """
+
   prediction: str
   ema: EMARule
   learning_rate: optax.Schedule
-  num_classes: Optional[int] = None
+  num_classes: int | None = None
   label_dropout: float = 0.0
-  loss_weights: Optional[tuple[float, ...]] = None
+  loss_weights: tuple[float, ...] | None = None
   learn_sigma: bool = False
   vlb_weight: float = 0.0
   objective: str = "simple"
   importance_sampling: bool = False
-  max_timestep: Optional[int] = None
+  max_timestep: int | None = None
   inject_nonfinite_at_steps: tuple[int, ...] = ()
 
 
-def draw_timesteps(key: jax.Array, state: TrainState, batch_size: int, num_timesteps: int,
-                   options: StepOptions):
+def draw_timesteps(
+  key: jax.Array, state: TrainState, batch_size: int, num_timesteps: int, options: StepOptions
+):
   """(t [B], per-example loss weights): by importance from the state's history, or uniform over
   {0..T-1} (DDPM Algorithm 1, line 3), or over {0..max_timestep} (training.max_timestep)."""
   if options.importance_sampling:
@@ -84,9 +87,15 @@ def draw_timesteps(key: jax.Array, state: TrainState, batch_size: int, num_times
   return timesteps.uniform(key, batch_size, count), 1.0
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef,
-               schedule: DiffusionSchedule, optimizer: optax.GradientTransformation,
-               options: StepOptions) -> tuple[TrainState, dict]:
+def train_step(
+  state: TrainState,
+  batch: dict[str, jax.Array],
+  *,
+  graphdef: nnx.GraphDef,
+  schedule: DiffusionSchedule,
+  optimizer: optax.GradientTransformation,
+  options: StepOptions,
+) -> tuple[TrainState, dict]:
   """One step of DDPM Algorithm 1 plus the EMA update; returns (new state, metrics).
 
   batch: {"image": x_0 [B, H, W, C]} and, for a conditional model, "label" [B].
@@ -101,11 +110,18 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.
   def loss_fn(params):
     model = nnx.merge(graphdef, params)
     rngs = nnx.Rngs(dropout=dropout_key)
-    losses = training_losses(schedule, lambda x_t, t: model(x_t, t, y, rngs=rngs), x0,
-                                       t, eps, options.prediction, options.loss_weights,
-                                       learn_sigma=options.learn_sigma,
-                                       vlb_weight=options.vlb_weight,
-                                       objective=options.objective)
+    losses = training_losses(
+      schedule,
+      lambda x_t, t: model(x_t, t, y, rngs=rngs),
+      x0,
+      t,
+      eps,
+      options.prediction,
+      options.loss_weights,
+      learn_sigma=options.learn_sigma,
+      vlb_weight=options.vlb_weight,
+      objective=options.objective,
+    )
     loss = jnp.mean(losses * t_weights)
     injected = options.inject_nonfinite_at_steps
     if injected:  # fault injection (tests): a NaN loss, hence NaN gradients, at these steps
@@ -129,14 +145,19 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.
   if options.importance_sampling:
     history = keep_if_finite(timesteps.record(history, t, losses), history)
   new_state = state.replace(
-      step=state.step + 1, params=keep_if_finite(params, state.params),
-      ema_params=keep_if_finite(ema_params, state.ema_params),
-      opt_state=keep_if_finite(opt_state, state.opt_state),
-      nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
-      timestep_history=history)
-  metrics = {"loss": loss, "grad_norm": grad_norm,
-             "learning_rate": options.learning_rate(state.step),
-             "nonfinite": (~finite).astype(jnp.int32)}
+    step=state.step + 1,
+    params=keep_if_finite(params, state.params),
+    ema_params=keep_if_finite(ema_params, state.ema_params),
+    opt_state=keep_if_finite(opt_state, state.opt_state),
+    nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
+    timestep_history=history,
+  )
+  metrics = {
+    "loss": loss,
+    "grad_norm": grad_norm,
+    "learning_rate": options.learning_rate(state.step),
+    "nonfinite": (~finite).astype(jnp.int32),
+  }
   return new_state, metrics
 
 
@@ -150,16 +171,24 @@ def _dropped_labels(batch: dict, options: StepOptions, key: jax.Array):
   return jnp.where(dropped, guidance.null_label(options.num_classes), y)
 
 
-def make_train_fn(graphdef, schedule: DiffusionSchedule, optimizer: optax.GradientTransformation,
-                  options: StepOptions, mesh: jax.sharding.Mesh, *,
-                  steps_per_dispatch: int = 1, donate: bool = True) -> Callable:
+def make_train_fn(
+  graphdef,
+  schedule: DiffusionSchedule,
+  optimizer: optax.GradientTransformation,
+  options: StepOptions,
+  mesh: jax.sharding.Mesh,
+  *,
+  steps_per_dispatch: int = 1,
+  donate: bool = True,
+) -> Callable:
   """jit(state, batch) -> (state, metrics), k = steps_per_dispatch steps per call.
 
   For k > 1 the batch is [k, B, H, W, C] and the steps run in one lax.scan; metrics are [k].
   The incoming state's buffers are donated (`donate=False` keeps them, for benchmarks).
   """
-  step = functools.partial(train_step, graphdef=graphdef, schedule=schedule,
-                           optimizer=optimizer, options=options)
+  step = functools.partial(
+    train_step, graphdef=graphdef, schedule=schedule, optimizer=optimizer, options=options
+  )
   k = steps_per_dispatch
 
   def train_fn(state, batch):
@@ -168,6 +197,9 @@ def make_train_fn(graphdef, schedule: DiffusionSchedule, optimizer: optax.Gradie
     return jax.lax.scan(step, state, batch)
 
   replicated = mesh_lib.replicated(mesh)
-  return jax.jit(train_fn, donate_argnums=(0,) if donate else (),
-                 in_shardings=(replicated, mesh_lib.batch_sharding(mesh, int(k > 1))),
-                 out_shardings=(replicated, replicated))
+  return jax.jit(
+    train_fn,
+    donate_argnums=(0,) if donate else (),
+    in_shardings=(replicated, mesh_lib.batch_sharding(mesh, int(k > 1))),
+    out_shardings=(replicated, replicated),
+  )
