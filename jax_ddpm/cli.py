@@ -12,21 +12,18 @@ import os
 import sys
 from collections.abc import Callable
 
-import jax
-import ml_collections
-from absl import app, flags, logging
-from ml_collections import config_flags
+# TensorFlow's C++ logging (clu's summary writers load TensorFlow) from warnings up, set before
+# anything imports it.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from jax_ddpm.config import builders, run_config, shipped
-from jax_ddpm.data import sources
-from jax_ddpm.evaluation import classifier, inception_weights, pictures, report
-from jax_ddpm.io import errors, sample_files
-from jax_ddpm.io import paths as files
-from jax_ddpm.models import diffusers_weights
-from jax_ddpm.runtime import devices
-from jax_ddpm.runtime import mesh as mesh_lib
-from jax_ddpm.samplers import program
-from jax_ddpm.training import checkpointing, loop
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from jax_ddpm.config import shipped  # noqa: E402
+from jax_ddpm.io import errors  # noqa: E402
+from jax_ddpm.runtime import devices  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,20 +77,30 @@ flags.DEFINE_integer("process_id", None, "This process's index (with --distribut
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _run(args: Arguments) -> builders.Run:
-  """The typed, built run of the config (with its --config.* overrides)."""
+# Each mode imports the library parts it uses, so that --help and a mistyped flag answer at once.
+def _run(args: Arguments):
+  """The typed, built run (config.builders.Run) of the config with its --config.* overrides."""
+  from jax_ddpm.config import builders, run_config  # noqa: PLC0415
+
   return builders.build(run_config.from_config_dict(args.config))
 
 
 def train(args: Arguments):
+  from jax_ddpm.training import loop  # noqa: PLC0415
+
   return loop.train_and_evaluate(_run(args), args.workdir)
 
 
 def sample(args: Arguments) -> str:
+  from jax_ddpm.io import paths, sample_files  # noqa: PLC0415
+  from jax_ddpm.runtime import mesh  # noqa: PLC0415
+  from jax_ddpm.samplers import program  # noqa: PLC0415
+  from jax_ddpm.training import checkpointing  # noqa: PLC0415
+
   run = _run(args)
   model = checkpointing.load_checkpoint(run, args.workdir, args.step)
-  drawer = program.from_run(run, *model, mesh_lib.data_mesh())
-  directory = files.join(args.workdir, "samples", drawer.name)
+  drawer = program.from_run(run, *model, mesh.data_mesh())
+  directory = paths.join(args.workdir, "samples", drawer.name)
   return sample_files.write_samples(
     directory,
     drawer.settings,
@@ -104,12 +111,17 @@ def sample(args: Arguments) -> str:
 
 
 def visualize(args: Arguments) -> list[str]:
+  from jax_ddpm.data import sources  # noqa: PLC0415
+  from jax_ddpm.evaluation import pictures  # noqa: PLC0415
+  from jax_ddpm.runtime import mesh  # noqa: PLC0415
+  from jax_ddpm.training import checkpointing  # noqa: PLC0415
+
   run = _run(args)
   eval_graphdef, state, step = checkpointing.load_checkpoint(run, args.workdir, args.step)
   source = sources.create_source(run.config.data)
   sources.check_source_shape(source, run.config.data)
   params = state.ema_params if run.config.sampling.use_ema else state.params
-  drawn = pictures.draw(run, eval_graphdef, params, source.read([0])[0], mesh_lib.data_mesh())
+  drawn = pictures.draw(run, eval_graphdef, params, source.read([0])[0], mesh.data_mesh())
   paths = pictures.write(args.workdir, step, *drawn)
   for path in paths:
     logging.info("Wrote %s", path)
@@ -117,6 +129,9 @@ def visualize(args: Arguments) -> list[str]:
 
 
 def import_diffusers(args: Arguments) -> int:
+  from jax_ddpm.models import diffusers_weights  # noqa: PLC0415
+  from jax_ddpm.training import checkpointing  # noqa: PLC0415
+
   folder = _required(args, "import_from", "a diffusers UNet2DModel folder")
   run = _run(args)
   _, params = diffusers_weights.load_diffusers_unet(folder, run.unet)
@@ -126,6 +141,9 @@ def import_diffusers(args: Arguments) -> int:
 
 
 def evaluate(args: Arguments) -> dict:
+  from jax_ddpm.evaluation import report  # noqa: PLC0415
+  from jax_ddpm.training import checkpointing  # noqa: PLC0415
+
   run = _run(args)
   return report.evaluate(
     run, args.workdir, lambda: checkpointing.load_checkpoint(run, args.workdir, args.step)
@@ -133,6 +151,10 @@ def evaluate(args: Arguments) -> dict:
 
 
 def train_classifier(args: Arguments) -> dict:
+  from jax_ddpm.config import run_config  # noqa: PLC0415
+  from jax_ddpm.data import sources  # noqa: PLC0415
+  from jax_ddpm.evaluation import classifier  # noqa: PLC0415
+
   config = run_config.from_config_dict(args.config)
   images, labels = sources.read_labelled(config.data, "train")
   model, summary = classifier.train(
@@ -150,6 +172,9 @@ def train_classifier(args: Arguments) -> dict:
 
 
 def import_inception(args: Arguments) -> str:
+  from jax_ddpm.config import run_config  # noqa: PLC0415
+  from jax_ddpm.evaluation import inception_weights  # noqa: PLC0415
+
   source = _required(
     args, "import_from", "default_1.pt or inception-2015-12-05.tgz. " + inception_weights.HOW_TO_GET
   )
@@ -215,7 +240,8 @@ def usage() -> str:
   ]
   for name, mode in MODES.items():
     lines += [f"  {name:<{width}}  {mode.summary}", f"  {'':<{width}}    {mode.example}"]
-  return "\n".join(lines + [""])
+  lines += ["", "Flags:", FLAGS.module_help(__name__), ""]
+  return "\n".join(lines)
 
 
 def _required(args: Arguments, flag: str, what: str) -> str:
@@ -242,12 +268,7 @@ def main(argv):
     MODES[FLAGS.mode].run(
       Arguments(FLAGS.config, FLAGS.workdir, FLAGS.step, FLAGS.import_from, FLAGS.mode)
     )
-  except (
-    errors.UserInputError,
-    checkpointing.UnreadableCheckpointError,
-    FloatingPointError,
-    FileNotFoundError,
-  ) as error:
+  except (errors.UserInputError, FloatingPointError, FileNotFoundError) as error:
     # A user's mistake: the message alone. After a failed checkpoint read orbax leaves
     # asynchronous tasks whose shutdown would bury it under tracebacks, so the process exits at
     # once (the library's own cleanup has flushed everything).

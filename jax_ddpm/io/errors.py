@@ -21,3 +21,7 @@ class InputFileError(UserInputError):
 
 class MissingInputError(InputFileError, FileNotFoundError):
   """A file or directory the user named does not exist."""
+
+
+class UnreadableCheckpointError(InputFileError):
+  """A checkpoint's files in the workdir are damaged or missing."""

@@ -32,8 +32,7 @@ if TYPE_CHECKING:
   from jax_ddpm.config.builders import Run
 
 
-class UnreadableCheckpointError(RuntimeError):
-  """A checkpoint's files are damaged or missing."""
+UnreadableCheckpointError = errors.UnreadableCheckpointError  # raised by restores
 
 
 class IncompatibleCheckpointError(errors.UserInputError):
