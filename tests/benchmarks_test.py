@@ -195,3 +195,25 @@ def test_recipe_ablation_times_an_earlier_checkpoint_by_the_uptime_after_it(tmp_
   assert recipe_ablation.seconds_until("wide", str(tmp_path), 100, 100.0) == 78.5
   with pytest.raises(ValueError, match="no uptime at step 75"):
     recipe_ablation.seconds_until("wide", str(tmp_path), 75, 100.0)
+
+
+def test_the_accelerator_check_runs_a_smaller_config_on_a_cpu_and_writes_its_table(
+  tmp_path, capsys
+):
+  """benchmarks/accelerator.py as the GPU machine runs it, on the smoke config: every case in its
+  own process, the peer's rows, the anchor row, the table and its JSON."""
+  from benchmarks import accelerator
+
+  accelerator.main(["--smoke", "--out", str(tmp_path)])
+  out = capsys.readouterr().out
+  print(out)
+  assert "Machine: " in out and "| train step, float32" in out and "TPU v3-8" in out
+  report = json.loads((tmp_path / "accelerator.json").read_text())
+  results = [case["result"] for case in report["cases"]]
+  assert not [r["error"] for r in results if "error" in r]
+  train = [c["result"] for c in report["cases"] if c["spec"]["kind"] == "train"]
+  assert len(train) == 2 and all(r["flops"] > 0 and r["seconds"][0] > 0 for r in train)
+  peer = next(c["result"] for c in report["cases"] if c["spec"]["kind"] == "torch")
+  assert {"train float32", "train bfloat16", "sample ddim", "sample dpmpp_2m"} <= set(peer)
+  ratios = [row[-1] for row in report["table"]["rows"][:4]]
+  assert all(float(ratio) > 0 for ratio in ratios), ratios

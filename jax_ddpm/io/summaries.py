@@ -1,12 +1,15 @@
-"""TensorBoard summaries written through the path layer, so a gs:// workdir holds them too.
+"""TensorBoard summaries written through the path layer, with TensorBoard's protos alone.
 
-CLU's SummaryWriter writes through TensorFlow's own file system, whose GCS client talks only to
-the public endpoint. This writer produces the same event files (TFRecord framing of `Event`
-protos, the tensor summaries that tf.summary's v2 ops write) through epath. A local file grows
-by appends, so a live TensorBoard follows it; object stores have no append, so there each
-flush uploads the current file whole, and a new file starts when it passes `segment_bytes`.
-TensorBoard reads the files of a directory in name order, and a name starts with the creation
-time, as TensorFlow's do.
+The writers have CLU's MetricWriter methods (write_scalars, write_images, write_texts,
+write_histograms, write_hparams, flush, close), so CLU's periodic actions write through them, but
+they import neither CLU's metric_writers nor TensorFlow (which that package loads): a run writes
+its summaries where TensorFlow is not installed. `EventFileWriter` produces the event files that
+tf.summary's v2 ops write (TFRecord framing of `Event` protos, float32 scalars) through epath, so
+a gs:// workdir holds them too (TensorFlow's own GCS client reaches only the public endpoint). A
+local file grows by appends, so a live TensorBoard follows it; object stores have no append, so
+there each flush uploads the current file whole, and a new file starts when it passes
+`segment_bytes`. TensorBoard reads the files of a directory in name order, and a name starts with
+the creation time, as TensorFlow's do. `LoggingWriter` logs what it is given as CLU's does.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from clu import metric_writers
+from absl import logging
 from PIL import Image
 from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
@@ -28,12 +31,59 @@ from tensorboard.plugins.hparams import summary_v2
 from jax_ddpm.io import paths as files
 
 
-def create_writer(workdir: str, *, just_logging: bool = False) -> metric_writers.MetricWriter:
+def create_writer(workdir: str, *, just_logging: bool = False) -> MultiWriter:
   """Logs every summary; process 0 (just_logging=False) also writes TensorBoard event files."""
-  writers = [metric_writers.LoggingWriter()]
+  writers = [LoggingWriter()]
   if not just_logging:
     writers.append(EventFileWriter(workdir))
-  return metric_writers.MultiWriter(writers)
+  return MultiWriter(writers)
+
+
+class MultiWriter:
+  """Hands every summary to each of its writers."""
+
+  def __init__(self, writers: list):
+    self._writers = writers
+
+  def __getattr__(self, method: str):
+    def fan_out(*args, **kwargs):
+      for writer in self._writers:
+        getattr(writer, method)(*args, **kwargs)
+
+    return fan_out
+
+
+class LoggingWriter:
+  """Logs summaries as CLU's LoggingWriter does ("[step] key=value, ..."), which scripts parse."""
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+    values = [
+      f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(scalars.items())
+    ]
+    logging.info("[%d] %s", step, ", ".join(values))
+
+  def write_images(self, step: int, images: Mapping[str, Any]):
+    logging.info("[%d] Got images: %s.", step, {k: np.shape(v) for k, v in images.items()})
+
+  def write_texts(self, step: int, texts: Mapping[str, str]):
+    logging.info("[%d] Got texts: %s.", step, texts)
+
+  def write_histograms(self, step: int, arrays: Mapping[str, Any], num_buckets=None):
+    del num_buckets
+    logging.info("[%d] Got histograms: %s.", step, {k: np.shape(v) for k, v in arrays.items()})
+
+  def write_summaries(self, step: int, values: Mapping[str, Any], metadata=None):
+    del metadata
+    logging.info("[%d] Got raw tensors: %s.", step, {k: np.shape(v) for k, v in values.items()})
+
+  def write_hparams(self, hparams: Mapping[str, Any]):
+    logging.info("[Hyperparameters] %s", hparams)
+
+  def flush(self):
+    logging.flush()
+
+  def close(self):
+    self.flush()
 
 
 def _record(data: bytes) -> bytes:
@@ -85,7 +135,7 @@ def _png(image: np.ndarray) -> bytes:
   return buffer.getvalue()
 
 
-class EventFileWriter(metric_writers.MetricWriter):
+class EventFileWriter:
   """A CLU MetricWriter of TensorBoard event files under `logdir`, local or on an object store."""
 
   def __init__(self, logdir: str, segment_bytes: int = 8 << 20):
@@ -196,12 +246,6 @@ class EventFileWriter(metric_writers.MetricWriter):
 
   def write_hparams(self, hparams: Mapping[str, Any]):
     self._add(0, list(summary_v2.hparams_pb(dict(hparams)).value))
-
-  def write_videos(self, step: int, videos: Mapping[str, Any]):
-    raise NotImplementedError("jax_ddpm's event files hold no videos; write a GIF with files.")
-
-  def write_audios(self, step: int, audios: Mapping[str, Any], *, sample_rate: int):
-    raise NotImplementedError("jax_ddpm's event files hold no audio.")
 
   def flush(self):
     if not self._pending:

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 import jax
 import numpy as np
 from absl import logging
-from clu import periodic_actions
 
 from jax_ddpm.data import pipeline, sources
 from jax_ddpm.evaluation import features, inception_weights, metrics, scoring
@@ -28,7 +27,7 @@ from jax_ddpm.io import paths as files
 from jax_ddpm.runtime import mesh as mesh_lib
 from jax_ddpm.runtime.preemption import PreemptionWatch
 from jax_ddpm.samplers import program
-from jax_ddpm.training import checkpointing, measurement
+from jax_ddpm.training import checkpointing, measurement, progress
 from jax_ddpm.training.state import TrainState, create_train_state
 from jax_ddpm.training.step import make_train_fn
 
@@ -126,10 +125,8 @@ class Trainer:
       steps_per_dispatch=k,
       labels=config.model.num_classes is not None,
     )
-    self.report_progress = periodic_actions.ReportProgress(
-      num_train_steps=self.training.num_train_steps,
-      writer=self.writer,
-      every_steps=self.training.log_every_steps,
+    self.report_progress = progress.reporter(
+      self.training.num_train_steps, self.writer, self.training.log_every_steps
     )
     self.pending_metrics, self.wait_time = [], 0.0
     self.unchecked = None  # (first step, metrics) of the last dispatch, checked after the next
