@@ -157,18 +157,14 @@ def train_classifier(args: Arguments) -> dict:
 
   config = run_config.from_config_dict(args.config)
   images, labels = sources.read_labelled(config.data, "train")
-  model, summary = classifier.train(
+  return classifier.train_and_save(
     images,
     labels,
+    classifier.path_for(config.eval, args.workdir),
     num_steps=config.eval.classifier_steps,
     batch_size=config.eval.classifier_batch_size,
     seed=config.seed,
   )
-  path = classifier.path_for(config.eval, args.workdir)
-  if jax.process_index() == 0:
-    classifier.save(model, path)
-  logging.info("Feature classifier saved to %s: %s", path, summary)
-  return summary
 
 
 def import_inception(args: Arguments) -> str:

@@ -24,6 +24,7 @@ import numpy as np
 import optax
 from absl import logging
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from jax_ddpm.io import errors
 from jax_ddpm.io import paths as files
@@ -178,6 +179,20 @@ def train(
   if num_holdout:
     report["holdout_accuracy"] = accuracy(model, images[holdout], labels[holdout])
   return model, report
+
+
+def train_and_save(
+  images: np.ndarray, labels: np.ndarray, path: str, *, num_steps: int, batch_size: int, seed: int
+) -> dict[str, float]:
+  """`train` on every process, then process 0 writes the classifier to `path` and every process
+  waits for the file; returns train's report."""
+  model, report = train(images, labels, num_steps=num_steps, batch_size=batch_size, seed=seed)
+  if jax.process_index() == 0:
+    save(model, path)
+  if jax.process_count() > 1:  # every process then reads the file process 0 wrote
+    multihost_utils.sync_global_devices("classifier saved")
+  logging.info("Feature classifier saved to %s: %s", path, report)
+  return report
 
 
 def accuracy(model: Classifier, images: np.ndarray, labels: np.ndarray, batch: int = 500) -> float:

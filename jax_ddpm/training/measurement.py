@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
-from absl import logging
 from jax.experimental import multihost_utils
 
 from jax_ddpm.data import sources
@@ -50,23 +49,13 @@ def train_classifier_if_missing(config: RunConfig, path: str) -> None:
   if not missing:
     return
   images, labels = sources.read_labelled(config.data, "train")
-  started = time.perf_counter()
-  model, report = classifier.train(
+  classifier.train_and_save(
     images,
     labels,
+    path,
     num_steps=config.training.eval_classifier_steps,
     batch_size=config.eval.classifier_batch_size,
     seed=config.seed,
-  )
-  if jax.process_index() == 0:
-    classifier.save(model, path)
-  if jax.process_count() > 1:  # every process then loads the file process 0 wrote
-    multihost_utils.sync_global_devices("measurement: classifier saved")
-  logging.info(
-    "Trained the in-training feature classifier in %.0f s: %s; saved to %s.",
-    time.perf_counter() - started,
-    report,
-    path,
   )
 
 
