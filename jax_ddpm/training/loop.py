@@ -95,6 +95,7 @@ class Trainer:
 
   def __init__(self, run: Run, workdir: str, mesh: jax.sharding.Mesh):
     self.run, self.workdir, self.training = run, workdir, run.config.training
+    self.batches = self.writer = None  # set up below; close() handles a set-up that failed
     source = checked_source(run.config)
     self.checkpointer = checkpointing.Checkpointer(workdir, keep=self.training.keep_checkpoints)
     try:
@@ -276,12 +277,11 @@ class Trainer:
 
   def close(self):
     """Stops the input workers, waits for the last asynchronous save, flushes the summaries."""
-    batches, writer = getattr(self, "batches", None), getattr(self, "writer", None)
-    if batches is not None:
-      batches.close()
+    if self.batches is not None:
+      self.batches.close()
     self.checkpointer.close()
-    if writer is not None:
-      writer.flush()
+    if self.writer is not None:
+      self.writer.flush()
 
 
 def checked_source(config) -> sources.ImageSource:
