@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tfds_data
 
-from jax_ddpm.config.run_config import DataConfig
+from jax_ddpm.config.sections import DataConfig
 from jax_ddpm.data import pipeline as input_pipeline
 from jax_ddpm.data import sources as data_sources
 from jax_ddpm.io import errors

@@ -10,7 +10,7 @@ import pytest
 import runs
 from samplers_test import GAUSSIAN, SCHEDULE, assert_moments, gaussian_mixture_eps, nonlinear_eps
 
-from jax_ddpm.config.run_config import SamplingConfig
+from jax_ddpm.config.sections import SamplingConfig
 from jax_ddpm.samplers import base, registry
 from jax_ddpm.samplers.ddim import DDIM
 from jax_ddpm.samplers.ddpm import DDPM

@@ -29,7 +29,8 @@ from jax_ddpm.samplers.program import SamplingOptions
 from jax_ddpm.training.step import EMARule, StepOptions
 
 if TYPE_CHECKING:
-  from jax_ddpm.config.run_config import RunConfig, SamplingConfig
+  from jax_ddpm.config.run_config import RunConfig
+  from jax_ddpm.config.sections import SamplingConfig
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -27,7 +27,7 @@ from jax_ddpm.io import errors
 from jax_ddpm.io import paths as files
 
 if TYPE_CHECKING:
-  from jax_ddpm.config.run_config import DataConfig
+  from jax_ddpm.config.sections import DataConfig
 
 
 class SourceInfo(NamedTuple):

@@ -31,7 +31,7 @@ from jax_ddpm.io import paths as files
 from jax_ddpm.runtime import mesh as parallel
 
 if TYPE_CHECKING:
-  from jax_ddpm.config.run_config import EvalConfig
+  from jax_ddpm.config.sections import EvalConfig
 
 FEATURE_DIM = 128
 CONFIG_KEY = "__config__"

@@ -23,7 +23,7 @@ from jax_ddpm.io import errors
 from jax_ddpm.runtime import mesh as mesh_lib
 
 if TYPE_CHECKING:
-  from jax_ddpm.config.run_config import DataConfig, EvalConfig
+  from jax_ddpm.config.sections import DataConfig, EvalConfig
   from jax_ddpm.data.sources import ImageSource
 
 FEATURE_DIMS = {"inception": inception.FEATURE_DIM, "classifier": classifier.FEATURE_DIM}

@@ -214,7 +214,7 @@ class Sampler(abc.ABC):
   @abc.abstractmethod
   def from_config(cls, sampling) -> Sampler:
     """The sampler from its options among the keys of a run config's typed `sampling` section
-    (config.run_config.SamplingConfig)."""
+    (config.sections.SamplingConfig)."""
 
   @property
   def uses_noise(self) -> bool:

@@ -193,7 +193,7 @@ def create_program(
   mesh: jax.sharding.Mesh,
 ) -> Program:
   """The Program of a checkpoint's weights (`params`, EMA or not as sampling.use_ema chose) for
-  a typed sampling section (config.run_config.SamplingConfig): batches of sampling.batch_size
+  a typed sampling section (config.sections.SamplingConfig): batches of sampling.batch_size
   images of image_shape [H, W, C], seeded by sampling.seed."""
   mesh_lib.check_divisible(sampling.batch_size, "sampling.batch_size", mesh.size)
   shape = (sampling.batch_size, *image_shape)
