@@ -261,9 +261,7 @@ def load_config(name_or_path: str, **overrides: Any) -> RunConfig:
   >>> jax_ddpm.load_config("mnist").model.ch
   16
   """
-  from jax_ddpm.config import run_config, shipped  # noqa: PLC0415
-
-  return run_config.from_config_dict(shipped.load(name_or_path)).replace(**overrides)
+  return _typed(name_or_path).replace(**overrides)
 
 
 def schedule(config_like: ConfigLike) -> DiffusionSchedule:

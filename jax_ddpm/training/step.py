@@ -134,24 +134,11 @@ def train_step(
   params = optax.apply_updates(state.params, updates)
   decay = options.ema.decay_at(state.step)
   ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
-  # A non-finite loss or gradient would poison the weights and Adam's moments for good: such an
-  # update is withheld (both policies); "halt" then stops the run on the host.
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-
-  def keep_if_finite(new, old):
-    return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-
-  history = state.timestep_history
+  updated = {"params": params, "ema_params": ema_params, "opt_state": opt_state}
   if options.importance_sampling:
-    history = keep_if_finite(timesteps.record(history, t, losses), history)
-  new_state = state.replace(
-    step=state.step + 1,
-    params=keep_if_finite(params, state.params),
-    ema_params=keep_if_finite(ema_params, state.ema_params),
-    opt_state=keep_if_finite(opt_state, state.opt_state),
-    nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
-    timestep_history=history,
-  )
+    updated["timestep_history"] = timesteps.record(state.timestep_history, t, losses)
+  new_state = _updated_if_finite(state, finite, updated)
   metrics = {
     "loss": loss,
     "grad_norm": grad_norm,
@@ -159,6 +146,21 @@ def train_step(
     "nonfinite": (~finite).astype(jnp.int32),
   }
   return new_state, metrics
+
+
+def _updated_if_finite(state: TrainState, finite: jax.Array, updated: dict) -> TrainState:
+  """The next state, its `updated` fields taken only if the step was finite.
+
+  A non-finite loss or gradient would poison the weights and Adam's moments for good: such an
+  update is withheld (both nonfinite policies) and counted; "halt" then stops the run on the host.
+  """
+  kept = {
+    name: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, getattr(state, name))
+    for name, new in updated.items()
+  }
+  return state.replace(
+    step=state.step + 1, nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32), **kept
+  )
 
 
 def _dropped_labels(batch: dict, options: StepOptions, key: jax.Array):
