@@ -1,14 +1,21 @@
 """The sampler interface and the one compiled loop that runs every sampler.
 
-A sampler says which timesteps it visits and how it moves from one to the next given the
-network's (thresholded) predictions of x_0 and eps; `run` drives it through one `lax.scan`, so
-the network is traced once and compile cost does not depend on the number of steps. A sampler
-that needs memory across steps (a multistep solver's earlier x_0 predictions) keeps it in its
-own scan state.
+A sampler says where it calls the network (its `Plan`: one row per call) and how it moves on
+from each call given the network's (thresholded) predictions of x_0 and eps; `run` drives it
+through one `lax.scan` with one network call per iteration, so the network is traced once and
+compile cost does not depend on the number of steps. A sampler that needs memory across calls (a
+multistep solver's earlier x_0 predictions, a Heun step's first slope) keeps it in its own scan
+state.
+
+Time: the samplers of DDPM and DDIM visit integer timestep indices t and read the schedule's
+table there. Samplers on Karras et al.'s sigma grid (karras.py) call the network at fractional
+t, and give each call's sigma = sqrt((1 - alpha-bar) / alpha-bar) in the plan, from which x_0
+is read exactly (`denoised_at_sigma`).
 
 Noise stream: with rng split into (rng_init, rng_steps), x_T ~ N(0, I) is drawn from rng_init
-and the noise added when leaving timestep index t from fold_in(rng_steps, t). Every sampler
-shares this convention, so DDIM with S = T and eta = 1 follows DDPM ("fixed_small") step for step.
+and the noise added when leaving timestep index t from fold_in(rng_steps, t) (the k-th call's
+fold_in(rng_steps, k) where t is fractional). Every sampler on integer timesteps shares this
+convention, so DDIM with S = T and eta = 1 follows DDPM ("fixed_small") step for step.
 
 The checks of a sampler's options are functions of the value and the name to report, so that a
 run config names its key (sampling.num_steps) and a Python caller its argument (num_steps).
@@ -70,12 +77,42 @@ class Denoised(NamedTuple):
 
 
 class Step(NamedTuple):
-  """Where a step goes: from t to t_next ([B] int32 indices; t_next = -1 is the data), and its
-  index in the run (0 first)."""
+  """Where a step goes: from t to t_next ([B] timesteps; t_next = -1 is the data), its index in
+  the run (0 first), and its row of the plan's per-call coefficients (`Plan.aux`, else None)."""
 
   t: jax.Array
   t_next: jax.Array
   index: jax.Array
+  aux: jax.Array | None = None
+
+
+class Plan(NamedTuple):
+  """Where a sampler calls the network, one entry per call in visiting order, as tuples (so
+  that a plan is a static argument of the compiled loop).
+
+  t: the timestep the network is given (int indices, or floats for fractional timesteps);
+  t_next: where the step after the call goes (-1: the data); sigma: None to read x_0 from the
+  schedule's table at t, else each call's sigma (`denoised_at_sigma`); aux: None, or per call a
+  tuple of sampler-defined coefficients computed in float64 when the plan is made.
+  """
+
+  t: tuple
+  t_next: tuple
+  sigma: tuple | None = None
+  aux: tuple | None = None
+
+  @classmethod
+  def of_timesteps(cls, timesteps, sigma=None, aux=None) -> Plan:
+    """The plan that visits `timesteps` in order, each step going to the next (the last to the
+    data), with optional per-call sigmas and coefficient rows."""
+    timesteps = np.asarray(timesteps)
+    t_next = np.append(timesteps[1:], -1).astype(timesteps.dtype)
+    return cls(
+      t=tuple(timesteps.tolist()),
+      t_next=tuple(t_next.tolist()),
+      sigma=None if sigma is None else tuple(np.asarray(sigma, np.float64).tolist()),
+      aux=None if aux is None else tuple(tuple(row) for row in np.asarray(aux).tolist()),
+    )
 
 
 def check_num_steps(num_steps, num_timesteps: int, key: str = "num_steps") -> None:
@@ -174,6 +211,30 @@ def threshold_x0(x0, thresholding: Thresholding | str, percentile: float = 0.995
   return jnp.clip(x0, -s, s) / s
 
 
+def read_x0_and_eps(sigma, x_t, output, prediction: Prediction):
+  """(x_0, eps) from the network output at the VP point whose sigma = sqrt((1 - alpha-bar) /
+  alpha-bar) is given: alpha-bar = 1 / (1 + sigma^2), so sqrt(alpha-bar) = 1 / sqrt(1 + sigma^2)
+  and sqrt(1 - alpha-bar) = sigma / sqrt(1 + sigma^2) in DDPM eq. (4) and Salimans & Ho's v."""
+  scale = jax.lax.rsqrt(1.0 + sigma**2)  # sqrt(alpha-bar)
+  noise_scale = sigma * scale  # sqrt(1 - alpha-bar)
+  if prediction == Prediction.EPS:
+    return (x_t - noise_scale * output) / scale, output
+  if prediction == Prediction.X0:
+    return output, (x_t - scale * output) / noise_scale
+  return scale * x_t - noise_scale * output, noise_scale * x_t + scale * output
+
+
+def denoised_at_sigma(
+  sigma, x_t, output, *, prediction: Prediction, thresholding: Thresholding, percentile: float
+):
+  """`denoised` where the call's sigma is given instead of an integer t (karras.py)."""
+  x0, eps = read_x0_and_eps(sigma, x_t, output, prediction)
+  if thresholding != Thresholding.NONE:
+    x0 = threshold_x0(x0, thresholding, percentile)
+    eps = read_x0_and_eps(sigma, x_t, x0, Prediction.X0)[1]
+  return x0, eps
+
+
 def denoised(
   schedule: DiffusionSchedule,
   x_t,
@@ -208,7 +269,19 @@ class Sampler(abc.ABC):
 
   @abc.abstractmethod
   def timesteps(self, schedule: DiffusionSchedule) -> np.ndarray:
-    """The timestep indices visited, in visiting (decreasing) order; fails on bad options."""
+    """The timesteps of the network calls, in visiting (decreasing) order, one per call; fails
+    on bad options."""
+
+  def plan(self, schedule: DiffusionSchedule) -> Plan:
+    """The calls and what the loop gives each step (by default `timesteps`, each step going to
+    the next, x_0 read from the schedule's table)."""
+    return Plan.of_timesteps(self.timesteps(schedule))
+
+  def trained_up_to(self, max_timestep: int | None) -> Sampler:
+    """This sampler for a network trained on t <= max_timestep only (None: every t). Samplers
+    whose timesteps come from their options are unchanged (the run checks them); those that
+    start from the largest trained noise level (karras.py) start there."""
+    return self
 
   @classmethod
   @abc.abstractmethod
@@ -277,7 +350,7 @@ def _record(frames, slot, x_t, x0):
     "sampler",
     "denoise_fn",
     "shape",
-    "timesteps",
+    "plan",
     "prediction",
     "learn_sigma",
     "thresholding",
@@ -294,7 +367,7 @@ def _run(
   rng,
   initial_noise,
   *,
-  timesteps,
+  plan,
   prediction,
   learn_sigma,
   thresholding,
@@ -303,39 +376,45 @@ def _run(
   sharding,
 ):
   x_t, rng_steps = _initial_state(rng, shape, initial_noise, sharding)
-  timesteps = np.asarray(timesteps, np.int32)
-  following = np.append(timesteps[1:], -1).astype(np.int32)
+  integer_time = all(isinstance(t, int) for t in plan.t)
+  time_dtype = np.int32 if integer_time else np.float32
+  timesteps = np.asarray(plan.t, time_dtype)
   slots = frame_slots(len(timesteps), num_frames)
   frames = None
   if num_frames:
     frames = (jnp.zeros((len(slots[slots >= 0]),) + shape, jnp.float32),) * 2
+  read = dict(prediction=prediction, thresholding=thresholding, percentile=percentile)
 
   def body(carry, xs):
     x_t, state, frames = carry
-    t, t_next, index, slot = xs
-    t_batch, t_next_batch = (jnp.full((shape[0],), v, jnp.int32) for v in (t, t_next))
+    t, t_next, index, slot, sigma, aux = xs
+    t_batch, t_next_batch = (jnp.full((shape[0],), v, time_dtype) for v in (t, t_next))
     output, variance_output = diffusion.split_output(denoise_fn(x_t, t_batch), learn_sigma)
-    x0, eps = denoised(
-      schedule,
-      x_t,
-      t_batch,
-      output,
-      prediction=prediction,
-      thresholding=thresholding,
-      percentile=percentile,
-    )
-    noise = _step_noise(rng_steps, t, shape, sharding) if sampler.uses_noise else None
+    if sigma is None:
+      x0, eps = denoised(schedule, x_t, t_batch, output, **read)
+    else:
+      x0, eps = denoised_at_sigma(sigma, x_t, output, **read)
+    noise = None
+    if sampler.uses_noise:
+      noise = _step_noise(rng_steps, t if integer_time else index, shape, sharding)
     x_next, state = sampler.step(
       schedule,
       x_t,
       Denoised(x0, eps, variance_output),
-      Step(t_batch, t_next_batch, index),
+      Step(t_batch, t_next_batch, index, aux),
       noise,
       state,
     )
     return (x_next, state, _record(frames, slot, x_t, x0)), None
 
-  xs = tuple(jnp.asarray(v) for v in (timesteps, following, np.arange(len(timesteps)), slots))
+  xs = (
+    jnp.asarray(timesteps),
+    jnp.asarray(np.asarray(plan.t_next, time_dtype)),
+    jnp.arange(len(timesteps)),
+    jnp.asarray(slots),
+    None if plan.sigma is None else jnp.asarray(plan.sigma, jnp.float32),
+    None if plan.aux is None else jnp.asarray(plan.aux, jnp.float32),
+  )
   (x_final, _, frames), _ = jax.lax.scan(body, (x_t, sampler.init_state(x_t), frames), xs)
   if frames is None:
     return x_final
@@ -393,9 +472,9 @@ def run(
       f"{sampler} uses a learned variance, but the network does not output one "
       "(learn_sigma=False; model.learn_sigma in a run config)."
     )
-  timesteps = tuple(int(t) for t in sampler.timesteps(schedule))
-  check_start(schedule, timesteps)
-  frame_slots(len(timesteps), num_frames)
+  plan = sampler.plan(schedule)
+  check_start(schedule, plan.t)
+  frame_slots(len(plan.t), num_frames)
   return _run(
     sampler,
     denoise_fn,
@@ -403,7 +482,7 @@ def run(
     shape,
     rng,
     initial_noise,
-    timesteps=timesteps,
+    plan=plan,
     prediction=prediction,
     learn_sigma=bool(learn_sigma),
     thresholding=thresholding,
