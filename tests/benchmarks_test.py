@@ -217,3 +217,20 @@ def test_the_accelerator_check_runs_a_smaller_config_on_a_cpu_and_writes_its_tab
   assert {"train float32", "train bfloat16", "sample ddim", "sample dpmpp_2m"} <= set(peer)
   ratios = [row[-1] for row in report["table"]["rows"][:4]]
   assert all(float(ratio) > 0 for ratio in ratios), ratios
+
+
+def test_the_sampler_benchmark_draws_every_sampler_within_each_budget_of_network_calls():
+  import runs
+
+  from benchmarks import sampler_quality
+  from configs import mnist
+  from jax_ddpm.samplers import registry
+
+  run = runs.build(mnist.get_config())  # trained on t <= 800: no sampler may start above it
+  for calls in (5, 10, 20, 50):
+    chosen = sampler_quality.at_budget(calls, run)
+    assert {s.name for s in chosen} == set(registry.REGISTRY) - {"ddpm"}
+    for sampler in chosen:
+      timesteps = sampler.timesteps(run.schedule)
+      assert calls - 1 <= len(timesteps) <= calls, (sampler, len(timesteps))
+      assert max(timesteps) <= 800 + 1e-9, sampler

@@ -15,6 +15,8 @@ from jax_ddpm.samplers import base, registry
 from jax_ddpm.samplers.ddim import DDIM
 from jax_ddpm.samplers.ddpm import DDPM
 from jax_ddpm.samplers.dpm_solver import DPMSolverPP2M, SDEDPMSolverPP2M
+from jax_ddpm.samplers.karras import Euler, EulerAncestral, Heun
+from jax_ddpm.samplers.unipc import UniPC
 
 MU, S = np.array(GAUSSIAN["means"][0]), GAUSSIAN["stds"][0]
 
@@ -227,11 +229,21 @@ def test_the_registry_builds_each_sampler_from_its_config_keys():
   assert from_config(sampling) == DDIM(num_steps=12, eta=0.5, spacing="logsnr")
   sampling = dataclasses.replace(sampling, sampler="ddpm")
   assert from_config(sampling) == DDPM(variance="fixed_small")
+  sampling = dataclasses.replace(sampling, sampler="unipc")
+  assert from_config(sampling) == UniPC(num_steps=12, spacing="logsnr")
+  churn = dict(rho=5.0, sigma_to_t="nearest", s_churn=40.0, s_tmin=0.05, s_tmax=50.0, s_noise=1.003)
+  sampling = dataclasses.replace(sampling, sampler="heun", **churn)
+  assert from_config(sampling) == Heun(num_steps=12, **churn)
   sampling = dataclasses.replace(sampling, sampler="euler")
+  assert from_config(sampling) == Euler(num_steps=12, **churn)
+  sampling = dataclasses.replace(sampling, sampler="euler_ancestral")
+  assert from_config(sampling) == EulerAncestral(num_steps=12, rho=5.0, sigma_to_t="nearest")
+  sampling = dataclasses.replace(sampling, sampler="lms")
   with pytest.raises(
     ValueError,
-    match=r"Unknown sampling.sampler 'euler'; allowed values: "
-    r"\['ddpm', 'ddim', 'dpmpp_2m', 'sde_dpmpp_2m'\]",
+    match=r"Unknown sampling.sampler 'lms'; allowed values: "
+    r"\['ddpm', 'ddim', 'dpmpp_2m', 'sde_dpmpp_2m', 'unipc', 'euler', 'heun', "
+    r"'euler_ancestral'\]",
   ):
     from_config(sampling)
   with pytest.raises(ValueError, match=r"order must be 1 or 2"):
@@ -250,6 +262,16 @@ def test_every_option_that_changes_the_images_shows_in_the_samplers_tags():
   assert DDIM(learned_variance=True).tags == ()  # eta 0 draws no noise to scale
   assert DDPM(variance="fixed_small").tags == ("fixed_small",)
   assert DPMSolverPP2M(spacing="logsnr", order=1).tags == ("logsnr", "order1")
+  assert UniPC().tags == ("logsnr",) and Heun().tags == () and EulerAncestral().tags == ()
+  assert UniPC(order=3, corrector=False, variant="bh1", spacing="uniform").tags == (
+    "order3",
+    "nocorrector",
+    "bh1",
+  )
+  assert Heun(rho=5, sigma_to_t="nearest").tags == ("rho5", "nearest")
+  assert Euler(s_churn=40, s_tmax=50).tags == ("churn40", "tmax50")
+  assert Euler(s_tmax=50).tags == ()  # S_tmax bounds a churn of 0: no noise, no change
+  assert EulerAncestral(eta=0.5).tags == ("eta0.5",)
 
 
 def test_a_spacing_that_starts_short_of_the_schedules_noise_is_refused_before_sampling():

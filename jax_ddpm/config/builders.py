@@ -231,6 +231,7 @@ def sampler(
   network outputs, start where the schedule is noise and stay where the network was trained.
   `what` names the sampler's settings in messages."""
   chosen = registry.sampler_class(sampling.sampler, "sampling.sampler").from_config(sampling)
+  chosen = chosen.trained_up_to(config.training.max_timestep)
   if (
     sampling.variance == Variance.LEARNED and chosen.uses_noise and not chosen.uses_learned_variance
   ):

@@ -9,12 +9,14 @@ take it from here. Every error names the key, the value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from jax_ddpm.data import sources
 from jax_ddpm.diffusion import guidance, losses, schedules, timesteps
 from jax_ddpm.diffusion.process import Prediction, Variance
 from jax_ddpm.io.errors import ConfigError
 from jax_ddpm.samplers import base as sampler_base
+from jax_ddpm.samplers import karras
 
 NONFINITE_POLICIES = ("halt", "skip")
 LR_DECAYS = ("constant", "cosine", "wsd")
@@ -243,11 +245,14 @@ class TrainingConfig:
 class SamplingConfig:
   """sampling: how images are drawn (samplers/).
 
-  sampler: a name in samplers.registry; num_steps: S, the network calls of the few-step samplers
-  (ddpm visits all T); eta: ddim's noise in [0, 1]; spacing: uniform | quadratic | logsnr;
-  variance: ddpm's sigma_t^2, fixed_large | fixed_small | learned; thresholding: none | static |
-  dynamic (threshold_percentile); labels: grid | random | "3,3,7" (conditional models);
-  guidance_scale: classifier-free guidance w (1 conditional, 0 unconditional); use_ema,
+  sampler: a name in samplers.registry; num_steps: S, the steps of the few-step samplers (ddpm
+  visits all T), one network call each but heun's (2 S - 1 calls); eta: ddim's noise in [0, 1];
+  spacing: uniform | quadratic | logsnr (ddim, dpmpp_2m, sde_dpmpp_2m, unipc); rho: the sigma
+  grid's (EDM eq. 5) and sigma_to_t: interpolate | nearest (euler, heun, euler_ancestral);
+  s_churn, s_tmin, s_tmax, s_noise: EDM Algorithm 2's stochasticity (euler, heun; s_churn = 0 is
+  deterministic); variance: ddpm's sigma_t^2, fixed_large | fixed_small | learned; thresholding:
+  none | static | dynamic (threshold_percentile); labels: grid | random | "3,3,7" (conditional
+  models); guidance_scale: classifier-free guidance w (1 conditional, 0 unconditional); use_ema,
   num_samples, batch_size (global, per compiled call), seed: what --mode=sample draws.
   """
 
@@ -255,6 +260,12 @@ class SamplingConfig:
   num_steps: int = 50
   eta: float = 0.0
   spacing: str = "uniform"
+  rho: float = 7.0
+  sigma_to_t: str = "interpolate"
+  s_churn: float = 0.0
+  s_tmin: float = 0.0
+  s_tmax: float = math.inf
+  s_noise: float = 1.0
   variance: str = "fixed_large"
   thresholding: str = "static"
   threshold_percentile: float = 0.995
@@ -270,6 +281,12 @@ class SamplingConfig:
     choice(self.thresholding, [t.value for t in sampler_base.Thresholding], "sampling.thresholding")
     choice(self.spacing, [s.value for s in sampler_base.Spacing], "sampling.spacing")
     sampler_base.check_eta(self.eta, "sampling.eta")
+    choice(self.sigma_to_t, [m.value for m in karras.SigmaToT], "sampling.sigma_to_t")
+    if not isinstance(self.rho, (int, float)) or not self.rho > 0:
+      raise ConfigError(
+        f"sampling.rho must be > 0 (EDM eq. 5; 7 is the paper's), got {self.rho!r}."
+      )
+    karras.check_churn(self.s_churn, self.s_tmin, self.s_tmax, self.s_noise, "sampling.")
     if not 0.0 < self.threshold_percentile <= 1.0:
       raise ConfigError(
         f"sampling.threshold_percentile must be in (0, 1], got {self.threshold_percentile!r}."

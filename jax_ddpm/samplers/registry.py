@@ -12,12 +12,18 @@ from jax_ddpm.samplers.base import Sampler
 from jax_ddpm.samplers.ddim import DDIM
 from jax_ddpm.samplers.ddpm import DDPM
 from jax_ddpm.samplers.dpm_solver import DPMSolverPP2M, SDEDPMSolverPP2M
+from jax_ddpm.samplers.karras import Euler, EulerAncestral, Heun
+from jax_ddpm.samplers.unipc import UniPC
 
 REGISTRY: dict[str, type[Sampler]] = {
   DDPM.name: DDPM,
   DDIM.name: DDIM,
   DPMSolverPP2M.name: DPMSolverPP2M,
   SDEDPMSolverPP2M.name: SDEDPMSolverPP2M,
+  UniPC.name: UniPC,
+  Euler.name: Euler,
+  Heun.name: Heun,
+  EulerAncestral.name: EulerAncestral,
 }
 
 
