@@ -79,11 +79,12 @@ class Model:
     **sampling: Any,
   ) -> np.ndarray:
     """`num_images` uint8 images [N, H, W, C] drawn with the run's sampling settings, changed by
-    the arguments given: sampler (one of SAMPLERS), steps (network calls), seed, labels ("grid",
-    "random" or classes, for a conditional model), guidance_scale (1: conditional, 0:
-    unconditional), batch_size (images per compiled call), and any other sampling key (eta,
-    spacing, ...). Batch i is drawn from fold_in(key(seed), i): the images --mode=sample writes
-    for the same settings and batch size, on any number of devices.
+    the arguments given: sampler (one of SAMPLERS), steps (sampling.num_steps: the network
+    calls, but heun's 2 steps - 1), seed, labels ("grid", "random" or classes, for a
+    conditional model), guidance_scale (1: conditional, 0: unconditional), batch_size (images
+    per compiled call), and any other sampling key (eta, spacing, s_churn, ...). Batch i is
+    drawn from fold_in(key(seed), i): the images --mode=sample writes for the same settings and
+    batch size, on any number of devices.
 
     >>> model.sample(10, labels=[3] * 10, guidance_scale=2.0).shape  # a conditional model
     (10, 28, 28, 1)
