@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jax_ddpm.io.errors import ConfigError
+from jax_ddpm.models.cross_attention import CrossAttentionBlock
 from jax_ddpm.models.group_norm import GroupNorm
 
 # The original network's initialiser: variance scaling, fan_avg, uniform (`default_init`);
@@ -53,6 +54,9 @@ class UNetConfig:
   # None: single-head attention over all channels, as the paper. An int: heads of that size.
   attention_head_dim: int | None = None
   num_classes: int | None = None
+  # The width of a text encoder's token features: each attention resolution then also
+  # cross-attends to them (models/cross_attention.py). None: no text conditioning.
+  context_dim: int | None = None
   compute_dtype: str = "float32"
   # Recompute each residual block's activations in the backward pass instead of storing them
   # (jax.checkpoint): less memory for more compute.
@@ -219,32 +223,55 @@ class Upsample(nnx.Module):
     return self.conv(x)
 
 
+def cross_attention(channels: int, config: UNetConfig, rngs: nnx.Rngs):
+  """The cross-attention that follows a self-attention block when the U-Net reads a prompt."""
+  if config.context_dim is None:
+    return None
+  heads = channels // config.attention_head_dim if config.attention_head_dim else 1
+  dtype = jnp.dtype(config.compute_dtype)
+  return CrossAttentionBlock(
+    channels, config.context_dim, heads, config.num_groups, dtype, rngs=rngs
+  )
+
+
 class Level(nnx.Module):
   """One resolution of the down or up path: residual blocks, optional attention, resampling."""
 
-  def __init__(self, blocks, attentions, resample):
+  def __init__(self, blocks, attentions, resample, cross_attentions=()):
     self.blocks = nnx.List(blocks)
     self.attentions = nnx.List(attentions)
+    self.cross_attentions = nnx.List(cross_attentions) if cross_attentions else None
     self.resample = resample
+
+  def attend(self, i: int, h, context):
+    """Attention i of this level: self-attention, then cross-attention to the prompt."""
+    h = self.attentions[i](h)
+    if self.cross_attentions is not None:
+      h = self.cross_attentions[i](h, *context)
+    return h
 
 
 class MiddleBlock(nnx.Module):
   def __init__(self, channels: int, temb_ch: int, config: UNetConfig, *, rngs: nnx.Rngs):
     self.block1 = ResnetBlock(channels, channels, temb_ch, config, rngs=rngs)
     self.attention = AttentionBlock(channels, config, rngs=rngs)
+    self.cross_attention = cross_attention(channels, config, rngs)
     self.block2 = ResnetBlock(channels, channels, temb_ch, config, rngs=rngs)
 
-  def __call__(self, h, temb, rngs=None):
-    h = self.block1(h, temb, rngs)
-    return self.block2(self.attention(h), temb, rngs)
+  def __call__(self, h, temb, rngs=None, context=None):
+    h = self.attention(self.block1(h, temb, rngs))
+    if self.cross_attention is not None:
+      h = self.cross_attention(h, *context)
+    return self.block2(h, temb, rngs)
 
 
 class UNet(nnx.Module):
   """eps_theta(x_t, t[, y]): the DDPM U-Net. Call as `model(x, t, y=None, rngs=...)`.
 
   x: [B, H, W, in_channels] float; t: [B] int timestep indices; y: [B] int class labels when
-  `num_classes` is set. `model.train()` enables dropout, which then needs `rngs` (an nnx.Rngs
-  with a 'dropout' stream, or a key); `model.eval()` disables it.
+  `num_classes` is set; context: (token features [B, L, context_dim], mask bool [B, L]) of a
+  prompt when `context_dim` is set. `model.train()` enables dropout, which then needs `rngs`
+  (an nnx.Rngs with a 'dropout' stream, or a key); `model.eval()` disables it.
   """
 
   def __init__(self, config: UNetConfig, *, rngs: nnx.Rngs):
@@ -264,25 +291,26 @@ class UNet(nnx.Module):
     width, resolution = ch, config.image_size
     down = []
     for level, mult in enumerate(config.ch_mult):
-      blocks, attentions = [], []
+      blocks, attentions, cross = [], [], []
       for _ in range(config.num_res_blocks):
         blocks.append(ResnetBlock(width, ch * mult, temb_ch, config, rngs=rngs))
         width = ch * mult
         if resolution in config.attn_resolutions:
           attentions.append(AttentionBlock(width, config, rngs=rngs))
+          cross.append(cross_attention(width, config, rngs))
         skip_channels.append(width)
       resample = None
       if level != levels - 1:
         resample = Downsample(width, config, rngs=rngs)
         skip_channels.append(width)
         resolution //= 2
-      down.append(Level(blocks, attentions, resample))
+      down.append(Level(blocks, attentions, resample, [c for c in cross if c is not None]))
     self.down = nnx.List(down)
     self.mid = MiddleBlock(width, temb_ch, config, rngs=rngs)
 
     up = []  # up[0] is the lowest resolution, as the up path runs
     for level in reversed(range(levels)):
-      blocks, attentions = [], []
+      blocks, attentions, cross = [], [], []
       for _ in range(config.num_res_blocks + 1):
         out_width = ch * config.ch_mult[level]
         blocks.append(
@@ -291,17 +319,18 @@ class UNet(nnx.Module):
         width = out_width
         if resolution in config.attn_resolutions:
           attentions.append(AttentionBlock(width, config, rngs=rngs))
+          cross.append(cross_attention(width, config, rngs))
       resample = None
       if level != 0:
         resample = Upsample(width, config, rngs=rngs)
         resolution *= 2
-      up.append(Level(blocks, attentions, resample))
+      up.append(Level(blocks, attentions, resample, [c for c in cross if c is not None]))
     self.up = nnx.List(up)
     assert not skip_channels
     self.norm_out = group_norm(width, config.num_groups, rngs)
     self.conv_out = conv3x3(width, config.out_channels, dtype, rngs, init=zero_init)
 
-  def __call__(self, x, t, y=None, *, rngs=None):
+  def __call__(self, x, t, y=None, *, context=None, rngs=None):
     config = self.config
     if x.ndim != 4 or x.shape[1:] != (config.image_size, config.image_size, config.in_channels):
       raise ValueError(
@@ -315,14 +344,19 @@ class UNet(nnx.Module):
         "Class labels y are required exactly when model.num_classes is set "
         f"(num_classes={config.num_classes}, y given: {y is not None})."
       )
+    if (context is None) != (config.context_dim is None):
+      raise ValueError(
+        "A prompt's (token features, mask) are required exactly when model.context_dim is set "
+        f"(context_dim={config.context_dim}, context given: {context is not None})."
+      )
     dtype = jnp.dtype(config.compute_dtype)
     temb = timestep_embedding(t, config.ch).astype(dtype)
     temb = self.temb_dense1(swish(self.temb_dense0(temb)))
     if self.class_embed is not None:
       temb = temb + self.class_embed(y).astype(temb.dtype)
 
-    def run_block(block, h, temb, rngs):
-      return block(h, temb, rngs)
+    def run_block(block, h, temb, rngs, *context):
+      return block(h, temb, rngs, *context)
 
     if config.remat:
       run_block = nnx.remat(run_block)
@@ -332,18 +366,18 @@ class UNet(nnx.Module):
       for i, block in enumerate(level.blocks):
         h = run_block(block, hs[-1], temb, rngs)
         if level.attentions:
-          h = level.attentions[i](h)
+          h = level.attend(i, h, context)
         hs.append(h)
       if level.resample is not None:
         hs.append(level.resample(hs[-1]))
 
-    h = run_block(self.mid, hs[-1], temb, rngs)
+    h = run_block(self.mid, hs[-1], temb, rngs, *(() if context is None else (context,)))
 
     for level in self.up:
       for i, block in enumerate(level.blocks):
         h = run_block(block, jnp.concatenate([h, hs.pop()], axis=-1), temb, rngs)
         if level.attentions:
-          h = level.attentions[i](h)
+          h = level.attend(i, h, context)
       if level.resample is not None:
         h = level.resample(h)
 
