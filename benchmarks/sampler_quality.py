@@ -1,7 +1,8 @@
 """Sample quality per network call: every registered sampler at a few budgets of network calls.
 
   python benchmarks/sampler_quality.py --workdir=runs/mnist [--config=configs/mnist.py]
-      [--calls=5,10,20,50] [--num_samples=256] [--ddpm] [--plot=docs/sampler_quality.png]
+      [--calls=5,10,20,50] [--only=heun,unipc] [--num_samples=256] [--ddpm]
+      [--plot=docs/sampler_quality.png]
 
 Loads the workdir's latest checkpoint (EMA weights) and its digit feature classifier
 (`--mode=train_classifier`), draws `num_samples` images per row from the same seeds (in memory,
@@ -88,6 +89,7 @@ def main():
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--config", default="configs/mnist.py")
   parser.add_argument("--calls", default="5,10,20,50", help="network-call budgets")
+  parser.add_argument("--only", default="", help="comma-separated sampler names (default: all)")
   parser.add_argument("--num_samples", type=int, default=256)
   parser.add_argument("--batch", type=int, default=128)
   parser.add_argument("--ddpm", action="store_true", help="also DDPM with all T steps")
@@ -103,8 +105,13 @@ def main():
   reference = scoring.saved_reference(config.eval, path, extractor) or scoring.compute_reference(
     config.eval, config.data, path, extractor
   )
+  only = set(filter(None, args.only.split(",")))
   runs = [
-    sampler for calls in args.calls.split(",") if calls for sampler in at_budget(int(calls), run)
+    sampler
+    for calls in args.calls.split(",")
+    if calls
+    for sampler in at_budget(int(calls), run)
+    if not only or sampler.name in only
   ]
   if args.ddpm and config.training.max_timestep not in (None, schedule.num_timesteps - 1):
     print("--ddpm: DDPM visits every t, above training.max_timestep; not drawn.", file=sys.stderr)

@@ -79,6 +79,14 @@ def step_weights(lam: np.ndarray, i: int, order: int, variant: Variant):
   return h, b_of_h, predictor, corrector[:-1] / r[:-1], corrector[-1]
 
 
+def usable_order(lam: np.ndarray, i: int, order: int) -> int:
+  """`order`, lowered until the earlier points it uses lie at distinct lambdas other than
+  lambda_i (quadratic spacing repeats t = 0 for large S: R would be singular)."""
+  while order > 1 and len({lam[i - k] for k in range(order)}) < order:
+    order -= 1
+  return order
+
+
 def padded(weights: np.ndarray) -> list[float]:
   return list(weights) + [0.0] * (MAX_ORDER - 1 - len(weights))
 
@@ -130,7 +138,11 @@ class UniPC(base.Sampler):
     alpha, sigma = np.exp(0.5 * log_alpha_bar), np.sqrt(-np.expm1(log_alpha_bar))
     steps = []  # per step i -> i + 1 (not the one to the data): its coefficients
     for i in range(len(timesteps) - 1):
-      h, b_of_h, predictor, corrector, new = step_weights(lam, i, self.step_order(i), self.variant)
+      if lam[i + 1] == lam[i]:  # a repeated timestep: the step stays where it is
+        steps.append((1.0, 0.0, 0.0, np.zeros(0), np.zeros(0), 0.0))
+        continue
+      order = usable_order(lam, i, self.step_order(i))
+      h, b_of_h, predictor, corrector, new = step_weights(lam, i, order, self.variant)
       ratio, x0 = sigma[i + 1] / sigma[i], alpha[i + 1] * -math.expm1(-h)
       steps.append((ratio, x0, alpha[i + 1] * b_of_h, predictor, corrector, new))
     rows = []
