@@ -12,14 +12,24 @@ branches are.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jax_ddpm.models.group_norm import GroupNorm
-from jax_ddpm.models.text_encoder import masked_attention
-
 zero_init = nnx.initializers.zeros_init()
 default_init = nnx.initializers.variance_scaling(1.0, "fan_avg", "uniform")
+
+
+def masked_attention(q, k, v, mask):
+  """softmax(q k^T / sqrt(d)) v (Vaswani et al. 2017, eq. 1) over keys where mask is True.
+
+  q [B, Q, H, C], k and v [B, K, H, C], mask bool [B, K]; logits and softmax in float32.
+  """
+  logits = jnp.einsum("bqhc,bkhc->bhqk", q, k, preferred_element_type=jnp.float32)
+  logits = logits * q.shape[-1] ** -0.5
+  logits = jnp.where(mask[:, None, None, :], logits, -jnp.inf)
+  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum("bhqk,bkhc->bqhc", weights, v)
 
 
 class CrossAttentionBlock(nnx.Module):
@@ -36,10 +46,12 @@ class CrossAttentionBlock(nnx.Module):
     rngs: nnx.Rngs,
   ):
     self.num_heads = num_heads
-    self.norm = GroupNorm(
+    # The U-Net's GroupNorm (epsilon as unet.GROUP_NORM_EPSILON, statistics in float32), here
+    # with autodiff's backward: one per attention resolution, where the maps are small.
+    self.norm = nnx.GroupNorm(
       channels,
       num_groups=num_groups,
-      epsilon=1e-6,  # the U-Net's GroupNorm (unet.GROUP_NORM_EPSILON)
+      epsilon=1e-6,
       use_fast_variance=False,
       dtype=jnp.float32,
       rngs=rngs,
@@ -56,7 +68,9 @@ class CrossAttentionBlock(nnx.Module):
     """x [B, H, W, C], context [B, L, D], mask bool [B, L]."""
     batch, height, width, channels = x.shape
     head_dim = channels // self.num_heads
-    q = self.q(self.norm(x)).reshape(batch, height * width, self.num_heads, head_dim)
+    q = self.q(self.norm(x.astype(jnp.float32))).reshape(
+      batch, height * width, self.num_heads, head_dim
+    )
     split = lambda a: a.reshape(batch, context.shape[1], self.num_heads, head_dim)
     attended = masked_attention(q, split(self.k(context)), split(self.v(context)), mask)
     return x + self.proj_out(attended.reshape(batch, height, width, channels).astype(x.dtype))

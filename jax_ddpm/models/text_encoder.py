@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from jax_ddpm.io.errors import ConfigError
+from jax_ddpm.models.cross_attention import masked_attention
 
 PAD, START = "<pad>", "<start>"
 
@@ -82,18 +83,6 @@ class TextEncoderConfig:
       raise ConfigError(
         f"the text encoder's width {self.width} must be divisible by its {self.num_heads} heads."
       )
-
-
-def masked_attention(q, k, v, mask):
-  """softmax(q k^T / sqrt(d)) v (Vaswani et al. 2017, eq. 1) over keys where mask is True.
-
-  q [B, Q, H, C], k and v [B, K, H, C], mask bool [B, K]; logits and softmax in float32.
-  """
-  logits = jnp.einsum("bqhc,bkhc->bhqk", q, k, preferred_element_type=jnp.float32)
-  logits = logits * q.shape[-1] ** -0.5
-  logits = jnp.where(mask[:, None, None, :], logits, -jnp.inf)
-  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum("bhqk,bkhc->bqhc", weights, v)
 
 
 class EncoderBlock(nnx.Module):
