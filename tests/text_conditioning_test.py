@@ -132,3 +132,37 @@ def test_the_text_encoder_and_the_unet_ignore_what_lies_under_the_padding():
   assert not np.allclose(unet(x, t, context=(encoder(empty_ids, empty_mask), empty_mask)), out)
   with pytest.raises(ValueError, match=r"required exactly when model.context_dim is set"):
     unet(x, t)
+
+
+def test_guidance_with_the_empty_prompt_mixes_the_prompted_and_the_unconditional_model():
+  """w = 0 is the network given the empty prompt (the unconditional model it is trained to be
+  by prompt dropout), w = 1 the prompted one, and w = 3 their mix (Ho & Salimans 2022, eq. 6)
+  from one doubled batch."""
+  from jax_ddpm.diffusion import guidance
+  from jax_ddpm.models.prompted_unet import PromptedUNet
+
+  tokenizer = Tokenizer.from_captions(CAPTIONS, max_tokens=6)
+  unet = UNetConfig(
+    image_size=8,
+    in_channels=1,
+    out_channels=1,
+    ch=16,
+    ch_mult=(1, 2),
+    num_res_blocks=1,
+    attn_resolutions=(4,),
+    num_groups=4,
+    dropout=0.0,
+  )
+  text = TextEncoderConfig(tokenizer.vocabulary_size, 6, 16, 1, 2)
+  model = randomised(PromptedUNet(unet, text, rngs=nnx.Rngs(0)))
+  prompt = tuple(jnp.asarray(a) for a in tokenizer.encode(["a thick slanted seven", "a two"]))
+  empty = tuple(jnp.asarray(a) for a in tokenizer.encode(["", ""]))
+  x, t = jax.random.normal(jax.random.key(5), (2, 8, 8, 1)), jnp.array([100, 900])
+  network = lambda x, t, p: model(x, t, p)
+  conditional, unconditional = network(x, t, prompt), network(x, t, empty)
+  assert not np.allclose(conditional, unconditional)
+  at = lambda w: guidance.guide_condition(network, prompt, empty, w)(x, t)
+  np.testing.assert_array_equal(at(0.0), unconditional)
+  np.testing.assert_array_equal(at(1.0), conditional)
+  mix = unconditional + 3.0 * (conditional - unconditional)
+  np.testing.assert_allclose(at(3.0), mix, rtol=1e-4, atol=1e-5)

@@ -1,4 +1,4 @@
-"""Class conditioning at sampling time: which labels to draw, and classifier-free guidance.
+"""Conditioning at sampling time: which labels to draw, and classifier-free guidance.
 
 A conditional U-Net embeds num_classes + 1 labels; the last, `null_label`, means "no class". It
 is trained on it with probability training.label_dropout (Ho & Salimans 2022, Algorithm 1), so
@@ -12,7 +12,9 @@ with this project's convention for the scale w: w = 1 is the plain conditional m
 unconditional one, w > 1 moves further towards the class (the paper's w is our w - 1). D is
 whatever the network predicts, eps, x_0 or v: at fixed x_t each is an affine function of the
 others with the same coefficients, so mixing any of them gives the same guided step. The
-samplers never see labels: `guide` turns the conditional denoiser into a label-free one.
+samplers never see labels: `guide` turns the conditional denoiser into a label-free one, and
+`guide_condition` does the same for any condition, a text prompt's tokens with the empty prompt as
+the unconditional input (Rombach et al. 2022, Sec. 4.3.1, trained with the prompt dropped).
 """
 
 from __future__ import annotations
@@ -69,22 +71,30 @@ def guide(
   num_classes: int,
   learn_sigma: bool = False,
 ) -> Callable:
-  """denoise(x_t, t) of the guided model D_w above, from a conditional denoise_fn(x_t, t, y).
+  """denoise(x_t, t) of the guided model D_w above, from a conditional denoise_fn(x_t, t, y)
+  whose unconditional input is the null label (`guide_condition`)."""
+  null = jnp.full_like(y, null_label(num_classes))
+  return guide_condition(denoise_fn, y, null, guidance_scale, learn_sigma)
+
+
+def guide_condition(
+  denoise_fn: Callable, condition, null_condition, guidance_scale: float, learn_sigma: bool = False
+) -> Callable:
+  """denoise(x_t, t) of D_w above for any condition (a batch-first pytree: labels, or a prompt's
+  token ids and mask) and the condition that means "none" (the null label, the empty prompt).
 
   w = 1 and w = 0 call the network once; any other w evaluates the conditional and the
   unconditional branch in one forward pass over a doubled batch. A learned-variance network's
   variance channels (learn_sigma) are the conditional branch's, unguided, as in GLIDE.
   """
-  null = jnp.full_like(y, null_label(num_classes))
   if guidance_scale == 1:
-    return lambda x_t, t: denoise_fn(x_t, t, y)
+    return lambda x_t, t: denoise_fn(x_t, t, condition)
   if guidance_scale == 0:
-    return lambda x_t, t: denoise_fn(x_t, t, null)
+    return lambda x_t, t: denoise_fn(x_t, t, null_condition)
+  both_conditions = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), condition, null_condition)
 
   def guided(x_t, t):
-    both = denoise_fn(
-      jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]), jnp.concatenate([y, null])
-    )
+    both = denoise_fn(jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]), both_conditions)
     conditional, unconditional = jnp.split(both, 2)
     guided_output = unconditional + guidance_scale * (conditional - unconditional)
     if learn_sigma:
