@@ -159,25 +159,29 @@ def plot(rows: list[list], path: str, subtitle: str) -> None:
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  from matplotlib import ticker
 
-  figure, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-  for name in dict.fromkeys(row[0] for row in rows):
+  figure, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+  styles = ("o-", "s--", "^-.", "v:", "D-", "P--", "X-.", "*:", "h-", "<--")
+  for style, name in zip(styles * 2, dict.fromkeys(row[0] for row in rows)):
     mine = [row for row in rows if row[0] == name]
     calls = [row[1] for row in mine]
     for axis, column in zip(axes, (2, -1)):
-      axis.plot(
-        calls,
-        [float(row[column]) for row in mine],
-        "o-" if len(mine) > 1 else "s",
-        label=f"{name}-{calls[0]}" if len(mine) == 1 else name,
-      )
-  axes[1].set_yscale("log")
+      axis.plot(calls, [float(row[column]) for row in mine], style, label=name, alpha=0.85)
   for axis, label in zip(axes, ("feature distance (lower is better)", "sampling seconds")):
     axis.set_xscale("log")
+    axis.set_yscale("log")
+    calls = sorted({row[1] for row in rows})
+    budgets = [c for c in calls if c + 1 not in calls]  # Heun's 2N - 1 beside its budget
+    axis.set_xticks(budgets, [str(c) for c in budgets])
+    axis.xaxis.set_minor_locator(ticker.NullLocator())
+    axis.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    axis.yaxis.set_major_formatter(ticker.ScalarFormatter())
+    axis.yaxis.set_minor_locator(ticker.NullLocator())
     axis.set_xlabel("network calls")
     axis.set_ylabel(label)
     axis.grid(True, alpha=0.3)
-  axes[0].legend()
+  axes[0].legend(fontsize=7, loc="upper right")
   figure.suptitle(subtitle, fontsize=8)
   figure.tight_layout()
   figure.savefig(path, dpi=100)

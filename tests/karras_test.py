@@ -222,3 +222,30 @@ def test_ancestral_and_churned_laws_converge_at_the_order_of_their_steps():
     slopes = [float(np.log2(a / b)) for a, b in zip(errors, errors[1:])]
     print(f"{kind} {churn}: variance errors at {counts} steps {errors}, slopes {slopes}")
     assert all(abs(slope - order) < 0.15 for slope in slopes), (kind, errors, slopes)
+
+
+def test_euler_on_trained_sigmas_is_ddim_on_their_timesteps():
+  """DDIM (eta = 0) is Euler's method on the same ODE in x / sqrt(alpha-bar) (Karras et al.
+  2022, Sec. 3): x' = x_0 + sigma' (x - x_0) / sigma either way. On the nearest-sigma grid the
+  two visit the same timesteps and agree to float32 round-off, whatever the denoiser."""
+  import dataclasses
+
+  from samplers_test import nonlinear_eps
+
+  from jax_ddpm.samplers.ddim import DDIM
+
+  euler = Euler(num_steps=12, sigma_to_t="nearest")
+  visited = tuple(int(t) for t in euler.timesteps(SCHEDULE))
+
+  @dataclasses.dataclass(frozen=True)
+  class Visiting(DDIM):
+    visit: tuple = ()
+
+    def timesteps(self, schedule):
+      return np.asarray(self.visit, np.int32)
+
+  shape, rng = (4, 3, 3, 2), jax.random.key(3)
+  options = dict(thresholding="none")
+  ddim = base.run(Visiting(visit=visited), nonlinear_eps, SCHEDULE, shape, rng, **options)
+  ours = base.run(euler, nonlinear_eps, SCHEDULE, shape, rng, **options)
+  np.testing.assert_allclose(ours, ddim, rtol=2e-5, atol=2e-5)
