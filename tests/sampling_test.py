@@ -176,9 +176,10 @@ def test_checkpoint_of_another_model_is_refused(checkpoint_dir):
   [
     (dict(num_samples=0), r"sampling.num_samples must be a positive integer, got 0"),
     (
-      dict(sampler="euler"),
-      r"Unknown sampling.sampler 'euler'; allowed values: "
-      r"\['ddpm', 'ddim', 'dpmpp_2m', 'sde_dpmpp_2m'\]",
+      dict(sampler="lms"),
+      r"Unknown sampling.sampler 'lms'; allowed values: "
+      r"\['ddpm', 'ddim', 'dpmpp_2m', 'sde_dpmpp_2m', 'unipc', 'euler', 'heun', "
+      r"'euler_ancestral'\]",
     ),
     (
       dict(sampler="dpmpp_2m", num_steps=101),
