@@ -1,6 +1,8 @@
 """Prompts: captions measured on digits, the tokenizer, the text encoder and the U-Net's
 cross-attention, whose padded tokens must never change an output."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +16,17 @@ from jax_ddpm.models.text_encoder import TextEncoder, TextEncoderConfig, Tokeniz
 from jax_ddpm.models.unet import UNet, UNetConfig
 
 CAPTIONS = ["a thick slanted seven", "a thin two", "a seven", "a upright one"]
+TINY_UNET = UNetConfig(
+  image_size=8,
+  in_channels=1,
+  out_channels=1,
+  ch=16,
+  ch_mult=(1, 2),
+  num_res_blocks=1,
+  attn_resolutions=(4,),
+  num_groups=4,
+  dropout=0.0,
+)
 
 
 def bar(width, length=20, shear=0.0, size=28):
@@ -111,19 +124,7 @@ def test_the_text_encoder_and_the_unet_ignore_what_lies_under_the_padding():
   features = encoder(ids, mask)
   other = encoder(ids.at[:, 5].set(3), mask)  # a word id under every prompt's padding
   np.testing.assert_allclose(other[mask], features[mask], rtol=1e-6)
-  config = UNetConfig(
-    image_size=8,
-    in_channels=1,
-    out_channels=1,
-    ch=16,
-    ch_mult=(1, 2),
-    num_res_blocks=1,
-    attn_resolutions=(4,),
-    num_groups=4,
-    dropout=0.0,
-    context_dim=16,
-  )
-  unet = randomised(UNet(config, rngs=nnx.Rngs(0)))
+  unet = randomised(UNet(dataclasses.replace(TINY_UNET, context_dim=16), rngs=nnx.Rngs(0)))
   x, t = jax.random.normal(jax.random.key(4), (2, 8, 8, 1)), jnp.array([10, 500])
   out = unet(x, t, context=(features, mask))
   padded_garbage = jnp.where(mask[..., None], features, 50.0)
@@ -142,19 +143,8 @@ def test_guidance_with_the_empty_prompt_mixes_the_prompted_and_the_unconditional
   from jax_ddpm.models.prompted_unet import PromptedUNet
 
   tokenizer = Tokenizer.from_captions(CAPTIONS, max_tokens=6)
-  unet = UNetConfig(
-    image_size=8,
-    in_channels=1,
-    out_channels=1,
-    ch=16,
-    ch_mult=(1, 2),
-    num_res_blocks=1,
-    attn_resolutions=(4,),
-    num_groups=4,
-    dropout=0.0,
-  )
   text = TextEncoderConfig(tokenizer.vocabulary_size, 6, 16, 1, 2)
-  model = randomised(PromptedUNet(unet, text, rngs=nnx.Rngs(0)))
+  model = randomised(PromptedUNet(TINY_UNET, text, rngs=nnx.Rngs(0)))
   prompt = tuple(jnp.asarray(a) for a in tokenizer.encode(["a thick slanted seven", "a two"]))
   empty = tuple(jnp.asarray(a) for a in tokenizer.encode(["", ""]))
   x, t = jax.random.normal(jax.random.key(5), (2, 8, 8, 1)), jnp.array([100, 900])
