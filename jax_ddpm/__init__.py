@@ -7,16 +7,20 @@ The Python API, in three lines:
   >>> images = model.sample(16, sampler="dpmpp_2m", steps=20)  # uint8 [16, 28, 28, 1]
   >>> jax_ddpm.save_grid(images, "grid.png")
 
+A text model (configs/mnist_text.py) takes prompts: `model.sample(prompts=["a thick seven"] * 8)`.
+
 `train` trains (or resumes) a run from a config; `load` reads a run's checkpoint (any step, EMA or
 trained weights); `load_diffusers` reads a diffusers UNet2DModel folder; `Model.sample` draws with
-any registered sampler (`SAMPLERS`), any number of network calls, seed, labels and guidance scale,
-the same images `--mode=sample` writes for the same settings; `save_grid` writes a PNG.
+any registered sampler (`SAMPLERS`), any number of network calls, seed, labels or prompts and
+guidance scale, the same images `--mode=sample` writes for the same settings; `save_grid` writes
+a PNG.
 Nothing is imported until it is used, so `import jax_ddpm` is cheap.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, Union
 
@@ -68,8 +72,9 @@ class Model:
 
   def sample(
     self,
-    num_images: int,
+    num_images: int | None = None,
     *,
+    prompts: Sequence[str] | None = None,
     sampler: str | None = None,
     steps: int | None = None,
     seed: int | None = None,
@@ -79,8 +84,9 @@ class Model:
     **sampling: Any,
   ) -> np.ndarray:
     """`num_images` uint8 images [N, H, W, C] drawn with the run's sampling settings, changed by
-    the arguments given: sampler (one of SAMPLERS), steps (sampling.num_steps: the network
-    calls, but heun's 2 steps - 1), seed, labels ("grid", "random" or classes, for a
+    the arguments given: prompts (a text model: image n follows prompts[n], and num_images
+    defaults to their number), sampler (one of SAMPLERS), steps (sampling.num_steps: the
+    network calls, but heun's 2 steps - 1), seed, labels ("grid", "random" or classes, for a
     conditional model), guidance_scale (1: conditional, 0: unconditional), batch_size (images
     per compiled call), and any other sampling key (eta, spacing, s_churn, ...). Batch i is
     drawn from fold_in(key(seed), i): the images --mode=sample writes for the same settings and
@@ -88,6 +94,8 @@ class Model:
 
     >>> model.sample(10, labels=[3] * 10, guidance_scale=2.0).shape  # a conditional model
     (10, 28, 28, 1)
+    >>> model.sample(prompts=["a thick slanted seven", "a thin two"]).shape  # a text model
+    (2, 28, 28, 1)
     """
     import jax  # noqa: PLC0415
 
@@ -105,6 +113,13 @@ class Model:
       if labels is None or isinstance(labels, str)
       else ",".join(str(int(y)) for y in labels),
     )
+    if prompts is not None:
+      prompts, num_images = _prompt_stream(prompts, num_images)
+      # one batch holds each prompt once per block of P images, on any device count
+      batch = batch_size or math.lcm(len(prompts), jax.device_count())
+      keys.update(prompts="; ".join(prompts), batch_size=batch)
+    elif num_images is None:
+      raise TypeError("Model.sample needs num_images (or prompts).")
     run = self.run.with_sampling(**{k: v for k, v in keys.items() if v is not None})
     sampling = run.config.sampling
     cache_key = (run.sampler, run.sampling_options, sampling.batch_size)
@@ -114,10 +129,11 @@ class Model:
       self._compiled[cache_key] = program.make_sample_fn(
         self.eval_graphdef,
         run.schedule,
-        (sampling.batch_size, *run.image_shape),
+        (sampling.batch_size, *run.sample_shape),
         devices,
         run.sampler,
         run.sampling_options,
+        decode=run.decode,
       )
     return program.draw_images(
       self._compiled[cache_key],
@@ -145,6 +161,11 @@ class Model:
     from jax_ddpm.samplers import program  # noqa: PLC0415
 
     run = self.run.with_sampling(**sampling) if sampling else self.run
+    if run.codec is not None:
+      raise ValueError(
+        "Model.trajectory records x_t, which a latent model (autoencoder.checkpoint) keeps in "
+        "latents, not images; sample it with Model.sample."
+      )
     devices = mesh.data_mesh()
     count = program.padded_count(num_images, devices)
     steps = len(run.sampler.timesteps(run.schedule))
@@ -213,12 +234,12 @@ def train(config: ConfigLike, workdir: str) -> Model:
   """
   from flax import nnx  # noqa: PLC0415
 
-  from jax_ddpm.models.unet import UNet  # noqa: PLC0415
   from jax_ddpm.training import loop  # noqa: PLC0415
+  from jax_ddpm.training import state as state_lib  # noqa: PLC0415
 
   run = _build(config)
   state = loop.train_and_evaluate(run, workdir)
-  abstract = nnx.eval_shape(lambda: UNet(run.unet, rngs=nnx.Rngs(0)))
+  abstract = nnx.eval_shape(lambda: state_lib.network(run.network, nnx.Rngs(0)))
   abstract.eval()
   return Model(run, nnx.graphdef(abstract), state.ema_params, int(state.step), state)
 
@@ -308,6 +329,21 @@ def noised(
   t = jnp.broadcast_to(jnp.asarray(t, jnp.int32), (len(x0),))
   eps = jax.random.normal(jax.random.key(seed), x0.shape[1:])
   return image_io.to_uint8(jnp.clip(process.q_sample(schedule, x0, t, eps[None]), -1, 1))
+
+
+def _prompt_stream(prompts: Sequence[str], num_images: int | None) -> tuple[list[str], int]:
+  """The prompts of a sample call, one per image: image n follows prompts[n]."""
+  if isinstance(prompts, str):
+    prompts = [prompts]
+  prompts = [" ".join(str(p).split()) for p in prompts]
+  if not prompts:
+    raise ValueError("prompts is empty: give at least one prompt (or leave it out).")
+  if num_images is not None and num_images != len(prompts):
+    raise ValueError(
+      f"num_images={num_images} with {len(prompts)} prompts: each image follows its own prompt; "
+      "leave num_images out, or repeat the prompts."
+    )
+  return prompts, len(prompts)
 
 
 def _typed(config_like: ConfigLike) -> RunConfig:

@@ -107,6 +107,7 @@ def sample(args: Arguments) -> str:
     run.config.sampling.num_samples,
     drawer.batch_size,
     drawer.draw_batch,
+    drawer.prompts,
   )
 
 
@@ -167,6 +168,14 @@ def train_classifier(args: Arguments) -> dict:
   )
 
 
+def train_autoencoder(args: Arguments) -> dict:
+  from jax_ddpm.config import builders, run_config  # noqa: PLC0415
+  from jax_ddpm.training import autoencoder  # noqa: PLC0415
+
+  config = run_config.from_config_dict(args.config)
+  return autoencoder.train_and_save(config, builders.autoencoder_config(config), args.workdir)
+
+
 def import_inception(args: Arguments) -> str:
   from jax_ddpm.config import run_config  # noqa: PLC0415
   from jax_ddpm.evaluation import inception_weights  # noqa: PLC0415
@@ -201,6 +210,11 @@ MODES = {
     evaluate,
     "FID (or a classifier's feature distance), IS, KID, P/R, bits/dim",
     "jax-ddpm --mode=eval --config=mnist --workdir=runs/mnist",
+  ),
+  "train_autoencoder": Mode(
+    train_autoencoder,
+    "train latent diffusion's autoencoder (the autoencoder section) in its own workdir",
+    "jax-ddpm --mode=train_autoencoder --config=mnist_text --workdir=runs/mnist_autoencoder",
   ),
   "train_classifier": Mode(
     train_classifier,

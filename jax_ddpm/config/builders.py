@@ -11,17 +11,22 @@ runs. Training, evaluation and sampling take the `Run`; none of them reads a con
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
 import optax
 
+from jax_ddpm.data import captions
 from jax_ddpm.diffusion import guidance, losses, schedules
 from jax_ddpm.diffusion.likelihood import BoundOptions
 from jax_ddpm.diffusion.process import Prediction, Variance
 from jax_ddpm.diffusion.timesteps import TimestepSampling
 from jax_ddpm.io.errors import ConfigError
+from jax_ddpm.models.autoencoder import AutoencoderConfig
+from jax_ddpm.models.prompted_unet import PromptedUNetConfig
+from jax_ddpm.models.text_encoder import TextEncoderConfig, Tokenizer
 from jax_ddpm.models.unet import RUNTIME_FIELDS, UNetConfig
 from jax_ddpm.runtime import devices
 from jax_ddpm.samplers import base, ddim, registry
@@ -31,6 +36,7 @@ from jax_ddpm.training.step import EMARule, StepOptions
 if TYPE_CHECKING:
   from jax_ddpm.config.run_config import RunConfig
   from jax_ddpm.config.sections import SamplingConfig
+  from jax_ddpm.models.autoencoder import Codec
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -39,6 +45,7 @@ class Run:
 
   config: RunConfig
   unet: UNetConfig
+  text: TextEncoderConfig | None  # a text model's encoder (model.prompts), else None
   schedule: schedules.DiffusionSchedule
   optimizer: optax.GradientTransformation
   step_options: StepOptions
@@ -54,6 +61,37 @@ class Run:
   def image_shape(self) -> tuple[int, int, int]:
     data = self.config.data
     return (data.image_size, data.image_size, data.channels)
+
+  @property
+  def sample_shape(self) -> tuple[int, int, int]:
+    """What the diffusion runs on: the images, or the autoencoder's latents."""
+    return (self.unet.image_size, self.unet.image_size, self.unet.in_channels)
+
+  @property
+  def network(self) -> UNetConfig | PromptedUNetConfig:
+    """The denoiser: the U-Net, or the text encoder and the U-Net of a text model."""
+    return self.unet if self.text is None else PromptedUNetConfig(self.unet, self.text)
+
+  @functools.cached_property
+  def codec(self) -> Codec | None:
+    """The trained autoencoder of a latent run (autoencoder.checkpoint), read once; None for
+    a run on pixels."""
+    if not self.config.autoencoder.latent:
+      return None
+    from jax_ddpm.training import checkpointing  # noqa: PLC0415 (orbax: only when asked)
+
+    checkpoint = self.config.autoencoder.checkpoint
+    return checkpointing.load_codec(checkpoint, autoencoder_config(self.config))
+
+  @property
+  def decode(self):
+    """Latents to images for a latent run (inside the sampling program), else None."""
+    return None if self.codec is None else self.codec.decode
+
+  @property
+  def encode(self):
+    """(images, key) to latents for a latent run (inside the train step), else None."""
+    return None if self.codec is None else self.codec.encode
 
   def with_sampling(self, **keys) -> Run:
     """This run with some sampling keys changed (sampler, num_steps, seed, guidance_scale, ...),
@@ -73,6 +111,7 @@ def build(config: RunConfig) -> Run:
   return Run(
     config=config,
     unet=unet_config(config),
+    text=text_encoder_config(config),
     schedule=schedule,
     optimizer=optimizer(config),
     step_options=step_options(config),
@@ -93,9 +132,12 @@ def unet_config(config: RunConfig) -> UNetConfig:
   classifier-free guidance (guidance.null_label). A learned-variance model (model.learn_sigma)
   outputs 2C channels (process.split_output).
   """
-  model, channels = config.model, config.data.channels
+  model, channels, size = config.model, config.data.channels, config.data.image_size
+  if config.autoencoder.latent:  # the latent of f = 2^(len(ch_mult) - 1), z_channels deep
+    size //= 2 ** (len(config.autoencoder.ch_mult) - 1)
+    channels = config.autoencoder.z_channels
   unet = UNetConfig(
-    image_size=config.data.image_size,
+    image_size=size,
     in_channels=channels,
     out_channels=2 * channels if model.learn_sigma else channels,
     ch=model.ch,
@@ -108,9 +150,62 @@ def unet_config(config: RunConfig) -> UNetConfig:
     num_classes=None if model.num_classes is None else model.num_classes + 1,
     compute_dtype=compute_dtype(model.compute_dtype),
     remat=model.remat,
+    context_dim=model.text_width if model.prompts else None,
   )
   unet.validate()
   return unet
+
+
+def autoencoder_config(config: RunConfig) -> AutoencoderConfig:
+  """The first-stage network the autoencoder section describes, for the data section's images;
+  ConfigError names the key of a shape it cannot take."""
+  section, data = config.autoencoder, config.data
+  network = AutoencoderConfig(
+    image_size=data.image_size,
+    channels=data.channels,
+    ch=section.ch,
+    ch_mult=section.ch_mult,
+    num_res_blocks=section.num_res_blocks,
+    z_channels=section.z_channels,
+    num_groups=section.num_groups,
+    kl_weight=section.kl_weight,
+  )
+  network.validate()
+  return network
+
+
+def tokenizer(config: RunConfig) -> Tokenizer:
+  """Word-level tokens over the digit captions' vocabulary (data/captions.py)."""
+  return Tokenizer(captions.vocabulary(), config.model.max_tokens)
+
+
+def text_encoder_config(config: RunConfig) -> TextEncoderConfig | None:
+  """The text encoder of a text model (model.prompts), sized by model.text_*; else None."""
+  model = config.model
+  if not model.prompts:
+    return None
+  longest = max(len(text.split()) for text in captions.all_captions())
+  if model.max_tokens < longest + 1:
+    raise ConfigError(
+      f"model.max_tokens={model.max_tokens} cannot hold the longest caption ({longest} words "
+      "and the start token)."
+    )
+  return TextEncoderConfig(
+    vocabulary_size=tokenizer(config).vocabulary_size,
+    max_tokens=model.max_tokens,
+    width=model.text_width,
+    depth=model.text_depth,
+    num_heads=model.text_heads,
+  )
+
+
+def caption_tokens(config: RunConfig) -> tuple[tuple[int, ...], ...] | None:
+  """A text model's token ids of every caption by caption index, then of the empty prompt
+  (the null label's row, what prompt dropout trains): [NUM_CAPTIONS + 1, max_tokens]."""
+  if not config.model.prompts:
+    return None
+  ids, _ = tokenizer(config).encode([*captions.all_captions(), ""])
+  return tuple(tuple(int(i) for i in row) for row in ids)
 
 
 def compute_dtype(name: str, platform: str | None = None, cpu_bfloat16: bool | None = None) -> str:
@@ -212,7 +307,8 @@ def step_options(config: RunConfig) -> StepOptions:
     prediction=config.diffusion.prediction,
     ema=EMARule(decay=config.optim.ema_decay, warmup=config.optim.ema_warmup),
     learning_rate=learning_rate(config),
-    num_classes=config.model.num_classes,
+    num_classes=captions.NUM_CAPTIONS if config.model.prompts else config.model.num_classes,
+    caption_tokens=caption_tokens(config),
     label_dropout=training.label_dropout,
     loss_weights=loss_weights(config),
     learn_sigma=config.model.learn_sigma,
@@ -294,14 +390,42 @@ def grid_sampler(config: RunConfig, schedule: schedules.DiffusionSchedule) -> ba
   return grid
 
 
-def conditioning(config: RunConfig) -> guidance.Conditioning | None:
-  """The labels and guidance scale of a conditional model's samples; None if unconditional."""
+def conditioning(config: RunConfig) -> guidance.Conditioning | guidance.PromptConditioning | None:
+  """The labels (or prompts) and guidance scale of a conditional model's samples; None if
+  unconditional."""
+  if config.model.prompts:
+    return prompt_conditioning(config)
   if config.model.num_classes is None:
     return None
   return guidance.Conditioning(
     num_classes=config.model.num_classes,
     labels=config.sampling.class_labels(),
     guidance_scale=float(config.sampling.guidance_scale),
+  )
+
+
+def prompt_conditioning(config: RunConfig) -> guidance.PromptConditioning:
+  """sampling.prompts (default: "a zero" to "a nine") tokenized, each checked against the
+  vocabulary here, before anything is compiled."""
+  sampling = config.sampling
+  prompts = sampling.prompt_list() or captions.DEFAULT_PROMPTS
+  if sampling.batch_size % len(prompts):
+    raise ConfigError(
+      f"sampling.batch_size={sampling.batch_size} must be a multiple of the "
+      f"{len(prompts)} prompts of sampling.prompts, so that image n follows prompt n mod "
+      f"{len(prompts)} in every batch."
+    )
+  words = tokenizer(config)
+  try:
+    ids, _ = words.encode(prompts)
+  except ConfigError as error:
+    raise ConfigError(f"sampling.prompts: {error}") from None
+  empty, _ = words.encode([""])
+  return guidance.PromptConditioning(
+    prompts=prompts,
+    ids=tuple(tuple(int(i) for i in row) for row in ids),
+    empty_ids=tuple(int(i) for i in empty[0]),
+    guidance_scale=float(sampling.guidance_scale),
   )
 
 
@@ -333,8 +457,17 @@ def metadata(config: RunConfig) -> dict[str, Any]:
   model = dataclasses.asdict(unet_config(config))
   for runtime_choice in RUNTIME_FIELDS:
     model.pop(runtime_choice)
-  return {
+  meta = {
     "model": model,
     "diffusion": dataclasses.asdict(config.diffusion),
     "config": config.to_dict(),
   }
+  text = text_encoder_config(config)
+  if text is not None:
+    meta["text"] = dataclasses.asdict(text)
+  if config.autoencoder.latent:  # the first stage's architecture (its weights stay in its workdir)
+    first_stage = dataclasses.asdict(config.autoencoder)
+    meta["autoencoder"] = {
+      k: first_stage[k] for k in ("ch", "ch_mult", "num_res_blocks", "z_channels")
+    }
+  return meta

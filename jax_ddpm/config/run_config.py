@@ -20,6 +20,7 @@ import ml_collections
 
 from jax_ddpm.config.sections import (
   SECTIONS,
+  AutoencoderSection,
   DataConfig,
   DebugConfig,
   DiffusionConfig,
@@ -49,10 +50,13 @@ class RunConfig:
   training: TrainingConfig = TrainingConfig()
   sampling: SamplingConfig = SamplingConfig()
   eval: EvalConfig = EvalConfig()
+  autoencoder: AutoencoderSection = AutoencoderSection()
   debug: DebugConfig = DebugConfig()
 
   def __post_init__(self):
     self._check_conditioning()
+    self._check_prompts()
+    self._check_latent()
     self._check_objective()
     T = self.diffusion.num_timesteps  # noqa: N806 (the paper's symbol)
     max_timestep = self.training.max_timestep
@@ -83,6 +87,8 @@ class RunConfig:
   def _check_conditioning(self) -> None:
     """model.num_classes, and the labels and guidance asked of its samples."""
     sampling = self.sampling
+    if self.model.prompts:
+      return
     if self.model.num_classes is None:
       if str(sampling.labels) != "grid" or sampling.guidance_scale != 1.0:
         raise ConfigError(
@@ -96,6 +102,56 @@ class RunConfig:
       raise ConfigError(
         f"sampling.guidance_scale={sampling.guidance_scale!r} mixes in the unconditional "
         "model, which a model trained with training.label_dropout=0 never learnt."
+      )
+
+  def _check_prompts(self) -> None:
+    """A text model's data (labelled digits, unflipped) and the prompts asked of it."""
+    model, sampling, data = self.model, self.sampling, self.data
+    if not model.prompts:
+      if sampling.prompt_list():
+        raise ConfigError(
+          f"sampling.prompts={sampling.prompts!r} asks for prompts, but the model has no text "
+          "encoder: set model.prompts=True (and train it on captioned digits)."
+        )
+      return
+    if not sources.SOURCES[data.source].labelled or data.channels != 1:
+      labelled = [name for name, info in sources.SOURCES.items() if info.labelled]
+      raise ConfigError(
+        f"model.prompts=True trains on captions written from one-channel labelled digits; "
+        f"data.source={data.source!r} with data.channels={data.channels} is not (labelled "
+        f"sources: {labelled})."
+      )
+    if data.random_flip:
+      raise ConfigError(
+        "model.prompts=True with data.random_flip=True: a mirrored digit leans the other way "
+        "than its caption says. Set data.random_flip=False."
+      )
+    if sampling.guidance_scale != 1.0 and self.training.label_dropout == 0:
+      raise ConfigError(
+        f"sampling.guidance_scale={sampling.guidance_scale!r} mixes in the empty prompt, "
+        "which a model trained with training.label_dropout=0 never saw."
+      )
+
+  def _check_latent(self) -> None:
+    """What a latent diffusion run (autoencoder.checkpoint set) cannot do on latents."""
+    if not self.autoencoder.latent:
+      return
+    if self.eval.bits_per_dim:
+      raise ConfigError(
+        "eval.bits_per_dim=True bounds the likelihood of the diffusion's data, here the "
+        f"latents of autoencoder.checkpoint={self.autoencoder.checkpoint!r}, not of the "
+        "images: unset one of them."
+      )
+    if self.sampling.thresholding != "none":
+      raise ConfigError(
+        f"sampling.thresholding={self.sampling.thresholding!r} clips each predicted x_0 to the "
+        "pixels' [-1, 1], but a latent run's x_0 is a latent of unit variance that goes beyond "
+        "it: set sampling.thresholding='none'."
+      )
+    if self.model.learn_sigma:
+      raise ConfigError(
+        "model.learn_sigma=True is trained by the bound on pixels (L_hybrid); latent "
+        "diffusion (autoencoder.checkpoint) trains L_simple: unset model.learn_sigma."
       )
 
   def _check_objective(self) -> None:

@@ -1,4 +1,4 @@
-"""The eight sections of a run config as typed, frozen dataclasses: every key, its default, its
+"""The sections of a run config as typed, frozen dataclasses: every key, its default, its
 meaning and the checks on its own value (a name among the allowed ones, a range).
 
 config/run_config.py assembles them into a RunConfig and checks the keys that constrain each other;
@@ -99,6 +99,9 @@ class ModelConfig:
   data's labels 0..C-1 (None: unconditional); learn_sigma: also output the reverse variance
   (Improved DDPM eq. 15), trained by L_hybrid; compute_dtype: float32 | bfloat16 | auto (bfloat16
   where the hardware computes it natively); remat: recompute each block in the backward pass.
+  prompts: a text-to-image model conditioned on the digits' captions (data/captions.py) through a
+  text encoder of text_width, text_depth layers, text_heads heads and max_tokens tokens (the
+  start token included), cross-attended by the U-Net (Rombach et al. 2022, Sec. 3.3).
   """
 
   ch: int = 32
@@ -112,12 +115,29 @@ class ModelConfig:
   learn_sigma: bool = False
   compute_dtype: str = "float32"
   remat: bool = False
+  prompts: bool = False
+  text_width: int = 64
+  text_depth: int = 2
+  text_heads: int = 4
+  max_tokens: int = 6
 
   def __post_init__(self):
     object.__setattr__(self, "ch_mult", tuple(self.ch_mult))
     object.__setattr__(self, "attn_resolutions", tuple(self.attn_resolutions))
     if self.num_classes is not None:
       positive_int(self.num_classes, "model.num_classes")
+    for key in ("text_width", "text_depth", "text_heads", "max_tokens"):
+      positive_int(getattr(self, key), f"model.{key}")
+    if self.prompts and self.num_classes is not None:
+      raise ConfigError(
+        "model.prompts=True conditions on captions, which name the class already: "
+        f"unset model.num_classes (now {self.num_classes})."
+      )
+    if self.text_width % self.text_heads:
+      raise ConfigError(
+        f"model.text_width={self.text_width} must be divisible by "
+        f"model.text_heads={self.text_heads}."
+      )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,7 +272,9 @@ class SamplingConfig:
   s_churn, s_tmin, s_tmax, s_noise: EDM Algorithm 2's stochasticity (euler, heun; s_churn = 0 is
   deterministic); variance: ddpm's sigma_t^2, fixed_large | fixed_small | learned; thresholding:
   none | static | dynamic (threshold_percentile); labels: grid | random | "3,3,7" (conditional
-  models); guidance_scale: classifier-free guidance w (1 conditional, 0 unconditional); use_ema,
+  models); prompts: "a thick seven; a thin slanted two" (a text model's prompts, separated by
+  semicolons; empty: "a zero" to "a nine"); guidance_scale: classifier-free guidance w (1
+  conditional, 0 unconditional, the empty prompt for a text model); use_ema,
   num_samples, batch_size (global, per compiled call), seed: what --mode=sample draws.
   """
 
@@ -270,6 +292,7 @@ class SamplingConfig:
   thresholding: str = "static"
   threshold_percentile: float = 0.995
   labels: str = "grid"
+  prompts: str = ""
   guidance_scale: float = 1.0
   use_ema: bool = True
   num_samples: int = 64
@@ -294,6 +317,19 @@ class SamplingConfig:
     positive_int(self.num_samples, "sampling.num_samples")
     positive_int(self.batch_size, "sampling.batch_size")
     guidance.check_guidance_scale(self.guidance_scale, "sampling.guidance_scale")
+
+  def prompt_list(self) -> tuple[str, ...]:
+    """prompts as a tuple ("a thick seven; a two" -> ("a thick seven", "a two")); empty: ()."""
+    text = str(self.prompts).strip()
+    if not text:
+      return ()
+    prompts = tuple(" ".join(p.split()) for p in text.split(";"))
+    if any(not p for p in prompts):
+      raise ConfigError(
+        f"sampling.prompts={self.prompts!r} has an empty prompt between semicolons; write "
+        "guidance_scale=0 for unconditional samples."
+      )
+    return prompts
 
   def class_labels(self) -> str | tuple[int, ...]:
     """labels as "grid", "random" or a tuple of classes ("3,3,7" -> (3, 3, 7))."""
@@ -361,6 +397,63 @@ class EvalConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class AutoencoderSection:
+  """autoencoder: latent diffusion's first stage (Rombach et al. 2022, Sec. 3.1), trained by
+  --mode=train_autoencoder in its own workdir (models/autoencoder.py, training/autoencoder.py).
+
+  checkpoint: that workdir; when set, --mode=train trains the diffusion model on the latents of
+  its newest checkpoint, and samples are decoded by it ("": the diffusion runs on pixels). ch,
+  ch_mult (f = 2^(len - 1)), num_res_blocks, z_channels, num_groups, kl_weight: the network and
+  the KL term's weight; num_train_steps, batch_size, learning_rate (Adam), log_every_steps,
+  checkpoint_every_steps: its training; heldout_images: the source's last images, kept out of
+  its training to measure reconstructions on; scale_images: training images the latent scale
+  factor (1 / std of the latents, LDM Sec. 4.3.2) is measured on.
+  """
+
+  checkpoint: str = ""
+  ch: int = 32
+  ch_mult: tuple[int, ...] = (1, 2)
+  num_res_blocks: int = 1
+  z_channels: int = 2
+  num_groups: int = 8
+  kl_weight: float = 1e-6
+  num_train_steps: int = 600
+  batch_size: int = 64
+  learning_rate: float = 1e-3
+  log_every_steps: int = 50
+  checkpoint_every_steps: int = 200
+  heldout_images: int = 500
+  scale_images: int = 1000
+
+  def __post_init__(self):
+    object.__setattr__(self, "ch_mult", tuple(self.ch_mult))
+    for key in (
+      "ch",
+      "num_res_blocks",
+      "z_channels",
+      "num_groups",
+      "num_train_steps",
+      "batch_size",
+      "log_every_steps",
+      "checkpoint_every_steps",
+      "heldout_images",
+      "scale_images",
+    ):
+      positive_int(getattr(self, key), f"autoencoder.{key}")
+    if not self.ch_mult:
+      raise ConfigError("autoencoder.ch_mult must name at least one level, e.g. (1, 2).")
+    if not self.learning_rate > 0 or not self.kl_weight >= 0:
+      raise ConfigError(
+        f"autoencoder.learning_rate must be > 0 and autoencoder.kl_weight >= 0, got "
+        f"{self.learning_rate!r} and {self.kl_weight!r}."
+      )
+
+  @property
+  def latent(self) -> bool:
+    return bool(self.checkpoint)
+
+
+@dataclasses.dataclass(frozen=True)
 class DebugConfig:
   """debug: inject_nonfinite_at_steps makes these steps' loss NaN (fault injection, tests)."""
 
@@ -380,5 +473,6 @@ SECTIONS = {
   "training": TrainingConfig,
   "sampling": SamplingConfig,
   "eval": EvalConfig,
+  "autoencoder": AutoencoderSection,
   "debug": DebugConfig,
 }

@@ -12,7 +12,10 @@ middle tercile says nothing: "a seven" is a digit of ordinary thickness and slan
 digits lean right (the 5000 training digits' median slant is 8 degrees, their lower tercile
 0.6), so the slant words are "upright" and "slanted".
 
-The same functions measure generated samples, so a test can ask whether a prompt was followed.
+There are 10 x 3 x 3 = 90 captions; `caption_index` numbers them, so that a labelled source
+becomes a captioned one (`CaptionedSource`: its labels are caption indices) and the training
+pipeline carries captions as it carries classes. The same functions measure generated samples, so
+a test can ask whether a prompt was followed.
 """
 
 from __future__ import annotations
@@ -27,6 +30,16 @@ DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "e
 THICKNESS_WORDS = ("thin", None, "thick")
 SLANT_WORDS = ("upright", None, "slanted")
 INK_THRESHOLD = 127  # uint8 pixels above it are ink
+LEVELS = 3  # words per property: the lower tercile's, none, the upper tercile's
+NUM_CAPTIONS = len(DIGIT_WORDS) * LEVELS * LEVELS
+VOWEL_SOUNDS = ("upright", "eight")  # the caption words that take "an"
+
+
+def article(word: str) -> str:
+  return "an" if word in VOWEL_SOUNDS else "a"
+
+
+DEFAULT_PROMPTS = tuple(f"{article(word)} {word}" for word in DIGIT_WORDS)
 
 
 def _ink(images: np.ndarray) -> np.ndarray:
@@ -88,11 +101,12 @@ class CaptionBins:
 
 
 def caption(label: int, thickness_level: int, slant_level: int) -> str:
-  """ "a thick slanted seven", "a thin two", "a seven", ..."""
+  """ "a thick slanted seven", "a thin two", "an upright one", "a seven", ..."""
   if not 0 <= int(label) < len(DIGIT_WORDS):
     raise ValueError(f"a digit label must be in 0..9, got {label!r}.")
   words = [THICKNESS_WORDS[thickness_level], SLANT_WORDS[slant_level], DIGIT_WORDS[int(label)]]
-  return "a " + " ".join(word for word in words if word)
+  words = [word for word in words if word]
+  return article(words[0]) + " " + " ".join(words)
 
 
 def captions(images: np.ndarray, labels: np.ndarray, bins: CaptionBins) -> list[str]:
@@ -106,7 +120,7 @@ def parse(prompt: str) -> tuple[int, int, int]:
   """(label, thickness level, slant level) a caption asks for; ConfigError naming the prompt
   when it is not one of the captions `caption` writes."""
   words = prompt.strip().lower().split()
-  if len(words) < 2 or words[0] != "a" or words[-1] not in DIGIT_WORDS:
+  if len(words) < 2 or words[0] not in ("a", "an") or words[-1] not in DIGIT_WORDS:
     raise ConfigError(
       f"prompt {prompt!r} is not a digit caption: 'a [thin|thick] [upright|slanted] <zero..nine>'."
     )
@@ -116,3 +130,45 @@ def parse(prompt: str) -> tuple[int, int, int]:
   if len(thick) + len(slanted) != len(middle) or len(thick) > 1 or len(slanted) > 1:
     raise ConfigError(f"prompt {prompt!r} has words outside the captions' vocabulary: {middle}.")
   return DIGIT_WORDS.index(words[-1]), (thick or [1])[0], (slanted or [1])[0]
+
+
+def caption_index(label, thickness_level, slant_level):
+  """The caption's number in 0..NUM_CAPTIONS - 1 (numpy arrays or ints)."""
+  return (np.asarray(label) * LEVELS + thickness_level) * LEVELS + slant_level
+
+
+def all_captions() -> tuple[str, ...]:
+  """Every caption, in caption_index order."""
+  return tuple(
+    caption(label, thick, slanted)
+    for label in range(len(DIGIT_WORDS))
+    for thick in range(LEVELS)
+    for slanted in range(LEVELS)
+  )
+
+
+def vocabulary() -> tuple[str, ...]:
+  """The captions' words, sorted."""
+  return tuple(sorted({word for text in all_captions() for word in text.split()}))
+
+
+class CaptionedSource:
+  """A labelled digit source whose labels are its digits' caption indices, measured as each
+  batch is read (bins: the training digits' terciles)."""
+
+  num_classes = NUM_CAPTIONS
+
+  def __init__(self, source, bins: CaptionBins):
+    self.source, self.bins = source, bins
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def read(self, indices: np.ndarray) -> np.ndarray:
+    return self.source.read(indices)
+
+  def read_labelled(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = self.source.read_labelled(indices)
+    thick = self.bins.thickness_level(thickness(images))
+    slanted = self.bins.slant_level(slant(images))
+    return images, caption_index(labels, thick, slanted).astype(np.int32)

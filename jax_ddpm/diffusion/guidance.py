@@ -64,6 +64,29 @@ class Conditioning:
     return table[jnp.arange(batch) % len(self.labels)]
 
 
+@dataclasses.dataclass(frozen=True)
+class PromptConditioning:
+  """The prompts a text model is sampled with, as token ids (models/text_encoder.py's
+  Tokenizer), and the guidance scale w; image j of every batch follows prompt j mod P, so with a
+  batch size that P divides, image n of the stream follows prompts[n mod P]."""
+
+  prompts: tuple[str, ...]
+  ids: tuple[tuple[int, ...], ...]  # [P, max_tokens], 0 is padding
+  empty_ids: tuple[int, ...]  # the empty prompt: the unconditional input
+  guidance_scale: float = 1.0
+
+  def batch_labels(self, rng: jax.Array, batch: int) -> jax.Array:
+    """int32 [batch] prompt indices of one batch (`rng` unused: prompts are not drawn)."""
+    del rng
+    return (jnp.arange(batch) % len(self.prompts)).astype(jnp.int32)
+
+  def tokens(self, indices: jax.Array):
+    """(ids [B, L], mask [B, L]) of the prompts `indices`, and of as many empty prompts."""
+    ids = jnp.asarray(self.ids, jnp.int32)[indices]
+    empty = jnp.broadcast_to(jnp.asarray(self.empty_ids, jnp.int32), ids.shape)
+    return (ids, ids != 0), (empty, empty != 0)
+
+
 def guide(
   denoise_fn: Callable,
   y: jax.Array,

@@ -1,11 +1,13 @@
 """Sample files of --mode=sample: batches written as they finish, resumable, with their settings.
 
 A directory workdir/samples/<name> holds batch_<i>.npz (a full batch of uint8 NHWC under
-'arr_0', and for a conditional model the int32 classes asked for under 'labels') and
-grid_<i>.png (one row per class if conditional), written by process 0 as each batch finishes;
-settings.json, which a resumed run must match; and at the end samples_<N>x<H>x<W>x<C>.npz with
-the first N images (and labels), the file FID tools read. A later run that asks for fewer images
-draws nothing new; one that asks for more draws only the missing batches.
+'arr_0', and for a conditional model the int32 classes asked for under 'labels'; for a text
+model the prompt indices under 'labels' and each image's prompt, a string array, under
+'prompts') and grid_<i>.png (one row per class or prompt), written by process 0 as each batch
+finishes; settings.json, which a resumed run must match; and at the end
+samples_<N>x<H>x<W>x<C>.npz with the first N images (and labels, prompts), the file FID tools
+read. A later run that asks for fewer images draws nothing new; one that asks for more draws
+only the missing batches.
 """
 
 from __future__ import annotations
@@ -28,18 +30,24 @@ DrawBatch = Callable[[int], tuple[np.ndarray, np.ndarray | None]]
 
 
 def write_samples(
-  directory: str, settings: dict, num_samples: int, batch_size: int, draw_batch: DrawBatch
+  directory: str,
+  settings: dict,
+  num_samples: int,
+  batch_size: int,
+  draw_batch: DrawBatch,
+  prompts: tuple[str, ...] | None = None,
 ) -> str:
   """Draws and writes the batches of `num_samples` images that `directory` lacks (refusing one
   whose samples were drawn with other `settings`), then the all-samples file; returns
-  `directory`. Batch i is draw_batch(i), the same on every process."""
+  `directory`. Batch i is draw_batch(i), the same on every process; a text model's labels index
+  its `prompts`."""
   claim_directory(directory, settings)
   num_batches = -(-num_samples // batch_size)
   todo = batches_to_draw(directory, num_batches, batch_size)
   started = time.perf_counter()
   for done, index in enumerate(todo, start=1):
     images, labels = draw_batch(index)
-    write_batch(directory, index, images, labels)
+    write_batch(directory, index, images, labels, prompts)
     rate = done * batch_size / (time.perf_counter() - started)
     logging.info(
       "Batch %d/%d: %.2f images/s, ETA %.0f s.",
@@ -111,7 +119,13 @@ def batches_to_draw(directory: str, num_batches: int, batch_size: int) -> list[i
   return todo
 
 
-def write_batch(directory: str, index: int, images: np.ndarray, labels: np.ndarray | None) -> None:
+def write_batch(
+  directory: str,
+  index: int,
+  images: np.ndarray,
+  labels: np.ndarray | None,
+  prompts: tuple[str, ...] | None = None,
+) -> None:
   """batch_<index>.npz and grid_<index>.png, by process 0."""
   if jax.process_index() != 0:
     return
@@ -119,7 +133,10 @@ def write_batch(directory: str, index: int, images: np.ndarray, labels: np.ndarr
     files.save_npz(batch_path(directory, index), arr_0=images)
     grid = image_io.image_grid(images)
   else:
-    files.save_npz(batch_path(directory, index), arr_0=images, labels=labels)
+    arrays = {"arr_0": images, "labels": labels}
+    if prompts is not None:  # a fixed-width unicode array: read back without pickle
+      arrays["prompts"] = np.asarray(prompts, dtype=np.str_)[labels]
+    files.save_npz(batch_path(directory, index), **arrays)
     grid = image_io.class_grid(images, labels)
   files.save_png(files.join(directory, f"grid_{index:05d}.png"), grid)
 

@@ -190,3 +190,30 @@ def loss(model: Autoencoder, x, rng):
   reconstruction = jnp.mean((model.decode(z) - x) ** 2)
   kl = jnp.mean(kl_to_standard_normal(mean, log_variance)) / x[0].size
   return reconstruction + model.config.kl_weight * kl, (reconstruction, kl)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Codec:
+  """A trained autoencoder as the diffusion stage sees it: images in [-1, 1] to latents scaled
+  to unit variance (z * scale_factor, LDM Sec. 4.3.2) and back. Its weights are constants of the
+  programs that call it: the first stage is frozen while the diffusion model trains."""
+
+  config: AutoencoderConfig
+  graphdef: nnx.GraphDef
+  params: nnx.State
+  scale_factor: float
+
+  @property
+  def latent_shape(self) -> tuple[int, int, int]:
+    return self.config.latent_shape
+
+  def encode(self, x, key):
+    """z ~ q(z | x), scaled: the diffusion model's x_0 (a fresh draw each step, as LDM)."""
+    mean, log_variance = nnx.merge(self.graphdef, self.params).encode(x)
+    z = mean + jnp.exp(0.5 * log_variance) * jax.random.normal(key, mean.shape, mean.dtype)
+    return z * self.scale_factor
+
+  def decode(self, z):
+    """The image of a scaled latent, clipped to [-1, 1]."""
+    x = nnx.merge(self.graphdef, self.params).decode(z / self.scale_factor)
+    return jnp.clip(x, -1.0, 1.0)

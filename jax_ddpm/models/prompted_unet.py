@@ -17,6 +17,17 @@ from jax_ddpm.models.text_encoder import TextEncoder, TextEncoderConfig
 from jax_ddpm.models.unet import UNet, UNetConfig
 
 
+@dataclasses.dataclass(frozen=True)
+class PromptedUNetConfig:
+  """The two networks of a text model."""
+
+  unet: UNetConfig
+  text: TextEncoderConfig
+
+  def build(self, rngs: nnx.Rngs) -> PromptedUNet:
+    return PromptedUNet(self.unet, self.text, rngs=rngs)
+
+
 class PromptedUNet(nnx.Module):
   """eps_theta(x_t, t, tau_theta(y)): the U-Net with model.context_dim = the encoder's width."""
 

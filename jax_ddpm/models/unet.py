@@ -62,6 +62,10 @@ class UNetConfig:
   # (jax.checkpoint): less memory for more compute.
   remat: bool = False
 
+  def build(self, rngs: nnx.Rngs) -> UNet:
+    """The network (training/state.py builds every denoiser this way)."""
+    return UNet(self, rngs=rngs)
+
   def validate(self) -> None:
     """Raises ConfigError naming the first inconsistent field (by its run-config key)."""
     levels = len(self.ch_mult)

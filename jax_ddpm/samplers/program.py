@@ -5,12 +5,15 @@ argument, so another checkpoint of the same network reuses it. `draw_batch` is t
 are drawn: batch i from fold_in(key, i), gathered from every process as uint8, so --mode=sample
 (which writes them), --mode=eval and the in-training measurement (which score them in memory),
 the Python API and the benchmarks see the same images for the same seed, whatever the device
-count. A conditional model is guided by classifier-free guidance (diffusion/guidance.py).
+count. A conditional model is guided by classifier-free guidance (diffusion/guidance.py), a text
+model by the same guidance with the empty prompt; a latent model's samples are decoded by its
+autoencoder inside the program.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -35,20 +38,29 @@ LABEL_STREAM = 0x1ABE1  # the labels of a batch are drawn from fold_in(its key, 
 class SamplingOptions:
   """How a network's outputs are read while sampling: what it predicts (eps | x0 | v), whether it
   also outputs its variance (learn_sigma), the thresholding of each predicted x_0, and for a
-  conditional model the labels and guidance scale (None: unconditional)."""
+  conditional model the labels and guidance scale, for a text model its prompts (None:
+  unconditional)."""
 
   prediction: str = "eps"
   learn_sigma: bool = False
   thresholding: str = "static"
   threshold_percentile: float = 0.995
-  conditioning: guidance.Conditioning | None = None
+  conditioning: guidance.Conditioning | guidance.PromptConditioning | None = None
+
+  @property
+  def prompts(self) -> tuple[str, ...] | None:
+    """A text model's prompts (the labels of its samples index them), else None."""
+    if isinstance(self.conditioning, guidance.PromptConditioning):
+      return self.conditioning.prompts
+    return None
 
 
 class Samples(NamedTuple):
   """One batch drawn by a sample function."""
 
   images: jax.Array  # float32 [B, H, W, C] in [-1, 1]
-  labels: jax.Array | None = None  # int32 [B], the classes asked of a conditional model
+  # int32 [B], the classes asked of a conditional model (a text model: the prompts' indices)
+  labels: jax.Array | None = None
   trajectory: base.Trajectory | None = None  # with num_frames > 0
 
 
@@ -61,11 +73,14 @@ def make_sample_fn(
   options: SamplingOptions = SamplingOptions(),
   *,
   num_frames: int = 0,
+  decode: Callable | None = None,
 ) -> Callable:
   """A jitted fn(params, rng) -> Samples of `shape`, the batch sharded over the mesh.
 
-  A conditional model (options.conditioning) is asked for its batch_labels and guided with its
-  guidance_scale. Every argument is checked here, before the first (long) compile.
+  A conditional model (options.conditioning) is asked for its batch_labels (a text model: its
+  prompts) and guided with its guidance_scale. decode: a latent model's first stage, applied to
+  the samples (the trajectory stays in latents). Every argument is checked here, before the
+  first (long) compile.
   """
   sharding = mesh_lib.batch_sharding(mesh)
   run_options = dict(
@@ -81,7 +96,15 @@ def make_sample_fn(
   def sample(params, rng):
     model = nnx.merge(eval_graphdef, params)
     labels, denoise = None, lambda x_t, t: model(x_t, t)
-    if conditioning is not None:
+    if isinstance(conditioning, guidance.PromptConditioning):
+      labels = conditioning.batch_labels(rng, shape[0])
+      denoise = guidance.guide_condition(
+        lambda x_t, t, prompt: model(x_t, t, prompt),
+        *conditioning.tokens(labels),
+        conditioning.guidance_scale,
+        options.learn_sigma,
+      )
+    elif conditioning is not None:
       labels = conditioning.batch_labels(jax.random.fold_in(rng, LABEL_STREAM), shape[0])
       denoise = guidance.guide(
         lambda x_t, t, y: model(x_t, t, y),
@@ -92,6 +115,8 @@ def make_sample_fn(
       )
     output = base.run(sampler, denoise, schedule, shape, rng, **run_options)
     images, trajectory = output if num_frames else (output, None)
+    if decode is not None:
+      images = decode(images)
     return Samples(images, labels, trajectory)
 
   def stand_in(x_t, t):
@@ -148,6 +173,7 @@ class Program:
   name: str
   settings: dict
   batch_size: int
+  prompts: tuple[str, ...] | None = None  # a text model's: labels index them
 
   def draw(self, count: int) -> tuple[np.ndarray, np.ndarray | None]:
     """The first `count` images and their labels (None if unconditional), in memory: those
@@ -178,6 +204,8 @@ def program_name(
   )
   if conditional:
     name += f"_w{sampling.guidance_scale:g}"
+  if sampling.prompt_list():  # other prompts, other images: a directory of their own
+    name += "_p" + hashlib.sha1(";".join(sampling.prompt_list()).encode()).hexdigest()[:8]
   return name
 
 
@@ -189,15 +217,17 @@ def create_program(
   sampler: base.Sampler,
   options: SamplingOptions,
   sampling,
-  image_shape,
+  sample_shape,
   mesh: jax.sharding.Mesh,
+  decode: Callable | None = None,
 ) -> Program:
   """The Program of a checkpoint's weights (`params`, EMA or not as sampling.use_ema chose) for
   a typed sampling section (config.sections.SamplingConfig): batches of sampling.batch_size
-  images of image_shape [H, W, C], seeded by sampling.seed."""
+  samples of sample_shape [H, W, C] (decoded by `decode` for a latent model), seeded by
+  sampling.seed."""
   mesh_lib.check_divisible(sampling.batch_size, "sampling.batch_size", mesh.size)
-  shape = (sampling.batch_size, *image_shape)
-  sample_fn = make_sample_fn(eval_graphdef, schedule, shape, mesh, sampler, options)
+  shape = (sampling.batch_size, *sample_shape)
+  sample_fn = make_sample_fn(eval_graphdef, schedule, shape, mesh, sampler, options, decode=decode)
   settings = dataclasses.asdict(sampling)
   settings.pop("num_samples")  # asking for more (or fewer) images extends the same stream
   settings["step"] = step
@@ -210,6 +240,7 @@ def create_program(
     name=name,
     settings=settings,
     batch_size=sampling.batch_size,
+    prompts=options.prompts,
   )
 
 
@@ -228,6 +259,7 @@ def from_run(
     run.sampler,
     run.sampling_options,
     sampling,
-    run.image_shape,
+    run.sample_shape,
     mesh,
+    decode=run.decode,
   )

@@ -1,23 +1,40 @@
-"""Training the first-stage autoencoder (models/autoencoder.py) and the latent scale the diffusion
-stage divides its latents by.
+"""Latent diffusion's first stage as a run of its own: training the autoencoder
+(models/autoencoder.py), its checkpoints, and loading it for the diffusion stage.
 
 `make_train_step` is the pure, jitted Adam step on the autoencoder's loss (reconstruction + a
-small KL term); `fit` runs it over in-memory uint8 images; `latent_scale` is 1 / the standard
-deviation of the training latents z ~ q(z | x) (LDM Sec. 4.3.2), so that z * scale has unit
-variance, as the diffusion schedule assumes of its data.
+small KL term); `train_and_save` is --mode=train_autoencoder: that step over the data section's
+batches (data/pipeline.py), CLU summaries, orbax checkpoints in the workdir that resume after
+preemption, each saved with the latent scale factor, and a picture of reconstructions;
+`latent_scale` is 1 / the standard deviation of the training latents z ~ q(z | x) (LDM Sec.
+4.3.2), so that z * scale has unit variance, as the diffusion schedule assumes of its data;
+checkpointing.load_codec reads it back with the weights for the diffusion stage. `fit` trains
+on in-memory images (tests, notebooks).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
+import time
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 from flax import nnx
 
+from jax_ddpm.data import pipeline, sources
+from jax_ddpm.io import errors, summaries
+from jax_ddpm.io import images as image_io
+from jax_ddpm.io import paths as files
 from jax_ddpm.models import autoencoder as autoencoder_lib
+from jax_ddpm.runtime import mesh as mesh_lib
+from jax_ddpm.training import checkpointing
+from jax_ddpm.training import state as state_lib
+
+if TYPE_CHECKING:
+  from jax_ddpm.config.run_config import RunConfig
 
 
 class FitResult(NamedTuple):
@@ -79,3 +96,139 @@ def fit(
     losses.append(metrics)
   model = nnx.merge(graphdef, params)
   return FitResult(model, np.asarray(jnp.stack(losses)), latent_scale(model, images[:1000]))
+
+
+def metadata(
+  config: RunConfig, network: autoencoder_lib.AutoencoderConfig, scale_factor: float | None = None
+) -> dict:
+  """The JSON beside each checkpoint: the architecture (what a reader checks), the latent
+  scale factor measured at that step, and the whole run config."""
+  return {
+    "autoencoder": checkpointing.autoencoder_record(network),
+    "scale_factor": scale_factor,
+    "config": dataclasses.asdict(config),
+  }
+
+
+def train_and_save(
+  config: RunConfig, network: autoencoder_lib.AutoencoderConfig, workdir: str
+) -> dict:
+  """--mode=train_autoencoder: trains (or resumes) `network` (the autoencoder section's,
+  config/builders.py's autoencoder_config) on the data section's images; returns the last
+  checkpoint's metadata (with its scale factor) and the held-out reconstruction error."""
+  section, mesh = config.autoencoder, mesh_lib.data_mesh()
+  mesh_lib.check_divisible(section.batch_size, "autoencoder.batch_size", mesh.size)
+  source = sources.create_source(config.data)
+  sources.check_source_shape(source, config.data)
+  if len(source) <= section.heldout_images:
+    raise errors.ConfigError(
+      f"autoencoder.heldout_images={section.heldout_images} leaves none of the "
+      f"{len(source)} images of data.source={config.data.source!r} to train on."
+    )
+  heldout = source.read(np.arange(len(source) - section.heldout_images, len(source)))
+  source = FirstImages(source, len(source) - section.heldout_images)
+  scale_images = source.read(np.arange(min(section.scale_images, len(source))))
+  optimizer = optax.adam(section.learning_rate)
+  graphdef, state = state_lib.create_autoencoder_state(network, config.seed, optimizer, mesh)
+  checkpointer = checkpointing.Checkpointer(workdir, keep=2)
+  batches = writer = None
+  try:
+    latest = checkpointer.latest_step()
+    if latest is not None:
+      checkpointer.check_compatible(latest, metadata(config, network))
+      state, _ = checkpointer.restore_latest(state)
+      logging.info("Resumed the autoencoder from step %d.", int(state.step))
+    writer = summaries.create_writer(workdir, just_logging=jax.process_index() > 0)
+    batches = pipeline.BatchIterator(
+      source,
+      first_step=int(state.step),
+      global_batch=section.batch_size,
+      seed=config.seed,
+      random_flip=config.data.random_flip,
+      sharding=mesh_lib.batch_sharding(mesh),
+    )
+    state = _train(
+      config, network, graphdef, optimizer, state, batches, writer, checkpointer, scale_images
+    )
+    checkpointer.wait_until_finished()
+    model = nnx.merge(graphdef, state.params)
+    result = metadata(config, network, latent_scale(model, scale_images))
+    result["heldout_mse"] = _write_reconstructions(model, heldout, workdir, writer, int(state.step))
+    return result
+  finally:
+    if batches is not None:
+      batches.close()
+    checkpointer.close()
+    if writer is not None:
+      writer.flush()
+
+
+def _train(
+  config, network, graphdef, optimizer, state, batches, writer, checkpointer, scale_images
+):
+  """The step loop: scalars every log_every_steps, a checkpoint (with the scale factor measured
+  on scale_images) every checkpoint_every_steps and at the end."""
+  section = config.autoencoder
+  step_fn = make_train_step(graphdef, optimizer)
+  base_key, pending = jax.random.key(config.seed), []
+  started, step = time.perf_counter(), int(state.step)
+  while step < section.num_train_steps:
+    params, opt_state, metrics = step_fn(
+      state.params, state.opt_state, next(batches)["image"], jax.random.fold_in(base_key, step)
+    )
+    step += 1
+    state = state_lib.AutoencoderState(jnp.asarray(step, jnp.int32), params, opt_state)
+    pending.append(metrics)
+    if step % section.log_every_steps == 0 or step == section.num_train_steps:
+      total, reconstruction, kl = np.mean(jax.device_get(pending), axis=0)
+      elapsed, started = time.perf_counter() - started, time.perf_counter()
+      writer.write_scalars(
+        step,
+        {
+          "loss": total,
+          "reconstruction_mse": reconstruction,
+          "kl_per_pixel": kl,
+          "steps_per_second": len(pending) / elapsed,
+        },
+      )
+      pending = []
+    if step % section.checkpoint_every_steps == 0 or step == section.num_train_steps:
+      scale = latent_scale(nnx.merge(graphdef, state.params), scale_images)
+      checkpointer.save(step, state, metadata(config, network, scale))
+  return state
+
+
+def _write_reconstructions(model, heldout: np.ndarray, workdir: str, writer, step: int) -> float:
+  """samples/reconstructions.png (rows of held-out digits, each above its reconstruction from
+  the posterior mean) and the mean squared error of all held-out images on [-1, 1]."""
+  decode = jax.jit(lambda x: model.decode(model.encode(x)[0]))
+  errors_per_batch = []
+  for start in range(0, len(heldout), 256):
+    x = to_float(heldout[start : start + 256])
+    errors_per_batch.append(np.asarray(jnp.sum((decode(x) - x) ** 2)))
+  error = float(np.sum(errors_per_batch) / heldout[..., 0].size / heldout.shape[-1])
+  shown = image_io.to_uint8(decode(to_float(heldout[:32])))
+  rows = [r for i in range(0, 32, 8) for r in (heldout[i : i + 8], shown[i : i + 8])]
+  grid = image_io.image_grid(np.concatenate(rows), columns=8)
+  writer.write_scalars(step, {"heldout_mse": error})
+  writer.write_images(step, {"reconstructions": grid[None]})
+  if jax.process_index() == 0:
+    files.save_png(files.join(workdir, "samples", "reconstructions.png"), grid)
+  logging.info("Held-out reconstruction MSE %.4f on %d images.", error, len(heldout))
+  return error
+
+
+class FirstImages:
+  """The first `count` examples of a source: the autoencoder's training images."""
+
+  def __init__(self, source: sources.ImageSource, count: int):
+    self.source, self.count, self.num_classes = source, count, source.num_classes
+
+  def __len__(self) -> int:
+    return self.count
+
+  def read(self, indices: np.ndarray) -> np.ndarray:
+    return self.source.read(indices)
+
+  def read_labelled(self, indices: np.ndarray):
+    return self.source.read_labelled(indices)

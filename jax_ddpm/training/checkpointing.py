@@ -19,12 +19,14 @@ from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
 from jax_ddpm.io import errors
 from jax_ddpm.io import paths as files
+from jax_ddpm.models import autoencoder as autoencoder_lib
 from jax_ddpm.runtime import mesh as mesh_lib
 from jax_ddpm.training import state as state_lib
 
@@ -33,6 +35,8 @@ if TYPE_CHECKING:
 
 
 UnreadableCheckpointError = errors.UnreadableCheckpointError  # raised by restores
+# The sections of a checkpoint's record that must match the run that reads it.
+ARCHITECTURE_SECTIONS = ("model", "diffusion", "text", "autoencoder")
 
 
 class IncompatibleCheckpointError(errors.UserInputError):
@@ -66,8 +70,10 @@ class Checkpointer:
     restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     return dict(restored["meta"])
 
-  def check_compatible(self, step: int, meta: dict) -> None:
-    """Raises IncompatibleCheckpointError naming every architecture key that differs.
+  def check_compatible(self, step: int, meta: dict, what: str = "--workdir") -> None:
+    """Raises IncompatibleCheckpointError naming every architecture key that differs (the
+    records' model, diffusion, text and autoencoder sections); `what` names the directory's
+    key in the message.
 
     Checks the newest checkpoint at or before `step` whose record can be read; damaged ones
     are left to `restore_latest`.
@@ -82,7 +88,7 @@ class Checkpointer:
     else:
       return
     differences = []
-    for section in ("model", "diffusion"):
+    for section in ARCHITECTURE_SECTIONS:
       ours, theirs = meta.get(section, {}), saved.get(section, {})
       for key in sorted(set(ours) | set(theirs)):
         if _normalise(ours.get(key)) != _normalise(theirs.get(key)):
@@ -93,7 +99,7 @@ class Checkpointer:
       raise IncompatibleCheckpointError(
         f"{self.directory} holds checkpoints (latest step {step}) of a different model:\n  "
         + "\n  ".join(differences)
-        + "\nUse another --workdir, or the config these checkpoints were trained with. "
+        + f"\nUse another {what}, or the config these checkpoints were trained with. "
         "Nothing was written."
       )
 
@@ -214,7 +220,7 @@ def load_checkpoint(run: Run, workdir: str, step: int | None = None):
     checkpointer.check_compatible(step, run.metadata)
     mesh = mesh_lib.data_mesh()
     _, eval_graphdef, abstract = state_lib.abstract_train_state(
-      run.unet, run.config.seed, mesh, run.optimizer
+      run.network, run.config.seed, mesh, run.optimizer
     )
     try:
       restored = checkpointer.restore(step, abstract)
@@ -277,7 +283,7 @@ def save_imported(run: Run, workdir: str, params) -> int:
       f"{existing} already holds checkpoints; import into an empty --workdir. Nothing was written."
     )
   mesh = mesh_lib.data_mesh()
-  _, _, state = state_lib.create_train_state(run.unet, run.config.seed, mesh, run.optimizer)
+  _, _, state = state_lib.create_train_state(run.network, run.config.seed, mesh, run.optimizer)
   params = jax.device_put(params, mesh_lib.replicated(mesh))
   state = state.replace(
     params=params, ema_params=params, opt_state=jax.jit(run.optimizer.init)(params)
@@ -286,3 +292,45 @@ def save_imported(run: Run, workdir: str, params) -> int:
   checkpointer.save(0, state, run.metadata)
   checkpointer.close()  # waits for the save
   return 0
+
+
+def autoencoder_record(network: autoencoder_lib.AutoencoderConfig) -> dict:
+  """The architecture an autoencoder checkpoint records and a reader checks (kl_weight, a
+  training choice, left out: the weights read the same without it)."""
+  record = dataclasses.asdict(network)
+  record.pop("kl_weight")
+  return record
+
+
+def load_codec(directory: str, network: autoencoder_lib.AutoencoderConfig) -> autoencoder_lib.Codec:
+  """The newest checkpoint of the autoencoder workdir `directory` (autoencoder.checkpoint), with
+  the scale factor saved beside it; fails naming the key when there is none, or when it holds
+  another network than `network`."""
+  hint = "train it first: --mode=train_autoencoder --workdir=<that directory>"
+  if not files.is_dir(files.join(files.as_path(directory), "checkpoints")):
+    raise errors.MissingInputError(
+      f"autoencoder.checkpoint={directory!r} holds no checkpoint (no checkpoints/ in it): {hint}."
+    )
+  checkpointer = Checkpointer(directory, create=False)
+  try:
+    steps = checkpointer.all_steps()
+    if not steps:
+      raise errors.MissingInputError(
+        f"autoencoder.checkpoint={directory!r} has no checkpoint yet: {hint}."
+      )
+    meta = checkpointer.read_meta(max(steps))
+    if "autoencoder" not in meta or meta.get("scale_factor") is None:
+      raise IncompatibleCheckpointError(
+        f"autoencoder.checkpoint={directory!r} holds checkpoints of another kind (no "
+        "autoencoder and scale factor in their record): point it at a workdir of "
+        "--mode=train_autoencoder."
+      )
+    record = {"autoencoder": autoencoder_record(network)}
+    checkpointer.check_compatible(max(steps), record, what="autoencoder.checkpoint")
+    graphdef, target = state_lib.create_autoencoder_state(
+      network, 0, optax.adam(1e-3), mesh_lib.data_mesh()
+    )  # Adam's moments have the same shapes at any learning rate
+    state, _ = checkpointer.restore_latest(target)
+  finally:
+    checkpointer.close()
+  return autoencoder_lib.Codec(network, graphdef, state.params, float(meta["scale_factor"]))

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from jax_ddpm.data import pipeline, sources
+from jax_ddpm.data import captions, pipeline, sources
 from jax_ddpm.evaluation import features, inception_weights, metrics, scoring
 from jax_ddpm.io import errors, summaries
 from jax_ddpm.io import images as image_io
@@ -96,7 +96,8 @@ class Trainer:
   def __init__(self, run: Run, workdir: str, mesh: jax.sharding.Mesh):
     self.run, self.workdir, self.training = run, workdir, run.config.training
     self.batches = self.writer = None  # set up below; close() handles a set-up that failed
-    source = checked_source(run.config)
+    source = checked_source(run.config, workdir)
+    run.codec  # noqa: B018 (a latent run reads its autoencoder now: fail before any compile)
     self.checkpointer = checkpointing.Checkpointer(workdir, keep=self.training.keep_checkpoints)
     try:
       self._set_up(source, mesh)
@@ -124,7 +125,7 @@ class Trainer:
       random_flip=config.data.random_flip,
       sharding=mesh_lib.batch_sharding(mesh, int(k > 1)),
       steps_per_dispatch=k,
-      labels=config.model.num_classes is not None,
+      labels=config.model.num_classes is not None or config.model.prompts,
     )
     self.report_progress = progress.reporter(
       self.training.num_train_steps, self.writer, self.training.log_every_steps
@@ -139,7 +140,7 @@ class Trainer:
     if latest is not None:
       self.checkpointer.check_compatible(latest, self.run.metadata)
     train_graphdef, eval_graphdef, self.state = create_train_state(
-      self.run.unet, self.run.config.seed, mesh, self.run.optimizer, self.run.history_timesteps
+      self.run.network, self.run.config.seed, mesh, self.run.optimizer, self.run.history_timesteps
     )
     if latest is not None:
       self.state, restored_step = self.checkpointer.restore_latest(
@@ -160,16 +161,23 @@ class Trainer:
         k,
       )
     self.train_fn = make_train_fn(
-      train_graphdef, run.schedule, run.optimizer, run.step_options, mesh, steps_per_dispatch=k
+      train_graphdef,
+      run.schedule,
+      run.optimizer,
+      run.step_options,
+      mesh,
+      steps_per_dispatch=k,
+      encode=run.encode,
     )
     count = program.padded_count(self.training.num_sample_images, mesh)
     self.sample_fn = program.make_sample_fn(
       eval_graphdef,
       run.schedule,
-      (count, *run.image_shape),
+      (count, *run.sample_shape),
       mesh,
       run.grid_sampler,
       run.sampling_options,
+      decode=run.decode,
     )
     self.measurement = (
       self._measurement(eval_graphdef, mesh) if self.training.eval_every_steps else None
@@ -191,10 +199,11 @@ class Trainer:
     sample_fn = program.make_sample_fn(
       eval_graphdef,
       run.schedule,
-      (batch_size, *run.image_shape),
+      (batch_size, *run.sample_shape),
       mesh,
       run.measurement_sampler,
       run.sampling_options,
+      decode=run.decode,
     )
     return measurement.Measurement(
       sample_fn, scorer, self.training.eval_num_samples, batch_size, run.config.sampling.seed
@@ -284,12 +293,16 @@ class Trainer:
       self.writer.flush()
 
 
-def checked_source(config) -> sources.ImageSource:
-  """The data section's source, with labels for a conditional model; fails naming the keys when
-  its images have another shape or its labels do not fit model.num_classes."""
+def checked_source(config, workdir: str | None = None) -> sources.ImageSource:
+  """The data section's source, with labels for a conditional model and captions for a text
+  model; fails naming the keys when its images have another shape or its labels do not fit
+  model.num_classes."""
   num_classes = config.model.num_classes
-  source = sources.create_source(config.data, labels=num_classes is not None)
+  labelled = num_classes is not None or config.model.prompts
+  source = sources.create_source(config.data, labels=labelled)
   sources.check_source_shape(source, config.data)
+  if config.model.prompts:
+    return captioned_source(source, workdir)
   if num_classes is not None:
     found = source.num_classes
     if found is None:
@@ -303,6 +316,15 @@ def checked_source(config) -> sources.ImageSource:
         f"than model.num_classes={num_classes}."
       )
   return source
+
+
+def captioned_source(source: sources.ImageSource, workdir: str | None):
+  """The digits with their captions as labels, cut at the terciles of (up to 10000 of) the
+  training digits; the terciles are written to workdir/caption_bins.json."""
+  bins = captions.CaptionBins.from_images(source.read(np.arange(min(len(source), 10_000))))
+  if workdir is not None and jax.process_index() == 0:
+    files.save_json(files.join(workdir, "caption_bins.json"), dataclasses.asdict(bins))
+  return captions.CaptionedSource(source, bins)
 
 
 def _halt_if_nonfinite(unchecked, checkpointer: checkpointing.Checkpointer) -> None:

@@ -2,12 +2,14 @@
 
 Everything needed to continue a run exactly: the step, the weights and their EMA, the
 optimizer's moments, the run's base key, the count of withheld updates, and the per-timestep
-loss history of importance-sampled runs. checkpointing.py saves and restores it.
+loss history of importance-sampled runs; for latent diffusion's first stage, the autoencoder's
+step, weights and moments (AutoencoderState). checkpointing.py saves and restores both.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import flax.struct
 import jax
@@ -16,8 +18,12 @@ import optax
 from flax import nnx
 
 from jax_ddpm.diffusion import timesteps
-from jax_ddpm.models.unet import UNet, UNetConfig
+from jax_ddpm.models import autoencoder as autoencoder_lib
 from jax_ddpm.runtime import mesh as mesh_lib
+
+if TYPE_CHECKING:
+  from jax_ddpm.models.prompted_unet import PromptedUNetConfig
+  from jax_ddpm.models.unet import UNetConfig
 
 
 @flax.struct.dataclass
@@ -35,14 +41,19 @@ class TrainState:
   timestep_history: timesteps.TimestepHistory | None = None
 
 
+def network(config: UNetConfig | PromptedUNetConfig, rngs: nnx.Rngs) -> nnx.Module:
+  """The denoiser a config describes: the U-Net, or a text model's encoder and U-Net."""
+  return config.build(rngs)
+
+
 def _graphdefs_and_init(
-  unet: UNetConfig,
+  unet: UNetConfig | PromptedUNetConfig,
   seed: int,
   mesh: jax.sharding.Mesh,
   optimizer: optax.GradientTransformation,
   history_timesteps: int,
 ):
-  abstract = nnx.eval_shape(lambda: UNet(unet, rngs=nnx.Rngs(params=seed)))
+  abstract = nnx.eval_shape(lambda: network(unet, nnx.Rngs(params=seed)))
   abstract.train()
   train_graphdef = nnx.graphdef(abstract)
   abstract.eval()
@@ -50,7 +61,7 @@ def _graphdefs_and_init(
 
   @functools.partial(jax.jit, out_shardings=mesh_lib.replicated(mesh))
   def init():
-    params = nnx.state(UNet(unet, rngs=nnx.Rngs(params=seed)), nnx.Param)
+    params = nnx.state(network(unet, nnx.Rngs(params=seed)), nnx.Param)
     return TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,
@@ -65,7 +76,7 @@ def _graphdefs_and_init(
 
 
 def create_train_state(
-  unet: UNetConfig,
+  unet: UNetConfig | PromptedUNetConfig,
   seed: int,
   mesh: jax.sharding.Mesh,
   optimizer: optax.GradientTransformation,
@@ -84,7 +95,10 @@ def create_train_state(
 
 
 def abstract_train_state(
-  unet: UNetConfig, seed: int, mesh: jax.sharding.Mesh, optimizer: optax.GradientTransformation
+  unet: UNetConfig | PromptedUNetConfig,
+  seed: int,
+  mesh: jax.sharding.Mesh,
+  optimizer: optax.GradientTransformation,
 ):
   """As create_train_state, but the state is shapes and shardings only: a restore target."""
   train_graphdef, eval_graphdef, init = _graphdefs_and_init(unet, seed, mesh, optimizer, 0)
@@ -93,3 +107,25 @@ def abstract_train_state(
     lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), jax.eval_shape(init)
   )
   return train_graphdef, eval_graphdef, abstract
+
+
+@flax.struct.dataclass
+class AutoencoderState:
+  """What the first stage's run continues from: the step, the weights, Adam's moments."""
+
+  step: jax.Array
+  params: nnx.State
+  opt_state: optax.OptState
+
+
+def create_autoencoder_state(
+  network: autoencoder_lib.AutoencoderConfig,
+  seed: int,
+  optimizer: optax.GradientTransformation,
+  mesh: jax.sharding.Mesh,
+) -> tuple[nnx.GraphDef, AutoencoderState]:
+  """(graphdef, a fresh AutoencoderState replicated over the mesh), weights from `seed`."""
+  model = autoencoder_lib.Autoencoder(network, rngs=nnx.Rngs(seed))
+  graphdef, params = nnx.split(model, nnx.Param)
+  state = AutoencoderState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+  return graphdef, jax.device_put(state, mesh_lib.replicated(mesh))

@@ -5,7 +5,10 @@ max_timestep only: diffusion/timesteps.py), eps ~ N(0, I), a gradient step on th
 of the network's prediction (eq. 14's L_simple for an eps network, the same error against x_0 or
 v for the others, weighted per timestep or replaced by the bound: diffusion/losses.py), then the
 EMA of the parameters. A class-conditional model gets the batch's labels, each replaced by the
-null label with probability label_dropout (Ho & Salimans 2022, Algorithm 1). The batch is sharded
+null label with probability label_dropout (Ho & Salimans 2022, Algorithm 1); a text model's labels
+are caption indices, looked up as token ids, the null label's row the empty prompt. A latent
+model's x_0 is the autoencoder's scaled latent of the batch, drawn afresh each step (Rombach et
+al. 2022, Sec. 3.2: the diffusion model's data is z = E(x)). The batch is sharded
 over the mesh's 'data' axis, the state replicated, and the step's random keys are the run's key
 folded with the step, so a resumed run repeats an uninterrupted one exactly.
 """
@@ -53,8 +56,10 @@ class StepOptions:
 
   prediction: what the network predicts (eps | x0 | v). ema: the EMA rule. learning_rate: the
   optimizer's schedule, reported in the step's metrics. num_classes: classes of a conditional
-  model (None: unconditional). label_dropout: probability that a label is replaced by the null
-  label. loss_weights: per-timestep weights of the squared error (losses.loss_weights), or None.
+  model (None: unconditional). caption_tokens: a text model's token ids per caption index, the
+  last row the empty prompt (None: no text). label_dropout: probability that a label is replaced
+  by the null label. loss_weights: per-timestep weights of the squared error
+  (losses.loss_weights), or None.
   learn_sigma, vlb_weight: the network also outputs its variance, trained by L_hybrid with
   lambda = vlb_weight. objective: simple | vlb. importance_sampling: t drawn by importance from
   the state's loss history, each example's loss weighted by 1 / (T p_t). max_timestep: t drawn
@@ -66,6 +71,7 @@ class StepOptions:
   ema: EMARule
   learning_rate: optax.Schedule
   num_classes: int | None = None
+  caption_tokens: tuple[tuple[int, ...], ...] | None = None
   label_dropout: float = 0.0
   loss_weights: tuple[float, ...] | None = None
   learn_sigma: bool = False
@@ -95,17 +101,21 @@ def train_step(
   schedule: DiffusionSchedule,
   optimizer: optax.GradientTransformation,
   options: StepOptions,
+  encode: Callable | None = None,
 ) -> tuple[TrainState, dict]:
   """One step of DDPM Algorithm 1 plus the EMA update; returns (new state, metrics).
 
-  batch: {"image": x_0 [B, H, W, C]} and, for a conditional model, "label" [B].
+  batch: {"image": [B, H, W, C]} and, for a conditional model, "label" [B]. encode(images, key):
+  a latent model's first stage (x_0 = its scaled latent); None: x_0 is the image.
   """
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   t_key, eps_key, dropout_key = jax.random.split(key, 3)
   x0 = batch["image"]
+  if encode is not None:
+    x0 = jax.lax.stop_gradient(encode(x0, jax.random.fold_in(key, 4)))
   t, t_weights = draw_timesteps(t_key, state, x0.shape[0], schedule.num_timesteps, options)
   eps = jax.random.normal(eps_key, x0.shape, jnp.float32)
-  y = _dropped_labels(batch, options, jax.random.fold_in(key, 3))
+  y = _condition(_dropped_labels(batch, options, jax.random.fold_in(key, 3)), options)
 
   def loss_fn(params):
     model = nnx.merge(graphdef, params)
@@ -173,6 +183,14 @@ def _dropped_labels(batch: dict, options: StepOptions, key: jax.Array):
   return jnp.where(dropped, guidance.null_label(options.num_classes), y)
 
 
+def _condition(y, options: StepOptions):
+  """The network's condition: the labels, or a text model's prompt (ids, mask) per caption."""
+  if y is None or options.caption_tokens is None:
+    return y
+  ids = jnp.asarray(options.caption_tokens, jnp.int32)[y]
+  return ids, ids != 0
+
+
 def make_train_fn(
   graphdef,
   schedule: DiffusionSchedule,
@@ -182,14 +200,21 @@ def make_train_fn(
   *,
   steps_per_dispatch: int = 1,
   donate: bool = True,
+  encode: Callable | None = None,
 ) -> Callable:
-  """jit(state, batch) -> (state, metrics), k = steps_per_dispatch steps per call.
+  """jit(state, batch) -> (state, metrics), k = steps_per_dispatch steps per call; encode: a
+  latent model's first stage (train_step).
 
   For k > 1 the batch is [k, B, H, W, C] and the steps run in one lax.scan; metrics are [k].
   The incoming state's buffers are donated (`donate=False` keeps them, for benchmarks).
   """
   step = functools.partial(
-    train_step, graphdef=graphdef, schedule=schedule, optimizer=optimizer, options=options
+    train_step,
+    graphdef=graphdef,
+    schedule=schedule,
+    optimizer=optimizer,
+    options=options,
+    encode=encode,
   )
   k = steps_per_dispatch
 
