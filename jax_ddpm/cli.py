@@ -118,6 +118,12 @@ def visualize(args: Arguments) -> list[str]:
   from jax_ddpm.training import checkpointing  # noqa: PLC0415
 
   run = _run(args)
+  if run.config.autoencoder.latent:
+    raise errors.ConfigError(
+      "--mode=visualize draws the forward and reverse process of images; a latent run "
+      f"(autoencoder.checkpoint={run.config.autoencoder.checkpoint!r}) diffuses latents: "
+      "draw its samples with --mode=sample."
+    )
   eval_graphdef, state, step = checkpointing.load_checkpoint(run, args.workdir, args.step)
   source = sources.create_source(run.config.data)
   sources.check_source_shape(source, run.config.data)

@@ -25,6 +25,7 @@ SLOWEST_FIRST = (
   "train_test.py",
   "evaluation_test.py",
   "conditioning_test.py",
+  "latent_text_test.py",
   "reliability_test.py",
   "convert_test.py",
   "unet_test.py",

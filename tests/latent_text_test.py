@@ -104,6 +104,11 @@ def test_the_api_draws_from_prompts_what_sample_mode_writes(stages):
   np.testing.assert_array_equal(drawn, written[:8])
 
 
+def test_visualize_refuses_a_latent_run_by_name(stages):
+  with pytest.raises(ConfigError, match=r"--mode=visualize draws .* a latent run"):
+    cli.visualize(cli.Arguments(tiny_text_config(stages[0]), stages[2]))
+
+
 def test_caption_tokens_give_each_caption_index_its_words_and_the_null_row_the_empty_prompt():
   config = runs.typed(tiny_text_config())
   table = np.array(builders.caption_tokens(config))

@@ -405,9 +405,9 @@ class AutoencoderSection:
   its newest checkpoint, and samples are decoded by it ("": the diffusion runs on pixels). ch,
   ch_mult (f = 2^(len - 1)), num_res_blocks, z_channels, num_groups, kl_weight: the network and
   the KL term's weight; num_train_steps, batch_size, learning_rate (Adam), log_every_steps,
-  checkpoint_every_steps: its training; heldout_images: the source's last images, kept out of
-  its training to measure reconstructions on; scale_images: training images the latent scale
-  factor (1 / std of the latents, LDM Sec. 4.3.2) is measured on.
+  checkpoint_every_steps: its training; heldout_images: images kept out of its training
+  (every k-th of the source) to measure reconstructions on; scale_images: training images the
+  latent scale factor (1 / std of the latents, LDM Sec. 4.3.2) is measured on.
   """
 
   checkpoint: str = ""

@@ -125,8 +125,11 @@ def train_and_save(
       f"autoencoder.heldout_images={section.heldout_images} leaves none of the "
       f"{len(source)} images of data.source={config.data.source!r} to train on."
     )
-  heldout = source.read(np.arange(len(source) - section.heldout_images, len(source)))
-  source = FirstImages(source, len(source) - section.heldout_images)
+  # Every k-th image held out: spread over the source, whatever order its labels come in.
+  heldout_indices = np.arange(len(source))[:: len(source) // section.heldout_images]
+  heldout_indices = heldout_indices[: section.heldout_images]
+  heldout = source.read(heldout_indices)
+  source = Subset(source, np.setdiff1d(np.arange(len(source)), heldout_indices))
   scale_images = source.read(np.arange(min(section.scale_images, len(source))))
   optimizer = optax.adam(section.learning_rate)
   graphdef, state = state_lib.create_autoencoder_state(network, config.seed, optimizer, mesh)
@@ -206,7 +209,7 @@ def _write_reconstructions(model, heldout: np.ndarray, workdir: str, writer, ste
   for start in range(0, len(heldout), 256):
     x = to_float(heldout[start : start + 256])
     errors_per_batch.append(np.asarray(jnp.sum((decode(x) - x) ** 2)))
-  error = float(np.sum(errors_per_batch) / heldout[..., 0].size / heldout.shape[-1])
+  error = float(np.sum(errors_per_batch) / heldout.size)
   shown = image_io.to_uint8(decode(to_float(heldout[:32])))
   rows = [r for i in range(0, 32, 8) for r in (heldout[i : i + 8], shown[i : i + 8])]
   grid = image_io.image_grid(np.concatenate(rows), columns=8)
@@ -218,17 +221,17 @@ def _write_reconstructions(model, heldout: np.ndarray, workdir: str, writer, ste
   return error
 
 
-class FirstImages:
-  """The first `count` examples of a source: the autoencoder's training images."""
+class Subset:
+  """The examples `indices` of a source: the autoencoder's training images."""
 
-  def __init__(self, source: sources.ImageSource, count: int):
-    self.source, self.count, self.num_classes = source, count, source.num_classes
+  def __init__(self, source: sources.ImageSource, indices: np.ndarray):
+    self.source, self.indices, self.num_classes = source, indices, source.num_classes
 
   def __len__(self) -> int:
-    return self.count
+    return len(self.indices)
 
   def read(self, indices: np.ndarray) -> np.ndarray:
-    return self.source.read(indices)
+    return self.source.read(self.indices[indices])
 
   def read_labelled(self, indices: np.ndarray):
-    return self.source.read_labelled(indices)
+    return self.source.read_labelled(self.indices[indices])
