@@ -202,16 +202,18 @@ def _train(
 
 
 def _write_reconstructions(model, heldout: np.ndarray, workdir: str, writer, step: int) -> float:
-  """samples/reconstructions.png (rows of held-out digits, each above its reconstruction from
-  the posterior mean) and the mean squared error of all held-out images on [-1, 1]."""
+  """samples/reconstructions.png (rows of 32 held-out digits spread over them, each row above
+  its reconstructions from the posterior mean) and the mean squared error of all held-out images
+  on [-1, 1]."""
   decode = jax.jit(lambda x: model.decode(model.encode(x)[0]))
   errors_per_batch = []
   for start in range(0, len(heldout), 256):
     x = to_float(heldout[start : start + 256])
     errors_per_batch.append(np.asarray(jnp.sum((decode(x) - x) ** 2)))
   error = float(np.sum(errors_per_batch) / heldout.size)
-  shown = image_io.to_uint8(decode(to_float(heldout[:32])))
-  rows = [r for i in range(0, 32, 8) for r in (heldout[i : i + 8], shown[i : i + 8])]
+  inputs = heldout[np.linspace(0, len(heldout) - 1, min(len(heldout), 32)).astype(int)]
+  shown = image_io.to_uint8(decode(to_float(inputs)))
+  rows = [r for i in range(0, len(inputs), 8) for r in (inputs[i : i + 8], shown[i : i + 8])]
   grid = image_io.image_grid(np.concatenate(rows), columns=8)
   writer.write_scalars(step, {"heldout_mse": error})
   writer.write_images(step, {"reconstructions": grid[None]})
