@@ -82,6 +82,26 @@ def test_the_autoencoder_stage_saves_its_scale_factor_summaries_and_reconstructi
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # resumed == straight, bitwise
 
 
+def test_a_preemption_notice_saves_the_autoencoders_step_in_flight(tmp_path, monkeypatch):
+  class NoticeAtStep2:
+    def reached(self, step):
+      return step == 2
+
+    def close(self):
+      pass
+
+  monkeypatch.setattr(autoencoder, "PreemptionWatch", NoticeAtStep2)
+  config = tiny_text_config()
+  config.autoencoder.checkpoint_every_steps = 3  # step 2 is saved for the notice alone
+  result = train_autoencoder(config, str(tmp_path))
+  assert "heldout_mse" not in result
+  reader = checkpointing.Checkpointer(str(tmp_path), create=False)
+  assert reader.all_steps() == [2] and reader.read_meta(2)["scale_factor"] > 0
+  reader.close()
+  monkeypatch.undo()
+  assert train_autoencoder(config, str(tmp_path))["heldout_mse"] > 0
+
+
 def test_sample_mode_decodes_latents_and_writes_each_images_prompt(stages):
   config = tiny_text_config(stages[0])
   directory = cli.sample(cli.Arguments(config, stages[2]))

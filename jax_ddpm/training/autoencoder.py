@@ -30,6 +30,7 @@ from jax_ddpm.io import images as image_io
 from jax_ddpm.io import paths as files
 from jax_ddpm.models import autoencoder as autoencoder_lib
 from jax_ddpm.runtime import mesh as mesh_lib
+from jax_ddpm.runtime.preemption import PreemptionWatch
 from jax_ddpm.training import checkpointing
 from jax_ddpm.training import state as state_lib
 
@@ -135,6 +136,7 @@ def train_and_save(
   graphdef, state = state_lib.create_autoencoder_state(network, config.seed, optimizer, mesh)
   checkpointer = checkpointing.Checkpointer(workdir, keep=2)
   batches = writer = None
+  preemption = PreemptionWatch()  # from here on SIGTERM means: checkpoint, then exit
   try:
     latest = checkpointer.latest_step()
     if latest is not None:
@@ -151,9 +153,20 @@ def train_and_save(
       sharding=mesh_lib.batch_sharding(mesh),
     )
     state = _train(
-      config, network, graphdef, optimizer, state, batches, writer, checkpointer, scale_images
+      config,
+      network,
+      graphdef,
+      optimizer,
+      state,
+      batches,
+      writer,
+      checkpointer,
+      scale_images,
+      preemption,
     )
     checkpointer.wait_until_finished()
+    if int(state.step) < section.num_train_steps:  # preempted: the checkpoint is the result
+      return metadata(config, network)
     model = nnx.merge(graphdef, state.params)
     result = metadata(config, network, latent_scale(model, scale_images))
     result["heldout_mse"] = _write_reconstructions(model, heldout, workdir, writer, int(state.step))
@@ -164,13 +177,24 @@ def train_and_save(
     checkpointer.close()
     if writer is not None:
       writer.flush()
+    preemption.close()
 
 
 def _train(
-  config, network, graphdef, optimizer, state, batches, writer, checkpointer, scale_images
+  config,
+  network,
+  graphdef,
+  optimizer,
+  state,
+  batches,
+  writer,
+  checkpointer,
+  scale_images,
+  preemption,
 ):
   """The step loop: scalars every log_every_steps, a checkpoint (with the scale factor measured
-  on scale_images) every checkpoint_every_steps and at the end."""
+  on scale_images) every checkpoint_every_steps, at the end and at a preemption notice (SIGTERM:
+  the step in flight is saved and the loop ends; the same command resumes)."""
   section = config.autoencoder
   step_fn = make_train_step(graphdef, optimizer)
   base_key, pending = jax.random.key(config.seed), []
@@ -195,9 +219,13 @@ def _train(
         },
       )
       pending = []
-    if step % section.checkpoint_every_steps == 0 or step == section.num_train_steps:
+    preempted = preemption.reached(step)
+    if step % section.checkpoint_every_steps == 0 or step == section.num_train_steps or preempted:
       scale = latent_scale(nnx.merge(graphdef, state.params), scale_images)
       checkpointer.save(step, state, metadata(config, network, scale))
+    if preempted:
+      logging.warning("Preemption notice (SIGTERM): saved the autoencoder at step %d.", step)
+      break
   return state
 
 
