@@ -21,7 +21,7 @@ from jax_ddpm.data import captions
 class PropertyFollowing:
   """One measured property (thickness in pixels, slant in degrees) against its requested level."""
 
-  correlation: float  # Pearson r of the measured value with the requested level
+  correlation: float  # Pearson r of the measured value with the requested level (NaN: one level)
   mean_by_level: tuple[float, float, float]  # NaN for a level no prompt asked for
   level_accuracy: float  # measured tercile == requested level
 
@@ -36,7 +36,8 @@ class PromptFollowing:
 
 def _following(values: np.ndarray, levels: np.ndarray, measured_levels: np.ndarray):
   spread = np.std(values) * np.std(levels)
-  correlation = float(np.mean((values - values.mean()) * (levels - levels.mean())) / spread)
+  covariance = np.mean((values - values.mean()) * (levels - levels.mean()))
+  correlation = float(covariance / spread) if spread > 0 else float("nan")  # one level asked
   means = tuple(
     float(np.mean(values[levels == level])) if np.any(levels == level) else float("nan")
     for level in range(captions.LEVELS)

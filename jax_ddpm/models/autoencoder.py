@@ -208,7 +208,8 @@ class Codec:
     return self.config.latent_shape
 
   def encode(self, x, key):
-    """z ~ q(z | x), scaled: the diffusion model's x_0 (a fresh draw each step, as LDM)."""
+    """z ~ q(z | x) by z = mu + sigma n (Kingma & Welling 2014, eq. 10), scaled: the diffusion
+    model's x_0 (a fresh draw each step, as LDM)."""
     mean, log_variance = nnx.merge(self.graphdef, self.params).encode(x)
     z = mean + jnp.exp(0.5 * log_variance) * jax.random.normal(key, mean.shape, mean.dtype)
     return z * self.scale_factor
