@@ -24,11 +24,16 @@ import os
 import sys
 import time
 
-import jax
-import numpy as np
-from flax import nnx
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from jax_ddpm.runtime import devices  # noqa: E402 (imports no JAX)
+
+# One XLA CPU device per core, as the command line runs (set before JAX starts).
+os.environ["XLA_FLAGS"] = devices.with_cpu_devices(os.environ.get("XLA_FLAGS", ""))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
 
 import jax_ddpm
 from benchmarks.common import machine_description, print_table, time_call
@@ -58,6 +63,31 @@ def prompt_rows(model, per_prompt: int, guidance: float, predict, bins):
     means = " / ".join(f"{m:.2f}" for m in prop.mean_by_level)
     cells += [f"{prop.correlation:.3f}", f"{means} {unit}", f"{prop.level_accuracy:.3f}"]
   return [f"{guidance:g}", found.count, f"{found.label_accuracy:.3f}", *cells, f"{seconds:.0f}"]
+
+
+FOLLOWING_HEADER = [
+  "w",
+  "images",
+  "label acc.",
+  "thickness r",
+  "thickness by level",
+  "tercile hit",
+  "slant r",
+  "slant by level",
+  "tercile hit",
+  "s (with compile)",
+]
+
+
+def following_rows(model, args, scales) -> list[list]:
+  """A prompt_rows row per guidance scale, with the run's caption terciles and a classifier."""
+  bins = captions.CaptionBins(
+    **json.loads(paths.as_path(paths.join(args.workdir, "caption_bins.json")).read_text())
+  )
+  digits = classifier.load(args.classifier or paths.join(args.workdir, "feature_classifier.npz"))
+  predict = nnx.jit(lambda network, x: network(x)[1].argmax(-1))
+  label = lambda x: np.asarray(predict(digits, x))
+  return [prompt_rows(model, args.per_prompt, w, label, bins) for w in scales]
 
 
 def write_grid(model, path: str) -> None:
@@ -125,38 +155,20 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--per_prompt", type=int, default=8)
-  parser.add_argument("--guidance", default="1,3,5")
+  parser.add_argument("--guidance", default="1,3,5", help="guidance scales ('': none)")
   parser.add_argument("--grid", default="")
   parser.add_argument("--speed", action="store_true")
+  parser.add_argument(
+    "--classifier", default="", help="digit classifier (default: WORKDIR/feature_classifier.npz)"
+  )
   args = parser.parse_args()
   model = jax_ddpm.load(args.workdir)
   print(f"machine: {machine_description()}; checkpoint step {model.step}")
   if args.grid:
     write_grid(model, args.grid)
-  bins = captions.CaptionBins(
-    **json.loads(paths.as_path(paths.join(args.workdir, "caption_bins.json")).read_text())
-  )
-  digits = classifier.load(paths.join(args.workdir, "feature_classifier.npz"))
-  predict = nnx.jit(lambda network, x: network(x)[1].argmax(-1))
-  rows = [
-    prompt_rows(model, args.per_prompt, float(w), lambda x: np.asarray(predict(digits, x)), bins)
-    for w in args.guidance.split(",")
-  ]
-  print_table(
-    [
-      "w",
-      "images",
-      "label acc.",
-      "thickness r",
-      "thickness by level",
-      "tercile hit",
-      "slant r",
-      "slant by level",
-      "tercile hit",
-      "s (with compile)",
-    ],
-    rows,
-  )
+  scales = [float(w) for w in args.guidance.split(",") if w]
+  if scales:
+    print_table(FOLLOWING_HEADER, following_rows(model, args, scales))
   if args.speed:
     print_table(
       [
