@@ -152,18 +152,8 @@ def train_and_save(
       random_flip=config.data.random_flip,
       sharding=mesh_lib.batch_sharding(mesh),
     )
-    state = _train(
-      config,
-      network,
-      graphdef,
-      optimizer,
-      state,
-      batches,
-      writer,
-      checkpointer,
-      scale_images,
-      preemption,
-    )
+    stage = _Stage(config, network, graphdef, optimizer, checkpointer, writer, preemption)
+    state = _train(stage, state, batches, scale_images)
     checkpointer.wait_until_finished()
     if int(state.step) < section.num_train_steps:  # preempted: the checkpoint is the result
       return metadata(config, network)
@@ -180,23 +170,25 @@ def train_and_save(
     preemption.close()
 
 
-def _train(
-  config,
-  network,
-  graphdef,
-  optimizer,
-  state,
-  batches,
-  writer,
-  checkpointer,
-  scale_images,
-  preemption,
-):
+@dataclasses.dataclass(frozen=True)
+class _Stage:
+  """The live parts of the first stage's run that its step loop uses."""
+
+  config: RunConfig
+  network: autoencoder_lib.AutoencoderConfig
+  graphdef: nnx.GraphDef
+  optimizer: optax.GradientTransformation
+  checkpointer: checkpointing.Checkpointer
+  writer: summaries.MultiWriter
+  preemption: PreemptionWatch
+
+
+def _train(stage: _Stage, state, batches, scale_images: np.ndarray):
   """The step loop: scalars every log_every_steps, a checkpoint (with the scale factor measured
   on scale_images) every checkpoint_every_steps, at the end and at a preemption notice (SIGTERM:
   the step in flight is saved and the loop ends; the same command resumes)."""
-  section = config.autoencoder
-  step_fn = make_train_step(graphdef, optimizer)
+  config, section = stage.config, stage.config.autoencoder
+  step_fn = make_train_step(stage.graphdef, stage.optimizer)
   base_key, pending = jax.random.key(config.seed), []
   started, step = time.perf_counter(), int(state.step)
   while step < section.num_train_steps:
@@ -207,26 +199,30 @@ def _train(
     state = state_lib.AutoencoderState(jnp.asarray(step, jnp.int32), params, opt_state)
     pending.append(metrics)
     if step % section.log_every_steps == 0 or step == section.num_train_steps:
-      total, reconstruction, kl = np.mean(jax.device_get(pending), axis=0)
-      elapsed, started = time.perf_counter() - started, time.perf_counter()
-      writer.write_scalars(
-        step,
-        {
-          "loss": total,
-          "reconstruction_mse": reconstruction,
-          "kl_per_pixel": kl,
-          "steps_per_second": len(pending) / elapsed,
-        },
-      )
-      pending = []
-    preempted = preemption.reached(step)
+      _write_metrics(stage.writer, step, pending, time.perf_counter() - started)
+      pending, started = [], time.perf_counter()
+    preempted = stage.preemption.reached(step)
     if step % section.checkpoint_every_steps == 0 or step == section.num_train_steps or preempted:
-      scale = latent_scale(nnx.merge(graphdef, state.params), scale_images)
-      checkpointer.save(step, state, metadata(config, network, scale))
+      scale = latent_scale(nnx.merge(stage.graphdef, state.params), scale_images)
+      stage.checkpointer.save(step, state, metadata(config, stage.network, scale))
     if preempted:
       logging.warning("Preemption notice (SIGTERM): saved the autoencoder at step %d.", step)
       break
   return state
+
+
+def _write_metrics(writer, step: int, pending: list, seconds: float) -> None:
+  """The mean loss and its two terms over the steps since the last write, and their rate."""
+  total, reconstruction, kl = np.mean(jax.device_get(pending), axis=0)
+  writer.write_scalars(
+    step,
+    {
+      "loss": total,
+      "reconstruction_mse": reconstruction,
+      "kl_per_pixel": kl,
+      "steps_per_second": len(pending) / seconds,
+    },
+  )
 
 
 def _write_reconstructions(model, heldout: np.ndarray, workdir: str, writer, step: int) -> float:
