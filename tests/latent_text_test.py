@@ -186,6 +186,7 @@ def test_prompt_following_scores_digits_against_their_own_captions_and_others():
     ({"eval.bits_per_dim": True}, ConfigError, r"eval.bits_per_dim=True bounds the likelihood"),
     ({"sampling.thresholding": "static"}, ConfigError, r"set sampling.thresholding='none'"),
     ({"model.max_tokens": 4}, ConfigError, r"model.max_tokens=4 cannot hold the longest caption"),
+    ({"autoencoder.ch_mult": (1, 2, 2, 2)}, ConfigError, r"image_size=28 must be divisible by"),
     (
       {"autoencoder.checkpoint": "MISSING"},
       MissingInputError,

@@ -101,6 +101,8 @@ class Run:
 
 def build(config: RunConfig) -> Run:
   """The Run of a typed run config; ConfigError names the key of anything that cannot be built."""
+  if config.autoencoder.latent:
+    autoencoder_config(config)  # the latent's shape, checked before the U-Net is sized by it
   schedule = build_schedule(config)
   chosen = sampler(
     config,

@@ -44,8 +44,8 @@ class AutoencoderConfig:
     factor = self.downsampling_factor
     if self.image_size % factor:
       raise ConfigError(
-        f"autoencoder.image_size={self.image_size} must be divisible by its downsampling factor "
-        f"{factor} (2^(len(ch_mult) - 1), ch_mult={self.ch_mult})."
+        f"data.image_size={self.image_size} must be divisible by its downsampling factor "
+        f"{factor} (2^(len(autoencoder.ch_mult) - 1), ch_mult={self.ch_mult})."
       )
     for width in {self.ch * m for m in self.ch_mult}:
       if width % self.num_groups:
