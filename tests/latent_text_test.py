@@ -18,7 +18,7 @@ from configs import mnist_text
 from jax_ddpm import cli
 from jax_ddpm.config import builders
 from jax_ddpm.data import captions, sources
-from jax_ddpm.evaluation import prompt_following
+from jax_ddpm.evaluation import prompt_following, report
 from jax_ddpm.io.errors import ConfigError, MissingInputError
 from jax_ddpm.training import autoencoder, checkpointing, loop
 
@@ -111,6 +111,15 @@ def test_sample_mode_decodes_latents_and_writes_each_images_prompt(stages):
   assert list(written["prompts"][:4]) == ["a thick seven", "an upright two"] * 2
   np.testing.assert_array_equal(written["labels"], [0, 1] * 20)
   assert written["arr_0"].dtype == np.uint8 and written["arr_0"].shape == (40, 28, 28, 1)
+
+
+def test_eval_scores_a_text_models_samples_on_the_digits_their_prompts_ask_for(stages):
+  config = tiny_text_config(stages[0])
+  directory = cli.sample(cli.Arguments(config, stages[2]))
+  config.eval.samples = os.path.join(directory, "samples_40x28x28x1.npz")
+  config.eval.num_samples = 40
+  _, labels = report.given_samples(runs.build(config))
+  np.testing.assert_array_equal(labels, [7, 2] * 20)  # "a thick seven; an upright two"
 
 
 def test_the_api_draws_from_prompts_what_sample_mode_writes(stages):

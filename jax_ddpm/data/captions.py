@@ -132,6 +132,11 @@ def parse(prompt: str) -> tuple[int, int, int]:
   return DIGIT_WORDS.index(words[-1]), (thick or [1])[0], (slanted or [1])[0]
 
 
+def requested_digits(prompts) -> np.ndarray:
+  """int32 [N]: the digit each prompt asks for (what a text model's samples are scored on)."""
+  return np.array([parse(str(prompt))[0] for prompt in prompts], np.int32)
+
+
 def caption_index(label, thickness_level, slant_level):
   """The caption's number in 0..NUM_CAPTIONS - 1 (numpy arrays or ints)."""
   return (np.asarray(label) * LEVELS + thickness_level) * LEVELS + slant_level

@@ -27,7 +27,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from jax_ddpm.data import sources
+from jax_ddpm.data import captions, sources
 from jax_ddpm.evaluation import features, likelihood, metrics, scoring
 from jax_ddpm.io import errors, summaries
 from jax_ddpm.io import paths as files
@@ -85,6 +85,8 @@ def sample_quality(
   scorer = scoring.Scorer.create(extractor, evaluation, run.config.data, workdir)
   if program is not None:
     images, labels = program.draw(evaluation.num_samples)
+    if program.prompts is not None:  # a text model: scored on the digit each prompt asks for
+      labels = captions.requested_digits(program.prompts)[labels]
   count = evaluation.num_samples
   started = time.perf_counter()
   results = scorer.score(images[:count], None if labels is None else labels[:count])
@@ -141,8 +143,8 @@ def bits_per_dim(
 
 
 def given_samples(run: Run) -> tuple[np.ndarray, np.ndarray | None]:
-  """eval.samples (and its 'labels', if it has them), checked against the configured image
-  shape and eval.num_samples."""
+  """eval.samples (and its 'labels', or the digits its 'prompts' ask for), checked against the
+  configured image shape and eval.num_samples."""
   path, data = run.config.eval.samples, run.config.data
   arrays = files.read_npz(path, "eval.samples")
   if "arr_0" not in arrays:
@@ -156,6 +158,8 @@ def given_samples(run: Run) -> tuple[np.ndarray, np.ndarray | None]:
       f"3] under 'arr_0', got {images.dtype} {images.shape}."
     )
   labels = arrays.get("labels")
+  if "prompts" in arrays:  # a text model's samples: scored on the digit each prompt asks for
+    labels = captions.requested_digits(arrays["prompts"])
   if labels is not None and labels.shape != images.shape[:1]:
     raise errors.InputFileError(
       f"eval.samples={path!r}: 'labels' has shape {labels.shape}, but "
