@@ -6,8 +6,8 @@ pixels.
 
 Loads the workdir's newest checkpoint (its saved config: the autoencoder it names decodes),
 draws --per_prompt images for every one of the 90 digit captions at each guidance scale, and
-prints per scale the label accuracy (the run's digit classifier, feature_classifier.npz, trained
-by the in-training measurement or --mode=train_classifier), and for thickness and slant the
+prints per scale the label accuracy (the digit classifier WORKDIR/feature_classifier.npz that
+--mode=train_classifier writes, or --classifier), and for thickness and slant the
 Pearson correlation of the measured value (data/captions.py's measures) with the requested
 level, the mean per level and how often the measured tercile is the requested one. --grid writes
 one image per caption at the config's guidance scale: a row per digit, columns the nine
