@@ -99,7 +99,6 @@ class Model:
     """
     import jax  # noqa: PLC0415
 
-    from jax_ddpm.runtime import mesh  # noqa: PLC0415
     from jax_ddpm.samplers import program  # noqa: PLC0415
 
     keys = dict(
@@ -122,8 +121,22 @@ class Model:
       raise TypeError("Model.sample needs num_images (or prompts).")
     run = self.run.with_sampling(**{k: v for k, v in keys.items() if v is not None})
     sampling = run.config.sampling
+    return program.draw_images(
+      self._sample_fn(run),
+      self.params,
+      jax.random.key(sampling.seed),
+      num_images,
+      sampling.batch_size,
+    )[0]
+
+  def _sample_fn(self, run: Run):
+    """The compiled program of `run`'s sampling settings: one per sampler, options and batch."""
+    from jax_ddpm.runtime import mesh  # noqa: PLC0415
+    from jax_ddpm.samplers import program  # noqa: PLC0415
+
+    sampling = run.config.sampling
     cache_key = (run.sampler, run.sampling_options, sampling.batch_size)
-    if cache_key not in self._compiled:  # one compile per sampler, options and batch size
+    if cache_key not in self._compiled:
       devices = mesh.data_mesh()
       mesh.check_divisible(sampling.batch_size, "sampling.batch_size", devices.size)
       self._compiled[cache_key] = program.make_sample_fn(
@@ -135,13 +148,7 @@ class Model:
         run.sampling_options,
         decode=run.decode,
       )
-    return program.draw_images(
-      self._compiled[cache_key],
-      self.params,
-      jax.random.key(sampling.seed),
-      num_images,
-      sampling.batch_size,
-    )[0]
+    return self._compiled[cache_key]
 
   def trajectory(
     self, num_images: int = 8, *, frames: int | None = None, **sampling: Any

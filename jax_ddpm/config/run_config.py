@@ -85,8 +85,15 @@ class RunConfig:
       likelihood.check_strata(T, self.eval.bpd_timesteps, "eval.bpd_timesteps")
 
   def _check_conditioning(self) -> None:
-    """model.num_classes, and the labels and guidance asked of its samples."""
+    """model.num_classes (or model.prompts), and the labels and guidance asked of samples."""
     sampling = self.sampling
+    conditional = self.model.prompts or self.model.num_classes is not None
+    if conditional and sampling.guidance_scale != 1.0 and self.training.label_dropout == 0:
+      raise ConfigError(
+        f"sampling.guidance_scale={sampling.guidance_scale!r} mixes in the unconditional "
+        "model (the null label, or the empty prompt), which a model trained with "
+        "training.label_dropout=0 never learnt."
+      )
     if self.model.prompts:
       return
     if self.model.num_classes is None:
@@ -98,11 +105,6 @@ class RunConfig:
         )
       return
     guidance.check_labels(sampling.class_labels(), self.model.num_classes, "sampling.labels")
-    if sampling.guidance_scale != 1.0 and self.training.label_dropout == 0:
-      raise ConfigError(
-        f"sampling.guidance_scale={sampling.guidance_scale!r} mixes in the unconditional "
-        "model, which a model trained with training.label_dropout=0 never learnt."
-      )
 
   def _check_prompts(self) -> None:
     """A text model's data (labelled digits, unflipped) and the prompts asked of it."""
@@ -125,11 +127,6 @@ class RunConfig:
       raise ConfigError(
         "model.prompts=True with data.random_flip=True: a mirrored digit leans the other way "
         "than its caption says. Set data.random_flip=False."
-      )
-    if sampling.guidance_scale != 1.0 and self.training.label_dropout == 0:
-      raise ConfigError(
-        f"sampling.guidance_scale={sampling.guidance_scale!r} mixes in the empty prompt, "
-        "which a model trained with training.label_dropout=0 never saw."
       )
 
   def _check_latent(self) -> None:

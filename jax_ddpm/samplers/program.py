@@ -91,28 +91,10 @@ def make_sample_fn(
     num_frames=num_frames,
     sharding=sharding,
   )
-  conditioning = options.conditioning
 
   def sample(params, rng):
     model = nnx.merge(eval_graphdef, params)
-    labels, denoise = None, lambda x_t, t: model(x_t, t)
-    if isinstance(conditioning, guidance.PromptConditioning):
-      labels = conditioning.batch_labels(rng, shape[0])
-      denoise = guidance.guide_condition(
-        lambda x_t, t, prompt: model(x_t, t, prompt),
-        *conditioning.tokens(labels),
-        conditioning.guidance_scale,
-        options.learn_sigma,
-      )
-    elif conditioning is not None:
-      labels = conditioning.batch_labels(jax.random.fold_in(rng, LABEL_STREAM), shape[0])
-      denoise = guidance.guide(
-        lambda x_t, t, y: model(x_t, t, y),
-        labels,
-        conditioning.guidance_scale,
-        conditioning.num_classes,
-        options.learn_sigma,
-      )
+    labels, denoise = conditioned(model, options, rng, shape[0])
     output = base.run(sampler, denoise, schedule, shape, rng, **run_options)
     images, trajectory = output if num_frames else (output, None)
     if decode is not None:
@@ -126,6 +108,24 @@ def make_sample_fn(
     lambda: base.run(sampler, stand_in, schedule, shape, jax.random.key(0), **run_options)
   )
   return jax.jit(sample, out_shardings=None)
+
+
+def conditioned(model, options: SamplingOptions, rng: jax.Array, batch: int):
+  """(the labels or prompt indices asked of a batch, or None; the denoiser the sampler calls):
+  the network itself, or guided towards its labels (the null label the unconditional input) or
+  its prompts (the empty prompt the unconditional input)."""
+  conditioning, conditional = options.conditioning, lambda x_t, t, y: model(x_t, t, y)
+  if conditioning is None:
+    return None, lambda x_t, t: model(x_t, t)
+  w = conditioning.guidance_scale
+  if isinstance(conditioning, guidance.PromptConditioning):
+    labels = conditioning.batch_labels(rng, batch)
+    prompt, empty = conditioning.tokens(labels)
+    return labels, guidance.guide_condition(conditional, prompt, empty, w, options.learn_sigma)
+  labels = conditioning.batch_labels(jax.random.fold_in(rng, LABEL_STREAM), batch)
+  return labels, guidance.guide(
+    conditional, labels, w, conditioning.num_classes, options.learn_sigma
+  )
 
 
 def draw_batch(

@@ -110,9 +110,7 @@ def train_step(
   """
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   t_key, eps_key, dropout_key = jax.random.split(key, 3)
-  x0 = batch["image"]
-  if encode is not None:
-    x0 = jax.lax.stop_gradient(encode(x0, jax.random.fold_in(key, 4)))
+  x0 = _data(batch, encode, jax.random.fold_in(key, 4))
   t, t_weights = draw_timesteps(t_key, state, x0.shape[0], schedule.num_timesteps, options)
   eps = jax.random.normal(eps_key, x0.shape, jnp.float32)
   y = _condition(_dropped_labels(batch, options, jax.random.fold_in(key, 3)), options)
@@ -181,6 +179,13 @@ def _dropped_labels(batch: dict, options: StepOptions, key: jax.Array):
   y = batch["label"]
   dropped = jax.random.bernoulli(key, options.label_dropout, y.shape)
   return jnp.where(dropped, guidance.null_label(options.num_classes), y)
+
+
+def _data(batch: dict, encode: Callable | None, key: jax.Array) -> jax.Array:
+  """x_0: the batch's images, or a latent model's draw of their scaled latents (frozen)."""
+  if encode is None:
+    return batch["image"]
+  return jax.lax.stop_gradient(encode(batch["image"], key))
 
 
 def _condition(y, options: StepOptions):
